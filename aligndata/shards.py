@@ -1,0 +1,329 @@
+"""Arrow shards plus manifest.json: the one contract between aligndata and aligntrain.
+
+Layout of an output directory (docs/SHARDS.md has the full contract):
+
+    OUT/manifest.json             written last, atomically; its absence means "incomplete"
+    OUT/.incomplete               present while a conversion is writing
+    OUT/train/shard-00000.arrow   Arrow IPC *stream* files (what `datasets` itself writes)
+    OUT/train/state.json, dataset_info.json   so `datasets.load_from_disk("OUT/train")` works
+    OUT/eval/...
+
+Readers memory-map the shards; nothing here loads a split whole into RAM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INCOMPLETE = ".incomplete"
+SPLITS = ("train", "eval")
+BATCH_ROWS = 1024
+
+_ids = pa.list_(pa.int32())
+SCHEMAS: dict[str, pa.Schema] = {
+    "sft": pa.schema(
+        [
+            ("input_ids", _ids),
+            ("loss_mask", pa.list_(pa.int8())),
+            ("source", pa.int32()),
+            ("source_index", pa.int64()),
+        ]
+    ),
+    "dpo": pa.schema(
+        [
+            ("prompt_ids", _ids),
+            ("chosen_ids", _ids),
+            ("rejected_ids", _ids),
+            ("source", pa.int32()),
+            ("source_index", pa.int64()),
+        ]
+    ),
+}
+REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
+
+
+class ShardError(Exception):
+    """Shards are missing, incomplete, corrupted or do not match what the caller expects."""
+
+
+def row_tokens(task: str, row: dict[str, Any]) -> int:
+    if task == "sft":
+        return len(row["input_ids"])
+    return len(row["prompt_ids"]) * 2 + len(row["chosen_ids"]) + len(row["rejected_ids"])
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same directory, fsync, then rename over the target."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class ShardWriter:
+    """Append rows per split; rolls to a new shard file every `shard_rows` rows.
+
+    Rows must arrive in a deterministic order; the writer adds nothing that depends on
+    timing or process count, so identical inputs give byte-identical files.
+    """
+
+    def __init__(self, out_dir: Path, task: str, shard_rows: int = 50_000, extra_columns: Iterable[str] = ()):
+        if task not in SCHEMAS:
+            raise ValueError(f"unknown task {task!r}")
+        self.out_dir = Path(out_dir)
+        self.task = task
+        self.shard_rows = max(1, int(shard_rows))
+        schema = SCHEMAS[task]
+        for name in extra_columns:
+            schema = schema.append(pa.field(name, pa.float32()))
+        self.schema = schema
+        self._columns = schema.names
+        self._open: dict[str, dict[str, Any]] = {}
+        self.files: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+
+    def write(self, split: str, row: dict[str, Any]) -> None:
+        state = self._open.get(split)
+        if state is None or state["rows"] >= self.shard_rows:
+            if state is not None:
+                self._close(split)
+            state = self._start(split)
+        state["pending"].append(row)
+        state["rows"] += 1
+        state["tokens"] += row_tokens(self.task, row)
+        if len(state["pending"]) >= BATCH_ROWS:
+            self._flush(state)
+
+    def _start(self, split: str) -> dict[str, Any]:
+        n = len(self.files[split])
+        rel = f"{split}/shard-{n:05d}.arrow"
+        path = self.out_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sink = pa.OSFile(str(path), "wb")
+        state = {
+            "rel": rel,
+            "path": path,
+            "sink": sink,
+            "writer": pa.ipc.new_stream(sink, self.schema),
+            "pending": [],
+            "rows": 0,
+            "tokens": 0,
+        }
+        self._open[split] = state
+        return state
+
+    def _flush(self, state: dict[str, Any]) -> None:
+        rows = state["pending"]
+        if not rows:
+            return
+        arrays = [pa.array([r[c] for r in rows], type=self.schema.field(c).type) for c in self._columns]
+        state["writer"].write_batch(pa.record_batch(arrays, schema=self.schema))
+        state["pending"] = []
+
+    def _close(self, split: str) -> None:
+        state = self._open.pop(split)
+        self._flush(state)
+        state["writer"].close()
+        state["sink"].close()
+        with open(state["path"], "rb+") as f:
+            os.fsync(f.fileno())
+        self.files[split].append(
+            {
+                "path": state["rel"],
+                "rows": state["rows"],
+                "tokens": state["tokens"],
+                "sha256": sha256_file(state["path"]),
+            }
+        )
+
+    def close(self) -> dict[str, Any]:
+        """Close open shards, write the `datasets` sidecar files; return the manifest's `splits`."""
+        for split in list(self._open):
+            self._close(split)
+        splits: dict[str, Any] = {}
+        for split in SPLITS:
+            files = self.files[split]
+            if not files:
+                continue
+            _write_datasets_sidecars(self.out_dir / split, files, self.schema)
+            splits[split] = {
+                "rows": sum(f["rows"] for f in files),
+                "tokens": sum(f["tokens"] for f in files),
+                "files": files,
+            }
+        return splits
+
+
+def _write_datasets_sidecars(split_dir: Path, files: list[dict[str, Any]], schema: pa.Schema) -> None:
+    """state.json + dataset_info.json make `datasets.load_from_disk(split_dir)` work on our files."""
+    names = [PurePosixPath(f["path"]).name for f in files]
+    state = {
+        "_data_files": [{"filename": n} for n in names],
+        "_fingerprint": hashlib.sha256("".join(f["sha256"] for f in files).encode()).hexdigest()[:16],
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    atomic_write_text(split_dir / "state.json", json.dumps(state, indent=2) + "\n")
+    info = {"description": "", "features": _features_json(schema), "citation": "", "homepage": "", "license": ""}
+    atomic_write_text(split_dir / "dataset_info.json", json.dumps(info, indent=2) + "\n")
+
+
+def _features_json(schema: pa.Schema) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for field in schema:
+        t = field.type
+        if pa.types.is_list(t):
+            out[field.name] = {"feature": {"dtype": str(t.value_type), "_type": "Value"}, "_type": "List"}
+        else:
+            out[field.name] = {"dtype": str(t), "_type": "Value"}
+    return out
+
+
+# -- output directory lifecycle ------------------------------------------------------------------
+
+def prepare_output(out_dir: Path) -> None:
+    """Mark `out_dir` as being written. Removes what an earlier, unfinished run left there.
+
+    Refuses a non-empty directory that is not ours (no manifest, no incomplete marker).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ShardError(f"{out_dir}: exists and is not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        ours = (out_dir / MANIFEST).exists() or (out_dir / INCOMPLETE).exists()
+        if not ours:
+            raise ShardError(f"{out_dir}: directory is not empty and was not written by aligndata; choose another --out")
+        clear_output(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INCOMPLETE).write_text("conversion in progress or interrupted; re-run to complete\n")
+    _fsync_dir(out_dir)
+
+
+def clear_output(out_dir: Path) -> None:
+    """Remove the manifest first (so a crash mid-way leaves 'incomplete'), then our files."""
+    manifest = out_dir / MANIFEST
+    (out_dir / INCOMPLETE).write_text("being cleared\n")
+    if manifest.exists():
+        manifest.unlink()
+    for split in SPLITS:
+        if (out_dir / split).is_dir():
+            shutil.rmtree(out_dir / split)
+    for extra in ("rejects.jsonl",):
+        if (out_dir / extra).exists():
+            (out_dir / extra).unlink()
+
+
+def finish_output(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write manifest.json atomically (the commit point), then drop the incomplete marker."""
+    atomic_write_text(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    marker = Path(out_dir) / INCOMPLETE
+    if marker.exists():
+        marker.unlink()
+    _fsync_dir(Path(out_dir))
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ShardError(f"{out_dir}: no such shard directory")
+    path = out_dir / MANIFEST
+    if not path.exists():
+        if (out_dir / INCOMPLETE).exists():
+            raise ShardError(f"{out_dir}: conversion did not finish (no manifest.json); re-run `aligndata convert`")
+        raise ShardError(f"{out_dir}: no manifest.json; not an aligndata shard directory")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: unsupported shard format version {manifest.get('format_version') if isinstance(manifest, dict) else None!r} (expected {FORMAT_VERSION})")
+    if manifest.get("task") not in SCHEMAS:
+        raise ShardError(f"{path}: unknown task {manifest.get('task')!r}")
+    for split, info in manifest.get("splits", {}).items():
+        for f in info.get("files", []):
+            shard_path(out_dir, f["path"])  # validates containment
+    return manifest
+
+
+def shard_path(out_dir: Path, rel: str) -> Path:
+    """Resolve a manifest-relative shard path, refusing anything that escapes `out_dir`."""
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or not rel:
+        raise ShardError(f"{out_dir}/{MANIFEST}: shard path {rel!r} escapes the shard directory")
+    full = (Path(out_dir) / Path(*p.parts)).resolve()
+    if not full.is_relative_to(Path(out_dir).resolve()):
+        raise ShardError(f"{out_dir}/{MANIFEST}: shard path {rel!r} escapes the shard directory")
+    return full
+
+
+def verify_shards(out_dir: str | Path, manifest: dict[str, Any] | None = None) -> None:
+    """Check every shard file against the manifest's size-independent sha256; raise ShardError naming the file."""
+    out_dir = Path(out_dir)
+    manifest = manifest or read_manifest(out_dir)
+    for split, info in manifest.get("splits", {}).items():
+        for f in info["files"]:
+            path = shard_path(out_dir, f["path"])
+            if not path.exists():
+                raise ShardError(f"{path}: shard listed in the manifest is missing")
+            if sha256_file(path) != f["sha256"]:
+                raise ShardError(f"{path}: checksum mismatch (file corrupted or modified after conversion); re-run `aligndata convert`")
+
+
+def open_split(out_dir: str | Path, split: str, manifest: dict[str, Any] | None = None) -> pa.Table:
+    """All shards of a split as one memory-mapped table (zero-copy; nothing is read eagerly)."""
+    out_dir = Path(out_dir)
+    manifest = manifest or read_manifest(out_dir)
+    info = manifest.get("splits", {}).get(split)
+    if not info:
+        raise ShardError(f"{out_dir}: no {split!r} split in the manifest")
+    tables = []
+    for f in info["files"]:
+        path = shard_path(out_dir, f["path"])
+        try:
+            tables.append(pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all())
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ShardError(f"{path}: not a readable Arrow shard ({e})") from None
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def iter_rows(table: pa.Table, indices: Iterable[int]) -> Iterator[dict[str, Any]]:
+    """Rows by index as Python dicts (the training loader's access path)."""
+    for i in indices:
+        yield {name: col[i].as_py() for name, col in zip(table.column_names, table.columns)}
