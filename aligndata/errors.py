@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 EXIT_OK = 0
 EXIT_INVALID = 1
-EXIT_USAGE = 2
+EXIT_INPUT = 2
 
 
 @dataclass(frozen=True)

@@ -61,9 +61,9 @@ def display_name(path: str) -> str:
 class RecordStream:
     """Iterate the records of one input. Raises InputError for files that are not data at all."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, name: str | None = None):
         self.path = path
-        self.name = display_name(path)
+        self.name = name or display_name(path)
         self._raw, self.total_bytes = _open_raw(path, self.name)
         head = _read_head(self._raw)
         binary = _chain(head, self._raw)

@@ -35,6 +35,9 @@ class Message:
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    # JSONPath of the message in its source record and of its text field, for error messages.
+    origin: str | None = field(default=None, compare=False, repr=False)
+    origin_content: str | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"role": self.role, "content": self.content}

@@ -1,0 +1,281 @@
+"""The `aligndata` command line: a thin layer over the library.
+
+Exit codes: 0 success / all valid; 1 invalid records (validate) or a conversion stopped by one;
+2 usage or I/O error (missing file, directory, unknown format, not JSON at all, bad option).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import EXIT_INPUT, EXIT_INVALID, EXIT_OK, InputError, InvalidRecordError, Problem
+from .formats import FORMATS, schema_dir
+from .progress import FileProgress
+from .validate import FileCheck, mixed_problem
+
+app = typer.Typer(
+    name="aligndata",
+    help="Validate and convert chat / preference JSON into token-exact Arrow shards.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+FORMAT_HELP = f"Input format: auto (decided per file from all records) or one of: {', '.join(FORMATS)}."
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"error: {message}", markup=False)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: Callable[[], int]) -> int:
+    """One table from expected exception types to a one-line message and exit code."""
+    from .shards import ShardError
+
+    try:
+        return fn()
+    except InvalidRecordError as e:
+        for p in e.problems:
+            err.print(f"error: {p}", markup=False)
+        err.print("(stopped at the first invalid record; --on-error skip writes invalid records to a rejects file)",
+                  markup=False)
+        raise typer.Exit(EXIT_INVALID)
+    except InputError as e:
+        _fail(str(e), EXIT_INPUT)
+    except ShardError as e:
+        _fail(str(e), EXIT_INPUT)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    return EXIT_OK
+
+
+@dataclass
+class FileSummary:
+    file: str
+    format: str | None = None
+    records: int = 0
+    valid: int = 0
+    by_kind: Counter = field(default_factory=Counter)
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "format": self.format, "records": self.records, "valid": self.valid,
+                "invalid": self.records - self.valid, "problems_by_kind": dict(self.by_kind), "error": self.error}
+
+
+@app.command()
+def validate(
+    files: List[str] = typer.Argument(..., help="Input files (.json, .jsonl, .ndjson, optionally .gz), or - for stdin."),
+    format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
+    max_errors: int = typer.Option(50, "--max-errors", help="Print at most this many problems (counts stay complete)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document for machines instead of text."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Check records against their format's JSON Schema and the semantic rules.
+
+    Every problem is printed as FILE:LINE (record N) $.json.path: message.
+
+    \b
+    Examples:
+      aligndata validate data.jsonl
+      aligndata validate raw.json --format sharegpt-preference --max-errors 10
+      cat data.jsonl | aligndata validate - --json
+    """
+    if format != "auto" and format not in FORMATS:
+        _fail(f"unknown format {format!r}; choose one of: auto, {', '.join(FORMATS)}", EXIT_INPUT)
+    summaries: list[FileSummary] = []
+    problems: list[Problem] = []
+    shown = 0
+    bar = FileProgress(not quiet and not as_json)
+
+    def emit(p: Problem) -> None:
+        nonlocal shown
+        if shown < max_errors:
+            problems.append(p)
+            if not as_json:
+                out.print(str(p), markup=False)
+        shown += 1
+
+    for path in files:
+        fc = FileCheck(path, format)
+        s = FileSummary(fc.name)
+        summaries.append(s)
+        try:
+            started = False
+            for checked in fc.records():
+                if not started:
+                    started = True
+                    s.format = fc.format
+                    if fc.detection is not None and fc.detection.mixed:
+                        mp = mixed_problem(fc.name, fc.detection)
+                        s.by_kind[mp.kind] += 1
+                        emit(mp)
+                    if fc.stream is not None:
+                        bar.start_file(fc.stream, fc.name)
+                bar.update()
+                s.records += 1
+                if checked.ok:
+                    s.valid += 1
+                for p in checked.problems:
+                    s.by_kind[p.kind] += 1
+                    emit(p)
+        except InputError as e:
+            s.error = str(e)
+            if not as_json:
+                err.print(f"error: {e}", markup=False)
+    bar.close()
+
+    any_error = any(s.error for s in summaries)
+    any_invalid = any(s.by_kind for s in summaries)
+    code = EXIT_INPUT if any_error else EXIT_INVALID if any_invalid else EXIT_OK
+    if as_json:
+        doc = {
+            "valid": code == EXIT_OK,
+            "exit_code": code,
+            "files": [s.to_json() for s in summaries],
+            "problems": [p.to_json() for p in problems],
+            "problems_shown": len(problems),
+            "problems_total": shown,
+        }
+        sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        raise typer.Exit(code)
+    if shown > max_errors:
+        out.print(f"... {shown - max_errors} more problems not shown (--max-errors {max_errors})", markup=False)
+    _print_validate_summary(summaries)
+    raise typer.Exit(code)
+
+
+def _print_validate_summary(summaries: list[FileSummary]) -> None:
+    table = Table(title="validation summary", title_justify="left")
+    table.add_column("file", overflow="fold")
+    for col in ("format", "records", "valid", "invalid"):
+        table.add_column(col, justify="left" if col == "format" else "right")
+    for s in summaries:
+        if s.error:
+            table.add_row(s.file, "error", "-", "-", "-")
+        else:
+            table.add_row(s.file, s.format or "?", str(s.records), str(s.valid), str(s.records - s.valid))
+    out.print(table)
+    kinds: Counter = Counter()
+    for s in summaries:
+        kinds.update(s.by_kind)
+    if kinds:
+        kt = Table(title="problems by kind", title_justify="left")
+        kt.add_column("kind")
+        kt.add_column("count", justify="right")
+        for kind, n in kinds.most_common():
+            kt.add_row(kind, str(n))
+        out.print(kt)
+
+
+@app.command()
+def convert(
+    files: List[str] = typer.Argument(..., help="Input files, or - for stdin."),
+    to: str = typer.Option(..., "--to", help="openai | preference (canonical JSONL) or sft | dpo (tokenized Arrow shards)."),
+    out_path: str = typer.Option(..., "--out", "-o", help="Output: a .jsonl file (openai/preference; - for stdout) or a directory (sft/dpo)."),
+    format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
+    on_error: str = typer.Option("fail", "--on-error", help="fail: stop at the first invalid record; skip: write it to the rejects file and go on."),
+    rejects: Optional[str] = typer.Option(None, "--rejects", help="Rejects file for --on-error skip (default: OUT.rejects.jsonl, or OUT/rejects.jsonl for shards)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="sft/dpo: tokenizer directory, .gguf file, or hub name."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="sft/dpo: longest sequence in tokens (prompt + completion)."),
+    max_prompt_length: Optional[int] = typer.Option(None, "--max-prompt-length", help="dpo with --length-policy truncate: prompt budget in tokens."),
+    length_policy: str = typer.Option("drop", "--length-policy", help="drop: records over --max-length are dropped (counted); truncate: cut old prompt turns, then completions."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="A Jinja file or a built-in name (chatml, llama3, hh); default: the tokenizer's own."),
+    train_on: str = typer.Option("all", "--train-on", help="sft: train every assistant turn (all) or only the last one (last)."),
+    eval_fraction: float = typer.Option(0.0, "--eval-fraction", help="Share of records held out as the eval split (seeded, per record)."),
+    eval_file: Optional[str] = typer.Option(None, "--eval-file", help="A raw file converted as the eval split instead of --eval-fraction."),
+    shard_rows: int = typer.Option(50_000, "--shard-rows", help="Rows per Arrow shard file."),
+    num_proc: int = typer.Option(1, "--num-proc", help="Tokenizer worker processes (output is identical for any value)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the eval split."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output made with different settings."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow tokenizer code from the model repo (off by default)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Convert raw records to canonical JSONL (--to openai|preference) or to shards (--to sft|dpo).
+
+    Every record read is either written or (with --on-error skip) rejected with its reasons;
+    the summary prints read = written + rejected.
+
+    \b
+    Examples:
+      aligndata convert chats.json --to openai --out chats.jsonl
+      aligndata convert pairs.jsonl --to preference --out pairs.jsonl --on-error skip
+      aligndata convert pairs.json --to dpo --tokenizer ./tok --max-length 1024 --out shards/
+    """
+    if to in ("openai", "preference"):
+        from .normalize import normalize
+
+        def run() -> int:
+            counts = normalize(files, out_path, to, on_error=on_error, rejects=rejects, input_format=format,
+                               progress=not quiet)
+            msg = f"read {counts.read} = written {counts.written} + rejected {counts.rejected}"
+            if counts.rejected:
+                msg += f" ({', '.join(f'{k}: {v}' for k, v in counts.reasons.most_common())})"
+            err.print(msg, markup=False)
+            return EXIT_OK
+
+        raise typer.Exit(handle_errors(run))
+    if to not in ("sft", "dpo"):
+        _fail(f"--to {to!r}: choose openai, preference, sft or dpo", EXIT_INPUT)
+    if tokenizer is None:
+        _fail(f"--to {to} needs --tokenizer (a tokenizer directory, .gguf file or hub name)", EXIT_INPUT)
+    from .convert import convert as convert_shards, print_summary
+
+    def run_shards() -> int:
+        result = convert_shards(
+            files, Path(out_path), to, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+            length_policy=length_policy, chat_template=chat_template, eval_fraction=eval_fraction,
+            eval_file=eval_file, shard_rows=shard_rows, num_proc=num_proc, on_error=on_error, seed=seed,
+            overwrite=overwrite, input_format=format, train_on=train_on, progress=not quiet,
+            trust_remote_code=trust_remote_code, rejects=rejects,
+        )
+        print_summary(result, err)
+        return EXIT_OK
+
+    raise typer.Exit(handle_errors(run_shards))
+
+
+@app.command()
+def formats() -> None:
+    """List the supported input formats and where their JSON Schemas are."""
+    table = Table(title="input formats", title_justify="left")
+    table.add_column("format")
+    table.add_column("task")
+    table.add_column("shape")
+    for f in FORMATS.values():
+        table.add_row(f.name, f.task, f.summary)
+    out.print(table)
+    out.print(f"JSON Schemas: {schema_dir()}", markup=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"aligndata {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.")) -> None:
+    pass
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

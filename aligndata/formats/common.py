@@ -1,0 +1,77 @@
+"""Helpers shared by the format adapters: problem collection and tool normalization."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Issues:
+    """Problems found while adapting one record: (JSONPath, message, kind) triples."""
+
+    items: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def add(self, path: str, message: str, kind: str) -> None:
+        self.items.append((path, message, kind))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+def normalize_tools(value: Any, path: str, issues: Issues) -> list[dict[str, Any]] | None:
+    """Tools as OpenAI tool definitions: {"type": "function", "function": {name, description, parameters}}.
+
+    Accepts a JSON array, a string holding one (LLaMA-Factory/Glaive), OpenAI-wrapped or bare functions.
+    """
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            issues.add(path, f"tools string is not valid JSON ({e})", "tools")
+            return None
+        if isinstance(value, dict):
+            value = [value]
+    if not isinstance(value, list):
+        issues.add(path, "tools must be a JSON array of tool definitions", "tools")
+        return None
+    out = []
+    for i, tool in enumerate(value):
+        if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict):
+            fn = tool["function"]
+        elif isinstance(tool, dict):
+            fn = tool
+        else:
+            issues.add(f"{path}[{i}]", "tool definition must be an object", "tools")
+            continue
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            issues.add(f"{path}[{i}]", "tool definition has no \"name\"", "tools")
+            continue
+        out.append({"type": "function", "function": fn})
+    return out or None
+
+
+def normalize_arguments(args: Any, path: str, issues: Issues) -> dict[str, Any] | None:
+    """Tool-call arguments as a dict (chat templates serialize them); strings must hold a JSON object."""
+    if isinstance(args, dict):
+        return args
+    if isinstance(args, str):
+        try:
+            parsed = json.loads(args) if args.strip() else {}
+        except ValueError:
+            issues.add(path, "tool-call arguments are not valid JSON", "tool-call")
+            return None
+        if isinstance(parsed, dict):
+            return parsed
+    issues.add(path, "tool-call arguments must be a JSON object", "tool-call")
+    return None
+
+
+def tool_call(name: str, arguments: dict[str, Any], call_id: str | None = None) -> dict[str, Any]:
+    call: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    if call_id:
+        call["id"] = call_id
+    return call

@@ -1,0 +1,216 @@
+"""Validation: JSON Schema first, then the adapters and semantic rules, with exact locations.
+
+`check_file` streams one input and yields a `Checked` per record. In `--format auto` mode it
+first decides the file's format from *all* its records (a cheap pass over top-level keys);
+a file whose records look like different formats gets a file-level `mixed-format` problem.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from jsonschema.exceptions import ValidationError, best_match
+
+from .errors import InputError, Problem
+from .formats import FORMATS, Format, detect_shape
+from .formats.common import Issues
+from .reader import RawRecord, RecordStream, display_name
+from .records import Conversation, Record, Source
+from .rules import check_conversation, check_pair
+
+MAX_SCHEMA_ERRORS = 20
+
+
+@dataclass
+class Checked:
+    raw: RawRecord
+    format: str | None
+    record: Record | None
+    problems: list[Problem]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class Detection:
+    format: str | None
+    shapes: Counter = field(default_factory=Counter)
+    first: dict[str, tuple[int, int]] = field(default_factory=dict)  # shape -> (record, line)
+    records: int = 0
+
+    @property
+    def mixed(self) -> bool:
+        return len(self.shapes) > 1
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    if isinstance(value, str):
+        return repr(value if len(value) <= limit else value[: limit - 3] + "...")
+    if isinstance(value, dict):
+        return "an object" if value else "{}"
+    if isinstance(value, list):
+        return "an array" if value else "[]"
+    return repr(value) if value is not None else "None"
+
+
+def _describe(error: ValidationError) -> ValidationError | tuple[str, str]:
+    """A compact message for one schema error; huge values never end up in messages."""
+    if error.context:
+        # anyOf branches: ignore "wrong type at this very spot" from branches that do not fit
+        # the value's type at all, so the message comes from the branch the user meant.
+        fitting = [e for e in error.context if not (e.validator == "type" and not e.relative_path)]
+        error = best_match(fitting or error.context, key=lambda e: -len(e.path))
+    path = error.json_path
+    v, inst = error.validator, error.instance
+    if v == "type":
+        expected = error.validator_value
+        expected = " or ".join(repr(t) for t in expected) if isinstance(expected, list) else repr(expected)
+        return path, f"{_short(inst)} is not of type {expected}"
+    if v == "enum":
+        return path, f"{_short(inst)} is not one of {error.validator_value!r}"
+    if v == "const":
+        return path, f"{_short(inst)} must be {error.validator_value!r}"
+    if v == "minItems":
+        return path, "must not be empty" if error.validator_value == 1 else f"needs at least {error.validator_value} items"
+    if v == "minLength":
+        return path, "must not be empty"
+    message = error.message
+    return path, message if len(message) <= 200 else message[:197] + "..."
+
+
+def schema_problems(fmt: Format, value: Any, where: Source) -> list[Problem]:
+    errors = sorted(fmt.validator.iter_errors(value), key=lambda e: (e.json_path, e.validator))
+    out = []
+    for error in errors[:MAX_SCHEMA_ERRORS]:
+        path, message = _describe(error)
+        out.append(Problem(where.file, where.line, where.index, path, message, "schema"))
+    return out
+
+
+def _nonfinite_paths(value: Any, path: str = "$") -> Iterator[str]:
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _nonfinite_paths(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _nonfinite_paths(v, f"{path}[{i}]")
+
+
+def check_value(raw: RawRecord, fmt: Format, file: str) -> Checked:
+    """Schema, then adapter, then semantic rules for one parsed record."""
+    src = Source(file, raw.line, raw.index)
+    if raw.error is not None:
+        return Checked(raw, fmt.name, None, [Problem(file, raw.line, raw.index, "$", raw.error, "json")])
+    problems = schema_problems(fmt, raw.value, src)
+    if raw.nonfinite:
+        problems += [Problem(file, raw.line, raw.index, p, "NaN and Infinity are not valid JSON", "json")
+                     for p in _nonfinite_paths(raw.value)]
+    if problems:
+        return Checked(raw, fmt.name, None, problems)
+    issues = Issues()
+    record = fmt.adapt(raw.value, issues)
+    if record is not None and not issues:
+        if isinstance(record, Conversation):
+            check_conversation(record, issues)
+        else:
+            check_pair(record, issues)
+    if issues:
+        return Checked(raw, fmt.name, None,
+                       [Problem(file, raw.line, raw.index, p, m, k) for p, m, k in issues.items])
+    record.source = src
+    return Checked(raw, fmt.name, record, [])
+
+
+@contextmanager
+def materialized(path: str) -> Iterator[str]:
+    """Standard input is copied to a temporary file so it can be read twice (format detection)."""
+    if path != "-":
+        yield path
+        return
+    fd, tmp = tempfile.mkstemp(prefix="aligndata-stdin-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+        yield tmp
+    finally:
+        os.unlink(tmp)
+
+
+def detect_format(path: str, name: str | None = None) -> Detection:
+    """Classify every record by its top-level keys; the file's format is the one shape present."""
+    det = Detection(None)
+    with RecordStream(path, name) as stream:
+        for raw in stream:
+            det.records += 1
+            if raw.error is not None:
+                continue
+            shape = detect_shape(raw.value)
+            if shape is None:
+                continue
+            det.shapes[shape] += 1
+            det.first.setdefault(shape, (raw.index, raw.line))
+    if len(det.shapes) == 1:
+        det.format = next(iter(det.shapes))
+    elif det.shapes:
+        det.format = det.shapes.most_common(1)[0][0]
+    return det
+
+
+def mixed_problem(name: str, det: Detection) -> Problem:
+    parts = []
+    for shape, n in det.shapes.most_common():
+        rec, line = det.first[shape]
+        parts.append(f"{shape} ({n} record{'s' if n != 1 else ''}, first: record {rec} at line {line})")
+    minority = min(det.first[s] for s in det.shapes if s != det.format)
+    return Problem(name, minority[1], 0, "$",
+                   "records match different formats: " + ", ".join(parts)
+                   + "; split the file by format or pass --format", "mixed-format")
+
+
+@dataclass
+class FileCheck:
+    """The records of one input file, checked. Iterate `records()` once."""
+
+    path: str
+    input_format: str = "auto"
+    name: str = ""
+    format: str | None = None
+    detection: Detection | None = None
+    stream: RecordStream | None = None
+
+    def __post_init__(self) -> None:
+        self.name = self.name or display_name(self.path)
+
+    def records(self) -> Iterator[Checked]:
+        with materialized(self.path) as real:
+            if self.input_format == "auto":
+                self.detection = detect_format(real, self.name)
+                if self.detection.format is None:
+                    raise InputError(f"{self.name}: cannot detect the format: no record looks like any of "
+                                     f"{', '.join(FORMATS)} (pass --format to see why each record fails)")
+                self.format = self.detection.format
+            else:
+                if self.input_format not in FORMATS:
+                    raise InputError(f"unknown format {self.input_format!r}; choose one of: auto, {', '.join(FORMATS)}")
+                self.format = self.input_format
+            fixed = FORMATS[self.format]
+            mixed = self.detection is not None and self.detection.mixed
+            with RecordStream(real, self.name) as stream:
+                self.stream = stream
+                for raw in stream:
+                    fmt = fixed
+                    if mixed and raw.error is None:
+                        fmt = FORMATS.get(detect_shape(raw.value) or "", fixed)
+                    yield check_value(raw, fmt, self.name)
