@@ -127,7 +127,9 @@ def normalize(inputs: list[str], out: str, to: str, *, on_error: str = "fail", r
                     sink.write(line)
                 counts.written += 1
                 continue
-            if on_error != "skip":
+            if on_error != "skip" or checked.raw.fatal:
+                # A fatal error (syntax error inside a JSON array) hides the rest of the file:
+                # skipping it would drop those records silently, so it always stops the run.
                 raise InvalidRecordError(checked.problems)
             counts.rejected += 1
             counts.reasons.update({p.kind for p in checked.problems})

@@ -1,0 +1,460 @@
+"""`aligndata convert --to sft|dpo`: raw records -> validated -> tokenized -> Arrow shards + manifest.
+
+    read (main process)  ->  check + encode (workers, in order)  ->  split + write (main process)
+
+Records travel in chunks through an ordered pool, so the shards are byte-identical for any
+`num_proc`. Everything is written into a staging directory next to the output and moved into
+place only after the manifest is written: a failed or killed run leaves the previous output
+untouched plus a `.NAME.partial` directory that the next run removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+from array import array
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from . import __version__
+from .errors import InputError, InvalidRecordError, Problem
+from .formats import FORMATS
+from .normalize import AtomicOutput, reject_line
+from .progress import FileProgress
+from .reader import RawRecord, RecordStream, display_name
+from .shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, ShardError, ShardWriter, finish_output, prepare_output,
+                     read_manifest, sha256_file, verify_shards)
+from .validate import Checked, check_value, detect_format, materialized, mixed_problem
+
+CHUNK = 256
+POLICIES = ("drop", "truncate")
+# Encoder failures that are a length-policy decision, not a defect of the record.
+DROP_REASONS = {"too-long"}
+
+
+@dataclass
+class ConvertResult:
+    manifest: dict[str, Any]
+    skipped: bool
+    out_dir: Path
+    rejects_path: Path | None = None
+
+
+@dataclass
+class _Outcome:
+    index: int
+    line: int
+    kind: str  # "keep" | "reject" | "drop"
+    row: dict[str, Any] | None = None
+    truncated: str | None = None
+    reason: str | None = None
+    problems: list[Problem] = field(default_factory=list)
+    raw: RawRecord | None = None
+
+
+# -- the per-record work, run in workers -----------------------------------------------------------
+
+_ENCODER = None
+
+
+def _encode(checked: Checked, task: str) -> _Outcome:
+    from .tokenize import EncodeError
+
+    raw = checked.raw
+    if not checked.ok:
+        return _Outcome(raw.index, raw.line, "reject", problems=checked.problems, raw=raw)
+    try:
+        if task == "sft":
+            enc = _ENCODER.encode_sft(checked.record)
+            row = {"input_ids": enc.input_ids, "loss_mask": enc.loss_mask}
+        else:
+            enc = _ENCODER.encode_dpo(checked.record)
+            row = {"prompt_ids": enc.prompt_ids, "chosen_ids": enc.chosen_ids, "rejected_ids": enc.rejected_ids}
+    except EncodeError as e:
+        kind = "drop" if e.reason in DROP_REASONS else "reject"
+        src = checked.record.source
+        problem = Problem(src.file, src.line, src.index, "$", str(e.message), e.reason)
+        return _Outcome(raw.index, raw.line, kind, reason=e.reason, problems=[problem], raw=raw)
+    return _Outcome(raw.index, raw.line, "keep", row=row, truncated=enc.truncated)
+
+
+def _work(job: tuple[str, str, str, list[RawRecord]]) -> list[_Outcome]:
+    name, fmt_name, task, chunk = job
+    fmt = FORMATS[fmt_name]
+    return [_encode(check_value(raw, fmt, name), task) for raw in chunk]
+
+
+def _init_worker(spec: str, chat_template: str | None, trust_remote_code: bool, kwargs: dict[str, Any]) -> None:
+    global _ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if _ENCODER is None:  # spawn start method: build it here; with fork it was inherited
+        from .templates import load_tokenizer, resolve_chat_template
+        from .tokenize import Encoder
+
+        tok = load_tokenizer(spec, trust_remote_code=trust_remote_code)
+        _ENCODER = Encoder(tok, resolve_chat_template(tok, chat_template), **kwargs)
+
+
+# -- orchestration -----------------------------------------------------------------------------------
+
+def _check_options(task: str, length_policy: str, train_on: str, eval_fraction: float, eval_file: str | None,
+                   num_proc: int, shard_rows: int, on_error: str, max_length: int | None,
+                   max_prompt_length: int | None) -> None:
+    if task not in ("sft", "dpo"):
+        raise InputError(f"--to {task!r}: choose sft or dpo")
+    if length_policy not in POLICIES:
+        raise InputError(f"--length-policy {length_policy!r}: choose drop or truncate")
+    if train_on not in ("all", "last"):
+        raise InputError(f"--train-on {train_on!r}: choose all or last")
+    if on_error not in ("fail", "skip"):
+        raise InputError(f"--on-error {on_error!r}: choose fail or skip")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise InputError(f"--eval-fraction {eval_fraction}: must be at least 0 and below 1")
+    if eval_file and eval_fraction:
+        raise InputError("--eval-fraction and --eval-file exclude each other: pick one way to make the eval split")
+    if num_proc < 1 or shard_rows < 1:
+        raise InputError("--num-proc and --shard-rows must be at least 1")
+    if max_length is not None and max_length < 2:
+        raise InputError(f"--max-length {max_length}: must be at least 2")
+    if max_prompt_length is not None:
+        if max_length is not None and max_prompt_length >= max_length:
+            raise InputError(f"--max-prompt-length {max_prompt_length} must be below --max-length {max_length}")
+        if task != "dpo":
+            raise InputError("--max-prompt-length applies to --to dpo only")
+    if length_policy == "truncate" and max_length is None:
+        raise InputError("--length-policy truncate needs --max-length")
+
+
+def _in_eval(seed: int, source_sha: str, index: int, fraction: float) -> bool:
+    """Seeded per-record choice: stable under any process count and any record order."""
+    if fraction <= 0:
+        return False
+    h = hashlib.blake2b(f"{seed}:{source_sha}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64 < fraction
+
+
+def _chunks(stream: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]:
+    chunk: list[RawRecord] = []
+    for raw in stream:
+        chunk.append(raw)
+        if len(chunk) >= size or raw.fatal:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _percentiles(values: array) -> dict[str, int]:
+    if not values:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
+    s = sorted(values)
+
+    def at(q: float) -> int:
+        return int(s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))])
+
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": int(s[-1])}
+
+
+class _Stats:
+    """Token-length distributions per split (kept in compact int arrays, never per-row objects)."""
+
+    def __init__(self, task: str):
+        self.task = task
+        self.cols = ("total", "prompt", "completion") if task == "sft" else ("total", "prompt", "chosen", "rejected")
+        self.data: dict[str, dict[str, array]] = {}
+        self.trained: Counter = Counter()
+
+    def add(self, split: str, row: dict[str, Any]) -> None:
+        d = self.data.setdefault(split, {c: array("i") for c in self.cols})
+        if self.task == "sft":
+            trained = sum(row["loss_mask"])
+            first = row["loss_mask"].index(1) if trained else len(row["input_ids"])
+            d["total"].append(len(row["input_ids"]))
+            d["prompt"].append(first)
+            d["completion"].append(len(row["input_ids"]) - first)
+            self.trained[split] += trained
+        else:
+            p, c, r = len(row["prompt_ids"]), len(row["chosen_ids"]), len(row["rejected_ids"])
+            d["total"].append(p + max(c, r))
+            d["prompt"].append(p)
+            d["chosen"].append(c)
+            d["rejected"].append(r)
+            self.trained[split] += c + r
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            split: {"rows": len(d["total"]), "trained_tokens": self.trained[split],
+                    "lengths": {c: _percentiles(v) for c, v in d.items()}}
+            for split, d in self.data.items()
+        }
+
+
+def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = ("tokenizer.sha256", "chat_template.sha256", "sources", "settings")
+    diffs = []
+    for key in keys:
+        a: Any = old
+        b: Any = new
+        for part in key.split("."):
+            a = a.get(part) if isinstance(a, dict) else None
+            b = b.get(part) if isinstance(b, dict) else None
+        if key == "sources":
+            a = [s.get("sha256") for s in a or []]
+            b = [s.get("sha256") for s in b or []]
+        if key == "settings" and isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diffs.append(key.split(".")[0])
+    return ", ".join(diffs) or "settings hash"
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
+def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_length: int | None = None,
+            max_prompt_length: int | None = None, length_policy: str = "drop", chat_template: str | None = None,
+            eval_fraction: float = 0.0, eval_file: str | None = None, shard_rows: int = 50_000, num_proc: int = 1,
+            on_error: str = "fail", seed: int = 0, overwrite: bool = False, input_format: str = "auto",
+            train_on: str = "all", progress: bool = False, trust_remote_code: bool = False,
+            rejects: str | None = None) -> ConvertResult:
+    """Convert raw files into shards in `out_dir` (see docs/SHARDS.md). Library entry point of the CLI."""
+    global _ENCODER
+    from .templates import load_tokenizer, resolve_chat_template, tokenizer_identity
+    from .tokenize import Encoder
+
+    _check_options(task, length_policy, train_on, eval_fraction, eval_file, num_proc, shard_rows, on_error,
+                   max_length, max_prompt_length)
+    if input_format != "auto" and input_format not in FORMATS:
+        raise InputError(f"unknown format {input_format!r}; choose one of: auto, {', '.join(FORMATS)}")
+    out_dir = Path(out_dir)
+    if not inputs:
+        raise InputError("no input files")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists() \
+            and not (out_dir / INCOMPLETE).exists():
+        raise InputError(f"{out_dir}: directory is not empty and was not written by aligndata; choose another --out")
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tok = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+    template = resolve_chat_template(tok, chat_template)
+    encoder_kwargs = dict(max_length=max_length, max_prompt_length=max_prompt_length, length_policy=length_policy,
+                          train_on=train_on)
+    settings = {"max_length": max_length, "max_prompt_length": max_prompt_length, "length_policy": length_policy,
+                "train_on": train_on if task == "sft" else None, "eval_fraction": eval_fraction,
+                "eval_file": eval_file is not None, "seed": seed, "shard_rows": shard_rows,
+                "input_format": input_format}
+
+    roles = [(p, "train") for p in inputs] + ([(eval_file, "eval")] if eval_file else [])
+    with _materialize_all([p for p, _ in roles]) as real_paths:
+        sources = []
+        for (path, role), real in zip(roles, real_paths):
+            sources.append({"path": display_name(path), "sha256": sha256_file(Path(real)), "role": role})
+        identity = tokenizer_identity(tok, tokenizer)
+        manifest: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "task": task,
+            "created_by": f"aligndata {__version__}",
+            "tokenizer": identity,
+            "chat_template": {"source": template.source, "sha256": template.sha256},
+            "settings": settings,
+            "sources": sources,
+        }
+        key = {k: manifest[k] for k in ("task", "settings")}
+        key.update(tokenizer=identity.get("sha256"), template=template.sha256, sources=[s["sha256"] for s in sources])
+        manifest["settings_sha256"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+        if (out_dir / MANIFEST).exists():
+            try:
+                old = read_manifest(out_dir)
+            except ShardError:
+                old = None
+            if old is not None and old.get("settings_sha256") == manifest["settings_sha256"] and not overwrite:
+                try:
+                    verify_shards(out_dir, old)
+                    return ConvertResult(old, True, out_dir)
+                except ShardError:
+                    pass  # damaged: rebuild
+            elif old is not None and not overwrite:
+                raise InputError(f"{out_dir}: holds shards made with other settings ({_settings_diff(old, manifest)}); "
+                                 "pass --overwrite to replace them, or choose another --out")
+
+        staging = _staging_dir(out_dir)
+        if staging.exists():
+            if not (staging / INCOMPLETE).exists():
+                raise InputError(f"{staging}: exists and is not an unfinished aligndata output; remove it")
+            shutil.rmtree(staging)
+        prepare_output(staging)
+        rejects_path = Path(rejects) if rejects else out_dir / "rejects.jsonl"
+        staged_rejects = Path(rejects) if rejects else staging / "rejects.jsonl"
+
+        _ENCODER = Encoder(tok, template, **encoder_kwargs)
+        pool = None
+        if num_proc > 1:
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            pool = mp.get_context(method).Pool(num_proc, _init_worker,
+                                               (tokenizer, chat_template, trust_remote_code, encoder_kwargs))
+        writer = ShardWriter(staging, task, shard_rows)
+        reject_sink = AtomicOutput(staged_rejects) if on_error == "skip" else None
+        bar = FileProgress(progress)
+        stats = _Stats(task)
+        counts = {"read": 0, "kept": 0, "rejected": Counter(), "dropped": Counter(), "truncated": Counter()}
+        try:
+            for src_i, ((path, role), real) in enumerate(zip(roles, real_paths)):
+                _convert_file(path, real, role, src_i, sources[src_i], task, input_format, pool, writer, stats,
+                              counts, reject_sink, on_error, eval_fraction, seed, bar)
+            bar.close()
+            manifest["splits"] = writer.close()
+            if reject_sink is not None:
+                reject_sink.commit()
+            if not manifest["splits"]:
+                raise InputError("no records were kept: nothing to write (see the rejected and dropped counts)")
+        except BaseException:
+            bar.close()
+            if reject_sink is not None:
+                reject_sink.abort()
+            raise
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+            _ENCODER = None
+
+    kept = counts["kept"]
+    manifest["counts"] = {
+        "read": counts["read"], "kept": kept, "rejected": dict(counts["rejected"]),
+        "dropped": dict(counts["dropped"]), "truncated": dict(counts["truncated"]),
+    }
+    manifest["stats"] = stats.to_json()
+    for split, info in manifest["splits"].items():
+        manifest["stats"].setdefault(split, {})["tokens"] = info["tokens"]
+    manifest["reference"] = None
+    finish_output(staging, manifest)
+    _commit(staging, out_dir)
+    return ConvertResult(manifest, False, out_dir, rejects_path if on_error == "skip" else None)
+
+
+def _convert_file(path: str, real: str, role: str, src_i: int, source: dict[str, Any], task: str,
+                  input_format: str, pool: Any, writer: ShardWriter, stats: _Stats, counts: dict[str, Any],
+                  reject_sink: AtomicOutput | None, on_error: str, eval_fraction: float, seed: int,
+                  bar: FileProgress) -> None:
+    name = display_name(path)
+    if input_format == "auto":
+        det = detect_format(real, name)
+        if det.format is None:
+            raise InputError(f"{name}: cannot detect the format: no record looks like any of {', '.join(FORMATS)}")
+        if det.mixed:
+            raise InvalidRecordError([mixed_problem(name, det)])
+        fmt = det.format
+    else:
+        fmt = input_format
+    if FORMATS[fmt].task != task:
+        holds = "conversations" if FORMATS[fmt].task == "sft" else "preference pairs"
+        raise InputError(f"{name}: holds {holds} ({fmt}); --to {task} needs "
+                         f"{'conversations' if task == 'sft' else 'preference pairs'}")
+    source["format"] = fmt
+    source["records"] = 0
+    with RecordStream(real, name) as stream:
+        bar.start_file(stream, name)
+        jobs = ((name, fmt, task, chunk) for chunk in _chunks(stream, CHUNK))
+        results = _bounded_imap(pool, jobs) if pool is not None else map(_work, jobs)
+        for outcomes in results:
+            for o in outcomes:
+                counts["read"] += 1
+                source["records"] += 1
+                bar.update()
+                if o.kind == "keep":
+                    split = "eval" if role == "eval" or _in_eval(seed, source["sha256"], o.index, eval_fraction) else "train"
+                    o.row["source"] = src_i
+                    o.row["source_index"] = o.index
+                    writer.write(split, o.row)
+                    stats.add(split, o.row)
+                    counts["kept"] += 1
+                    if o.truncated:
+                        counts["truncated"][o.truncated] += 1
+                    continue
+                if o.kind == "drop":
+                    counts["dropped"][o.reason] += 1
+                    continue
+                if on_error != "skip" or o.raw.fatal:
+                    raise InvalidRecordError(o.problems)
+                counts["rejected"][o.problems[0].kind] += 1
+                reject_sink.write(reject_line(Checked(o.raw, fmt, None, o.problems), name))
+
+
+def _bounded_imap(pool: Any, jobs: Iterator[Any]) -> Iterator[list[_Outcome]]:
+    """Ordered results with a bounded number of chunks in flight (Pool.imap would read the whole input)."""
+    window = pool._processes * 4
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(pool.apply_async(_work, (job,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+class _materialize_all:
+    """Context manager: every input as a real path (stdin copied once to a temporary file)."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+        self._cms: list[Any] = []
+
+    def __enter__(self) -> list[str]:
+        if self.paths.count("-") > 1:
+            raise InputError("standard input (-) can be given only once")
+        out = []
+        for p in self.paths:
+            cm = materialized(p)
+            out.append(cm.__enter__())
+            self._cms.append(cm)
+        return out
+
+    def __exit__(self, *exc: Any) -> None:
+        for cm in reversed(self._cms):
+            cm.__exit__(*exc)
+
+
+def _commit(staging: Path, out_dir: Path) -> None:
+    """Swap the finished staging directory into place; the old output is removed only afterwards."""
+    trash = out_dir.parent / f".{out_dir.name}.old"
+    if trash.exists():
+        shutil.rmtree(trash)
+    if out_dir.exists():
+        os.rename(out_dir, trash)
+    os.rename(staging, out_dir)
+    if trash.exists():
+        shutil.rmtree(trash)
+
+
+def print_summary(result: ConvertResult, console: Any) -> None:
+    from rich.table import Table
+
+    m = result.manifest
+    c = m["counts"]
+    if result.skipped:
+        console.print(f"{result.out_dir}: already converted with the same inputs and settings; nothing to do", markup=False)
+    table = Table(title=f"{m['task']} shards in {result.out_dir}", title_justify="left")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("read", str(c["read"]))
+    table.add_row("kept", str(c["kept"]))
+    for split, info in m["splits"].items():
+        table.add_row(f"  {split} rows / tokens", f"{info['rows']} / {info['tokens']}")
+    for group in ("rejected", "dropped", "truncated"):
+        for reason, n in sorted(c[group].items()):
+            table.add_row(f"{group}: {reason}", str(n))
+    console.print(table)
+    rejected = sum(c["rejected"].values())
+    dropped = sum(c["dropped"].values())
+    line = f"read {c['read']} = kept {c['kept']} + rejected {rejected} + dropped {dropped}"
+    if result.rejects_path is not None and rejected:
+        line += f" (rejects: {result.rejects_path})"
+    console.print(line, markup=False)
