@@ -62,31 +62,37 @@ class _Outcome:
 _ENCODER = None
 
 
-def _encode(checked: Checked, task: str) -> _Outcome:
+def _outcome(checked: Checked, task: str, enc: Any) -> _Outcome:
     from .tokenize import EncodeError
 
     raw = checked.raw
-    if not checked.ok:
-        return _Outcome(raw.index, raw.line, "reject", problems=checked.problems, raw=raw)
-    try:
-        if task == "sft":
-            enc = _ENCODER.encode_sft(checked.record)
-            row = {"input_ids": enc.input_ids, "loss_mask": enc.loss_mask}
-        else:
-            enc = _ENCODER.encode_dpo(checked.record)
-            row = {"prompt_ids": enc.prompt_ids, "chosen_ids": enc.chosen_ids, "rejected_ids": enc.rejected_ids}
-    except EncodeError as e:
-        kind = "drop" if e.reason in DROP_REASONS else "reject"
+    if isinstance(enc, EncodeError):
+        kind = "drop" if enc.reason in DROP_REASONS else "reject"
         src = checked.record.source
-        problem = Problem(src.file, src.line, src.index, "$", str(e.message), e.reason)
-        return _Outcome(raw.index, raw.line, kind, reason=e.reason, problems=[problem], raw=raw)
+        problem = Problem(src.file, src.line, src.index, "$", str(enc.message), enc.reason)
+        return _Outcome(raw.index, raw.line, kind, reason=enc.reason, problems=[problem], raw=raw)
+    if task == "sft":
+        row = {"input_ids": enc.input_ids, "loss_mask": enc.loss_mask}
+    else:
+        row = {"prompt_ids": enc.prompt_ids, "chosen_ids": enc.chosen_ids, "rejected_ids": enc.rejected_ids}
     return _Outcome(raw.index, raw.line, "keep", row=row, truncated=enc.truncated)
 
 
 def _work(job: tuple[str, str, str, list[RawRecord]]) -> list[_Outcome]:
+    """Check a chunk of raw records, then encode the valid ones in one tokenizer batch."""
     name, fmt_name, task, chunk = job
     fmt = FORMATS[fmt_name]
-    return [_encode(check_value(raw, fmt, name), task) for raw in chunk]
+    checked = [check_value(raw, fmt, name) for raw in chunk]
+    valid = [c.record for c in checked if c.ok]
+    batch = _ENCODER.encode_sft_batch if task == "sft" else _ENCODER.encode_dpo_batch
+    encoded = iter(batch(valid)) if valid else iter(())
+    out = []
+    for c in checked:
+        if c.ok:
+            out.append(_outcome(c, task, next(encoded)))
+        else:
+            out.append(_Outcome(c.raw.index, c.raw.line, "reject", problems=c.problems, raw=c.raw))
+    return out
 
 
 def _init_worker(spec: str, chat_template: str | None, trust_remote_code: bool, kwargs: dict[str, Any]) -> None:
