@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from jsonschema.exceptions import ValidationError, best_match
+from jsonschema.exceptions import ValidationError
 
 from .errors import InputError, Problem
 from .formats import FORMATS, Format, detect_shape
@@ -63,15 +63,36 @@ def _short(value: Any, limit: int = 60) -> str:
     return repr(value) if value is not None else "None"
 
 
-def _describe(error: ValidationError) -> ValidationError | tuple[str, str]:
+def _leaves(error: ValidationError) -> list[ValidationError]:
+    """The errors to report for one schema error, looking inside anyOf branches.
+
+    Branches that do not fit the value's type at all ("wrong type at this very spot") are
+    ignored, and every error of the branch the user meant (the one with the deepest error)
+    is reported, so a record in an anyOf schema (openai: object or bare list) gets all its
+    problems, not just one. A value that fits no branch stays one error, described below.
+    """
+    if not error.context:
+        return [error]
+    fitting = [e for e in error.context if not (e.validator == "type" and not e.relative_path)]
+    if not fitting:
+        return [error]
+    branch = max(fitting, key=lambda e: len(e.path)).relative_schema_path[0]
+    return [leaf for e in fitting if e.relative_schema_path[0] == branch for leaf in _leaves(e)]
+
+
+def _path_order(error: ValidationError) -> tuple:
+    """Document order: $.messages[2] before $.messages[10]."""
+    return tuple((0, p, "") if isinstance(p, int) else (1, 0, str(p)) for p in error.absolute_path)
+
+
+def _describe(error: ValidationError) -> tuple[str, str]:
     """A compact message for one schema error; huge values never end up in messages."""
-    if error.context:
-        # anyOf branches: ignore "wrong type at this very spot" from branches that do not fit
-        # the value's type at all, so the message comes from the branch the user meant.
-        fitting = [e for e in error.context if not (e.validator == "type" and not e.relative_path)]
-        error = best_match(fitting or error.context, key=lambda e: -len(e.path))
     path = error.json_path
     v, inst = error.validator, error.instance
+    if v in ("anyOf", "oneOf") and all(e.validator == "type" for e in error.context):
+        expected = [t for e in error.context for t in (e.validator_value if isinstance(e.validator_value, list)
+                                                         else [e.validator_value])]
+        return path, f"{_short(inst)} is not of type {' or '.join(repr(t) for t in expected)}"
     if v == "type":
         expected = error.validator_value
         expected = " or ".join(repr(t) for t in expected) if isinstance(expected, list) else repr(expected)
@@ -89,7 +110,13 @@ def _describe(error: ValidationError) -> ValidationError | tuple[str, str]:
 
 
 def schema_problems(fmt: Format, value: Any, where: Source) -> list[Problem]:
-    errors = sorted(fmt.validator.iter_errors(value), key=lambda e: (e.json_path, e.validator))
+    try:
+        if fmt.is_valid(value):
+            return []
+    except (ValueError, OverflowError, RecursionError):
+        pass  # values the compiled validator cannot take (huge ints, deep nesting): ask jsonschema
+    errors = sorted((leaf for e in fmt.validator.iter_errors(value) for leaf in _leaves(e)),
+                    key=lambda e: (_path_order(e), e.validator))
     out = []
     for error in errors[:MAX_SCHEMA_ERRORS]:
         path, message = _describe(error)
@@ -197,6 +224,8 @@ class FileCheck:
         with materialized(self.path) as real:
             if self.input_format == "auto":
                 self.detection = detect_format(real, self.name)
+                if self.detection.records == 0:
+                    raise InputError(f"{self.name}: holds no records (an empty JSON array)")
                 if self.detection.format is None:
                     raise InputError(f"{self.name}: cannot detect the format: no record looks like any of "
                                      f"{', '.join(FORMATS)} (pass --format to see why each record fails)")

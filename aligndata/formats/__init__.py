@@ -45,6 +45,16 @@ class Format:
     def validator(self) -> Draft202012Validator:
         return Draft202012Validator(self.schema)
 
+    @cached_property
+    def is_valid(self) -> Callable[[Any], bool]:
+        """A fast yes/no check against the same schema (jsonschema-rs, compiled); the Python
+        `jsonschema` validator above produces the messages for records that fail it."""
+        try:
+            import jsonschema_rs
+        except ImportError:  # pragma: no cover - the dependency is declared; keep working without it
+            return self.validator.is_valid
+        return jsonschema_rs.validator_for(self.schema).is_valid
+
 
 FORMATS: dict[str, Format] = {
     f.name: f

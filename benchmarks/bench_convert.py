@@ -1,0 +1,179 @@
+"""Conversion throughput: aligndata convert --to dpo vs TRL 1.16's DPO tokenization vs raw encode_batch.
+
+All three run in this one invocation on the same generated preference data and the same real
+tokenizer, single-threaded tokenizers (TOKENIZERS_PARALLELISM=false) so "one process" means one core:
+
+  ours-1p   aligndata.convert.convert(num_proc=1): read + validate + render + tokenize + write shards
+  ours-2p   the same with num_proc=2
+  trl       DPOTrainer._prepare_dataset from TRL 1.16 (3 chat-template renderings + tokenizations
+            per row, through datasets.map), on the same rows already loaded as a Dataset
+  raw       tokenizers' encode_batch on the two pre-rendered full texts of each row (prompt+chosen,
+            prompt+rejected): the floor any chat-template pipeline pays
+
+TRL is installed only for this benchmark, into a separate --target directory, and runs in a
+subprocess. Usage:
+
+  python benchmarks/bench_convert.py --rows 20000 [--tokenizer DIR] [--trl-site DIR]
+
+Targets (issue 3): ours-1p >= 2.5x trl; ours-1p >= 85% of raw; ours-2p >= 1.8x ours-1p.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TOKENIZER = REPO.parent / "shared" / "data" / "tokenizers" / "qwen2.5"
+WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had by "
+         "word but not what all were we when your can said there use an each which she do how their if will up "
+         "other about out many then them these so some her would make like him into time has look two more write "
+         "go see number no way could people my than first water been call who oil its now find long down day did "
+         "get come made may part model data train token batch loss gradient learning rate python function value "
+         "Paris London weather recipe chicken garden music history science energy planet ocean mountain river").split()
+
+
+def lognormal_words(rng: random.Random, median: int, sigma: float = 0.6, lo: int = 5, hi: int = 700) -> str:
+    n = int(min(hi, max(lo, rng.lognormvariate(0, sigma) * median)))
+    words = [rng.choice(WORDS) for _ in range(n)]
+    for i in range(12, n, rng.randint(10, 20)):
+        words[i] += rng.choice(".,?!")
+    return " ".join(words).capitalize()
+
+
+def generate(path: Path, rows: int, seed: int = 0) -> None:
+    """Multi-turn preference pairs: 0-2 earlier exchanges, prompts ~90 words, replies ~160 words (medians)."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(rows):
+            prompt = []
+            if rng.random() < 0.3:
+                prompt.append({"role": "system", "content": lognormal_words(rng, 15)})
+            for _ in range(rng.choice((0, 0, 1, 2))):
+                prompt.append({"role": "user", "content": lognormal_words(rng, 40)})
+                prompt.append({"role": "assistant", "content": lognormal_words(rng, 80)})
+            prompt.append({"role": "user", "content": lognormal_words(rng, 60)})
+            pair = {"prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": lognormal_words(rng, 160)}],
+                    "rejected": [{"role": "assistant", "content": lognormal_words(rng, 140)}]}
+            f.write(json.dumps(pair) + "\n")
+
+
+def time_ours(data: Path, tokenizer: str, num_proc: int, workdir: Path) -> dict:
+    from aligndata.convert import convert
+
+    out = workdir / f"ours-{num_proc}p"
+    t0 = time.perf_counter()
+    result = convert([str(data)], out, "dpo", tokenizer, num_proc=num_proc, overwrite=True)
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "rows": result.manifest["counts"]["kept"],
+            "tokens": result.manifest["splits"]["train"]["tokens"]}
+
+
+def time_raw(data: Path, tokenizer: str) -> dict:
+    from aligndata.templates import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    texts = []
+    with open(data, encoding="utf-8") as f:
+        for line in f:
+            pair = json.loads(line)
+            for side in ("chosen", "rejected"):
+                texts.append(tok.apply_chat_template(pair["prompt"] + pair[side], tokenize=False))
+    backend = tok._tokenizer
+    t0 = time.perf_counter()
+    n_tokens = 0
+    for i in range(0, len(texts), 1000):
+        n_tokens += sum(len(e.ids) for e in backend.encode_batch(texts[i:i + 1000], add_special_tokens=False))
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "rows": len(texts) // 2, "tokens": n_tokens}
+
+
+TRL_CHILD = r"""
+import json, os, sys, time, types
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+import datasets
+datasets.disable_progress_bars()
+from transformers import AutoTokenizer
+import trl
+from trl.trainer.dpo_trainer import DPOTrainer
+data, tokenizer = sys.argv[1], sys.argv[2]
+tok = AutoTokenizer.from_pretrained(tokenizer)
+rows = [json.loads(l) for l in open(data, encoding="utf-8")]
+ds = datasets.Dataset.from_list(rows)
+args = types.SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
+stub = types.SimpleNamespace(_tokenizer=tok)
+t0 = time.perf_counter()
+out = DPOTrainer._prepare_dataset(stub, ds, tok, args, "train")
+dt = time.perf_counter() - t0
+tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(out["prompt_ids"], out["chosen_ids"], out["rejected_ids"]))
+print("RESULT " + json.dumps({"seconds": dt, "rows": len(out), "tokens": tokens, "trl": trl.__version__}))
+"""
+
+
+def time_trl(data: Path, tokenizer: str, site: Path) -> dict | None:
+    if not (site / "trl").is_dir():
+        print(f"installing trl==1.16.0 into {site} (benchmark only)", file=sys.stderr)
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+                            "trl==1.16.0"], capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"could not install trl: {r.stderr.strip()[-500:]}", file=sys.stderr)
+            return None
+    env = dict(os.environ, PYTHONPATH=str(site) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", TRL_CHILD, str(data), tokenizer], capture_output=True, text=True, env=env)
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    print(f"trl run failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=20000)
+    ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
+    ap.add_argument("--trl-site", default=str(Path(tempfile.gettempdir()) / "aligntools-bench-trl"))
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--skip-trl", action="store_true")
+    args = ap.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-convert-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "pairs.jsonl"
+    generate(data, args.rows)
+    results = {}
+    results["raw encode_batch"] = time_raw(data, args.tokenizer)
+    results["ours, 1 process"] = time_ours(data, args.tokenizer, 1, work)
+    results["ours, 2 processes"] = time_ours(data, args.tokenizer, 2, work)
+    if not args.skip_trl:
+        trl = time_trl(data, args.tokenizer, Path(args.trl_site))
+        if trl is not None:
+            results[f"TRL {trl.pop('trl')} DPO tokenization"] = trl
+
+    print(f"\n{args.rows} multi-turn preference rows, tokenizer {args.tokenizer}, {os.cpu_count()} CPU cores, "
+          "TOKENIZERS_PARALLELISM=false\n")
+    print(f"| run | seconds | rows/s | tokens/s |")
+    print(f"|---|---:|---:|---:|")
+    for name, r in results.items():
+        print(f"| {name} | {r['seconds']:.2f} | {r['rows'] / r['seconds']:.0f} | {r['tokens'] / r['seconds']:.0f} |")
+    rate = {k: v["rows"] / v["seconds"] for k, v in results.items()}
+    ours1, ours2, raw = rate["ours, 1 process"], rate["ours, 2 processes"], rate["raw encode_batch"]
+    print()
+    trl_key = next((k for k in rate if k.startswith("TRL")), None)
+    if trl_key:
+        print(f"ours-1p / TRL        = {ours1 / rate[trl_key]:.2f}x   (target >= 2.5x)")
+    print(f"ours-1p / raw encode = {ours1 / raw:.2%}   (target >= 85%)")
+    print(f"ours-2p / ours-1p    = {ours2 / ours1:.2f}x   (target >= 1.8x)")
+
+
+if __name__ == "__main__":
+    main()
