@@ -13,9 +13,11 @@ ends there and the caller must fail the file rather than lose the rest silently.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -39,12 +41,16 @@ class RawRecord:
     value: Any = None
     error: str | None = None  # set when the record is not valid JSON
     text: str | None = None  # the raw text of an unparseable record, for rejects files
-    nonfinite: bool = False  # the JSON used NaN / Infinity literals
+    nonfinite: bool = False  # the JSON used NaN / Infinity literals, or a number that overflows to infinity
     fatal: bool = False  # the rest of the file cannot be read after this error
 
 
 class _ConstantFlag:
-    """parse_constant hook: NaN/Infinity are not JSON; remember that we saw one."""
+    """parse_constant hook: NaN/Infinity are not JSON; remember that we saw one.
+
+    Also the parse_float hook, because a number too large for a double (1e400) parses as
+    infinity too, and would be written back out as the non-JSON literal Infinity.
+    """
 
     def __init__(self) -> None:
         self.seen = False
@@ -52,6 +58,12 @@ class _ConstantFlag:
     def __call__(self, name: str) -> float:
         self.seen = True
         return float(name)
+
+    def parse_float(self, text: str) -> float:
+        value = float(text)
+        if math.isinf(value):
+            self.seen = True
+        return value
 
 
 def display_name(path: str) -> str:
@@ -128,7 +140,7 @@ class RecordStream:
     # -- JSON Lines ---------------------------------------------------------------------------
     def _iter_lines(self) -> Iterator[RawRecord]:
         flag = _ConstantFlag()
-        decoder = json.JSONDecoder(parse_constant=flag)
+        decoder = json.JSONDecoder(parse_constant=flag, parse_float=flag.parse_float)
         parsed_any = False
         for lineno, raw_line in enumerate(self._binary, start=1):
             if lineno == 1 and raw_line.startswith(b"\xef\xbb\xbf"):
@@ -138,7 +150,8 @@ class RecordStream:
             self.records_read += 1
             index = self.records_read
             try:
-                text = raw_line.decode("utf-8")
+                # Without its line break, so a syntax error at the end of the line gets that line's column.
+                text = raw_line.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 yield RawRecord(index, lineno, error=f"invalid UTF-8 at byte {e.start + 1} of the line",
                                 text=raw_line.decode("utf-8", "replace").rstrip("\r\n"))
@@ -149,7 +162,7 @@ class RecordStream:
             except json.JSONDecodeError as e:
                 if not parsed_any and index == 1 and text.lstrip()[:1] not in ("{", "["):
                     raise InputError(f"{self.name}:{lineno}: not JSON ({e.msg} at column {e.colno})") from None
-                yield RawRecord(index, lineno, error=f"invalid JSON: {e.msg} (column {e.colno})", text=text.rstrip("\r\n"))
+                yield RawRecord(index, lineno, error=f"invalid JSON: {e.msg} (column {e.colno})", text=text)
                 continue
             except RecursionError:
                 yield RawRecord(index, lineno, error="invalid JSON: nested too deeply", text=text[:200])
@@ -159,7 +172,7 @@ class RecordStream:
 
     # -- one JSON document: an array of records, or a single record ----------------------------
     def _iter_document(self) -> Iterator[RawRecord]:
-        scanner = _DocumentScanner(io.TextIOWrapper(self._binary, encoding="utf-8-sig", errors="strict", newline=""))
+        scanner = _DocumentScanner(self._binary)
         for rec in scanner:
             if not rec.fatal:
                 self.records_read += 1
@@ -169,14 +182,18 @@ class RecordStream:
 class _DocumentScanner:
     """Incremental parser for one JSON document that is either an array of records or one record."""
 
-    def __init__(self, text: io.TextIOBase):
-        self.text = text
+    def __init__(self, binary: BinaryIO):
+        self.binary = binary
+        # Decoded here rather than by a TextIOWrapper so that invalid UTF-8 can be placed on its line.
+        self.utf8 = codecs.getincrementaldecoder("utf-8-sig")()
+        self.bad_utf8: UnicodeDecodeError | None = None
+        self.bad_utf8_line = 0
         self.buf = ""
         self.pos = 0
         self.line = 1  # line number of self.buf[self.pos]
         self.eof = False
         self.flag = _ConstantFlag()
-        self.decoder = json.JSONDecoder(parse_constant=self.flag)
+        self.decoder = json.JSONDecoder(parse_constant=self.flag, parse_float=self.flag.parse_float)
         self.index = 0
 
     def _fill(self, n: int = CHUNK_CHARS) -> bool:
@@ -185,12 +202,26 @@ class _DocumentScanner:
         if self.pos > CHUNK_CHARS:
             self.buf = self.buf[self.pos:]
             self.pos = 0
-        chunk = self.text.read(n)
-        if not chunk:
-            self.eof = True
-            return False
-        self.buf += chunk
-        return True
+        if self.bad_utf8 is not None:
+            raise self.bad_utf8
+        while True:
+            raw = self.binary.read(n)
+            try:
+                chunk = self.utf8.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                # Keep the valid text before the bad byte, so the records in it still come out;
+                # the error is raised when the scanner asks for more.
+                self.bad_utf8 = e
+                self.bad_utf8_line = self.line + self.buf.count("\n", self.pos) + e.object[: e.start].count(b"\n")
+                chunk = e.object[: e.start].decode("utf-8")
+                if not chunk:
+                    raise
+            if chunk:
+                self.buf += chunk
+                return True
+            if not raw:
+                self.eof = True
+                return False
 
     def _advance(self, new_pos: int) -> None:
         self.line += self.buf.count("\n", self.pos, new_pos)
@@ -237,7 +268,8 @@ class _DocumentScanner:
         try:
             yield from self._scan()
         except UnicodeDecodeError as e:
-            yield self._fatal(f"invalid UTF-8 near line {self.line} ({e.reason})")
+            line = self.bad_utf8_line
+            yield RawRecord(self.index + 1, line, error=f"invalid UTF-8 on line {line} ({e.reason})", fatal=True)
 
     def _scan(self) -> Iterator[RawRecord]:
         first = self._skip_ws()

@@ -61,7 +61,11 @@ def _describe_prev(prev: Message, cur: Message) -> str:
         return "an assistant tool call"
     if prev.role == "assistant" and cur.role == "tool":
         return "an assistant turn that calls no tool"
-    return f"an {prev.role!r} turn" if prev.role[0] in "aeiou" else f"a {prev.role!r} turn"
+    return _a_turn(prev.role)
+
+
+def _a_turn(role: str) -> str:
+    return f"an {role!r} turn" if role == "assistant" else f"a {role!r} turn"  # "a 'user'", "a 'tool'", "a 'system'"
 
 
 def check_conversation(conv: Conversation, issues: Issues) -> None:
@@ -70,7 +74,7 @@ def check_conversation(conv: Conversation, issues: Issues) -> None:
     if not any(m.role == "assistant" for m in msgs):
         issues.add(_path(msgs[-1], "$") if msgs else "$", "conversation has no assistant turn to train on", "last-turn")
     elif msgs[-1].role != "assistant":
-        issues.add(_path(msgs[-1], "$"), f"conversation ends with a {msgs[-1].role!r} turn; "
+        issues.add(_path(msgs[-1], "$"), f"conversation ends with {_a_turn(msgs[-1].role)}; "
                                           "an SFT conversation must end with an assistant turn", "last-turn")
 
 
@@ -81,7 +85,7 @@ def check_pair(pair: PreferencePair, issues: Issues) -> None:
     else:
         check_turns(prompt, issues, "$.prompt")
         if prompt[-1].role not in ("user", "tool"):
-            issues.add(_path(prompt[-1], "$.prompt"), f"the prompt ends with a {prompt[-1].role!r} turn; "
+            issues.add(_path(prompt[-1], "$.prompt"), f"the prompt ends with {_a_turn(prompt[-1].role)}; "
                                                       "a preference prompt must end with a user (or tool) turn",
                        "last-turn")
     for name, completion in (("chosen", pair.chosen), ("rejected", pair.rejected)):
@@ -90,8 +94,7 @@ def check_pair(pair: PreferencePair, issues: Issues) -> None:
             continue
         first = completion[0]
         if first.role != "assistant":
-            issues.add(_path(first, f"$.{name}"), f"{name} must start with an assistant turn, found {first.role!r}"
-                       + (" (chosen and rejected diverge before the final reply)" if first.role == "user" else ""),
+            issues.add(_path(first, f"$.{name}"), f"{name} must start with an assistant turn, found {first.role!r}",
                        "role-order")
             continue
         check_turns(completion, issues, f"$.{name}", start_after=prompt[-1] if prompt else None)

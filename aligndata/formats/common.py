@@ -20,6 +20,19 @@ class Issues:
         return bool(self.items)
 
 
+def loads_text(text: str) -> tuple[Any, str | None]:
+    """json.loads for JSON held inside a string field: (value, None), or (None, why it failed).
+
+    RecursionError is caught too: a string of a few thousand '[' must be reported, not crash.
+    """
+    try:
+        return json.loads(text), None
+    except ValueError as e:
+        return None, str(e)
+    except RecursionError:
+        return None, "nested too deeply"
+
+
 def normalize_tools(value: Any, path: str, issues: Issues) -> list[dict[str, Any]] | None:
     """Tools as OpenAI tool definitions: {"type": "function", "function": {name, description, parameters}}.
 
@@ -28,10 +41,9 @@ def normalize_tools(value: Any, path: str, issues: Issues) -> list[dict[str, Any
     if value is None or value == "" or value == []:
         return None
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as e:
-            issues.add(path, f"tools string is not valid JSON ({e})", "tools")
+        value, error = loads_text(value)
+        if error is not None:
+            issues.add(path, f"tools string is not valid JSON ({error})", "tools")
             return None
         if isinstance(value, dict):
             value = [value]
@@ -59,9 +71,8 @@ def normalize_arguments(args: Any, path: str, issues: Issues) -> dict[str, Any] 
     if isinstance(args, dict):
         return args
     if isinstance(args, str):
-        try:
-            parsed = json.loads(args) if args.strip() else {}
-        except ValueError:
+        parsed, error = loads_text(args) if args.strip() else ({}, None)
+        if error is not None:
             issues.add(path, "tool-call arguments are not valid JSON", "tool-call")
             return None
         if isinstance(parsed, dict):

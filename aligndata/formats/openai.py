@@ -74,8 +74,15 @@ def adapt_openai_preference(value: dict[str, Any], issues: Issues) -> Preference
     n = 0
     while n < min(len(chosen), len(rejected)) and same_message(chosen[n], rejected[n]):
         n += 1
+    if n == len(chosen) == len(rejected):
+        issues.add("$.rejected", "chosen and rejected are identical", "identical-pair")
+        return None
     if n == 0:
         issues.add("$", "chosen and rejected share no common prefix: an implicit-prompt pair needs the prompt "
                         "as the first messages of both (or give \"prompt\" explicitly)", "no-shared-prefix")
         return None
+    split = next((rest[0] for rest in (chosen[n:], rejected[n:]) if rest and rest[0].role != "assistant"), None)
+    if split is not None:
+        issues.add(split.origin or "$", f"chosen and rejected diverge at a {split.role!r} turn; an implicit-prompt "
+                                        "pair shares the prompt and may differ only from an assistant reply on", "role-order")
     return PreferencePair(chosen[:n], chosen[n:], rejected[n:], tools)

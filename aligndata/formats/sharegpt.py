@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ..records import Conversation, Message, PreferencePair
-from .common import Issues, normalize_arguments, normalize_tools, tool_call
+from .common import Issues, loads_text, normalize_arguments, normalize_tools, tool_call
 
 # Every accepted speaker name, mapped explicitly; anything else is a schema error.
 ROLE_MAP = {
@@ -23,12 +22,11 @@ ROLE_MAP = {
 
 def _function_call(value: str, path: str, issues: Issues) -> list[dict[str, Any]] | None:
     """A function_call turn's value: {"name", "arguments"} or a list of them (parallel calls)."""
-    try:
-        parsed = json.loads(value)
-    except ValueError:
+    parsed, error = loads_text(value)
+    if error is not None:
         issues.add(path, "function_call value is not JSON; expected {\"name\": ..., \"arguments\": {...}}", "tool-call")
         return None
-    calls = parsed if isinstance(parsed, list) else [parsed]
+    calls = parsed if isinstance(parsed, list) and parsed else [parsed]  # an empty list is no call either
     out = []
     for call in calls:
         if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
