@@ -15,6 +15,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -45,6 +46,7 @@ def _fail(message: str, code: int) -> None:
 def handle_errors(fn: Callable[[], int]) -> int:
     """One table from expected exception types to a one-line message and exit code."""
     from .shards import ShardError
+    from .templates import TemplateError
 
     try:
         return fn()
@@ -56,7 +58,7 @@ def handle_errors(fn: Callable[[], int]) -> int:
         raise typer.Exit(EXIT_INVALID)
     except InputError as e:
         _fail(str(e), EXIT_INPUT)
-    except ShardError as e:
+    except (ShardError, TemplateError) as e:
         _fail(str(e), EXIT_INPUT)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
@@ -250,6 +252,83 @@ def convert(
 
 
 @app.command()
+def inspect(
+    path: str = typer.Argument(..., help="A shard directory (aligndata convert --to sft|dpo), or a raw file to lint."),
+    show: int = typer.Option(0, "--show", help="Shards: render N records token by token, trained vs masked."),
+    index: Optional[int] = typer.Option(None, "--index", help="With --show: first row to show (0-based row of the split)."),
+    random_rows: bool = typer.Option(False, "--random", help="With --show: N random rows instead of consecutive ones."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="With --random: seed of the choice."),
+    split: str = typer.Option("train", "--split", help="With --show: the split to show rows of (train or eval)."),
+    ids: bool = typer.Option(False, "--ids", help="With --show: print each token's id after it (token|id)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Shards: rows per padded batch in the padding estimate [default: 8]."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Shards: write the length histograms to this image (.png)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Shards: tokenizer to decode with, if not the manifest's path."),
+    format: str = typer.Option("auto", "--format", "-f", help="Raw files: " + FORMAT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document with every number instead of text."),
+) -> None:
+    """See what a run will train on: statistics, warnings, and records token by token.
+
+    A shard directory gets its manifest summary, counts by reason, token-length percentiles per
+    split, trained share, padding waste (padded batches vs packing) and a length histogram; a raw
+    .json/.jsonl file gets the lint only (format, turns, roles, preference-pair warnings).
+
+    \b
+    Examples:
+      aligndata inspect shards/
+      aligndata inspect shards/ --show 2 --random --seed 1 --ids
+      aligndata inspect shards/ --plot lengths.png --batch-size 16 --json
+      aligndata inspect raw_pairs.jsonl
+    """
+    from .inspect import DEFAULT_BATCH_SIZE, inspect_shards, plot_lengths, records_to_show, render_report
+    from .lint import lint_file, render_lint
+
+    shown_only = [name for name, given in (("--index", index is not None), ("--random", random_rows),
+                                           ("--ids", ids)) if given]
+    if shown_only and not show:
+        _fail(f"{shown_only[0]} goes with --show N", EXIT_INPUT)
+    if index is not None and random_rows:
+        _fail("--index and --random exclude each other: show consecutive rows from I, or random ones", EXIT_INPUT)
+    if seed is not None and not random_rows:
+        _fail("--seed goes with --random", EXIT_INPUT)
+    console = Console(highlight=False)
+    marks = console.no_color or console.color_system is None  # plain text: bracket the trained tokens
+
+    def run() -> int:
+        target = Path(path)
+        if path != "-" and not target.exists():
+            raise InputError(f"{path}: no such file or directory")
+        if path == "-" or target.is_file():
+            shard_only = [flag for flag, given in (("--show", show), ("--plot", plot), ("--tokenizer", tokenizer),
+                                                   ("--batch-size", batch_size is not None),
+                                                   ("--split", split != "train")) if given]
+            if shard_only:
+                raise InputError(f"{shard_only[0]} needs a shard directory; {path} is a raw file "
+                                 "(convert it with `aligndata convert --to sft|dpo` first)")
+            lint = lint_file(path, format)
+            if as_json:
+                sys.stdout.write(json.dumps(lint.to_json(), indent=2, ensure_ascii=False) + "\n")
+            else:
+                render_lint(lint, console)
+            return EXIT_OK
+        if format != "auto":
+            raise InputError("--format applies to raw files, not to a shard directory")
+        rows_per_batch = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+        report = inspect_shards(target, batch_size=rows_per_batch, tokenizer=tokenizer, verify_tokenizer=bool(show))
+        if show:
+            report.records = records_to_show(report, split, show, index, random_rows, seed)
+        if plot:
+            plot_lengths(report, plot)
+            err.print(f"wrote {plot}", markup=False)
+        if as_json:
+            sys.stdout.write(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
+        else:
+            render_report(report, console, ids=ids, marks=marks)
+        return EXIT_OK
+
+    raise typer.Exit(handle_errors(run))
+
+
+@app.command()
 def formats() -> None:
     """List the supported input formats and where their JSON Schemas are."""
     table = Table(title="input formats", title_justify="left")
@@ -257,7 +336,7 @@ def formats() -> None:
     table.add_column("task")
     table.add_column("shape")
     for f in FORMATS.values():
-        table.add_row(f.name, f.task, f.summary)
+        table.add_row(f.name, f.task, escape(f.summary))
     out.print(table)
     out.print(f"JSON Schemas: {schema_dir()}", markup=False)
 

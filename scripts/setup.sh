@@ -16,5 +16,5 @@ python -m pip install -q --disable-pip-version-check --upgrade pip
 if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
 fi
-python -m pip install -q --disable-pip-version-check -e ".[test,gguf,tensorboard]"
+python -m pip install -q --disable-pip-version-check -e ".[test,gguf,tensorboard,plot]"
 python -c "import torch, transformers, aligndata; print(f'installed: torch {torch.__version__}, transformers {transformers.__version__}, aligndata {aligndata.__version__}')"
