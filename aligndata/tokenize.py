@@ -101,6 +101,7 @@ class Encoder:
             self._prompt_only_appends = _generation_prompt_only_appends(self._compiled, template.text)
         self._bos_id, self._bos_text = _bos_to_prepend(tokenizer)
         self._backend = _offsets_backend(tokenizer)
+        self._split_ids = _prompt_split_ids(self._backend)
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -138,14 +139,16 @@ class Encoder:
                 plans.append(self._plan_dpo(_as_dicts(pair.prompt), pair.chosen, pair.rejected, pair.tools or None))
             except EncodeError as exc:
                 plans.append(exc)
-        texts = [text for p in plans if isinstance(p, _DPOPlan) for text in p.texts]
-        tokens = iter(self._tokenize(texts))
+        valid = [p for p in plans if isinstance(p, _DPOPlan)]
+        chosen_tokens = self._tokenize([p.texts[0] for p in valid])
+        rejected_tokens = self._tokenize_sharing_prompt(valid, chosen_tokens)
+        tokens = iter(zip(chosen_tokens, rejected_tokens))
         out: list[EncodedDPO | EncodeError] = []
         for pair, plan in zip(pairs, plans):
             if isinstance(plan, EncodeError):
                 out.append(plan)
                 continue
-            chosen, rejected = next(tokens), next(tokens)
+            chosen, rejected = next(tokens)
             try:
                 out.append(self._fit_dpo(pair, self._finish_dpo(plan, chosen, rejected)))
             except EncodeError as exc:
@@ -193,6 +196,51 @@ class Encoder:
             _Tokens(text, enc, bos_id if bos_id is not None and not text.startswith(bos_text) else None)
             for text, enc in zip(texts, encodings)
         ]
+
+    def _tokenize_sharing_prompt(self, plans: list["_DPOPlan"], chosen: list["_Tokens"]) -> list["_Tokens"]:
+        """Tokenize prompt+rejected, re-using the prompt tokens of prompt+chosen up to the prompt's last
+        added (special) token.
+
+        The tokenizers library splits its input on added tokens before normalizing, pre-tokenizing and
+        running the model, and tokenizes the pieces independently: so tokenize(A + S + B) equals
+        tokenize(A) + tokenize(S + B) when S is an added token. The rejected side therefore only needs
+        S + the rest of the prompt + the completion tokenized (starting the tail *with* S keeps
+        position-dependent rules such as Metaspace's prepend-first identical). Tokenizers with
+        `single_word` added tokens (whose matching looks at the neighbouring characters) take the full path.
+        """
+        tails: list[tuple[int, int]] = []  # (split char, prompt tokens re-used) per plan
+        texts = []
+        for plan, tokens in zip(plans, chosen):
+            split, reused = (0, 0)
+            if self._split_ids is not None:
+                split, reused = self._prompt_split(plan, tokens)
+            tails.append((split, reused))
+            texts.append(plan.texts[1][split:])
+        if not texts:
+            return []
+        encodings = self._backend.encode_batch(texts, add_special_tokens=False)
+        out = []
+        for plan, tokens, (split, reused), encoding in zip(plans, chosen, tails, encodings):
+            if reused == 0:
+                out.append(_Tokens(plan.texts[1], encoding, self._bos_id
+                                   if self._bos_id is not None and not plan.texts[1].startswith(self._bos_text) else None))
+            else:
+                out.append(_SharedTokens(plan.texts[1], tokens, split, reused, encoding))
+        return out
+
+    def _prompt_split(self, plan: "_DPOPlan", tokens: "_Tokens") -> tuple[int, int]:
+        """(char, token index) where the last added token inside the prompt starts; (0, 0) if none."""
+        end = tokens.token_at(plan.prompt_length - 1) if plan.prompt_length else None
+        if end is None:
+            return 0, 0
+        ids = tokens.ids
+        for index in range(end, tokens.shift - 1, -1):
+            if ids[index] in self._split_ids:
+                start = tokens.chars(index)[0]
+                if plan.texts[1][:start] != plan.texts[0][:start]:
+                    return 0, 0
+                return start, index
+        return 0, 0
 
     # ---- SFT --------------------------------------------------------------------------------
 
@@ -364,6 +412,10 @@ class _Tokens:
 
     __slots__ = ("text", "ids", "_encoding", "_shift")
 
+    @property
+    def shift(self) -> int:
+        return self._shift
+
     def __init__(self, text: str, encoding: Any, bos_id: int | None):
         self.text = text
         self._encoding = encoding
@@ -395,6 +447,39 @@ class _Tokens:
             return f"char {pos} ({around}) belongs to no token"
         start, end = self.chars(index)
         return f"token {index} {self.text[start:end]!r} (chars {start}-{end}) straddles char {pos} ({around})"
+
+
+class _SharedTokens(_Tokens):
+    """prompt+rejected as the chosen side's tokens before char `split` plus the tail tokenized from there."""
+
+    __slots__ = ("_prefix", "_split", "_reused")
+
+    def __init__(self, text: str, prefix: _Tokens, split: int, reused: int, tail: Any):
+        self.text = text
+        self._prefix, self._split, self._reused = prefix, split, reused
+        self._encoding = tail
+        self._shift = prefix.shift
+        self.ids = prefix.ids[:reused] + tail.ids
+
+    def token_at(self, pos: int) -> int | None:
+        if pos < self._split:
+            return self._prefix.token_at(pos)
+        index = self._encoding.char_to_token(pos - self._split)
+        return None if index is None else index + self._reused
+
+    def chars(self, index: int) -> tuple[int, int]:
+        if index < self._reused:
+            return self._prefix.chars(index)
+        start, end = self._encoding.token_to_chars(index - self._reused)
+        return start + self._split, end + self._split
+
+
+def _prompt_split_ids(backend: Any) -> frozenset[int] | None:
+    """Ids of added tokens the input is split on; None when sharing prompt tokens would not be exact."""
+    added = backend.get_added_tokens_decoder()
+    if not added or any(getattr(tok, "single_word", False) for tok in added.values()):
+        return None
+    return frozenset(added)
 
 
 def _token_span(tokens: _Tokens, start: int, body_end: int, what: str) -> tuple[int, int]:
