@@ -1,0 +1,152 @@
+"""Checkpoints: a Hugging Face model directory plus what it takes to continue exactly.
+
+    RUN/checkpoints/step-0000040/
+        config.json, model.safetensors, generation_config.json   from_pretrained / inference servers
+        tokenizer files                                          the directory is self-contained
+        optimizer.pt, scheduler.pt                               (optimizer.pt unless save_optimizer: false)
+        rng_state_<rank>.pt                                      python, numpy, torch (and CUDA) RNGs
+        config.yaml                                              the resolved run config
+        trainer_state.json                                       step, position, last metrics: written last
+
+A checkpoint is written into `.tmp-step-...` and renamed when complete, so `latest_checkpoint`
+never sees a half-written one; an interrupted save leaves only a `.tmp-` directory, removed by the
+next save of the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aligndata.shards import atomic_write_text
+
+from .config import Config, ConfigError, to_yaml
+
+CHECKPOINTS = "checkpoints"
+STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step in `directory` (a checkpoints/ dir), or None."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in directory.iterdir()
+             if (m := _STEP_DIR.fullmatch(p.name)) and (p / STATE).exists()]
+    return max(found)[1] if found else None
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, tokenizer, cfg: Config,
+                    state: dict[str, Any]) -> Path:
+    """Write checkpoint `step` (every process must call this: FSDP gathers weights collectively)."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    full_state = accelerator.get_state_dict(model)
+    fsdp = _is_fsdp(accelerator)
+    if accelerator.is_main_process:
+        lm = accelerator.unwrap_model(model).lm
+        weights = {k[len("lm."):]: v for k, v in full_state.items() if k.startswith("lm.")}
+        lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if cfg.save_optimizer and not fsdp:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if cfg.save_optimizer and fsdp:
+        from accelerate.utils import save_fsdp_optimizer
+
+        save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(tmp))
+    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        atomic_write_text(tmp / STATE, json.dumps({**state, "step": step}, indent=2, sort_keys=True) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if cfg.keep_checkpoints:
+            prune_checkpoints(root, cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_training_state(checkpoint: Path, accelerator, model, optimizer, scheduler) -> dict[str, Any]:
+    """Restore optimizer, scheduler and this process's RNGs (the weights were loaded with the model)."""
+    if _is_fsdp(accelerator):
+        if not any(checkpoint.glob("optimizer*.bin")):
+            raise ConfigError(f"{checkpoint}: no optimizer state (saved with save_optimizer: false); cannot resume exactly")
+        from accelerate.utils import load_fsdp_optimizer
+
+        load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(checkpoint))
+    else:
+        path = checkpoint / "optimizer.pt"
+        if not path.exists():
+            raise ConfigError(f"{checkpoint}: no optimizer state (saved with save_optimizer: false); cannot resume exactly")
+        optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    rng_path = checkpoint / f"rng_state_{accelerator.process_index}.pt"
+    if rng_path.exists():
+        set_rng_state(torch.load(rng_path, weights_only=True))
+    return json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)))
+    for _, path in steps[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states as tensors and plain values (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _is_fsdp(accelerator) -> bool:
+    return getattr(accelerator.state, "fsdp_plugin", None) is not None and accelerator.num_processes > 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,242 @@
+"""The `aligntrain` command line: a thin layer over aligntrain's library functions.
+
+Exit codes: 0 done; 1 bad config or data (unknown/missing/mistyped key, shards that do not match the
+config or tokenizer, corrupted shards, invalid raw records); 2 usage (unknown option, missing file or
+directory argument); 3 training stopped on a NaN/Inf loss (the last good checkpoint is kept).
+
+Overrides follow the seed project: `--overrides lr=2e-5 loss.beta=0.1 model.policy_dtype=bfloat16`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import ConfigError, load_config
+
+EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_TRAINING = 0, 1, 2, 3
+
+app = typer.Typer(name="aligntrain", help="Train SFT / DPO on aligndata shards (seed-project configs work unchanged).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# `--overrides k=v k=v` is the seed's variadic flag; click has no such option type, so the command
+# accepts extra arguments and `_overrides` reads them.
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+ShardsArg = typer.Argument(..., exists=True, file_okay=False, metavar="SHARDS", help="A shard directory written by `aligndata convert`.")
+ConfigArg = typer.Argument(..., exists=True, dir_okay=False, metavar="CONFIG", help="YAML config (the seed project's keys).")
+ResumeOpt = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint (exactly).")
+JsonOpt = typer.Option(False, "--json", help="Print the summary as JSON on stdout.")
+
+
+def _overrides(ctx: typer.Context) -> list[str]:
+    items, flag_seen = [], False
+    for arg in ctx.args:
+        if arg == "--overrides":
+            flag_seen = True
+        elif arg.startswith("--overrides="):
+            flag_seen = True
+            items.append(arg.split("=", 1)[1])
+        elif flag_seen and not arg.startswith("-"):
+            items.append(arg)
+        else:
+            raise typer.BadParameter(f"unexpected argument {arg!r} (overrides go after --overrides: --overrides lr=2e-5)")
+    return items
+
+
+def _error_table() -> dict[type, tuple[int, Callable[[Exception], str]]]:
+    """One table: expected exception type -> exit code and one-line message."""
+    from aligndata.errors import InputError, InvalidRecordError
+    from aligndata.shards import ShardError
+    from aligndata.templates import TemplateError
+
+    from .trainer import NonFiniteLossError
+
+    return {
+        ConfigError: (EXIT_DATA, str),
+        ShardError: (EXIT_DATA, str),
+        InvalidRecordError: (EXIT_DATA, lambda e: str(e).splitlines()[0] + " (first invalid record of the raw data)"),
+        InputError: (EXIT_USAGE, str),
+        TemplateError: (EXIT_DATA, str),
+        NonFiniteLossError: (EXIT_TRAINING, lambda e: f"{e}; the last good checkpoint is kept"),
+    }
+
+
+def reported(command: Callable) -> Callable:
+    """Expected errors become `error: <one line>` and their exit code; anything else is a bug and raises."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            err.print("error: interrupted")
+            raise typer.Exit(130)
+        except Exception as e:
+            for kind, (code, message) in _error_table().items():
+                if isinstance(e, kind):
+                    err.print(f"error: {message(e)}", markup=False)
+                    raise typer.Exit(code)
+            raise
+
+    return run
+
+
+@app.command(context_settings=EXTRA)
+@reported
+def sft(ctx: typer.Context, shards: Path = ShardsArg, config: Path = ConfigArg, resume: bool = ResumeOpt,
+        as_json: bool = JsonOpt) -> None:
+    """Supervised fine-tuning on SFT shards.
+
+    \b
+    aligntrain sft shards/ cfg.yml
+    aligntrain sft shards/ cfg.yml --overrides lr=2e-5 n_epochs=2 --resume
+    """
+    _train(_task_config(ctx, config, "sft"), shards, resume, as_json)
+
+
+@app.command(context_settings=EXTRA)
+@reported
+def dpo(ctx: typer.Context, shards: Path = ShardsArg, config: Path = ConfigArg, resume: bool = ResumeOpt,
+        as_json: bool = JsonOpt) -> None:
+    """Preference training (loss.name: dpo | ipo | hinge) on DPO shards.
+
+    \b
+    aligntrain dpo shards/ cfg.yml --overrides loss.beta=0.1
+    accelerate launch --num_processes 4 -m aligntrain dpo shards/ cfg.yml
+    """
+    _train(_task_config(ctx, config, "dpo"), shards, resume, as_json)
+
+
+@app.command(context_settings=EXTRA)
+@reported
+def train(ctx: typer.Context, config: Path = ConfigArg, resume: bool = ResumeOpt, as_json: bool = JsonOpt) -> None:
+    """The seed project's way: `loss.name` picks the task, `datasets` lists raw files.
+
+    The raw files are converted with aligndata into a cache keyed by their contents and the
+    conversion settings (reused when unchanged), then trained on.
+
+    \b
+    aligntrain train config.yml --overrides lr=2e-5      (was: python train.py config.yml --overrides lr=2e-5)
+    """
+    from .sources import prepare_shards
+
+    cfg = load_config(config, _overrides(ctx))
+    shards, reused = prepare_shards(cfg, progress=err.is_terminal)
+    err.print(f"{'reusing' if reused else 'converted'} shards: {shards}")
+    _train(cfg, shards, resume, as_json)
+
+
+@app.command("precompute-ref", context_settings=EXTRA)
+@reported
+def precompute_ref(ctx: typer.Context, shards: Path = ShardsArg, config: Path = ConfigArg,
+                   batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                                            help="Pairs per forward (default: eval_batch_size)."),
+                   as_json: bool = JsonOpt) -> None:
+    """Store the reference model's log-probs in DPO shards, so DPO needs no reference model.
+
+    The reference is model.name_or_path (+ model.archive) in model.reference_dtype.
+
+    \b
+    aligntrain precompute-ref shards/ cfg.yml && aligntrain dpo shards/ cfg.yml
+    """
+    from .precompute import precompute_reference
+
+    cfg = load_config(config, _overrides(ctx), defaults={"loss.name": "dpo"})
+    show = (lambda split, done, total: err.print(f"{split}: {done}/{total} pairs", end="\r")) if err.is_terminal else None
+    manifest = precompute_reference(shards, cfg, batch_size, progress=show)
+    summary = {"shards": str(shards), "reference": manifest["reference"],
+               "rows": {split: info["rows"] for split, info in manifest["splits"].items()}}
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        out.print(f"reference log-probs of {manifest['reference']['model']} ({manifest['reference']['dtype']}) "
+                  f"stored in {shards} ({', '.join(f'{k}: {v} rows' for k, v in summary['rows'].items())})")
+
+
+@app.command()
+@reported
+def generate(model_dirs: List[Path] = typer.Argument(..., exists=True, metavar="MODEL_DIR", help="Model dirs, checkpoints or run dirs."),
+             prompt: List[str] = typer.Option(..., "--prompt", "-p", help="A user message (repeatable)."),
+             system: Optional[str] = typer.Option(None, "--system", help="A system message before each prompt."),
+             max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+             temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+             as_json: bool = JsonOpt) -> None:
+    """Reply to prompts with one or more models (e.g. before and after training).
+
+    \b
+    aligntrain generate ~/.cache/aligntools/smollm2-135m-instruct runs/dpo-demo -p "What is the capital of France?"
+    """
+    from .generate import generate_replies
+
+    replies = {str(d): generate_replies(d, prompt, system=system, max_new_tokens=max_new_tokens,
+                                        temperature=temperature) for d in model_dirs}
+    if as_json:
+        out.print_json(json.dumps([{"prompt": p, "replies": {d: r[i] for d, r in replies.items()}}
+                                   for i, p in enumerate(prompt)]))
+        return
+    for i, p in enumerate(prompt):
+        out.print(f"\n>>> {p}")
+        for d, r in replies.items():
+            out.print(f"[{d}]\n{r[i]}", markup=False)
+
+
+@app.command("config", context_settings=EXTRA)
+@reported
+def show_config(ctx: typer.Context, config: Path = ConfigArg) -> None:
+    """Validate a config (with overrides) and print it resolved; loads nothing else.
+
+    \b
+    aligntrain config cfg.yml --overrides model.policy_dtype=bfloat16
+    """
+    from .config import to_yaml
+
+    out.print(to_yaml(load_config(config, _overrides(ctx))), markup=False, end="")
+
+
+def _task_config(ctx: typer.Context, config: Path, command: str):
+    """The config of `aligntrain sft|dpo`: loss.name defaults to the command and must belong to its task."""
+    cfg = load_config(config, _overrides(ctx), defaults={"loss.name": command})
+    if cfg.task != command:
+        needs = "loss.name: sft" if command == "sft" else "dpo, ipo or hinge"
+        raise ConfigError(f"{config.name}: loss.name is {cfg.loss.name!r}; `aligntrain {command}` needs {needs}")
+    return cfg
+
+
+def _train(cfg, shards: Path, resume: bool, as_json: bool) -> None:
+    from .trainer import train as run
+
+    result = run(cfg, shards, resume=resume, console=err)
+    if not result.is_main:
+        return
+    summary = {"run_dir": str(result.run_dir), "steps": result.steps,
+               "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+               "train": result.train_metrics, "eval": result.eval_metrics}
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    table = Table(title=f"{cfg.exp_name}: {result.steps} steps", show_header=True)
+    table.add_column("metric")
+    table.add_column("train (last step)", justify="right")
+    table.add_column("eval (last)", justify="right")
+    for name in dict.fromkeys([*result.train_metrics, *result.eval_metrics]):
+        fmt = lambda d: f"{d[name]:.4g}" if name in d else ""
+        table.add_row(name, fmt(result.train_metrics), fmt(result.eval_metrics))
+    out.print(table)
+    out.print(f"run dir: {result.run_dir}\ncheckpoint: {summary['checkpoint']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script and `python -m aligntrain`; returns the exit code."""
+    try:
+        app(args=argv, prog_name="aligntrain")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    return EXIT_OK

@@ -1,0 +1,423 @@
+"""The training config: typed dataclasses, read from the seed project's YAML, validated on load.
+
+A config is YAML with the seed project's keys (`seed`, `exp_name`, `lr`, `total_batch_size`,
+`model: {name_or_path, ...}`, `loss: {name, beta, ...}`, ...) plus the few a longer-lived trainer
+needs (scheduler, weight decay, a token budget per micro-batch). `load_config` reads the file,
+applies `--overrides key=value` (dotted keys reach nested groups), resolves `${key}` references,
+then checks every key before anything heavy is imported or loaded:
+
+    unknown key        config.yml: unknown key 'lrr' (did you mean 'lr'?)
+    missing key        config.yml: missing required key 'model.name_or_path'
+    wrong type         config.yml: key 'lr' must be a number, got 'fast' (str)
+    bad override       --overrides: unknown key 'model.polcy_dtype' (did you mean 'model.policy_dtype'?)
+
+Three seed keys were renamed; the seed spellings are still read and mean the same thing:
+`output_dirs` -> `output_dir`, `save_model_step` -> `save_every_steps`, `print_log_step` ->
+`log_every_steps`. The resolved config (our spellings) is what `to_yaml` writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+DTYPES = ("float32", "bfloat16", "float16")
+PREFERENCE_LOSSES = ("dpo", "ipo", "hinge")
+TASK_OF_LOSS = {"sft": "sft", **{name: "dpo" for name in PREFERENCE_LOSSES}}
+
+SEED_ALIASES = {"output_dirs": "output_dir", "save_model_step": "save_every_steps", "print_log_step": "log_every_steps"}
+REQUIRED = ("exp_name", "model.name_or_path", "loss.name")
+
+
+class ConfigError(Exception):
+    """The config cannot be used: the message names the key and what to change."""
+
+
+@dataclass
+class DatasetConfig:
+    type: Literal["custom_dataset", "huggingface_dataset"]  # only custom_dataset (a local JSON/JSONL file) is converted
+    path: str | None = None  # the raw file, relative to the working directory
+    name: str | None = None  # seed's huggingface_dataset name (hh, shp, se): refused, we never download
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""  # a local Hugging Face model directory (nothing is downloaded)
+    tokenizer_name_or_path: str | None = None  # defaults to name_or_path
+    archive: str | None = None  # seed policy.pt, one of our checkpoints, or one of our run dirs (latest checkpoint)
+    policy_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # bfloat16/float16 = mixed precision
+    reference_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the frozen reference's weights
+    fsdp_policy_mp: Literal["float32", "bfloat16", "float16"] | None = None  # seed key: FSDP param dtype
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+@dataclass
+class LossConfig:
+    name: Literal["sft", "dpo", "ipo", "hinge"] = "sft"
+    beta: float = 0.1  # DPO temperature; IPO's tau; hinge's 1/margin
+    label_smoothing: float = 0.0  # conservative DPO: probability that a preference label is flipped
+    reference_free: bool = False  # ignore the reference model (an implicit uniform reference)
+    precomputed_reference: Literal["auto", "ignore"] = "auto"  # use shard ref log-probs when present
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    entity: str | None = None
+    project: str = "aligntools"
+
+
+@dataclass
+class Config:
+    # -- seed keys ------------------------------------------------------------------------------
+    exp_name: str = ""  # names the run (and its default output_dir)
+    seed: int = 0
+    debug: bool = False  # seed meaning: no wandb, no checkpoints
+    datasets: list[DatasetConfig] = field(default_factory=list)  # raw files for `aligntrain train`
+    trainer: Literal["BasicTrainer", "FSDPTrainer"] = "BasicTrainer"
+    optimizer: Literal["AdamW", "Adam", "RMSprop", "SGD"] = "AdamW"
+    lr: float = 5e-7
+    total_batch_size: int = 8  # examples per optimizer step, over all processes and micro-batches
+    gradient_accumulation_steps: int = 1  # micro-batches per step (unless tokens_per_batch is set)
+    eval_batch_size: int = 8
+    max_length: int = 512  # must equal the shards' max_length
+    max_prompt_length: int | None = 256
+    n_epochs: int | None = 1
+    n_examples: int | None = None  # if set, train on this many examples (wins over n_epochs)
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 10.0
+    activation_checkpointing: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    report_to_tensorboard: bool = False
+    do_first_eval: bool = False
+    eval_every_steps: int | None = None
+    n_eval_examples: int | None = 256
+    output_dir: str = "runs/${exp_name}"  # seed: output_dirs
+    save_every_steps: int | None = None  # seed: save_model_step; a final checkpoint is always written
+    log_every_steps: int = 1  # seed: print_log_step
+    save_optimizer: bool = True  # seed key; without optimizer state a checkpoint cannot be resumed
+    # -- added ------------------------------------------------------------------------------------
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"  # after warmup (seed: constant)
+    min_lr_ratio: float = 0.0  # floor of linear/cosine decay, as a fraction of lr
+    weight_decay: float = 0.0  # on matrices only, never on norms and biases
+    tokens_per_batch: int | None = None  # padded-token budget per micro-batch (replaces the fixed split)
+    logprob_chunk_tokens: int = 1024  # completion tokens per lm-head chunk when computing log-probs
+    keep_checkpoints: int | None = None  # keep only the newest N checkpoints
+    eval_fraction: float = 0.0  # `aligntrain train`: share of records converted into the eval split
+    chat_template: str | None = None  # `aligntrain train`: template for conversion (default: the tokenizer's)
+    length_policy: Literal["drop", "truncate"] = "drop"  # `aligntrain train`: records longer than max_length
+
+    @property
+    def task(self) -> str:
+        return TASK_OF_LOSS[self.loss.name]
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.model.tokenizer_name_or_path or self.model.name_or_path
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+def load_config(path: str | Path, overrides: list[str] | None = None, defaults: dict[str, Any] | None = None) -> Config:
+    """Read YAML, apply `key=value` overrides, resolve `${key}`, type-check and validate.
+    `defaults` ({"loss.name": "sft"}) fill dotted keys the file leaves unset, before the overrides."""
+    path = Path(path)
+    where = path.name
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({_one_line(e)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    raw = _apply_aliases(raw, where)
+    for key, value in (defaults or {}).items():
+        if _get_dotted(raw, key) is None:
+            _set_dotted(raw, key, value)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(raw, _canonical_key(key), value)
+    raw = _resolve_references(raw, where)
+    cfg = _build(Config, raw, where, prefix="")
+    _expand_home(cfg)
+    validate(cfg, where)
+    return cfg
+
+
+def _expand_home(cfg: Config) -> None:
+    """`~/...` in path keys means the home directory, as in a shell."""
+    m = cfg.model
+    m.name_or_path, m.tokenizer_name_or_path, m.archive = (
+        os.path.expanduser(p) if p else p for p in (m.name_or_path, m.tokenizer_name_or_path, m.archive))
+    cfg.output_dir = os.path.expanduser(cfg.output_dir)
+    for ds in cfg.datasets:
+        ds.path = os.path.expanduser(ds.path) if ds.path else ds.path
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`model.policy_dtype=bfloat16` -> ('model.policy_dtype', 'bfloat16'); the value is read as YAML."""
+    if "=" not in item or not item.split("=", 1)[0].strip():
+        raise ConfigError(f"--overrides: {item!r} is not of the form key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    known = _all_keys(Config)
+    canonical = _canonical_key(key)
+    if canonical not in known and not any(k.startswith(canonical + ".") for k in known):
+        raise ConfigError(f"--overrides: unknown key {key!r}{_suggest(key, known)}")
+    return key, value
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# -- validation beyond types ------------------------------------------------------------------
+
+def validate(cfg: Config, where: str = "config") -> None:
+    def bad(key: str, message: str) -> ConfigError:
+        return ConfigError(f"{where}: key {key!r} {message}")
+
+    for key in REQUIRED:
+        group, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, group) if group else cfg, name)
+        if value in ("", None):
+            raise ConfigError(f"{where}: missing required key {key!r}")
+    positive = ["total_batch_size", "gradient_accumulation_steps", "eval_batch_size", "max_length",
+                "log_every_steps", "logprob_chunk_tokens"]
+    optional_positive = ["max_prompt_length", "n_epochs", "n_examples", "eval_every_steps", "n_eval_examples",
+                         "save_every_steps", "tokens_per_batch", "keep_checkpoints"]
+    for key in positive + optional_positive:
+        value = getattr(cfg, key)
+        if value is not None and value <= 0:
+            raise bad(key, f"must be a positive integer, got {value}")
+    if cfg.warmup_steps < 0:
+        raise bad("warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
+    if cfg.lr <= 0:
+        raise bad("lr", f"must be > 0, got {cfg.lr}")
+    if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
+        raise bad("max_grad_norm", f"must be > 0 or null (no clipping), got {cfg.max_grad_norm}")
+    if cfg.weight_decay < 0:
+        raise bad("weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise bad("min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise bad("eval_fraction", f"must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.n_epochs is None and cfg.n_examples is None:
+        raise ConfigError(f"{where}: set n_epochs or n_examples (both are null)")
+    if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
+        raise bad("max_prompt_length", f"must be smaller than max_length ({cfg.max_length}), got {cfg.max_prompt_length}")
+    if cfg.tokens_per_batch is None and cfg.total_batch_size % cfg.gradient_accumulation_steps:
+        raise bad("total_batch_size", f"({cfg.total_batch_size}) must be divisible by gradient_accumulation_steps "
+                                      f"({cfg.gradient_accumulation_steps})")
+    if cfg.tokens_per_batch is not None and cfg.trainer == "FSDPTrainer":
+        raise bad("tokens_per_batch", "is not supported with trainer: FSDPTrainer (every process must run the "
+                                      "same number of micro-batches); use gradient_accumulation_steps")
+    loss = cfg.loss
+    if loss.beta <= 0:
+        raise bad("loss.beta", f"must be > 0, got {loss.beta}")
+    if not 0.0 <= loss.label_smoothing < 0.5:
+        raise bad("loss.label_smoothing", f"must be in [0, 0.5), got {loss.label_smoothing}")
+    if loss.label_smoothing and loss.name != "dpo":
+        raise bad("loss.label_smoothing", f"applies to loss.name: dpo only (conservative DPO), not {loss.name!r}")
+    for i, ds in enumerate(cfg.datasets):
+        if ds.type == "custom_dataset" and not ds.path:
+            raise ConfigError(f"{where}: key 'datasets[{i}].path' is required for type custom_dataset")
+
+
+# -- the generic typed builder --------------------------------------------------------------------
+
+def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: key {prefix.rstrip('.') or 'config'!r} must be a mapping, got {_show(raw)}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            choices = [prefix + n for n in names] + [prefix + a for a in SEED_ALIASES if not prefix]
+            raise ConfigError(f"{where}: unknown key {prefix + str(key)!r}{_suggest(prefix + str(key), choices)}")
+    values = {name: _coerce(hints[name], raw[name], where, prefix + name) for name in names if name in raw}
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where, key)
+    if value is None:
+        raise ConfigError(f"{where}: key {key!r} must not be null")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: key {key!r} must be a list, got {_show(value)}")
+        return [_coerce(args[0], v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        if value not in args:
+            hint = _suggest(str(value), [str(a) for a in args], lower=True)
+            raise ConfigError(f"{where}: key {key!r} must be one of {', '.join(map(str, args))}; got {value!r}{hint}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: key {key!r} must be true or false, got {_show(value)}")
+        return value
+    if tp is int:
+        number = _number(value)
+        if number is None or isinstance(value, bool) or number != int(number):
+            raise ConfigError(f"{where}: key {key!r} must be an integer, got {_show(value)}")
+        return int(number)
+    if tp is float:
+        number = _number(value)
+        if number is None or isinstance(value, bool):
+            raise ConfigError(f"{where}: key {key!r} must be a number, got {_show(value)}")
+        return float(number)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: key {key!r} must be a string, got {_show(value)}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this module, not in the config
+
+
+def _number(value: Any) -> float | None:
+    """YAML 1.1 reads `5e-7` as a string (the seed's configs are full of those): accept it."""
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+# -- keys, aliases, overrides, references --------------------------------------------------------
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], prefix + f.name + "."))
+    return keys
+
+
+def _canonical_key(key: str) -> str:
+    head, dot, rest = key.partition(".")
+    return SEED_ALIASES.get(head, head) + dot + rest
+
+
+def _apply_aliases(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    out = dict(raw)
+    for seed_key, ours in SEED_ALIASES.items():
+        if seed_key in out:
+            if ours in out:
+                raise ConfigError(f"{where}: keys {seed_key!r} and {ours!r} mean the same thing; keep one")
+            out[ours] = out.pop(seed_key)
+    return out
+
+
+def _get_dotted(raw: dict[str, Any], key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+_REF = re.compile(r"\$\{([^}]*)\}")
+
+
+def _resolve_references(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """Replace `${key}` and `${oc.env:NAME,default}` as OmegaConf does (the seed's configs use
+    `output_dirs: ./outputs/${exp_name}`)."""
+
+    def lookup(dotted: str, seen: tuple[str, ...]) -> Any:
+        if dotted.startswith("oc.env:"):
+            name, _, default = dotted[len("oc.env:"):].partition(",")
+            value = os.environ.get(name.strip()) or default.strip() or None
+            if value is None:
+                raise ConfigError(f"{where}: ${{{dotted}}}: environment variable {name.strip()} is not set")
+            return value
+        node: Any = raw
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"{where}: ${{{dotted}}} refers to a key that is not set")
+            node = node[part]
+        if dotted in seen:
+            raise ConfigError(f"{where}: ${{{dotted}}} refers to itself")
+        return resolve(node, seen + (dotted,))
+
+    def resolve(node: Any, seen: tuple[str, ...] = ()) -> Any:
+        if isinstance(node, dict):
+            return {k: resolve(v, seen) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v, seen) for v in node]
+        if isinstance(node, str):
+            whole = _REF.fullmatch(node)
+            if whole:
+                return lookup(whole.group(1), seen)
+            return _REF.sub(lambda m: str(lookup(m.group(1), seen)), node)
+        return node
+
+    if "output_dir" not in raw and "exp_name" in raw:
+        raw = {**raw, "output_dir": Config.output_dir}
+    return resolve(raw)
+
+
+def _suggest(key: str, choices: list[str], lower: bool = False) -> str:
+    if lower:
+        by_lower = {c.lower(): c for c in choices}
+        match = difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.5)
+        return f" (did you mean {by_lower[match[0]]!r}?)" if match else ""
+    match = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def cache_dir() -> Path:
+    """`${XDG_CACHE_HOME:-~/.cache}/aligntools`: converted shards of `aligntrain train`, wandb's cache."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aligntools"

@@ -1,0 +1,193 @@
+"""From shards to padded micro-batches: checks, deterministic order, process split, token budget.
+
+    shards/ --check_shards--> manifest --open_split--> ShardSplit (memory-mapped, never loaded whole)
+      step s --step_indices--> total_batch_size rows (epoch permutation, a pure function of seed/epoch)
+             --process_share--> this process's contiguous share
+             --micro_batches--> gradient_accumulation_steps equal parts, or parts under a token budget
+             --ShardSplit.rows + collate--> padded tensors
+
+Because a step's rows depend only on (seed, step), resuming at step s needs no saved sampler state.
+Each epoch drops its last incomplete batch, as the seed project does.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from aligndata.shards import REF_COLUMNS, ShardError, open_split, read_manifest, verify_shards
+from aligndata.templates import tokenizer_identity
+
+from .config import Config
+
+
+# -- checking the shards against the config and the tokenizer --------------------------------------
+
+def check_shards(shards: str | Path, cfg: Config, tokenizer: Any, task: str) -> dict[str, Any]:
+    """Read and verify the manifest; refuse shards made for another task, length or tokenizer."""
+    shards = Path(shards)
+    manifest = read_manifest(shards)
+    verify_shards(shards, manifest)
+    if manifest["task"] != task:
+        raise ShardError(f"{shards}: shards were converted for task {manifest['task']!r}, but loss.name "
+                         f"{cfg.loss.name!r} trains on {task!r} shards; convert with --to {task}")
+    settings = manifest.get("settings", {})
+    if settings.get("max_length") != cfg.max_length:
+        raise ShardError(f"{shards}: shards were converted with max_length={settings.get('max_length')} but the config "
+                         f"says max_length={cfg.max_length}; re-convert with --max-length {cfg.max_length} "
+                         f"or set max_length: {settings.get('max_length')}")
+    differences = tokenizer_differences(manifest.get("tokenizer", {}), tokenizer)
+    if differences:
+        raise ShardError(f"{shards}: shards were made with another tokenizer than {cfg.tokenizer_path!r}: "
+                         + "; ".join(differences))
+    return manifest
+
+
+def tokenizer_differences(recorded: dict[str, Any], tokenizer: Any) -> list[str]:
+    """What differs between the manifest's tokenizer identity and `tokenizer` (empty when they agree).
+    The identity comes from aligndata itself, so both sides hash the tokenizer the same way."""
+    current = tokenizer_identity(tokenizer, recorded.get("name_or_path"))
+    return [f"{key} is {recorded[key]!r} in the manifest, {current[key]!r} now"
+            for key in ("sha256", "vocab_size", "bos_token_id", "eos_token_id")
+            if key in recorded and recorded[key] != current[key]]
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """Padding is masked out everywhere; any id works, the tokenizer's pad or else its eos."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+# -- a split of shards ----------------------------------------------------------------------------
+
+class ShardSplit:
+    """One split as a memory-mapped table, with each row's padded width precomputed from list offsets."""
+
+    def __init__(self, shards: str | Path, split: str, manifest: dict[str, Any]):
+        self.table: pa.Table = open_split(shards, split, manifest)
+        self.task: str = manifest["task"]
+        self.name = split
+        if self.task == "sft":
+            self.widths = _lengths(self.table, "input_ids")
+        else:
+            prompt = _lengths(self.table, "prompt_ids")
+            self.widths = prompt + np.maximum(_lengths(self.table, "chosen_ids"), _lengths(self.table, "rejected_ids"))
+        self.has_reference = all(c in self.table.column_names for c in REF_COLUMNS)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def rows(self, indices: np.ndarray) -> list[dict[str, Any]]:
+        """Only these rows are read from the memory map."""
+        return self.table.take(pa.array(np.asarray(indices, dtype=np.int64))).to_pylist()
+
+
+def _lengths(table: pa.Table, column: str) -> np.ndarray:
+    return pc.list_value_length(table.column(column)).to_numpy().astype(np.int64)
+
+
+# -- the order of training rows ---------------------------------------------------------------------
+
+def total_steps(n_rows: int, cfg: Config) -> int:
+    """Optimizer steps of the run: n_examples when set (rounded up, as the seed does), else n_epochs."""
+    if n_rows < cfg.total_batch_size:
+        raise ShardError(f"the train split has {n_rows} rows, fewer than total_batch_size={cfg.total_batch_size}")
+    if cfg.n_examples is not None:
+        return math.ceil(cfg.n_examples / cfg.total_batch_size)
+    return (n_rows // cfg.total_batch_size) * cfg.n_epochs
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(n_rows: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+def step_indices(step: int, n_rows: int, batch_size: int, seed: int) -> np.ndarray:
+    """The global rows of optimizer step `step` (0-based): a slice of its epoch's permutation."""
+    epoch, k = divmod(step, n_rows // batch_size)
+    return epoch_permutation(n_rows, seed, epoch)[k * batch_size:(k + 1) * batch_size]
+
+
+def process_share(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    return np.array_split(indices, world_size)[rank]
+
+
+def micro_batches(indices: np.ndarray, widths: np.ndarray, parts: int, tokens_per_batch: int | None,
+                  sequences_per_row: int) -> list[np.ndarray]:
+    """Split a process's rows into micro-batches, keeping their order (no sorting by length).
+
+    Without a budget: `parts` equal parts. With `tokens_per_batch`: greedy, a micro-batch grows while
+    its padded size (sequences x longest row) stays within the budget; a row longer than the budget
+    goes alone.
+    """
+    if tokens_per_batch is None:
+        return [p for p in np.array_split(indices, parts) if len(p)]
+    out, current, longest = [], [], 0
+    for i in indices:
+        w = int(widths[i])
+        if current and (len(current) + 1) * max(longest, w) * sequences_per_row > tokens_per_batch:
+            out.append(np.array(current))
+            current, longest = [], 0
+        current.append(int(i))
+        longest = max(longest, w)
+    if current:
+        out.append(np.array(current))
+    return out
+
+
+def eval_batches(n_rows: int, n_examples: int | None, batch_size: int, rank: int, world_size: int):
+    """The first n_examples rows in order, batch by batch; each process gets an equal share, padded with
+    repeats of its first row that carry weight 0 (every process must run the same forwards)."""
+    n = n_rows if n_examples is None else min(n_rows, n_examples)
+    for start in range(0, n, batch_size):
+        shares = np.array_split(np.arange(start, min(n, start + batch_size)), world_size)
+        width = max(len(s) for s in shares)
+        mine = shares[rank] if len(shares[rank]) else np.array([start])
+        weights = np.zeros(width, dtype=np.float32)
+        weights[:len(shares[rank])] = 1.0
+        yield np.resize(mine, width), weights
+
+
+# -- collation --------------------------------------------------------------------------------------
+
+def collate(rows: list[dict[str, Any]], task: str, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors. SFT: one sequence per row. DPO: 2B sequences, the B chosen ones
+    (prompt + chosen) first, then the B rejected ones; only completion tokens are trained."""
+    if task == "sft":
+        sequences = [r["input_ids"] for r in rows]
+        masks = [r["loss_mask"] for r in rows]
+        batch = _pad(sequences, masks, pad_id)
+    else:
+        sequences, masks = [], []
+        for side in ("chosen_ids", "rejected_ids"):
+            for r in rows:
+                sequences.append(r["prompt_ids"] + r[side])
+                masks.append([0] * len(r["prompt_ids"]) + [1] * len(r[side]))
+        batch = _pad(sequences, masks, pad_id)
+        if all(c in rows[0] for c in REF_COLUMNS):
+            batch["ref_chosen"] = torch.tensor([r["ref_chosen_logp"] for r in rows], dtype=torch.float32)
+            batch["ref_rejected"] = torch.tensor([r["ref_rejected_logp"] for r in rows], dtype=torch.float32)
+    return batch
+
+
+def _pad(sequences: list[list[int]], masks: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (seq, mask) in enumerate(zip(sequences, masks)):
+        input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention[i, :len(seq)] = 1
+        loss_mask[i, :len(seq)] = torch.tensor(mask, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that contribute to the loss (position 0 has no context and is never trained)."""
+    return int((batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).sum())

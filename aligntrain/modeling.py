@@ -1,0 +1,204 @@
+"""Models: load the policy and the frozen reference, seed archives, and completion log-probs.
+
+Log-probs are computed on completion tokens only. The decoder runs once; the hidden states of the
+positions that predict a trained token are gathered ([N, H]) and pushed through the LM head in
+chunks of `chunk_tokens` rows. Each chunk is checkpointed, so neither the forward nor the backward
+ever holds more than [chunk, vocab] logits, and no [batch, seq, vocab] float32 tensor exists:
+
+    log p(y_t) = logit[y_t] - logsumexp(logits)      (logits in the model's dtype, lse in float32)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ConfigError
+
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SequenceLogps(nn.Module):
+    """A causal LM whose forward returns, per sequence, the summed log-probs of its trained tokens.
+
+    forward(input_ids [B, T], attention_mask [B, T], loss_mask [B, T]) -> (logps [B] float32, tokens [B])
+    Token t is trained when loss_mask[t] == 1 and t > 0; it is predicted from tokens < t.
+    Accelerate wraps this module (not the bare LM), so autocast and FSDP see one root forward.
+    """
+
+    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024):
+        super().__init__()
+        self.lm = lm
+        self.chunk_tokens = chunk_tokens
+        config = lm.config
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        # Heads that rescale logits in their own forward: we cannot apply their lm_head alone.
+        self.plain_head = not any(getattr(config, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling"))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor):
+        predict = loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # [B, T-1]: position t-1 predicts t
+        targets = input_ids[:, 1:][predict]  # [N], row by row
+        if self.plain_head:
+            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+            hidden = hidden[:, :-1][predict]  # [N, H]
+            token_logps = chunked_token_logps(hidden, targets, self.lm.get_output_embeddings(), self.chunk_tokens, self.softcap)
+        else:
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            token_logps = gathered_token_logps(logits[:, :-1][predict], targets, self.chunk_tokens)
+        # scatter into [B, T-1] and reduce per row: deterministic on GPU, unlike an atomic index_add
+        per_position = torch.zeros(predict.shape, dtype=torch.float32, device=input_ids.device)
+        per_position = per_position.masked_scatter(predict, token_logps)
+        return per_position.sum(dim=1), predict.sum(dim=1)
+
+
+def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int,
+                        softcap: float | None = None) -> torch.Tensor:
+    """log p(target) for each row of hidden [N, H]; logits exist only [chunk, V] at a time. -> [N] float32."""
+    out = []
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start:start + chunk], targets[start:start + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            # recompute this chunk's logits in backward instead of keeping them alive
+            out.append(checkpoint(_head_logps, head, h, t, softcap, use_reentrant=False))
+        else:
+            out.append(_head_logps(head, h, t, softcap))
+    if not out:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out)
+
+
+def _head_logps(head: nn.Module, h: torch.Tensor, t: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = head(h)  # [n, V], model dtype
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    picked = logits.gather(-1, t[:, None]).squeeze(-1).float()
+    return picked - torch.logsumexp(logits.float(), dim=-1)
+
+
+def gathered_token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Fallback for heads with their own scaling: selected logits [N, V] (model dtype), lse per chunk."""
+    out = [logits[s:s + chunk].gather(-1, targets[s:s + chunk, None]).squeeze(-1).float()
+           - torch.logsumexp(logits[s:s + chunk].float(), dim=-1) for s in range(0, logits.shape[0], chunk)]
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+def load_tokenizer(path: str):
+    """The tokenizer exactly as aligndata loads it (so its identity hash matches the manifest's)."""
+    from aligndata.templates import TemplateError
+    from aligndata.templates import load_tokenizer as load
+
+    try:
+        return load(str(path))
+    except TemplateError as e:
+        raise ConfigError(str(e)) from None  # it names the path
+
+
+def load_causal_lm(path: str | Path, dtype: str, attn_implementation: str = "sdpa", *, trainable: bool = True):
+    """A local Hugging Face causal LM in `dtype`, dropout off (as the seed does: DPO's log-ratios
+    must not be noisy), `use_cache` off. The frozen reference gets `trainable=False`."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPE[dtype], attn_implementation=attn_implementation)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path: cannot load a causal LM from {str(path)!r}: {_first_line(e)}") from None
+    disable_dropout(model)
+    model.config.use_cache = False
+    if not trainable:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory, or a run directory / checkpoints directory of ours -> its latest checkpoint."""
+    from .checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    for candidate in (path, path / "checkpoints"):
+        latest = latest_checkpoint(candidate) if candidate.is_dir() else None
+        if latest is not None:
+            return latest
+    raise ConfigError(f"{path}: not a model directory (no config.json) and no checkpoint of ours in it")
+
+
+def load_archive(model: nn.Module, archive: str | Path) -> None:
+    """Load archive weights into `model`: the seed's `policy.pt` ({"state": state_dict, ...}, read with
+    weights_only=True), a bare state-dict `.pt`, or a model/checkpoint/run directory of ours."""
+    archive = Path(archive)
+    if not archive.exists():
+        raise ConfigError(f"model.archive: {archive} does not exist")
+    if archive.is_dir():
+        state = _read_safetensors_dir(resolve_model_dir(archive))
+    else:
+        try:
+            obj = torch.load(archive, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle errors come in many types; all mean "not a weights-only archive"
+            raise ConfigError(f"model.archive: {archive} is not a weights-only torch archive ({_first_line(e)})") from None
+        state = obj["state"] if isinstance(obj, dict) and isinstance(obj.get("state"), dict) else obj
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConfigError(f"model.archive: {archive} holds no state dict (expected {{'state': state_dict, ...}})")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys, e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys, e.g. {unexpected[:3]}")
+        raise ConfigError(f"model.archive: {archive} does not match model.name_or_path ({'; '.join(parts)})")
+
+
+def _read_safetensors_dir(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        if not (model_dir / name).exists():
+            raise ConfigError(f"model.archive: {model_dir / name} is missing")
+        state.update(load_file(str(model_dir / name)))
+    return state
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    """A parameter absent from a saved state dict because it shares storage with another one."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if key not in params:
+        return False
+    ptr = params[key].data_ptr()
+    return any(p.data_ptr() == ptr for k, p in params.items() if k != key)
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """Identity of a model's weights: a hash over parameter names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,63 @@
+"""`aligntrain train`: the seed config's raw `datasets` converted to shards, cached.
+
+    datasets: [{type: custom_dataset, path: raw.json}, ...]
+      -> aligndata.convert(...) into ${XDG_CACHE_HOME:-~/.cache}/aligntools/shards/<task>-<key>/
+
+The key hashes the input files' contents and every conversion setting, so an unchanged config
+and data reuse the shards; anything else converts into a new directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from aligndata.shards import sha256_file
+
+from .config import Config, ConfigError, cache_dir
+
+
+def raw_inputs(cfg: Config) -> list[Path]:
+    if not cfg.datasets:
+        raise ConfigError("config: `aligntrain train` needs datasets: [{type: custom_dataset, path: FILE}]; "
+                          "to train on converted shards use `aligntrain sft|dpo SHARDS CONFIG`")
+    paths = []
+    for i, ds in enumerate(cfg.datasets):
+        if ds.type != "custom_dataset":
+            raise ConfigError(f"config: datasets[{i}] has type {ds.type!r}: only custom_dataset (a local JSON/JSONL "
+                              "file) is supported; nothing is downloaded. Export the dataset to a file first")
+        path = Path(ds.path)
+        if not path.is_file():
+            raise ConfigError(f"config: datasets[{i}].path {ds.path!r} is not a file")
+        paths.append(path)
+    return paths
+
+
+def conversion_settings(cfg: Config) -> dict:
+    return {"task": cfg.task, "tokenizer": str(Path(cfg.tokenizer_path).resolve()), "max_length": cfg.max_length,
+            "max_prompt_length": cfg.max_prompt_length if cfg.task == "dpo" else None, "length_policy": cfg.length_policy,
+            "chat_template": cfg.chat_template, "eval_fraction": cfg.eval_fraction, "seed": cfg.seed}
+
+
+def shards_cache_dir(cfg: Config, inputs: list[Path]) -> Path:
+    key = {"inputs": [sha256_file(p) for p in inputs], **conversion_settings(cfg)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "shards" / f"{cfg.task}-{digest}"
+
+
+def prepare_shards(cfg: Config, progress: bool = False) -> tuple[Path, bool]:
+    """Convert the config's datasets (or reuse an earlier conversion). Returns (shards dir, reused)."""
+    from aligndata.convert import convert  # imported here: conversion is only needed by `aligntrain train`
+
+    from .modeling import load_tokenizer
+
+    inputs = raw_inputs(cfg)
+    load_tokenizer(cfg.tokenizer_path)  # a missing model directory is a config error, named as such
+    out_dir = shards_cache_dir(cfg, inputs)
+    s = conversion_settings(cfg)
+    result = convert([str(p) for p in inputs], out_dir, s["task"], cfg.tokenizer_path, max_length=s["max_length"],
+                     max_prompt_length=s["max_prompt_length"], length_policy=s["length_policy"],
+                     chat_template=s["chat_template"], eval_fraction=s["eval_fraction"], seed=s["seed"],
+                     progress=progress)
+    return out_dir, bool(result.skipped)

@@ -1,0 +1,375 @@
+"""The training loop, top to bottom: build, (resume), then for each optimizer step: eval when due,
+forward/backward every micro-batch, check the loss, clip, step, log, checkpoint when due.
+
+One optimizer step consumes `total_batch_size` examples across all processes (the seed's
+definition). The loss of a step is normalised by a *global* count known before the forwards run:
+trained tokens for SFT, pairs for preference losses. Each process backpropagates
+`sum(its per-token or per-pair losses) * world_size / global_count`, which, after the data-parallel
+gradient average, is exactly the gradient of the mean over the whole accumulated batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aligndata.shards import ShardError
+
+from .checkpoint import CHECKPOINTS, latest_checkpoint, load_training_state, save_checkpoint
+from .config import Config, ConfigError, to_yaml
+from .data import (ShardSplit, check_shards, collate, eval_batches, micro_batches, pad_token_id, process_share,
+                   step_indices, total_steps)
+from .losses import PREFERENCE_LOSSES, PairLogps, preference_rewards, sft_loss
+from .metrics import MetricsLogger
+from .modeling import DTYPE, SequenceLogps, load_archive, load_causal_lm, load_tokenizer
+from .precompute import reference_identity
+
+PREFERENCE_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                   "logps/chosen", "logps/rejected", "pairs", "input_tokens")
+
+
+class NonFiniteLossError(Exception):
+    """The loss or gradient norm became NaN/Inf; training stopped before the optimizer step."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    checkpoint: Path | None
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)  # per-step train metrics of this invocation
+    is_main: bool = True
+
+
+def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None) -> TrainResult:
+    # -- build -------------------------------------------------------------------------------------
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own display reports progress
+    shards = Path(shards)
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    manifest = check_shards(shards, cfg, tokenizer, cfg.task)
+    train_split = ShardSplit(shards, "train", manifest)
+    eval_split = ShardSplit(shards, "eval", manifest) if "eval" in manifest["splits"] else train_split
+    steps = total_steps(len(train_split), cfg)
+    run_dir = Path(cfg.output_dir)
+    latest = latest_checkpoint(run_dir / CHECKPOINTS)
+    if latest is not None and not resume:
+        raise ConfigError(f"{run_dir}: this run already has checkpoints; pass --resume to continue it, "
+                          "or choose another output_dir")
+    resume_from = latest if resume else None
+
+    # float32 master weights; policy_dtype bfloat16/float16 is the autocast compute dtype
+    policy = load_causal_lm(resume_from or cfg.model.name_or_path, "float32", cfg.model.attn_implementation)
+    if cfg.model.archive and resume_from is None:
+        load_archive(policy, cfg.model.archive)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(policy)
+    use_shard_reference = _use_shard_reference(cfg, manifest, train_split, eval_split)
+    reference = None
+    if cfg.task == "dpo" and not cfg.loss.reference_free and not use_shard_reference:
+        reference = load_causal_lm(cfg.model.name_or_path, cfg.model.reference_dtype, cfg.model.attn_implementation,
+                                   trainable=False)
+        if cfg.model.archive:
+            load_archive(reference, cfg.model.archive)
+
+    accelerator = make_accelerator(cfg, policy)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    check_batch_geometry(cfg, world)
+    optimizer = build_optimizer(cfg, policy)
+    scheduler = build_scheduler(cfg, optimizer, steps)
+    model, optimizer = accelerator.prepare(SequenceLogps(policy, cfg.logprob_chunk_tokens), optimizer)
+    if reference is not None:
+        reference = SequenceLogps(reference, cfg.logprob_chunk_tokens).to(accelerator.device)
+    objective = Objective(cfg, reference, accelerator)
+
+    start = 0
+    if resume_from is not None:
+        start = load_training_state(resume_from, accelerator, model, optimizer, scheduler)["step"]
+    _prepare_run_dir(run_dir, cfg, start, accelerator)
+    log = MetricsLogger(cfg, run_dir, steps, start, enabled=accelerator.is_main_process, console=console)
+    if resume:
+        log.note(f"resuming from {resume_from} (step {start} of {steps})" if resume_from is not None
+                 else f"--resume: no checkpoint in {run_dir / CHECKPOINTS} yet; starting at step 0")
+    if eval_split is train_split and (cfg.do_first_eval or cfg.eval_every_steps):
+        log.note("no eval split in the shards: evaluating on the first rows of the train split")
+    if use_shard_reference:
+        log.note("reference log-probs come from the shards (precomputed); no reference model is loaded")
+
+    # -- train -------------------------------------------------------------------------------------
+    result = TrainResult(run_dir=run_dir, steps=steps, checkpoint=resume_from, is_main=accelerator.is_main_process)
+    try:
+        if start == 0 and cfg.do_first_eval:
+            result.eval_metrics = evaluate(model, objective, eval_split, cfg, accelerator, pad_token_id(tokenizer))
+            log.log(0, "eval", result.eval_metrics)
+        for step in range(start, steps):
+            rows = process_share(step_indices(step, len(train_split), cfg.total_batch_size, cfg.seed), rank, world)
+            parts = micro_batches(rows, train_split.widths, cfg.gradient_accumulation_steps, cfg.tokens_per_batch,
+                                  sequences_per_row=1 if cfg.task == "sft" else 2)
+            batches = [collate(train_split.rows(p), cfg.task, pad_token_id(tokenizer)) for p in parts]
+            metrics = train_step(step + 1, model, objective, optimizer, scheduler, batches, cfg, accelerator)
+            result.train_metrics = metrics
+            result.history.append(metrics)
+            log.log(step + 1, "train", metrics, show=(step + 1) % cfg.log_every_steps == 0 or step + 1 == steps)
+            if _due(step + 1, cfg.eval_every_steps, steps):
+                result.eval_metrics = evaluate(model, objective, eval_split, cfg, accelerator, pad_token_id(tokenizer))
+                log.log(step + 1, "eval", result.eval_metrics)
+            if not cfg.debug and (step + 1 == steps or _due(step + 1, cfg.save_every_steps, steps)):
+                state = {"total_steps": steps, "examples_seen": (step + 1) * cfg.total_batch_size,
+                         "world_size": world, "train_metrics": metrics, "eval_metrics": result.eval_metrics}
+                result.checkpoint = save_checkpoint(accelerator, run_dir, step + 1, model, optimizer, scheduler,
+                                                    tokenizer, cfg, state)
+    finally:
+        log.close()
+    accelerator.end_training()
+    return result
+
+
+def train_step(step: int, model, objective: "Objective", optimizer, scheduler, batches: list[dict[str, torch.Tensor]],
+               cfg: Config, accelerator) -> dict[str, float]:
+    """One optimizer step over this process's micro-batches; returns the step's global metrics."""
+    started = time.perf_counter()
+    model.train()
+    count = objective.global_count(batches)
+    world = accelerator.num_processes
+    sums: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss, batch_sums = objective(model, _to_device(batch, accelerator.device), count)
+            accelerator.backward(loss * world)
+        sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}
+    totals = _all_reduce(sums, accelerator)
+    metrics = objective.finish(totals)
+    if not math.isfinite(metrics["loss"]):
+        raise NonFiniteLossError(f"loss is {metrics['loss']} at step {step}; stopped before the optimizer step")
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf")))
+    if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":  # fp16's scaler skips such steps
+        raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step}; stopped before the optimizer step")
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - started
+    metrics.update({"grad_norm": grad_norm, "lr": lr, "examples_per_s": cfg.total_batch_size / seconds,
+                    "tokens_per_s": totals["input_tokens"] / seconds})
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model, objective: "Objective", split: ShardSplit, cfg: Config, accelerator, pad_id: int) -> dict[str, float]:
+    """Metrics over the first n_eval_examples rows of `split`, every row counted once."""
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    for indices, weights in eval_batches(len(split), cfg.n_eval_examples, cfg.eval_batch_size,
+                                         accelerator.process_index, accelerator.num_processes):
+        batch = collate(split.rows(indices), split.task, pad_id)
+        batch["weights"] = torch.from_numpy(weights)
+        _, batch_sums = objective(model, _to_device(batch, accelerator.device))
+        sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}
+    return objective.finish(_all_reduce(sums, accelerator))
+
+
+class Objective:
+    """Loss and metric sums of one micro-batch, for the task of the config.
+
+    __call__(model, batch, count) -> (loss, sums): the batch's share of the step loss, i.e. its summed
+    per-token (SFT) or per-pair losses divided by `count`, the step's global token or pair count;
+    sums are detached per-batch totals that `finish` turns into means after the all-reduce.
+    """
+
+    def __init__(self, cfg: Config, reference: SequenceLogps | None, accelerator):
+        self.cfg = cfg
+        self.task = cfg.task
+        self.reference = reference
+        self.accelerator = accelerator
+        self.loss_fn = PREFERENCE_LOSSES.get(cfg.loss.name)
+
+    def global_count(self, batches: list[dict[str, torch.Tensor]]) -> float:
+        """The step's normaliser over all processes: trained tokens (SFT) or pairs (preference)."""
+        if self.task == "dpo":
+            return float(self.cfg.total_batch_size)
+        local = sum(int((b["loss_mask"][:, 1:] * b["attention_mask"][:, 1:]).sum()) for b in batches)
+        total = self.accelerator.reduce(torch.tensor(float(local), device=self.accelerator.device), "sum")
+        return max(float(total), 1.0)
+
+    def __call__(self, model, batch: dict[str, torch.Tensor], count: float = 1.0):
+        logps, tokens = model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        n = logps.shape[0] if self.task == "sft" else logps.shape[0] // 2
+        weights = batch.get("weights", torch.ones(n, device=logps.device)).to(logps.device)
+        input_tokens = batch["attention_mask"].sum(dim=1).float()
+        if self.task == "sft":
+            loss = sft_loss(logps * weights, count)
+            return loss, {"nll": -(logps * weights).sum().detach(), "tokens": (tokens * weights).sum(),
+                          "input_tokens": (input_tokens * weights).sum()}
+
+        pairs = PairLogps(logps[:n], logps[n:], *self._reference_logps(batch, n, logps), tokens[:n], tokens[n:])
+        if self.cfg.loss.reference_free:
+            pairs = pairs.without_reference()
+        losses = self.loss_fn(pairs, self.cfg.loss.beta, self.cfg.loss.label_smoothing)
+        chosen, rejected = preference_rewards(pairs, self.cfg.loss.beta)
+        loss_sum = (losses * weights).sum()
+
+        def w(t: torch.Tensor) -> torch.Tensor:  # a weighted sum for the metrics
+            return (t.detach().float() * weights).sum()
+
+        return loss_sum / count, {
+            "loss": loss_sum.detach(), "rewards/chosen": w(chosen), "rewards/rejected": w(rejected),
+            "rewards/accuracies": w(chosen > rejected), "rewards/margins": w(chosen - rejected),
+            "logps/chosen": w(pairs.policy_chosen), "logps/rejected": w(pairs.policy_rejected),
+            "pairs": weights.sum(), "input_tokens": (input_tokens * torch.cat([weights, weights])).sum(),
+        }
+
+    def _reference_logps(self, batch: dict[str, torch.Tensor], n: int, like: torch.Tensor):
+        if self.reference is not None:
+            with torch.no_grad(), self.accelerator.autocast():
+                ref, _ = self.reference(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            return ref[:n], ref[n:]
+        if "ref_chosen" in batch:  # precomputed by `aligntrain precompute-ref`
+            return batch["ref_chosen"].to(like.device), batch["ref_rejected"].to(like.device)
+        zeros = torch.zeros(n, device=like.device)  # reference_free: no reference at all
+        return zeros, zeros
+
+    def finish(self, totals: dict[str, float]) -> dict[str, float]:
+        if self.task == "sft":
+            return {"loss": totals["nll"] / max(totals["tokens"], 1.0), "trained_tokens": totals["tokens"],
+                    "input_tokens": totals["input_tokens"]}
+        pairs = max(totals["pairs"], 1.0)
+        out = {k: totals[k] / pairs for k in PREFERENCE_SUMS if k not in ("pairs", "input_tokens")}
+        out["input_tokens"] = totals["input_tokens"]
+        return out
+
+
+# -- building blocks ------------------------------------------------------------------------------
+
+def _due(step: int, every: int | None, last: int) -> bool:
+    """Every `every` steps, and after the last one; never when `every` is unset."""
+    return bool(every) and (step % every == 0 or step == last)
+
+
+def make_accelerator(cfg: Config, policy):
+    """Mixed precision from policy_dtype (float16 has no CPU kernel path: CPU runs it as float32);
+    FSDPTrainer shards over the launched processes; one process is plain single-device training."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    precision = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[cfg.model.policy_dtype]
+    if precision == "fp16" and not torch.cuda.is_available():
+        precision = "no"
+    kwargs: dict[str, Any] = {}
+    if _world_size() == 1:  # a fresh state per run in one Python process (tests, notebooks)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    if cfg.trainer == "FSDPTrainer" and _world_size() > 1 and not _fsdp_from_launcher():
+        from accelerate import FullyShardedDataParallelPlugin
+
+        mp = cfg.model.fsdp_policy_mp  # the seed's key: dtype of sharded parameters, reductions and buffers
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=list(getattr(policy, "_no_split_modules", None) or []),
+            state_dict_type="FULL_STATE_DICT", use_orig_params=True, sync_module_states=True,
+            mixed_precision_policy={k: DTYPE[mp] for k in ("param_dtype", "reduce_dtype", "buffer_dtype")} if mp else None)
+    return Accelerator(mixed_precision=precision, **kwargs)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _fsdp_from_launcher() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant checkpointing of every decoder layer (transformers renamed the method in 5.x)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def check_batch_geometry(cfg: Config, world: int) -> None:
+    per_step = world if cfg.tokens_per_batch else world * cfg.gradient_accumulation_steps
+    if cfg.total_batch_size % per_step:
+        what = "processes" if cfg.tokens_per_batch else "processes x gradient_accumulation_steps"
+        raise ConfigError(f"total_batch_size ({cfg.total_batch_size}) must be divisible by {what} ({per_step})")
+
+
+OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "RMSprop": torch.optim.RMSprop,
+              "SGD": torch.optim.SGD}
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Weight decay on matrices only: norms, biases and other vectors are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return OPTIMIZERS[cfg.optimizer]([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
+    """Multiplier of lr for 0-based optimizer step `step`: the seed's linear warmup
+    min(1, (step + 1) / (warmup + 1)), then constant, linear or cosine decay to min_ratio."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def build_scheduler(cfg: Config, optimizer, steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, steps, cfg.scheduler, cfg.min_lr_ratio))
+
+
+def _use_shard_reference(cfg: Config, manifest: dict[str, Any], train_split: ShardSplit, eval_split: ShardSplit) -> bool:
+    """Use precomputed reference log-probs when the shards have them for the configured reference."""
+    if cfg.task != "dpo" or cfg.loss.reference_free or cfg.loss.precomputed_reference == "ignore":
+        return False
+    if not (train_split.has_reference and eval_split.has_reference and manifest.get("reference")):
+        return False
+    recorded = manifest["reference"]
+    wanted = reference_identity(cfg)
+    if recorded.get("sha256") != wanted["sha256"] or recorded.get("dtype") != wanted["dtype"]:
+        raise ShardError(f"the shards carry reference log-probs of {recorded.get('model')!r} "
+                         f"(dtype {recorded.get('dtype')}, sha256 {str(recorded.get('sha256'))[:12]}), not of the "
+                         f"configured reference {wanted['model']!r} (dtype {wanted['dtype']}, sha256 "
+                         f"{wanted['sha256'][:12]}); re-run `aligntrain precompute-ref` or set "
+                         "loss.precomputed_reference: ignore")
+    return True
+
+
+def _prepare_run_dir(run_dir: Path, cfg: Config, start: int, accelerator) -> None:
+    """Create the run dir, save the resolved config; on resume drop metrics logged after the checkpoint."""
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists():
+            kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start] if start else []
+            metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    accelerator.wait_for_everyone()
+
+
+def _all_reduce(sums: dict[str, torch.Tensor], accelerator) -> dict[str, float]:
+    names = sorted(sums)
+    stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=accelerator.device) for k in names])
+    stacked = accelerator.reduce(stacked, "sum")
+    return dict(zip(names, stacked.tolist()))
+
+
+def _to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
