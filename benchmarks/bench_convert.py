@@ -138,7 +138,15 @@ def time_trl(data: Path, tokenizer: str, site: Path) -> dict | None:
 
 
 def _child(kind: str, data: Path, tokenizer: str, workdir: Path) -> None:
-    """One measurement in this (fresh) process; prints RESULT {json}."""
+    """One measurement in this (fresh) process; prints RESULT {json}.
+
+    Libraries are imported before the clock starts, as the TRL child does: the runs time work on the
+    data (ours includes loading the tokenizer and writing the shards), not interpreter start-up."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    import aligndata.convert  # noqa: F401
+    import aligndata.templates  # noqa: F401
+    import aligndata.tokenize  # noqa: F401
     if kind == "raw":
         r = time_raw(data, tokenizer)
     else:

