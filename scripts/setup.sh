@@ -17,4 +17,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
 fi
 python -m pip install -q --disable-pip-version-check -e ".[test,gguf,tensorboard,plot]"
+# TRL only for the test that compares our DPO/IPO/hinge losses with TRL's on identical log-probs
+# (its own dependencies are ours already; --no-deps keeps it from changing them).
+python -m pip install -q --disable-pip-version-check --no-deps "trl==1.16.0"
 python -c "import torch, transformers, aligndata; print(f'installed: torch {torch.__version__}, transformers {transformers.__version__}, aligndata {aligndata.__version__}')"
