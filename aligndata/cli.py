@@ -43,8 +43,11 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def handle_errors(fn: Callable[[], int]) -> int:
-    """One table from expected exception types to a one-line message and exit code."""
+def handle_errors(fn: Callable[[], int], writing: str | None = None) -> int:
+    """One table from expected exception types to a one-line message and exit code.
+
+    `writing` names the output, for write errors (disk full, read-only) that carry no file name.
+    """
     from .shards import ShardError
     from .templates import TemplateError
 
@@ -60,6 +63,11 @@ def handle_errors(fn: Callable[[], int]) -> int:
         _fail(str(e), EXIT_INPUT)
     except (ShardError, TemplateError) as e:
         _fail(str(e), EXIT_INPUT)
+    except OSError as e:  # disk full, quota, read-only output: an I/O error like any other, not a traceback
+        what = e.strerror or str(e)
+        if writing:
+            _fail(f"{writing}: cannot write ({what}); the previous output is left as it was", EXIT_INPUT)
+        _fail(f"{e.filename}: {what}" if e.filename else what, EXIT_INPUT)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     return EXIT_OK
@@ -230,7 +238,7 @@ def convert(
             err.print(msg, markup=False)
             return EXIT_OK
 
-        raise typer.Exit(handle_errors(run))
+        raise typer.Exit(handle_errors(run, writing=out_path))
     if to not in ("sft", "dpo"):
         _fail(f"--to {to!r}: choose openai, preference, sft or dpo", EXIT_INPUT)
     if tokenizer is None:
@@ -248,7 +256,7 @@ def convert(
         print_summary(result, err)
         return EXIT_OK
 
-    raise typer.Exit(handle_errors(run_shards))
+    raise typer.Exit(handle_errors(run_shards, writing=out_path))
 
 
 @app.command()

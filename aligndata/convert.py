@@ -265,7 +265,8 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
     with _materialize_all([p for p, _ in roles]) as real_paths:
         sources = []
         for (path, role), real in zip(roles, real_paths):
-            sources.append({"path": display_name(path), "sha256": sha256_file(Path(real)), "role": role})
+            name = display_name(path)
+            sources.append({"path": name, "sha256": _source_sha256(real, name), "role": role})
         identity = tokenizer_identity(tok, tokenizer)
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
@@ -324,7 +325,12 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
             if reject_sink is not None:
                 reject_sink.commit()
             if not manifest["splits"]:
-                raise InputError("no records were kept: nothing to write (see the rejected and dropped counts)")
+                # Name the inputs and where the reasons went: the summary table is never printed on this path.
+                names = ", ".join(display_name(p) for p, _ in roles)
+                reasons = f"; the reasons are in {staged_rejects}" if reject_sink is not None else ""
+                raise InputError(f"{names}: no records were kept, nothing to write (read {counts['read']}, "
+                                 f"rejected {sum(counts['rejected'].values())}, "
+                                 f"dropped {sum(counts['dropped'].values())}){reasons}")
         except BaseException:
             bar.close()
             if reject_sink is not None:
@@ -348,6 +354,19 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
     finish_output(staging, manifest)
     _commit(staging, out_dir)
     return ConvertResult(manifest, False, out_dir, rejects_path if on_error == "skip" else None)
+
+
+def _source_sha256(path: str, name: str) -> str:
+    """sha256 of one input; a missing file or a directory is a usage error naming it (exit 2), as in the reader."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{name}: no such file")
+    if p.is_dir():
+        raise InputError(f"{name}: is a directory, not a file")
+    try:
+        return sha256_file(p)
+    except OSError as e:
+        raise InputError(f"{name}: cannot read ({e.strerror})") from None
 
 
 def _convert_file(path: str, real: str, role: str, src_i: int, source: dict[str, Any], task: str,

@@ -15,6 +15,7 @@ next save of the same step.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from aligndata.shards import atomic_write_text
 
@@ -65,17 +67,20 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
     if accelerator.is_main_process:
         lm = accelerator.unwrap_model(model).lm
         weights = {k[len("lm."):]: v for k, v in full_state.items() if k.startswith("lm.")}
-        lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        try:
+            lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        except SafetensorError as e:  # a full disk, reported by the Rust writer
+            raise OSError(errno.EIO, f"write failed, disk full? ({e})", str(tmp / "model.safetensors")) from None
         tokenizer.save_pretrained(tmp)
         (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         if cfg.save_optimizer and not fsdp:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
     if cfg.save_optimizer and fsdp:
         from accelerate.utils import save_fsdp_optimizer
 
         save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(tmp))
-    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    _torch_save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
@@ -88,6 +93,14 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
             prune_checkpoints(root, cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
     return final
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save; its zip writer reports a failed write (a full disk) as a RuntimeError: make it the OSError it is."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        raise OSError(errno.EIO, f"write failed, disk full? ({str(e).splitlines()[0]})", str(path)) from None
 
 
 def load_training_state(checkpoint: Path, accelerator, model, optimizer, scheduler) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 1 bad config or data (unknown/missing/mistyped key, shards that do not match the
 config or tokenizer, corrupted shards, invalid raw records); 2 usage (unknown option, missing file or
-directory argument); 3 training stopped on a NaN/Inf loss (the last good checkpoint is kept).
+directory argument) or an I/O error (a full disk while writing a checkpoint); 3 training stopped on a
+NaN/Inf loss (the last good checkpoint is kept).
 
 Overrides follow the seed project: `--overrides lr=2e-5 loss.beta=0.1 model.policy_dtype=bfloat16`.
 """
@@ -66,6 +67,8 @@ def _error_table() -> dict[type, tuple[int, Callable[[Exception], str]]]:
         InputError: (EXIT_USAGE, str),
         TemplateError: (EXIT_DATA, str),
         NonFiniteLossError: (EXIT_TRAINING, lambda e: f"{e}; the last good checkpoint is kept"),
+        # Last (the types above are not OSErrors): a full disk while saving; complete checkpoints stay intact.
+        OSError: (EXIT_USAGE, lambda e: f"{e.filename}: {e.strerror}" if e.filename else str(e)),
     }
 
 

@@ -203,6 +203,8 @@ def validate(cfg: Config, where: str = "config") -> None:
         value = getattr(getattr(cfg, group) if group else cfg, name)
         if value in ("", None):
             raise ConfigError(f"{where}: missing required key {key!r}")
+    if Path(cfg.exp_name).is_absolute() or ".." in Path(cfg.exp_name).parts:
+        raise bad("exp_name", f"{cfg.exp_name!r} must stay inside the runs directory (no absolute path, no '..')")
     positive = ["total_batch_size", "gradient_accumulation_steps", "eval_batch_size", "max_length",
                 "log_every_steps", "logprob_chunk_tokens"]
     optional_positive = ["max_prompt_length", "n_epochs", "n_examples", "eval_every_steps", "n_eval_examples",
