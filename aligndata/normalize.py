@@ -60,6 +60,7 @@ class AtomicOutput:
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(self.path)
         self.f: IO[str] = open(self.tmp, "w", encoding="utf-8")
 
     def write(self, line: str) -> None:
@@ -77,6 +78,20 @@ class AtomicOutput:
             self.f.close()
         if self.tmp.exists():
             self.tmp.unlink()
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete temporary files that killed runs left beside `path` (their process is gone)."""
+    for tmp in path.parent.glob(f".{path.name}.partial-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # a live process of another user
 
 
 def iter_inputs(inputs: list[str], input_format: str, progress: FileProgress, counts: Counts,

@@ -123,6 +123,7 @@ def test_convert_to_jsonl_killed_midway_keeps_the_old_output_and_a_rerun_complet
     again = CliRunner().invoke(aligndata_app, ["convert", "-q", str(big), "--to", "openai", "--out", str(out)])
     assert again.exit_code == 0 and "read 60000 = written 60000 + rejected 0" in again.output
     assert len(out.read_text().splitlines()) == 60_000
+    assert not partial.exists()  # the killed run's temporary file was cleaned up by the next run
 
 
 # -- shards damaged after conversion ----------------------------------------------------------------
