@@ -28,7 +28,7 @@ from .errors import InputError, InvalidRecordError, Problem
 from .formats import FORMATS
 from .normalize import AtomicOutput, reject_line
 from .progress import FileProgress
-from .reader import RawRecord, RecordStream, display_name
+from .reader import RawRecord, RecordStream, display_name, require_file
 from .shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, ShardError, ShardWriter, finish_output, prepare_output,
                      read_manifest, sha256_file, verify_shards)
 from .validate import Checked, check_value, detect_format, materialized, mixed_problem
@@ -358,11 +358,7 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
 
 def _source_sha256(path: str, name: str) -> str:
     """sha256 of one input; a missing file or a directory is a usage error naming it (exit 2), as in the reader."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{name}: no such file")
-    if p.is_dir():
-        raise InputError(f"{name}: is a directory, not a file")
+    p = require_file(path, name)
     try:
         return sha256_file(p)
     except OSError as e:

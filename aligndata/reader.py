@@ -315,14 +315,20 @@ class _DocumentScanner:
             yield self._fatal("extra data after the top-level JSON array")
 
 
-def _open_raw(path: str, name: str) -> tuple[BinaryIO, int | None]:
-    if path == "-":
-        return sys.stdin.buffer, None
+def require_file(path: str | Path, name: str) -> Path:
+    """The path of an input file, or InputError naming it (missing, or a directory)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{name}: no such file")
     if p.is_dir():
         raise InputError(f"{name}: is a directory, not a file")
+    return p
+
+
+def _open_raw(path: str, name: str) -> tuple[BinaryIO, int | None]:
+    if path == "-":
+        return sys.stdin.buffer, None
+    p = require_file(path, name)
     try:
         f = open(p, "rb", buffering=CHUNK_CHARS)
     except OSError as e:
