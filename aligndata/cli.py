@@ -20,7 +20,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import EXIT_INPUT, EXIT_INVALID, EXIT_OK, InputError, InvalidRecordError, Problem
-from .formats import FORMATS, schema_dir
+from .formats import FORMATS, check_format_option, schema_dir
 from .progress import FileProgress
 from .validate import FileCheck, mixed_problem
 
@@ -105,8 +105,10 @@ def validate(
       aligndata validate raw.json --format sharegpt-preference --max-errors 10
       cat data.jsonl | aligndata validate - --json
     """
-    if format != "auto" and format not in FORMATS:
-        _fail(f"unknown format {format!r}; choose one of: auto, {', '.join(FORMATS)}", EXIT_INPUT)
+    try:
+        check_format_option(format)
+    except InputError as e:
+        _fail(str(e), EXIT_INPUT)
     summaries: list[FileSummary] = []
     problems: list[Problem] = []
     shown = 0

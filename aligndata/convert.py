@@ -25,13 +25,13 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, InvalidRecordError, Problem
-from .formats import FORMATS
-from .normalize import AtomicOutput, reject_line
+from .formats import FORMATS, check_format_option
+from .normalize import AtomicOutput, check_on_error, reject_line
 from .progress import FileProgress
 from .reader import RawRecord, RecordStream, display_name, require_file
 from .shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, ShardError, ShardWriter, finish_output, prepare_output,
                      read_manifest, sha256_file, verify_shards)
-from .validate import Checked, check_value, detect_format, materialized, mixed_problem
+from .validate import Checked, check_value, decide_format, materialized, mixed_problem, require_task
 
 CHUNK = 256
 POLICIES = ("drop", "truncate")
@@ -120,8 +120,7 @@ def _check_options(task: str, length_policy: str, train_on: str, eval_fraction: 
         raise InputError(f"--length-policy {length_policy!r}: choose drop or truncate")
     if train_on not in ("all", "last"):
         raise InputError(f"--train-on {train_on!r}: choose all or last")
-    if on_error not in ("fail", "skip"):
-        raise InputError(f"--on-error {on_error!r}: choose fail or skip")
+    check_on_error(on_error)
     if not 0.0 <= eval_fraction < 1.0:
         raise InputError(f"--eval-fraction {eval_fraction}: must be at least 0 and below 1")
     if eval_file and eval_fraction:
@@ -240,8 +239,7 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
 
     _check_options(task, length_policy, train_on, eval_fraction, eval_file, num_proc, shard_rows, on_error,
                    max_length, max_prompt_length)
-    if input_format != "auto" and input_format not in FORMATS:
-        raise InputError(f"unknown format {input_format!r}; choose one of: auto, {', '.join(FORMATS)}")
+    check_format_option(input_format)
     out_dir = Path(out_dir)
     if not inputs:
         raise InputError("no input files")
@@ -370,19 +368,10 @@ def _convert_file(path: str, real: str, role: str, src_i: int, source: dict[str,
                   reject_sink: AtomicOutput | None, on_error: str, eval_fraction: float, seed: int,
                   bar: FileProgress) -> None:
     name = display_name(path)
-    if input_format == "auto":
-        det = detect_format(real, name)
-        if det.format is None:
-            raise InputError(f"{name}: cannot detect the format: no record looks like any of {', '.join(FORMATS)}")
-        if det.mixed:
-            raise InvalidRecordError([mixed_problem(name, det)])
-        fmt = det.format
-    else:
-        fmt = input_format
-    if FORMATS[fmt].task != task:
-        holds = "conversations" if FORMATS[fmt].task == "sft" else "preference pairs"
-        raise InputError(f"{name}: holds {holds} ({fmt}); --to {task} needs "
-                         f"{'conversations' if task == 'sft' else 'preference pairs'}")
+    fmt, det = decide_format(real, name, input_format)
+    if det is not None and det.mixed:
+        raise InvalidRecordError([mixed_problem(name, det)])
+    require_task(name, fmt, task, task)
     source["format"] = fmt
     source["records"] = 0
     with RecordStream(real, name) as stream:

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from .errors import InputError, InvalidRecordError
-from .formats import FORMATS
 from .progress import FileProgress
-from .validate import Checked, FileCheck, mixed_problem
+from .validate import Checked, FileCheck, mixed_problem, require_task
 
 TARGET_TASK = {"openai": "sft", "preference": "dpo"}
 
@@ -94,6 +93,11 @@ def _remove_orphans(path: Path) -> None:
             pass  # a live process of another user
 
 
+def check_on_error(on_error: str) -> None:
+    if on_error not in ("fail", "skip"):
+        raise InputError(f"--on-error {on_error!r}: choose fail or skip")
+
+
 def iter_inputs(inputs: list[str], input_format: str, progress: FileProgress, counts: Counts,
                 allow_mixed: bool = False) -> Iterator[tuple[FileCheck, Checked]]:
     """Every checked record of every input, in order. A mixed-format file fails (never guessed)."""
@@ -117,23 +121,18 @@ def normalize(inputs: list[str], out: str, to: str, *, on_error: str = "fail", r
               input_format: str = "auto", progress: bool = True) -> Counts:
     if to not in TARGET_TASK:
         raise InputError(f"--to {to!r}: choose openai or preference (or sft/dpo with --tokenizer)")
-    counts = Counts()
-    bar = FileProgress(progress)
-    sink = AtomicOutput(out) if out != "-" else None
-    if on_error not in ("fail", "skip"):
-        raise InputError(f"--on-error {on_error!r}: choose fail or skip")
+    check_on_error(on_error)
     if on_error == "skip" and rejects is None:
         if out == "-":
             raise InputError("--on-error skip with --out - needs --rejects PATH (rejected records are never dropped silently)")
         rejects = f"{out}.rejects.jsonl"
+    counts = Counts()
+    bar = FileProgress(progress)
+    sink = AtomicOutput(out) if out != "-" else None
     reject_sink = AtomicOutput(rejects) if on_error == "skip" else None
     try:
         for fc, checked in iter_inputs(inputs, input_format, bar, counts):
-            task = FORMATS[fc.format].task
-            if task != TARGET_TASK[to]:
-                kind = "conversations" if task == "sft" else "preference pairs"
-                raise InputError(f"{fc.name}: holds {kind} ({fc.format}); --to {to} needs "
-                                 f"{'conversations' if to == 'openai' else 'preference pairs'}")
+            require_task(fc.name, fc.format, TARGET_TASK[to], to)
             if checked.ok:
                 line = json.dumps(checked.record.to_json(), ensure_ascii=False)
                 if sink is None:

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from jsonschema.exceptions import ValidationError
 
 from .errors import InputError, Problem
-from .formats import FORMATS, Format, detect_shape
+from .formats import FORMATS, Format, check_format_option, detect_shape
 from .formats.common import Issues
 from .reader import RawRecord, RecordStream, display_name
 from .records import Conversation, Record, Source
@@ -195,6 +195,28 @@ def detect_format(path: str, name: str | None = None) -> Detection:
     return det
 
 
+def decide_format(path: str, name: str, input_format: str) -> tuple[str, Detection | None]:
+    """The format to read `path` as: the one given, or the one its records show (auto)."""
+    if input_format != "auto":
+        check_format_option(input_format)
+        return input_format, None
+    det = detect_format(path, name)
+    if det.records == 0:
+        raise InputError(f"{name}: holds no records (an empty JSON array)")
+    if det.format is None:
+        raise InputError(f"{name}: cannot detect the format: no record looks like any of "
+                         f"{', '.join(FORMATS)} (pass --format to see why each record fails)")
+    return det.format, det
+
+
+def require_task(name: str, fmt: str, task: str, to: str) -> None:
+    """A file of conversations cannot become preference data and vice versa (exit 2, names the file)."""
+    if FORMATS[fmt].task != task:
+        holds = "conversations" if FORMATS[fmt].task == "sft" else "preference pairs"
+        needs = "conversations" if task == "sft" else "preference pairs"
+        raise InputError(f"{name}: holds {holds} ({fmt}); --to {to} needs {needs}")
+
+
 def mixed_problem(name: str, det: Detection) -> Problem:
     parts = []
     for shape, n in det.shapes.most_common():
@@ -222,18 +244,7 @@ class FileCheck:
 
     def records(self) -> Iterator[Checked]:
         with materialized(self.path) as real:
-            if self.input_format == "auto":
-                self.detection = detect_format(real, self.name)
-                if self.detection.records == 0:
-                    raise InputError(f"{self.name}: holds no records (an empty JSON array)")
-                if self.detection.format is None:
-                    raise InputError(f"{self.name}: cannot detect the format: no record looks like any of "
-                                     f"{', '.join(FORMATS)} (pass --format to see why each record fails)")
-                self.format = self.detection.format
-            else:
-                if self.input_format not in FORMATS:
-                    raise InputError(f"unknown format {self.input_format!r}; choose one of: auto, {', '.join(FORMATS)}")
-                self.format = self.input_format
+            self.format, self.detection = decide_format(real, self.name, self.input_format)
             fixed = FORMATS[self.format]
             mixed = self.detection is not None and self.detection.mixed
             with RecordStream(real, self.name) as stream:

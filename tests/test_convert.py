@@ -279,3 +279,11 @@ def test_killed_conversion_leaves_no_manifest_and_rerun_completes(tmp_path, tiny
     assert m["counts"]["kept"] == 16000
     verify_shards(out)
     assert pa.ipc.open_stream(pa.memory_map(str(out / "train" / "shard-00000.arrow"))).read_all().num_rows == 500
+
+
+def test_normalize_refuses_bad_options_before_opening_any_output(tmp_path, sft_file):
+    from aligndata.normalize import normalize
+
+    with pytest.raises(InputError, match=r"--on-error 'ignore': choose fail or skip"):
+        normalize([str(sft_file)], str(tmp_path / "o.jsonl"), "openai", on_error="ignore", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chats.jsonl"]

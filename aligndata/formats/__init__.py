@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from jsonschema import Draft202012Validator
 
+from ..errors import InputError
 from ..records import Record
 from .common import Issues
 from .openai import adapt_openai, adapt_openai_preference
@@ -69,6 +70,12 @@ FORMATS: dict[str, Format] = {
         Format("hh", "dpo", adapt_hh, '{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}'),
     )
 }
+
+
+def check_format_option(name: str) -> None:
+    """`--format` takes auto or a format name; anything else is a usage error (exit 2)."""
+    if name != "auto" and name not in FORMATS:
+        raise InputError(f"unknown format {name!r}; choose one of: auto, {', '.join(FORMATS)}")
 
 
 def detect_shape(value: Any) -> str | None:
