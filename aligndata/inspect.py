@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import InputError
-from .lint import Finding, RowLocator, ShardChecks, percentiles, shard_findings
+from .lint import Finding, RowLocator, ShardChecks, percentiles, print_warnings, shard_findings
 from .shards import SCHEMAS, SPLITS, ShardError, open_split, read_manifest
 
 DEFAULT_BATCH_SIZE = 8
@@ -566,10 +566,7 @@ def render_report(report: ShardReport, console: Any, *, ids: bool = False, marks
         _render_split(s, report.task, console)
     for note in report.notes:
         console.print(f"note: {note}", markup=False)
-    if not report.warnings:
-        console.print("checks: every completion ends with the end-of-turn token; no warnings", markup=False)
-    for w in report.warnings:
-        console.print(f"warning [{w.kind}]: {w.message}", markup=False, style="yellow")
+    print_warnings(report.warnings, console, "checks: every completion ends with the end-of-turn token; no warnings")
     if report.records:
         console.print(legend(marks))
         for rec in report.records:

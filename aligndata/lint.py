@@ -583,7 +583,12 @@ def render_lint(report: LintReport, console: Any) -> None:
         console.print(d)
     for p in r.first_problems:
         console.print(f"  invalid: {p}", markup=False)
-    if not r.warnings:
-        console.print("no warnings", markup=False)
-    for w in r.warnings:
+    print_warnings(r.warnings, console, "no warnings")
+
+
+def print_warnings(warnings: list[Finding], console: Any, none_text: str) -> None:
+    """Findings as `warning [kind]: message` lines (shared by the raw-file lint and the shard report)."""
+    if not warnings:
+        console.print(none_text, markup=False)
+    for w in warnings:
         console.print(f"warning [{w.kind}]: {w.message}", markup=False, style="yellow")

@@ -247,7 +247,7 @@ def test_normalized_conversations_convert_to_shards_keeping_every_message(scratc
     """Every message's text is in the decoded shard row, in order; assistant texts are exactly the trained spans."""
     from aligndata.convert import convert
     from aligndata.shards import open_split
-    from tiny_tokenizer import make_tiny_tokenizer
+    from tiny_tokenizer import make_tiny_tokenizer, trained_text
 
     src = write_records(scratch / "conv.jsonl", [{"messages": m} for m in convs])
     normalize([str(src)], str(scratch / "norm.jsonl"), "openai", progress=False)
@@ -264,15 +264,6 @@ def test_normalized_conversations_convert_to_shards_keeping_every_message(scratc
                 found = text.find(msg["content"], at)
                 assert found >= 0, (msg, text)
                 at = found + len(msg["content"])
-        ids, mask = row["input_ids"], row["loss_mask"]
-        spans, current = [], []
-        for t, k in zip(ids, mask):
-            if k:
-                current.append(t)
-            elif current:
-                spans.append(tok.decode(current))
-                current = []
-        if current:
-            spans.append(tok.decode(current))
+        spans = trained_text(tok, row["input_ids"], row["loss_mask"])
         # the tiny ChatML template renders content only, so a tool-call turn trains just its <|im_end|>
         assert spans == [msg["content"] + "<|im_end|>" for msg in messages if msg["role"] == "assistant"]

@@ -15,7 +15,7 @@ from tokenizers import processors
 from aligndata.records import Conversation, Message, PreferencePair
 from aligndata.templates import TemplateInfo, resolve_chat_template
 from aligndata.tokenize import EncodedDPO, EncodeError, Encoder
-from tiny_tokenizer import make_tiny_tokenizer
+from tiny_tokenizer import make_tiny_tokenizer, trained_text
 
 EOT, IM_START, IM_END, BOS, NL = 0, 1, 2, 3, 205
 
@@ -58,20 +58,6 @@ def encoder(tok, chat_template: str | TemplateInfo | None = None, **settings) ->
     settings.setdefault("max_prompt_length", None)
     info = chat_template if isinstance(chat_template, TemplateInfo) else resolve_chat_template(tok, chat_template)
     return Encoder(tok, info, **settings)
-
-
-def trained_text(tok, ids: list[int], mask: list[int]) -> list[str]:
-    """The decoded runs of trained tokens, in order."""
-    runs, current = [], []
-    for token, bit in zip(ids, mask):
-        if bit:
-            current.append(token)
-        elif current:
-            runs.append(tok.decode(current))
-            current = []
-    if current:
-        runs.append(tok.decode(current))
-    return runs
 
 
 def test_the_token_constants_above_are_the_tiny_tokenizers_ids(tiny_tokenizer):

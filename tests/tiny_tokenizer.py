@@ -86,3 +86,17 @@ def make_tiny_tokenizer(tmp_dir: str | Path | None = None, *, add_bos: bool = Fa
     if tmp_dir is not None:
         tok.save_pretrained(str(tmp_dir))
     return tok
+
+
+def trained_text(tok, ids: list[int], mask: list[int]) -> list[str]:
+    """The decoded runs of trained tokens, in order."""
+    runs, current = [], []
+    for token, bit in zip(ids, mask):
+        if bit:
+            current.append(token)
+        elif current:
+            runs.append(tok.decode(current))
+            current = []
+    if current:
+        runs.append(tok.decode(current))
+    return runs
