@@ -215,6 +215,7 @@ def convert(
     seed: int = typer.Option(0, "--seed", help="Seed of the eval split."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output made with different settings."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow tokenizer code from the model repo (off by default)."),
+    fast_tokenize: bool = typer.Option(True, "--fast-tokenize/--no-fast-tokenize", help="sft/dpo: byte-level BPE tokenizers go through a spot-checked piece cache (same tokens, 3-4x faster); --no-fast-tokenize uses the tokenizers library for every text."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Convert raw records to canonical JSONL (--to openai|preference) or to shards (--to sft|dpo).
@@ -253,7 +254,7 @@ def convert(
             length_policy=length_policy, chat_template=chat_template, eval_fraction=eval_fraction,
             eval_file=eval_file, shard_rows=shard_rows, num_proc=num_proc, on_error=on_error, seed=seed,
             overwrite=overwrite, input_format=format, train_on=train_on, progress=not quiet,
-            trust_remote_code=trust_remote_code, rejects=rejects,
+            trust_remote_code=trust_remote_code, rejects=rejects, fast_tokenize=fast_tokenize,
         )
         print_summary(result, err)
         return EXIT_OK

@@ -231,7 +231,7 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
             eval_fraction: float = 0.0, eval_file: str | None = None, shard_rows: int = 50_000, num_proc: int = 1,
             on_error: str = "fail", seed: int = 0, overwrite: bool = False, input_format: str = "auto",
             train_on: str = "all", progress: bool = False, trust_remote_code: bool = False,
-            rejects: str | None = None) -> ConvertResult:
+            rejects: str | None = None, fast_tokenize: bool = True) -> ConvertResult:
     """Convert raw files into shards in `out_dir` (see docs/SHARDS.md). Library entry point of the CLI."""
     global _ENCODER
     from .templates import load_tokenizer, resolve_chat_template, tokenizer_identity
@@ -252,8 +252,9 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tok = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
     template = resolve_chat_template(tok, chat_template)
+    # fast_tokenize changes how, not what: it is not part of the settings (the shards are identical).
     encoder_kwargs = dict(max_length=max_length, max_prompt_length=max_prompt_length, length_policy=length_policy,
-                          train_on=train_on)
+                          train_on=train_on, fast_tokenize=fast_tokenize)
     settings = {"max_length": max_length, "max_prompt_length": max_prompt_length, "length_policy": length_policy,
                 "train_on": train_on if task == "sft" else None, "eval_fraction": eval_fraction,
                 "eval_file": eval_file is not None, "seed": seed, "shard_rows": shard_rows,

@@ -76,6 +76,7 @@ class Encoder:
         max_prompt_length: int | None,
         length_policy: str = "drop",
         train_on: str = "all",
+        fast_tokenize: bool = True,
     ):
         if length_policy not in LENGTH_POLICIES:
             raise ValueError(f"length_policy must be one of {', '.join(LENGTH_POLICIES)}, not {length_policy!r}")
@@ -101,6 +102,10 @@ class Encoder:
             self._prompt_only_appends = _generation_prompt_only_appends(self._compiled, template.text)
         self._bos_id, self._bos_text = _bos_to_prepend(tokenizer)
         self._backend = _offsets_backend(tokenizer)
+        if fast_tokenize:  # same ids and offsets, a piece cache in front of the library (aligndata/fasttok.py)
+            from aligndata.fasttok import piece_tokenizer
+
+            self._backend = piece_tokenizer(self._backend) or self._backend
         self._split_ids = _prompt_split_ids(self._backend)
 
     # ---- public API -------------------------------------------------------------------------
