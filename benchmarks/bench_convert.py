@@ -1,15 +1,17 @@
 """Conversion throughput: aligndata convert --to dpo vs TRL 1.16's DPO tokenization vs raw encode_batch.
 
-All three run in this one invocation on the same generated preference data and the same real
-tokenizer, single-threaded tokenizers (TOKENIZERS_PARALLELISM=false) so "one process" means one core:
+All run in this one invocation on the same generated preference data (messages cut from real
+dialogue text, see word_source) and the same real tokenizer, single-threaded tokenizers
+(TOKENIZERS_PARALLELISM=false) so "one process" means one core:
 
   ours-1p   aligndata.convert.convert(num_proc=1): read + validate + render + tokenize + write shards
   ours-2p   the same with num_proc=2
+  library   ours-1p with --no-fast-tokenize: every text through the tokenizers library, no piece cache
   trl       from the same JSONL file: datasets.load_dataset("json") into a fresh cache, then
             DPOTrainer._prepare_dataset from TRL 1.16 (3 chat-template renderings + tokenizations
             per row, through datasets.map); the JSON loading share is printed separately
   raw       tokenizers' encode_batch on the two pre-rendered full texts of each row (prompt+chosen,
-            prompt+rejected): the floor any chat-template pipeline pays
+            prompt+rejected): what tokenizing each row's two conversations with the library costs
 
 TRL is installed only for this benchmark, into a separate --target directory, and runs in a
 subprocess. Usage:
@@ -35,46 +37,72 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "data" / "tokenizers" / "qwen2.5"
-WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had by "
-         "word but not what all were we when your can said there use an each which she do how their if will up "
-         "other about out many then them these so some her would make like him into time has look two more write "
-         "go see number no way could people my than first water been call who oil its now find long down day did "
-         "get come made may part model data train token batch loss gradient learning rate python function value "
-         "Paris London weather recipe chicken garden music history science energy planet ocean mountain river").split()
+HH_RLHF = REPO.parent / "shared" / "data" / "hh-rlhf"
 
 
-def lognormal_words(rng: random.Random, median: int, sigma: float = 0.6, lo: int = 5, hi: int = 700) -> str:
-    n = int(min(hi, max(lo, rng.lognormvariate(0, sigma) * median)))
-    words = [rng.choice(WORDS) for _ in range(n)]
-    for i in range(12, n, rng.randint(10, 20)):
-        words[i] += rng.choice(".,?!")
-    return " ".join(words).capitalize()
+def word_source(seed: int = 0) -> tuple[list[str], str]:
+    """Running text to cut messages from: the words of real dialogues (the HH-RLHF test splits in
+    ../shared/data, curly quotes, typos, numbers and all) or, where those are absent, a synthetic text
+    with a Zipf-distributed vocabulary of 30,000 made-up words and punctuation."""
+    files = sorted(HH_RLHF.glob("*-test.jsonl.gz")) if HH_RLHF.is_dir() else []
+    if files:
+        import gzip
 
-
-def generate(path: Path, rows: int, seed: int = 0) -> None:
-    """Multi-turn preference pairs: 0-2 earlier exchanges, prompts ~90 words, replies ~160 words (medians)."""
+        words: list[str] = []
+        for path in files:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                for line in f:
+                    text = json.loads(line)["chosen"]
+                    words += text.replace("\n\nHuman:", " ").replace("\n\nAssistant:", " ").split()
+        return words, f"words of {', '.join(p.name for p in files)}"
     rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ou", "ea")]
+    vocab = sorted({"".join(rng.choice(syllables) for _ in range(rng.choice((1, 1, 2, 2, 3, 4)))) for _ in range(40_000)})
+    rng.shuffle(vocab)
+    vocab = vocab[:30_000]
+    weights = [1 / (rank + 1) for rank in range(len(vocab))]
+    words = rng.choices(vocab, weights, k=600_000)
+    for i in range(0, len(words), 11):
+        words[i] += rng.choice(".,?!:;")
+    return words, "a synthetic Zipf text (30,000 made-up words; ../shared/data/hh-rlhf is absent)"
+
+
+def lognormal_words(rng: random.Random, words: list[str], median: int, sigma: float = 0.6, lo: int = 5,
+                    hi: int = 700) -> str:
+    """A run of about `median` consecutive words (log-normal length) from a random place in `words`."""
+    n = int(min(hi, max(lo, rng.lognormvariate(0, sigma) * median)))
+    start = rng.randrange(len(words) - n)
+    return " ".join(words[start:start + n])
+
+
+def generate(path: Path, rows: int, seed: int = 0) -> str:
+    """Multi-turn preference pairs: 0-2 earlier exchanges, prompts ~90 words, replies ~160 words (medians).
+    Returns where the text came from."""
+    rng = random.Random(seed)
+    words, origin = word_source(seed)
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(rows):
             prompt = []
             if rng.random() < 0.3:
-                prompt.append({"role": "system", "content": lognormal_words(rng, 15)})
+                prompt.append({"role": "system", "content": lognormal_words(rng, words, 15)})
             for _ in range(rng.choice((0, 0, 1, 2))):
-                prompt.append({"role": "user", "content": lognormal_words(rng, 40)})
-                prompt.append({"role": "assistant", "content": lognormal_words(rng, 80)})
-            prompt.append({"role": "user", "content": lognormal_words(rng, 60)})
+                prompt.append({"role": "user", "content": lognormal_words(rng, words, 40)})
+                prompt.append({"role": "assistant", "content": lognormal_words(rng, words, 80)})
+            prompt.append({"role": "user", "content": lognormal_words(rng, words, 60)})
             pair = {"prompt": prompt,
-                    "chosen": [{"role": "assistant", "content": lognormal_words(rng, 160)}],
-                    "rejected": [{"role": "assistant", "content": lognormal_words(rng, 140)}]}
+                    "chosen": [{"role": "assistant", "content": lognormal_words(rng, words, 160)}],
+                    "rejected": [{"role": "assistant", "content": lognormal_words(rng, words, 140)}]}
             f.write(json.dumps(pair) + "\n")
+    return origin
 
 
-def time_ours(data: Path, tokenizer: str, num_proc: int, workdir: Path) -> dict:
+def time_ours(data: Path, tokenizer: str, num_proc: int, workdir: Path, fast_tokenize: bool = True) -> dict:
     from aligndata.convert import convert
 
-    out = workdir / f"ours-{num_proc}p"
+    out = workdir / f"ours-{num_proc}p{'' if fast_tokenize else '-library'}"
     t0 = time.perf_counter()
-    result = convert([str(data)], out, "dpo", tokenizer, num_proc=num_proc, overwrite=True)
+    result = convert([str(data)], out, "dpo", tokenizer, num_proc=num_proc, overwrite=True,
+                     fast_tokenize=fast_tokenize)
     dt = time.perf_counter() - t0
     return {"seconds": dt, "rows": result.manifest["counts"]["kept"],
             "tokens": result.manifest["splits"]["train"]["tokens"]}
@@ -154,6 +182,8 @@ def _child(kind: str, data: Path, tokenizer: str, workdir: Path) -> None:
     import aligndata.tokenize  # noqa: F401
     if kind == "raw":
         r = time_raw(data, tokenizer)
+    elif kind == "library-1p":
+        r = time_ours(data, tokenizer, 1, workdir, fast_tokenize=False)
     else:
         r = time_ours(data, tokenizer, int(kind[-2]), workdir)
     print("RESULT " + json.dumps(r))
@@ -186,8 +216,9 @@ def main() -> None:
     if args.child:
         _child(args.child, data, args.tokenizer, work)
         return
-    generate(data, args.rows)
-    names = {"raw": "raw encode_batch", "ours-1p": "ours, 1 process", "ours-2p": "ours, 2 processes"}
+    origin = generate(data, args.rows)
+    names = {"raw": "raw encode_batch", "ours-1p": "ours, 1 process", "ours-2p": "ours, 2 processes",
+             "library-1p": "ours, 1 process, --no-fast-tokenize"}
     runs: dict[str, list[dict]] = {}
     for _ in range(args.repeats):  # interleaved, so a slow spell of a shared machine hits every run alike
         for kind, name in names.items():
@@ -200,7 +231,7 @@ def main() -> None:
                 runs.setdefault(f"TRL {trl.pop('trl')} DPO tokenization", []).append(trl)
     results = {name: min(rs, key=lambda r: r["seconds"]) for name, rs in runs.items()}
 
-    print(f"\n{args.rows} multi-turn preference rows, tokenizer {args.tokenizer}, {os.cpu_count()} CPU cores, "
+    print(f"\n{args.rows} multi-turn preference rows cut from {origin}, tokenizer {args.tokenizer}, {os.cpu_count()} CPU cores, "
           f"TOKENIZERS_PARALLELISM=false, best of {args.repeats} interleaved runs, each in a fresh process\n")
     print("| run | seconds (best) | all runs | rows/s | tokens/s |")
     print("|---|---:|---|---:|---:|")
@@ -216,6 +247,7 @@ def main() -> None:
         print(f"ours-1p / TRL        = {ours1 / rate[trl_key]:.2f}x   (target >= 2.5x)")
     print(f"ours-1p / raw encode = {ours1 / raw:.2%}   (target >= 85%)")
     print(f"ours-2p / ours-1p    = {ours2 / ours1:.2f}x   (target >= 1.8x)")
+    print(f"piece cache speed-up = {ours1 / rate[names['library-1p']]:.2f}x   (ours-1p vs --no-fast-tokenize)")
 
 
 if __name__ == "__main__":
