@@ -203,3 +203,27 @@ def test_real_byte_level_tokenizers_match_the_library(shared_data, name):
         with gzip.open(hh, "rt", encoding="utf-8") as f:
             batch = [json.loads(line)["chosen"] for _, line in zip(range(300), f)]
         assert_same(fast, backend, batch)
+
+
+@pytest.mark.parametrize("files,task", [
+    (["llamafactory/dpo_en_demo.json", "llamafactory/dpo_zh_demo.json"], "dpo"),
+    (["llamafactory/glaive_toolcall_en_demo.json", "llamafactory/glaive_toolcall_zh_demo.json",
+      "fastchat/dummy_conversation.json", "xtuner/openai_sft.jsonl"], "sft"),
+])
+def test_real_datasets_convert_to_the_same_shards_with_and_without_the_cache(shared_data, tmp_path, files, task):
+    """English, Chinese and tool calls through Qwen2.5's template: byte-identical shards."""
+    from aligndata.convert import convert
+
+    tokenizer = shared_data / "tokenizers" / "qwen2.5"
+    paths = [str(shared_data / f) for f in files]
+    if not tokenizer.is_dir() or not all(map(lambda p: __import__("os").path.exists(p), paths)):
+        pytest.skip("real tokenizer or datasets absent")
+    outs = []
+    for fast in (True, False):
+        out = tmp_path / f"out-{fast}"
+        result = convert(paths, out, task, str(tokenizer), on_error="skip", fast_tokenize=fast)
+        outs.append((out, result.manifest))
+    (a, ma), (b, mb) = outs
+    assert ma["counts"] == mb["counts"] and ma["counts"]["kept"] > 0
+    assert [s["sha256"] for split in ma["splits"].values() for s in split["files"]] == \
+           [s["sha256"] for split in mb["splits"].values() for s in split["files"]]
