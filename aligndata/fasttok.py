@@ -26,7 +26,7 @@ checked where it is not provable up front:
 - A piece's ids and offsets come from the library, tokenizing the piece alone; a piece that the
   library's pre-tokenizer would split further when alone (possible with look-around expressions) is
   never cached, and texts holding it go to the library.
-- Spot checks: the first 64 texts and every 128th after are also tokenized by the library and compared,
+- Spot checks: the first 32 texts and every 128th after are also tokenized by the library and compared,
   ids and offsets. A difference stops the run with `TokenizerMismatch` naming the text; nothing is ever
   silently tokenized differently. `--no-fast-tokenize` (convert) uses the library for every text.
 """
@@ -46,12 +46,18 @@ from .templates import TemplateError
 # The expression of ByteLevel(use_regex=True), as in the tokenizers library (GPT-2's).
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 NORMAL_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
-CHECK_FIRST = 64
+CHECK_FIRST = 32
 CHECK_EVERY = 128
 CACHE_LIMIT = 1 << 20  # pieces; the cache is emptied when it grows past this
+MISS_LIMIT = 0.25  # after MISSED_BATCHES batches in a row with more new pieces than this share of their
+MISSED_BATCHES = 2  # pieces, the next BYPASS_BATCHES batches go to the library (doubling while it lasts)
+BYPASS_BATCHES = 8
 # Neighbours a probed character is pre-tokenized between: letters, digits, spaces, newlines, apostrophes
 # with each contraction's first letter, punctuation, and non-ASCII letters/digits/punctuation.
-_CONTEXTS = ("", "a", "7", " ", "  ", "\n", "\r\n", "'s", "'LL", ".", "é", "\u00a0")
+# How a probed character c is pre-tokenized here tells its classes apart in any of the expressions:
+# next to letters (is it one?), digits (a number?), spaces (does it take the space in front, or is it
+# one?), in a run of itself, after an apostrophe (a contraction letter under (?i)?), around line breaks.
+_PROBE = "a{c}a 7{c}7 {c} '{c} {c}{c}\n{c}a {c}.\n\n{c}  '{c}{c}é"
 _VERDICTS: dict[str, tuple[set[str], set[str]]] = {}
 
 
@@ -78,6 +84,8 @@ def piece_tokenizer(backend: Any) -> "PieceTokenizer | None":
         compiled = regex.compile(pattern)
     except regex.error:
         return None
+    if compiled.match("") is not None:  # an expression that can match nothing: the two engines' empty
+        return None                      # matches need not agree
     return PieceTokenizer(backend, compiled, form, [(i, t.content, t.normalized) for i, t in added])
 
 
@@ -138,37 +146,47 @@ class PieceTokenizer:
         self._safe, self._unsafe = _VERDICTS.setdefault(self._pattern, (set(), set()))
         self.texts = 0  # texts encoded (through either path)
         self.fallbacks = 0  # of them, tokenized by the library because a guard said so
+        self.bypassed = 0  # of them, tokenized by the library because the cache was not paying off
+        self._bypass = 0
+        self._misses = 0
+        specials = [(content, i) for i, content, normalized in added if not normalized and content]
+        self._separator = min(specials, key=lambda s: (len(s[0]), s[0])) if specials else None
         self.checked = 0  # spot checks made
-        self._ascii_ok = all([self._probe(chr(i)) for i in range(128)])
+        ascii_chars = [chr(i) for i in range(128)]
+        self._probe(ascii_chars)
+        self._ascii_ok = self._safe.issuperset(ascii_chars)
 
     def __getattr__(self, name: str) -> Any:  # everything else is the library's
         return getattr(self.backend, name)
 
     # ---- guards -------------------------------------------------------------------------------
 
-    def _probe(self, char: str) -> bool:
-        """Do both engines pre-tokenize `char` alike in every context? Remembered per character."""
-        if char in self._safe:
-            return True
-        if char in self._unsafe:
-            return False
-        probe = "\n".join([left + char + right for left in _CONTEXTS for right in _CONTEXTS]
-                          + [char * 3, f" {char}{char} x", f"{char}'s {char}'S"])
+    def _agree(self, probe: str) -> bool:
         ours = [m.span() for m in self._finditer(probe)]
-        theirs = [span for _, span in self.backend.pre_tokenizer.pre_tokenize_str(probe)]
-        ok = ours == theirs
-        (self._safe if ok else self._unsafe).add(char)
-        return ok
+        return ours == [span for _, span in self.backend.pre_tokenizer.pre_tokenize_str(probe)]
+
+    def _probe(self, chars: set[str] | list[str]) -> None:
+        """Sort new characters into safe and unsafe: do both engines pre-tokenize each of them alike
+        between letters, digits, spaces, line breaks, apostrophes (contractions) and punctuation?
+        All of them in one probe text (_PROBE per character, joined); only when that differs, one
+        character at a time."""
+        chars = sorted(set(chars) - self._safe - self._unsafe)
+        if not chars:
+            return
+        probes = [_PROBE.format(c=c) for c in chars]
+        if self._agree("\n".join(probes)):
+            self._safe.update(chars)
+            return
+        for c, probe in zip(chars, probes):
+            (self._safe if self._agree(probe) else self._unsafe).add(c)
 
     def _chars_ok(self, text: str) -> bool:
         """Are all characters of `text` probed safe? Probes the new ones."""
         chars = set(text)
         if chars <= self._safe:
             return True
-        for char in chars.difference(self._safe):
-            if not self._probe(char):
-                return False
-        return True
+        self._probe(chars)
+        return chars <= self._safe
 
     # ---- encoding -----------------------------------------------------------------------------
 
@@ -205,39 +223,84 @@ class PieceTokenizer:
         return pieces
 
     def _learn(self, missing: set[str]) -> None:
-        """Tokenize unseen pieces with the library, each alone; cache those the library keeps whole."""
+        """Tokenize unseen pieces with the library, each alone; cache those the library keeps whole.
+
+        The pieces go in as one text joined by an added token: the library splits on added tokens
+        before anything else and pre-tokenizes and tokenizes each part alone, so this is each piece
+        alone, in one call (one Encoding, not one per piece). A piece whose tokens carry more than
+        one word index was pre-tokenized further when alone and is never cached."""
         if len(self._ids) + len(missing) > CACHE_LIMIT:
             self._ids = dict(self._added_ids)
             self._spans = dict(self._added_spans)
         pieces = sorted(missing)
-        for piece, encoding in zip(pieces, self.backend.encode_batch(pieces, add_special_tokens=False)):
-            words = encoding.word_ids
-            if words and words[-1] != 0:  # pre-tokenized into more than one piece when alone
-                self._bad_pieces.add(piece)
+        if self._separator is None:
+            parts = [(e.ids, e.offsets, e.word_ids) for e in self.backend.encode_batch(pieces, add_special_tokens=False)]
+        else:
+            parts = self._encode_joined(pieces)
+        ids_cache, spans_cache, bad = self._ids, self._spans, self._bad_pieces
+        for piece, (ids, offsets, words) in zip(pieces, parts):
+            if words and words[0] != words[-1]:
+                bad.add(piece)
                 continue
-            self._ids[piece] = tuple(encoding.ids)
-            self._spans[piece] = tuple(encoding.offsets)
+            ids_cache[piece] = tuple(ids)
+            spans_cache[piece] = tuple(offsets)
+
+    def _encode_joined(self, pieces: list[str]) -> list[tuple[list[int], list[tuple[int, int]], list[int]]]:
+        sep, sep_id = self._separator
+        encoding = self.backend.encode(sep.join(pieces), add_special_tokens=False)
+        ids, offsets, words = encoding.ids, encoding.offsets, encoding.word_ids
+        out = []
+        t, n, start = 0, len(ids), 0
+        for piece in pieces:
+            end = start + len(piece)
+            first = t
+            while t < n and offsets[t][0] < end:
+                t += 1
+            out.append((ids[first:t], [(a - start, b - start) for a, b in offsets[first:t]], words[first:t]))
+            if t < n:  # the separator token
+                if ids[t] != sep_id or offsets[t] != (end, end + len(sep)):
+                    raise TokenizerMismatch(f"internal check failed: the added token {sep!r} did not separate the "
+                                            "pieces; rerun with --no-fast-tokenize, and please report this")
+                t += 1
+            start = end + len(sep)
+        return out
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[Any]:
         if add_special_tokens:
             return self.backend.encode_batch(texts, add_special_tokens=True)
+        if self._bypass > 0:
+            self._bypass -= 1
+            self.texts += len(texts)
+            self.bypassed += len(texts)
+            return self.backend.encode_batch(texts, add_special_tokens=False)
         out: list[Any] = [None] * len(texts)
         library: list[int] = []
         plans: list[tuple[int, list[str], list[Any]]] = []
         missing: set[str] = set()
         get = self._ids.get
+        total = 0
         for i, text in enumerate(texts):
             pieces = self._pieces(text)
             if pieces is None:
                 library.append(i)
                 continue
+            total += len(pieces)
             entries = list(map(get, pieces))
             if None in entries:
                 missing.update(pieces)
             plans.append((i, pieces, entries))
         if missing:
             ids, bad = self._ids, self._bad_pieces
-            self._learn({p for p in missing if p not in ids and p not in bad})
+            new = {p for p in missing if p not in ids and p not in bad}
+            self._learn(new)
+            if len(new) > MISS_LIMIT * total and len(new) > 64:
+                # Text that rarely repeats a piece (Chinese sentences are single pieces): when the cache
+                # keeps missing, the library takes the next batches whole, more of them each time.
+                self._misses += 1
+                if self._misses >= MISSED_BATCHES:
+                    self._bypass = BYPASS_BATCHES << min(self._misses - MISSED_BATCHES, 4)
+            else:
+                self._misses = 0
             get = self._ids.get
         for i, pieces, entries in plans:
             if None in entries:

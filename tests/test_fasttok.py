@@ -227,3 +227,23 @@ def test_real_datasets_convert_to_the_same_shards_with_and_without_the_cache(sha
     assert ma["counts"] == mb["counts"] and ma["counts"]["kept"] > 0
     assert [s["sha256"] for split in ma["splits"].values() for s in split["files"]] == \
            [s["sha256"] for split in mb["splits"].values() for s in split["files"]]
+
+
+def test_text_that_never_repeats_a_piece_goes_to_the_library_and_comes_back(tiny_tokenizer):
+    import random
+
+    backend = _backend(tiny_tokenizer)
+    fast = piece_tokenizer(backend)
+    rng = random.Random(0)
+
+    def unique_words(n):  # every word new: the cache only costs here
+        return " ".join("".join(rng.choice("bcdfghklmnpqrstvwxz") for _ in range(8)) for _ in range(n))
+
+    for _ in range(fasttok.MISSED_BATCHES + 2):
+        assert_same(fast, backend, [unique_words(60) for _ in range(4)])
+    assert fast.bypassed > 0 and fast._bypass > 0
+    while fast._bypass:
+        assert_same(fast, backend, ["It is sunny in Paris today."])
+    before = fast.bypassed
+    assert_same(fast, backend, ["It is sunny in Paris today."] * 4)  # a repetitive batch: the cache again
+    assert fast.bypassed == before and fast._misses == 0
