@@ -32,7 +32,7 @@ from .shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, ShardError, ShardWrit
                      read_manifest, sha256_file, verify_shards)
 from .validate import Checked, check_value, decide_format, materialized, mixed_problem, require_task
 
-CHUNK = 256
+CHUNK = 64
 POLICIES = ("drop", "truncate")
 # Encoder failures that are a length-policy decision, not a defect of the record.
 DROP_REASONS = {"too-long"}
