@@ -15,7 +15,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-from array import array
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +27,12 @@ from .errors import InputError, InvalidRecordError, Problem
 from .formats import FORMATS, check_format_option
 from .normalize import AtomicOutput, check_on_error, reject_line
 from .progress import FileProgress
-from .reader import RawRecord, RecordStream, display_name, require_file
+from .reader import LineParser, RawRecord, RecordStream, display_name, require_file
 from .shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, ShardError, ShardWriter, finish_output, prepare_output,
                      read_manifest, sha256_file, verify_shards)
 from .validate import Checked, check_value, decide_format, materialized, mixed_problem, require_task
 
-CHUNK = 256
+CHUNK = 64
 POLICIES = ("drop", "truncate")
 # Encoder failures that are a length-policy decision, not a defect of the record.
 DROP_REASONS = {"too-long"}
@@ -48,54 +47,95 @@ class ConvertResult:
 
 
 @dataclass
-class _Outcome:
-    index: int
-    line: int
-    kind: str  # "keep" | "reject" | "drop"
-    row: dict[str, Any] | None = None
-    truncated: str | None = None
+class _Other:
+    """A record of a chunk that is not kept: dropped by the length policy, or rejected."""
+
+    kept_before: int  # kept records of the chunk before this one (where it falls between the kept rows)
+    kind: str  # "reject" | "drop"
     reason: str | None = None
     problems: list[Problem] = field(default_factory=list)
-    raw: RawRecord | None = None
+    fatal: bool = False
+    reject_line: str | None = None  # the rejects-file line, made in the worker under --on-error skip
 
 
-# -- the per-record work, run in workers -----------------------------------------------------------
+@dataclass
+class _Result:
+    """What a worker sends back for one chunk: the kept rows column by column, one array per column
+    (far cheaper to pickle than arrays per row), and the other records in order."""
+
+    records: int
+    index: np.ndarray  # record index of each kept row
+    columns: dict[str, tuple[np.ndarray, np.ndarray]]  # id-list column -> (flat values, per-row lengths)
+    truncated: list[tuple[int, str]]  # (kept row, how) for the truncated ones
+    others: list[_Other]
+
+
+# -- the per-chunk work, run in workers --------------------------------------------------------------
 
 _ENCODER = None
+# Columns of the rows each task keeps, and their dtypes (what the shard schema stores).
+_LIST_COLUMNS = {"sft": (("input_ids", np.int32), ("loss_mask", np.int8)),
+                 "dpo": (("prompt_ids", np.int32), ("chosen_ids", np.int32), ("rejected_ids", np.int32))}
 
 
-def _outcome(checked: Checked, task: str, enc: Any) -> _Outcome:
+def _flat(seqs: list[Any], dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter((len(x) for x in seqs), dtype=np.int64, count=len(seqs))
+    if all(type(x) is list for x in seqs):
+        values: list[int] = []
+        for x in seqs:
+            values.extend(x)
+        return np.array(values, dtype=dtype), lengths
+    if not seqs:
+        return np.zeros(0, dtype=dtype), lengths
+    return np.concatenate([np.asarray(x, dtype=dtype) for x in seqs]), lengths
+
+
+def _raw_records(job: tuple) -> list[RawRecord]:
+    name, payload = job[0], job[5]
+    if job[4] == "records":
+        return payload
+    first, linenos, lines = payload
+    parse = LineParser(name)
+    return [parse(first + i, lineno, line) for i, (lineno, line) in enumerate(zip(linenos, lines))]
+
+
+def _work(job: tuple) -> _Result:
+    """Parse a chunk (JSON Lines arrive as raw lines), check it, encode the valid records in one batch."""
     from .tokenize import EncodeError
 
-    raw = checked.raw
-    if isinstance(enc, EncodeError):
-        kind = "drop" if enc.reason in DROP_REASONS else "reject"
-        src = checked.record.source
-        problem = Problem(src.file, src.line, src.index, "$", str(enc.message), enc.reason)
-        return _Outcome(raw.index, raw.line, kind, reason=enc.reason, problems=[problem], raw=raw)
-    # numpy arrays: a fraction of the pickling cost of int lists between processes, and what the writer wants
-    if task == "sft":
-        row = {"input_ids": np.asarray(enc.input_ids, dtype=np.int32), "loss_mask": np.asarray(enc.loss_mask, dtype=np.int8)}
-    else:
-        row = {k: np.asarray(getattr(enc, k), dtype=np.int32) for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-    return _Outcome(raw.index, raw.line, "keep", row=row, truncated=enc.truncated)
-
-
-def _work(job: tuple[str, str, str, list[RawRecord]]) -> list[_Outcome]:
-    """Check a chunk of raw records, then encode the valid ones in one tokenizer batch."""
-    name, fmt_name, task, chunk = job
+    name, fmt_name, task, on_error = job[:4]
     fmt = FORMATS[fmt_name]
-    checked = [check_value(raw, fmt, name) for raw in chunk]
+    raws = _raw_records(job)
+    checked = [check_value(raw, fmt, name) for raw in raws]
     valid = [c.record for c in checked if c.ok]
     batch = _ENCODER.encode_sft_batch if task == "sft" else _ENCODER.encode_dpo_batch
     encoded = iter(batch(valid)) if valid else iter(())
-    out = []
+    kept: list[Any] = []
+    index: list[int] = []
+    truncated: list[tuple[int, str]] = []
+    others: list[_Other] = []
     for c in checked:
+        raw = c.raw
         if c.ok:
-            out.append(_outcome(c, task, next(encoded)))
+            enc = next(encoded)
+            if isinstance(enc, EncodeError):
+                kind = "drop" if enc.reason in DROP_REASONS else "reject"
+                problems = [Problem(name, raw.line, raw.index, "$", str(enc.message), enc.reason)]
+                others.append(_Other(len(kept), kind, enc.reason, problems))
+                if kind == "reject" and on_error == "skip":
+                    others[-1].reject_line = reject_line(Checked(raw, fmt_name, None, problems), name)
+                continue
+            if enc.truncated:
+                truncated.append((len(kept), enc.truncated))
+            kept.append(enc)
+            index.append(raw.index)
         else:
-            out.append(_Outcome(c.raw.index, c.raw.line, "reject", problems=c.problems, raw=c.raw))
-    return out
+            other = _Other(len(kept), "reject", problems=c.problems, fatal=raw.fatal)
+            if on_error == "skip" and not raw.fatal:
+                other.reject_line = reject_line(c, name)
+            others.append(other)
+    columns = {col: _flat([getattr(e, col) for e in kept], dtype) for col, dtype in _LIST_COLUMNS[task]}
+    return _Result(len(raws), np.array(index, dtype=np.int64), columns, truncated, others)
 
 
 def _init_worker(spec: str, chat_template: str | None, trust_remote_code: bool, kwargs: dict[str, Any]) -> None:
@@ -157,10 +197,27 @@ def _chunks(stream: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]
         yield chunk
 
 
-def _percentiles(values: array) -> dict[str, int]:
-    if not values:
+def _line_chunks(lines: Iterable[tuple[int, int, bytes]], size: int) -> Iterator[tuple[int, list[int], list[bytes]]]:
+    """Raw JSON Lines in chunks: (index of the first record, line numbers, line bytes)."""
+    first = 0
+    linenos: list[int] = []
+    chunk: list[bytes] = []
+    for index, lineno, line in lines:
+        if not chunk:
+            first = index
+        linenos.append(lineno)
+        chunk.append(line)
+        if len(chunk) >= size:
+            yield first, linenos, chunk
+            linenos, chunk = [], []
+    if chunk:
+        yield first, linenos, chunk
+
+
+def _percentiles(values: np.ndarray) -> dict[str, int]:
+    if not len(values):
         return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
-    s = sorted(values)
+    s = np.sort(values)
 
     def at(q: float) -> int:
         return int(s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))])
@@ -174,33 +231,42 @@ class _Stats:
     def __init__(self, task: str):
         self.task = task
         self.cols = ("total", "prompt", "completion") if task == "sft" else ("total", "prompt", "chosen", "rejected")
-        self.data: dict[str, dict[str, array]] = {}
+        self.data: dict[str, dict[str, list[np.ndarray]]] = {}
         self.trained: Counter = Counter()
 
-    def add(self, split: str, row: dict[str, Any]) -> None:
-        d = self.data.setdefault(split, {c: array("i") for c in self.cols})
+    def add(self, split: str, columns: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Add rows given as the writer takes them: id-list column -> (flat values, per-row lengths)."""
+        d = self.data.setdefault(split, {c: [] for c in self.cols})
         if self.task == "sft":
-            mask = np.asarray(row["loss_mask"])
-            trained = int(np.count_nonzero(mask))
-            first = int(np.argmax(mask)) if trained else len(row["input_ids"])
-            d["total"].append(len(row["input_ids"]))
+            ids_len = columns["input_ids"][1]
+            mask, lengths = columns["loss_mask"]
+            ends = np.cumsum(lengths)
+            starts = ends - lengths
+            nonzero = np.flatnonzero(mask)
+            at = np.searchsorted(nonzero, starts)
+            trained = np.searchsorted(nonzero, ends) - at
+            # first trained position of each row (its prompt length), or the row's length when none is
+            first_trained = nonzero[np.minimum(at, len(nonzero) - 1)] - starts if len(nonzero) else starts
+            first = np.where(trained > 0, first_trained, ids_len)  # the prompt's length; all of it when nothing is trained
+            d["total"].append(ids_len)
             d["prompt"].append(first)
-            d["completion"].append(len(row["input_ids"]) - first)
-            self.trained[split] += trained
+            d["completion"].append(ids_len - first)
+            self.trained[split] += int(trained.sum())
         else:
-            p, c, r = len(row["prompt_ids"]), len(row["chosen_ids"]), len(row["rejected_ids"])
-            d["total"].append(p + max(c, r))
+            p, c, r = (columns[k][1] for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+            d["total"].append(p + np.maximum(c, r))
             d["prompt"].append(p)
             d["chosen"].append(c)
             d["rejected"].append(r)
-            self.trained[split] += c + r
+            self.trained[split] += int(c.sum() + r.sum())
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            split: {"rows": len(d["total"]), "trained_tokens": self.trained[split],
-                    "lengths": {c: _percentiles(v) for c, v in d.items()}}
-            for split, d in self.data.items()
-        }
+        out = {}
+        for split, d in self.data.items():
+            cols = {c: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for c, v in d.items()}
+            out[split] = {"rows": len(cols["total"]), "trained_tokens": self.trained[split],
+                          "lengths": {c: _percentiles(v) for c, v in cols.items()}}
+        return out
 
 
 def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -377,33 +443,66 @@ def _convert_file(path: str, real: str, role: str, src_i: int, source: dict[str,
     source["records"] = 0
     with RecordStream(real, name) as stream:
         bar.start_file(stream, name)
-        jobs = ((name, fmt, task, chunk) for chunk in _chunks(stream, CHUNK))
+        if stream.mode == "lines":  # the workers parse the lines: the main process only reads bytes
+            jobs: Iterator[tuple] = ((name, fmt, task, on_error, "lines", chunk)
+                                     for chunk in _line_chunks(stream.raw_lines(), CHUNK))
+        else:
+            jobs = ((name, fmt, task, on_error, "records", chunk) for chunk in _chunks(stream, CHUNK))
         results = _bounded_imap(pool, jobs) if pool is not None else map(_work, jobs)
-        for outcomes in results:
-            for o in outcomes:
-                counts["read"] += 1
-                source["records"] += 1
-                bar.update()
-                if o.kind == "keep":
-                    split = "eval" if role == "eval" or _in_eval(seed, source["sha256"], o.index, eval_fraction) else "train"
-                    o.row["source"] = src_i
-                    o.row["source_index"] = o.index
-                    writer.write(split, o.row)
-                    stats.add(split, o.row)
-                    counts["kept"] += 1
-                    if o.truncated:
-                        counts["truncated"][o.truncated] += 1
+        for res in results:
+            counts["read"] += res.records
+            source["records"] += res.records
+            bar.update(res.records)
+            done = 0  # kept rows of this chunk written so far
+            for other in res.others:
+                if other.kept_before > done:
+                    _write_kept(res, done, other.kept_before, role, src_i, source, seed, eval_fraction, writer, stats)
+                    done = other.kept_before
+                if other.kind == "drop":
+                    counts["dropped"][other.reason] += 1
                     continue
-                if o.kind == "drop":
-                    counts["dropped"][o.reason] += 1
-                    continue
-                if on_error != "skip" or o.raw.fatal:
-                    raise InvalidRecordError(o.problems)
-                counts["rejected"][o.problems[0].kind] += 1
-                reject_sink.write(reject_line(Checked(o.raw, fmt, None, o.problems), name))
+                if on_error != "skip" or other.fatal:
+                    raise InvalidRecordError(other.problems)
+                counts["rejected"][other.problems[0].kind] += 1
+                reject_sink.write(other.reject_line)
+            if len(res.index) > done:
+                _write_kept(res, done, len(res.index), role, src_i, source, seed, eval_fraction, writer, stats)
+            counts["kept"] += len(res.index)
+            for _, how in res.truncated:
+                counts["truncated"][how] += 1
 
 
-def _bounded_imap(pool: Any, jobs: Iterator[Any]) -> Iterator[list[_Outcome]]:
+def _write_kept(res: _Result, start: int, stop: int, role: str, src_i: int, source: dict[str, Any], seed: int,
+                eval_fraction: float, writer: ShardWriter, stats: _Stats) -> None:
+    """Kept rows start..stop of a chunk to their splits' shards and stats."""
+    index = res.index[start:stop]
+    if role == "eval":
+        splits = [("eval", None)]
+    elif eval_fraction <= 0:
+        splits = [("train", None)]
+    else:
+        in_eval = np.fromiter((_in_eval(seed, source["sha256"], int(i), eval_fraction) for i in index),
+                              dtype=bool, count=len(index))
+        splits = [("train", ~in_eval), ("eval", in_eval)]
+    offsets = {col: np.concatenate(([0], np.cumsum(lengths))) for col, (_, lengths) in res.columns.items()}
+    for split, mask in splits:
+        rows = np.arange(start, stop) if mask is None else np.arange(start, stop)[mask]
+        if not len(rows):
+            continue
+        columns: dict[str, Any] = {}
+        for col, (values, lengths) in res.columns.items():
+            off = offsets[col]
+            if mask is None or mask.all():
+                columns[col] = (values[off[start]:off[stop]], lengths[start:stop])
+            else:
+                columns[col] = (np.concatenate([values[off[i]:off[i + 1]] for i in rows]), lengths[rows])
+        stats.add(split, columns)
+        columns["source"] = np.full(len(rows), src_i, dtype=np.int64)
+        columns["source_index"] = res.index[rows]
+        writer.write_columns(split, columns, len(rows))
+
+
+def _bounded_imap(pool: Any, jobs: Iterator[Any]) -> Iterator[_Result]:
     """Ordered results with a bounded number of chunks in flight (Pool.imap would read the whole input)."""
     window = pool._processes * 4
     pending: deque = deque()

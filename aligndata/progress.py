@@ -31,11 +31,12 @@ class FileProgress:
         if self._progress is not None:
             self._task = self._progress.add_task(label, total=stream.total_bytes)
 
-    def update(self) -> None:
+    def update(self, records: int = 1) -> None:
         if not self.enabled or self._stream is None:
             return
-        self._calls += 1
-        if self._calls % 256:
+        before = self._calls
+        self._calls += records
+        if self._calls // 256 == before // 256:
             return
         if self._progress is None:
             if time.monotonic() - self._started < DELAY_S:

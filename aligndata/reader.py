@@ -66,6 +66,40 @@ class _ConstantFlag:
         return value
 
 
+class LineParser:
+    """One JSON Lines record from its raw bytes: UTF-8 and JSON errors become RawRecords with `error` set.
+
+    Raises InputError when the first record of the file is not JSON at all (not an object or array):
+    such a file is not JSON Lines, and every line would be reported as a bad record.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.flag = _ConstantFlag()
+        self.decoder = json.JSONDecoder(parse_constant=self.flag, parse_float=self.flag.parse_float)
+        self.parsed_any = False
+
+    def __call__(self, index: int, lineno: int, raw_line: bytes) -> RawRecord:
+        try:
+            # Without its line break, so a syntax error at the end of the line gets that line's column.
+            text = raw_line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            return RawRecord(index, lineno, error=f"invalid UTF-8 at byte {e.start + 1} of the line",
+                             text=raw_line.decode("utf-8", "replace").rstrip("\r\n"))
+        flag = self.flag
+        flag.seen = False
+        try:
+            value = self.decoder.decode(text)
+        except json.JSONDecodeError as e:
+            if not self.parsed_any and index == 1 and text.lstrip()[:1] not in ("{", "["):
+                raise InputError(f"{self.name}:{lineno}: not JSON ({e.msg} at column {e.colno})") from None
+            return RawRecord(index, lineno, error=f"invalid JSON: {e.msg} (column {e.colno})", text=text)
+        except RecursionError:
+            return RawRecord(index, lineno, error="invalid JSON: nested too deeply", text=text[:200])
+        self.parsed_any = True
+        return RawRecord(index, lineno, value=value, nonfinite=flag.seen)
+
+
 def display_name(path: str) -> str:
     return "<stdin>" if path == "-" else str(path)
 
@@ -139,36 +173,31 @@ class RecordStream:
 
     # -- JSON Lines ---------------------------------------------------------------------------
     def _iter_lines(self) -> Iterator[RawRecord]:
-        flag = _ConstantFlag()
-        decoder = json.JSONDecoder(parse_constant=flag, parse_float=flag.parse_float)
-        parsed_any = False
+        parse = LineParser(self.name)
+        for index, lineno, raw_line in self._lines():
+            yield parse(index, lineno, raw_line)
+
+    def raw_lines(self) -> Iterator[tuple[int, int, bytes]]:
+        """JSON Lines only: (record index, line number, bytes) of each record line, not yet decoded.
+
+        `LineParser` turns them into exactly the RawRecords that iterating the stream gives, so the
+        parsing can happen elsewhere (in the worker processes of `convert`).
+        """
+        if self.mode != "lines":
+            raise ValueError(f"{self.name}: raw_lines() needs JSON Lines, not a JSON document")
+        try:
+            yield from self._lines()
+        except (OSError, EOFError) as e:  # truncated gzip, I/O errors
+            raise InputError(f"{self.name}: read error after record {self.records_read}: {e}") from None
+
+    def _lines(self) -> Iterator[tuple[int, int, bytes]]:
         for lineno, raw_line in enumerate(self._binary, start=1):
             if lineno == 1 and raw_line.startswith(b"\xef\xbb\xbf"):
                 raw_line = raw_line[3:]
             if not raw_line.strip():
                 continue
             self.records_read += 1
-            index = self.records_read
-            try:
-                # Without its line break, so a syntax error at the end of the line gets that line's column.
-                text = raw_line.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                yield RawRecord(index, lineno, error=f"invalid UTF-8 at byte {e.start + 1} of the line",
-                                text=raw_line.decode("utf-8", "replace").rstrip("\r\n"))
-                continue
-            flag.seen = False
-            try:
-                value = decoder.decode(text)
-            except json.JSONDecodeError as e:
-                if not parsed_any and index == 1 and text.lstrip()[:1] not in ("{", "["):
-                    raise InputError(f"{self.name}:{lineno}: not JSON ({e.msg} at column {e.colno})") from None
-                yield RawRecord(index, lineno, error=f"invalid JSON: {e.msg} (column {e.colno})", text=text)
-                continue
-            except RecursionError:
-                yield RawRecord(index, lineno, error="invalid JSON: nested too deeply", text=text[:200])
-                continue
-            parsed_any = True
-            yield RawRecord(index, lineno, value=value, nonfinite=flag.seen)
+            yield self.records_read, lineno, raw_line
 
     # -- one JSON document: an array of records, or a single record ----------------------------
     def _iter_document(self) -> Iterator[RawRecord]:

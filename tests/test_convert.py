@@ -287,3 +287,121 @@ def test_normalize_refuses_bad_options_before_opening_any_output(tmp_path, sft_f
     with pytest.raises(InputError, match=r"--on-error 'ignore': choose fail or skip"):
         normalize([str(sft_file)], str(tmp_path / "o.jsonl"), "openai", on_error="ignore", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chats.jsonl"]
+
+
+# -- JSON Lines parsed in the workers ------------------------------------------------------------
+
+BAD_LINES = [
+    b'{"prompt": "a", "chosen": "b", "rejected": "c", "x": NaN}',  # NaN literal
+    b'{"prompt": "a\xff", "chosen": "b", "rejected": "c"}',  # invalid UTF-8
+    b"",  # blank lines do not count as records
+    b'{"prompt": "a", "chosen": "b", "rejected": "c", "x": [1, -Infinity, 1e400]}',
+    b'{"prompt": "a", "chosen": ',  # broken JSON
+    b"[" * 3000 + b"]" * 3000,  # nested too deeply
+]
+
+
+def _lines_with_bad_records(tmp_path: Path) -> tuple[Path, list[int]]:
+    """Good pairs with the bad lines above spread over several chunks; returns the path and the bad line numbers."""
+    lines, bad_at = [], []
+    for i in range(60):
+        if i % 9 == 4:
+            bad = BAD_LINES[(i // 9) % len(BAD_LINES)]
+            lines.append(bad)
+            if bad:
+                bad_at.append(len(lines))
+        lines.append(json.dumps(PAIRS[i % 2]).encode())
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path, bad_at
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 256])
+def test_worker_side_parsing_gives_the_same_rejects_and_shards_for_any_num_proc(tmp_path, tiny_tokenizer_dir,
+                                                                                monkeypatch, chunk):
+    import aligndata.convert as convert_module
+
+    monkeypatch.setattr(convert_module, "CHUNK", chunk)
+    path, bad_at = _lines_with_bad_records(tmp_path)
+    outs = []
+    for n in (1, 2):
+        out = tmp_path / f"out{n}"
+        m = convert([str(path)], out, "dpo", str(tiny_tokenizer_dir), num_proc=n, on_error="skip",
+                    input_format="text-preference", eval_fraction=0.3, shard_rows=5).manifest
+        assert m["counts"]["read"] == 60 + len(bad_at) and m["counts"]["kept"] == 60
+        assert m["counts"]["rejected"] == {"json": len(bad_at)}
+        outs.append(out)
+    rejects = [json.loads(line) for line in (outs[0] / "rejects.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in rejects] == bad_at
+    assert [r["record"] for r in rejects] == [line - _blanks_before(path, line) for line in bad_at]
+    messages = [r["reasons"][0]["message"] for r in rejects]
+    assert messages[0] == "NaN and Infinity are not valid JSON"
+    assert messages[1] == "invalid UTF-8 at byte 14 of the line"
+    assert [x["path"] for x in rejects[2]["reasons"]] == ["$.x[1]", "$.x[2]"]
+    assert messages[3].startswith("invalid JSON: Expecting value") and messages[4] == "invalid JSON: nested too deeply"
+    assert (outs[0] / "rejects.jsonl").read_bytes() == (outs[1] / "rejects.jsonl").read_bytes()
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*.arrow"))
+    assert len(files) > 4 and files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*.arrow"))
+    for rel in files:
+        assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes()
+    assert read_manifest(outs[0])["stats"] == read_manifest(outs[1])["stats"]
+
+
+def _blanks_before(path: Path, line: int) -> int:
+    return sum(1 for text in path.read_bytes().split(b"\n")[:line - 1] if not text.strip())
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_fail_mode_names_the_line_of_a_bad_record_parsed_in_a_worker(tmp_path, tiny_tokenizer_dir, monkeypatch,
+                                                                     num_proc):
+    import aligndata.convert as convert_module
+
+    monkeypatch.setattr(convert_module, "CHUNK", 4)
+    lines = [json.dumps(PAIRS[0])] * 9 + ["", '{"prompt": "a", "chosen": "b", "rejected": "c", "x": NaN}']
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines + [json.dumps(PAIRS[1])] * 9) + "\n")
+    with pytest.raises(InvalidRecordError) as e:
+        convert([str(path)], tmp_path / "out", "dpo", str(tiny_tokenizer_dir), num_proc=num_proc)
+    assert str(e.value) == f"{path}:11 (record 10) $.x: NaN and Infinity are not valid JSON"
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_first_line_not_json_is_an_input_error_when_parsed_in_a_worker(tmp_path, tiny_tokenizer_dir, num_proc):
+    path = tmp_path / "p.jsonl"
+    path.write_text("hello world\n" + json.dumps(PAIRS[0]) + "\n")
+    with pytest.raises(InputError) as e:
+        convert([str(path)], tmp_path / "out", "dpo", str(tiny_tokenizer_dir), num_proc=num_proc,
+                input_format="text-preference")
+    assert str(e.value) == f"{path}:1: not JSON (Expecting value at column 1)"
+
+
+def test_writing_columns_in_blocks_gives_the_files_of_writing_rows_one_by_one(tmp_path):
+    import numpy as np
+
+    from aligndata.shards import ShardWriter
+
+    rng = np.random.default_rng(0)
+    rows = [{"prompt_ids": rng.integers(0, 1000, int(rng.integers(0, 9))).tolist(),
+             "chosen_ids": rng.integers(0, 1000, int(rng.integers(1, 9))).tolist(),
+             "rejected_ids": rng.integers(0, 1000, int(rng.integers(1, 9))).tolist(),
+             "source": 1, "source_index": i + 1} for i in range(2500)]
+    one = ShardWriter(tmp_path / "one", "dpo", shard_rows=1500)
+    for row in rows:
+        one.write("train", row)
+    blocks = ShardWriter(tmp_path / "blocks", "dpo", shard_rows=1500)
+    start = 0
+    for size in [1, 700, 1000, 3, 796]:
+        part = rows[start:start + size]
+        columns = {c: (np.array([x for r in part for x in r[c]], dtype=np.int32),
+                       np.array([len(r[c]) for r in part], dtype=np.int64))
+                   for c in ("prompt_ids", "chosen_ids", "rejected_ids")}
+        columns["source"] = np.array([r["source"] for r in part])
+        columns["source_index"] = np.array([r["source_index"] for r in part])
+        blocks.write_columns("train", columns, len(part))
+        start += size
+    assert start == len(rows)
+    assert one.close() == blocks.close()
+    for name in ("shard-00000.arrow", "shard-00001.arrow"):
+        assert (tmp_path / "one" / "train" / name).read_bytes() == (tmp_path / "blocks" / "train" / name).read_bytes()
+    assert open_split(tmp_path / "blocks", "train", {"splits": {"train": {"files": one.files["train"]}}}) \
+        .column("chosen_ids").to_pylist() == [r["chosen_ids"] for r in rows]

@@ -270,3 +270,35 @@ def test_stream_counts_bytes_read_and_knows_the_file_size(tmp_path):
         assert len(list(stream)) == 10
         assert stream.records_read == 10
         assert stream.bytes_read() == 90
+
+
+def test_raw_lines_parsed_elsewhere_give_exactly_the_records_of_the_stream(tmp_path):
+    """convert's workers parse JSON Lines from raw_lines() with LineParser: same records, lines and flags."""
+    from aligndata.reader import LineParser
+
+    data = (b'\xef\xbb\xbf{"a": 1}\r\n\n   \n{"a": NaN}\n{"a": "\xff"}\n{"a": 1e400}\n{"a": \n'
+            + b"[" * 5000 + b"]" * 5000 + b'\n\t\n{"a": [Infinity]}\n42\n{"b": "\xc3\xa9"}')
+    path = write(tmp_path, "a.jsonl", data)
+    expected = read(path)
+    with RecordStream(path) as stream:
+        parse = LineParser(stream.name)
+        got = [parse(index, line, raw) for index, line, raw in stream.raw_lines()]
+        assert stream.records_read == len(expected) == 9
+    assert repr(got) == repr(expected)  # repr: NaN != NaN
+    assert [(r.index, r.line) for r in got] == list(enumerate([1, 4, 5, 6, 7, 8, 10, 11, 12], start=1))
+    assert [r.nonfinite for r in got] == [False, True, False, True, False, False, True, False, False]
+    assert [r.error is not None for r in got] == [False, False, True, False, True, True, False, False, False]
+
+
+def test_line_parser_refuses_a_first_line_that_is_not_json_like_the_stream(tmp_path):
+    from aligndata.reader import LineParser
+
+    with pytest.raises(InputError, match=r"a.jsonl:3: not JSON \(Expecting value at column 1\)"):
+        LineParser(str(tmp_path / "a.jsonl"))(1, 3, b"hello world\n")
+    assert LineParser("a.jsonl")(2, 3, b"hello\n").error == "invalid JSON: Expecting value (column 1)"
+
+
+def test_raw_lines_is_for_json_lines_only(tmp_path):
+    path = write(tmp_path, "a.json", '[{"a": 1},\n{"a": 2}]')
+    with RecordStream(path) as stream, pytest.raises(ValueError, match="needs JSON Lines"):
+        next(stream.raw_lines())
