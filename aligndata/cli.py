@@ -211,7 +211,7 @@ def convert(
     eval_fraction: float = typer.Option(0.0, "--eval-fraction", help="Share of records held out as the eval split (seeded, per record)."),
     eval_file: Optional[str] = typer.Option(None, "--eval-file", help="A raw file converted as the eval split instead of --eval-fraction."),
     shard_rows: int = typer.Option(50_000, "--shard-rows", help="Rows per Arrow shard file."),
-    num_proc: int = typer.Option(1, "--num-proc", help="Tokenizer worker processes (output is identical for any value)."),
+    num_proc: int = typer.Option(1, "--num-proc", help="Processes that validate and tokenize, this one included (output is identical for any value)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the eval split."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output made with different settings."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow tokenizer code from the model repo (off by default)."),

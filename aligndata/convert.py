@@ -327,85 +327,98 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
                 "input_format": input_format}
 
     roles = [(p, "train") for p in inputs] + ([(eval_file, "eval")] if eval_file else [])
-    with _materialize_all([p for p, _ in roles]) as real_paths:
-        sources = []
-        for (path, role), real in zip(roles, real_paths):
-            name = display_name(path)
-            sources.append({"path": name, "sha256": _source_sha256(real, name), "role": role})
-        identity = tokenizer_identity(tok, tokenizer)
-        manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "task": task,
-            "created_by": f"aligndata {__version__}",
-            "tokenizer": identity,
-            "chat_template": {"source": template.source, "sha256": template.sha256},
-            "settings": settings,
-            "sources": sources,
-        }
-        key = {k: manifest[k] for k in ("task", "settings")}
-        key.update(tokenizer=identity.get("sha256"), template=template.sha256, sources=[s["sha256"] for s in sources])
-        manifest["settings_sha256"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
-        if (out_dir / MANIFEST).exists():
-            try:
-                old = read_manifest(out_dir)
-            except ShardError:
-                old = None
-            if old is not None and old.get("settings_sha256") == manifest["settings_sha256"] and not overwrite:
+    pool = None
+    try:
+        with _materialize_all([p for p, _ in roles]) as real_paths:
+            sources = []
+            for (path, role), real in zip(roles, real_paths):
+                name = display_name(path)
+                sources.append({"path": name, "sha256": _source_sha256(real, name), "role": role})
+            detected: dict[int, Any] = {}
+            if num_proc > 1:
+                # Start the workers now and let one of them detect the first input's format while this process
+                # hashes the tokenizer: less time with a core idle before the conversion starts.
                 try:
-                    verify_shards(out_dir, old)
-                    return ConvertResult(old, True, out_dir)
+                    _ENCODER = Encoder(tok, template, **encoder_kwargs)
+                except Exception:
+                    pass  # raised again below, in its usual place
+                else:
+                    pool = _start_pool(num_proc, tokenizer, chat_template, trust_remote_code, encoder_kwargs)
+                    if input_format == "auto":
+                        detected[0] = pool.apply_async(decide_format, (real_paths[0], display_name(roles[0][0]), "auto"))
+            identity = tokenizer_identity(tok, tokenizer)
+            manifest: dict[str, Any] = {
+                "format_version": FORMAT_VERSION,
+                "task": task,
+                "created_by": f"aligndata {__version__}",
+                "tokenizer": identity,
+                "chat_template": {"source": template.source, "sha256": template.sha256},
+                "settings": settings,
+                "sources": sources,
+            }
+            key = {k: manifest[k] for k in ("task", "settings")}
+            key.update(tokenizer=identity.get("sha256"), template=template.sha256, sources=[s["sha256"] for s in sources])
+            manifest["settings_sha256"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+            if (out_dir / MANIFEST).exists():
+                try:
+                    old = read_manifest(out_dir)
                 except ShardError:
-                    pass  # damaged: rebuild
-            elif old is not None and not overwrite:
-                raise InputError(f"{out_dir}: holds shards made with other settings ({_settings_diff(old, manifest)}); "
-                                 "pass --overwrite to replace them, or choose another --out")
+                    old = None
+                if old is not None and old.get("settings_sha256") == manifest["settings_sha256"] and not overwrite:
+                    try:
+                        verify_shards(out_dir, old)
+                        return ConvertResult(old, True, out_dir)
+                    except ShardError:
+                        pass  # damaged: rebuild
+                elif old is not None and not overwrite:
+                    raise InputError(f"{out_dir}: holds shards made with other settings "
+                                     f"({_settings_diff(old, manifest)}); "
+                                     "pass --overwrite to replace them, or choose another --out")
 
-        staging = _staging_dir(out_dir)
-        if staging.exists():
-            if not (staging / INCOMPLETE).exists():
-                raise InputError(f"{staging}: exists and is not an unfinished aligndata output; remove it")
-            shutil.rmtree(staging)
-        prepare_output(staging)
-        rejects_path = Path(rejects) if rejects else out_dir / "rejects.jsonl"
-        staged_rejects = Path(rejects) if rejects else staging / "rejects.jsonl"
+            staging = _staging_dir(out_dir)
+            if staging.exists():
+                if not (staging / INCOMPLETE).exists():
+                    raise InputError(f"{staging}: exists and is not an unfinished aligndata output; remove it")
+                shutil.rmtree(staging)
+            prepare_output(staging)
+            rejects_path = Path(rejects) if rejects else out_dir / "rejects.jsonl"
+            staged_rejects = Path(rejects) if rejects else staging / "rejects.jsonl"
 
-        _ENCODER = Encoder(tok, template, **encoder_kwargs)
-        pool = None
-        if num_proc > 1:
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            pool = mp.get_context(method).Pool(num_proc, _init_worker,
-                                               (tokenizer, chat_template, trust_remote_code, encoder_kwargs))
-        writer = ShardWriter(staging, task, shard_rows)
-        reject_sink = AtomicOutput(staged_rejects) if on_error == "skip" else None
-        bar = FileProgress(progress)
-        stats = _Stats(task)
-        counts = {"read": 0, "kept": 0, "rejected": Counter(), "dropped": Counter(), "truncated": Counter()}
-        try:
-            for src_i, ((path, role), real) in enumerate(zip(roles, real_paths)):
-                _convert_file(path, real, role, src_i, sources[src_i], task, input_format, pool, writer, stats,
-                              counts, reject_sink, on_error, eval_fraction, seed, bar)
-            bar.close()
-            manifest["splits"] = writer.close()
-            if reject_sink is not None:
-                reject_sink.commit()
-            if not manifest["splits"]:
-                # Name the inputs and where the reasons went: the summary table is never printed on this path.
-                names = ", ".join(display_name(p) for p, _ in roles)
-                reasons = f"; the reasons are in {staged_rejects}" if reject_sink is not None else ""
-                raise InputError(f"{names}: no records were kept, nothing to write (read {counts['read']}, "
-                                 f"rejected {sum(counts['rejected'].values())}, "
-                                 f"dropped {sum(counts['dropped'].values())}){reasons}")
-        except BaseException:
-            bar.close()
-            if reject_sink is not None:
-                reject_sink.abort()
-            raise
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-            _ENCODER = None
+            if _ENCODER is None:
+                _ENCODER = Encoder(tok, template, **encoder_kwargs)
+            if num_proc > 1 and pool is None:
+                pool = _start_pool(num_proc, tokenizer, chat_template, trust_remote_code, encoder_kwargs)
+            writer = ShardWriter(staging, task, shard_rows)
+            reject_sink = AtomicOutput(staged_rejects) if on_error == "skip" else None
+            bar = FileProgress(progress)
+            stats = _Stats(task)
+            counts = {"read": 0, "kept": 0, "rejected": Counter(), "dropped": Counter(), "truncated": Counter()}
+            try:
+                for src_i, ((path, role), real) in enumerate(zip(roles, real_paths)):
+                    _convert_file(path, real, role, src_i, sources[src_i], task, input_format, pool, writer, stats,
+                                  counts, reject_sink, on_error, eval_fraction, seed, bar, detected.get(src_i))
+                bar.close()
+                manifest["splits"] = writer.close()
+                if reject_sink is not None:
+                    reject_sink.commit()
+                if not manifest["splits"]:
+                    # Name the inputs and where the reasons went: the summary table is never printed on this path.
+                    names = ", ".join(display_name(p) for p, _ in roles)
+                    reasons = f"; the reasons are in {staged_rejects}" if reject_sink is not None else ""
+                    raise InputError(f"{names}: no records were kept, nothing to write (read {counts['read']}, "
+                                     f"rejected {sum(counts['rejected'].values())}, "
+                                     f"dropped {sum(counts['dropped'].values())}){reasons}")
+            except BaseException:
+                bar.close()
+                if reject_sink is not None:
+                    reject_sink.abort()
+                raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        _ENCODER = None
 
     kept = counts["kept"]
     manifest["counts"] = {
@@ -421,6 +434,14 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
     return ConvertResult(manifest, False, out_dir, rejects_path if on_error == "skip" else None)
 
 
+def _start_pool(num_proc: int, tokenizer: str, chat_template: str | None, trust_remote_code: bool,
+                encoder_kwargs: dict[str, Any]) -> Any:
+    """num_proc - 1 workers: the main process encodes too (see _ordered_results)."""
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    return mp.get_context(method).Pool(num_proc - 1, _init_worker,
+                                       (tokenizer, chat_template, trust_remote_code, encoder_kwargs))
+
+
 def _source_sha256(path: str, name: str) -> str:
     """sha256 of one input; a missing file or a directory is a usage error naming it (exit 2), as in the reader."""
     p = require_file(path, name)
@@ -433,9 +454,10 @@ def _source_sha256(path: str, name: str) -> str:
 def _convert_file(path: str, real: str, role: str, src_i: int, source: dict[str, Any], task: str,
                   input_format: str, pool: Any, writer: ShardWriter, stats: _Stats, counts: dict[str, Any],
                   reject_sink: AtomicOutput | None, on_error: str, eval_fraction: float, seed: int,
-                  bar: FileProgress) -> None:
+                  bar: FileProgress, detected: Any = None) -> None:
     name = display_name(path)
-    fmt, det = decide_format(real, name, input_format)
+    # `detected`: the format detection of this file, already started in a worker
+    fmt, det = detected.get() if detected is not None else decide_format(real, name, input_format)
     if det is not None and det.mixed:
         raise InvalidRecordError([mixed_problem(name, det)])
     require_task(name, fmt, task, task)
@@ -448,7 +470,7 @@ def _convert_file(path: str, real: str, role: str, src_i: int, source: dict[str,
                                      for chunk in _line_chunks(stream.raw_lines(), CHUNK))
         else:
             jobs = ((name, fmt, task, on_error, "records", chunk) for chunk in _chunks(stream, CHUNK))
-        results = _bounded_imap(pool, jobs) if pool is not None else map(_work, jobs)
+        results = _ordered_results(pool, jobs) if pool is not None else map(_work, jobs)
         for res in results:
             counts["read"] += res.records
             source["records"] += res.records
@@ -502,13 +524,40 @@ def _write_kept(res: _Result, start: int, stop: int, role: str, src_i: int, sour
         writer.write_columns(split, columns, len(rows))
 
 
-def _bounded_imap(pool: Any, jobs: Iterator[Any]) -> Iterator[_Result]:
-    """Ordered results with a bounded number of chunks in flight (Pool.imap would read the whole input)."""
-    window = pool._processes * 4
+class _Local:
+    """A chunk worked on in the main process, with the interface of the pool's AsyncResult."""
+
+    def __init__(self, job: tuple):
+        try:
+            self.result, self.error = _work(job), None
+        except Exception as e:  # raised when its turn comes, as a worker's error would be
+            self.result, self.error = None, e
+
+    def ready(self) -> bool:
+        return True
+
+    def get(self) -> _Result:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def _ordered_results(pool: Any, jobs: Iterator[Any]) -> Iterator[_Result]:
+    """Results in input order, from the pool's workers and from this process.
+
+    The workers each get up to two chunks queued (one to work on, one ready for when it finishes);
+    whenever they are that far ahead, the main process works on the next chunk itself instead of
+    waiting. So with num_proc processes on num_proc cores no core idles while the main process
+    reads and writes, and no core is shared by three processes. Memory stays bounded: at most
+    `limit` chunks wait for their turn.
+    """
+    window = 2 * pool._processes
+    limit = 4 * window + 8
     pending: deque = deque()
     for job in jobs:
-        pending.append(pool.apply_async(_work, (job,)))
-        if len(pending) >= window:
+        queued = sum(1 for p in pending if not p.ready())
+        pending.append(pool.apply_async(_work, (job,)) if queued < window else _Local(job))
+        while pending and (pending[0].ready() or len(pending) >= limit):
             yield pending.popleft().get()
     while pending:
         yield pending.popleft().get()
