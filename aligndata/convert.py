@@ -1,9 +1,11 @@
 """`aligndata convert --to sft|dpo`: raw records -> validated -> tokenized -> Arrow shards + manifest.
 
-    read (main process)  ->  check + encode (workers, in order)  ->  split + write (main process)
+    read (main process)  ->  parse + check + encode (chunks of records)  ->  split + write (main process)
 
-Records travel in chunks through an ordered pool, so the shards are byte-identical for any
-`num_proc`. Everything is written into a staging directory next to the output and moved into
+With `num_proc` N, N-1 pool workers and the main process itself encode chunks (the main process
+takes one whenever the workers have two queued); JSON Lines travel to workers as raw line bytes and
+results come back as one flat array per column per chunk. Results are consumed in input order, so
+the shards are byte-identical for any `num_proc`. Everything is written into a staging directory next to the output and moved into
 place only after the manifest is written: a failed or killed run leaves the previous output
 untouched plus a `.NAME.partial` directory that the next run removes.
 """
