@@ -21,9 +21,9 @@ import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
-from trainer_fixtures import base_config, make_sft_shards, sft_shards, tiny_model, write_config  # noqa: F401
+from trainer_fixtures import (base_config, make_sft_shards, poison_parameters_at, sft_shards,  # noqa: F401
+                              tiny_model, write_config)
 
-import aligntrain.trainer as trainer_module
 from aligndata.cli import app as aligndata_app
 from aligndata.convert import convert
 from aligndata.shards import MANIFEST, ShardError, read_manifest, verify_shards
@@ -210,15 +210,7 @@ def test_full_disk_in_a_real_checkpoint_save_is_a_clean_exit_2(tmp_path, tiny_mo
 
 def test_non_finite_loss_through_the_cli_is_exit_3_naming_the_step(tmp_path, capsys, tiny_model, sft_shards,
                                                                     monkeypatch):
-    real_step = trainer_module.train_step
-
-    def poisoned(step, model, *args, **kwargs):
-        if step == 3:
-            with torch.no_grad():
-                next(model.parameters()).fill_(float("inf"))
-        return real_step(step, model, *args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "train_step", poisoned)
+    poison_parameters_at(monkeypatch, 3, float("inf"))
     cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", save_every_steps=1)
     code, err = aligntrain(capsys, "sft", sft_shards, cfg)
     assert code == 3

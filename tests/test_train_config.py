@@ -16,6 +16,13 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def error_of(tmp_path: Path, text: str, overrides: list[str] | None = None) -> str:
+    """The message of the ConfigError that loading `text` (with `overrides`) raises."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text), overrides)
+    return str(e.value)
+
+
 MINIMAL = "exp_name: demo\nmodel: {name_or_path: /models/tiny}\nloss: {name: dpo}\n"
 
 
@@ -36,39 +43,31 @@ def test_seed_spellings_map_to_ours_and_scientific_strings_are_numbers(tmp_path)
 
 
 def test_unknown_key_names_the_closest_valid_one(tmp_path):
-    with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, MINIMAL + "lrr: 1e-5\n"))
-    assert str(e.value) == "cfg.yml: unknown key 'lrr' (did you mean 'lr'?)"
+    assert error_of(tmp_path, MINIMAL + "lrr: 1e-5\n") == "cfg.yml: unknown key 'lrr' (did you mean 'lr'?)"
 
 
 def test_unknown_nested_key_names_the_closest_valid_one(tmp_path):
-    with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, "exp_name: demo\nmodel: {name_or_path: m, polcy_dtype: bfloat16}\nloss: {name: sft}\n"))
-    assert str(e.value) == "cfg.yml: unknown key 'model.polcy_dtype' (did you mean 'model.policy_dtype'?)"
+    text = "exp_name: demo\nmodel: {name_or_path: m, polcy_dtype: bfloat16}\nloss: {name: sft}\n"
+    assert error_of(tmp_path, text) == \
+        "cfg.yml: unknown key 'model.polcy_dtype' (did you mean 'model.policy_dtype'?)"
 
 
 def test_missing_required_key(tmp_path):
-    with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, "exp_name: demo\nloss: {name: sft}\n"))
-    assert str(e.value) == "cfg.yml: missing required key 'model.name_or_path'"
+    assert error_of(tmp_path, "exp_name: demo\nloss: {name: sft}\n") == \
+        "cfg.yml: missing required key 'model.name_or_path'"
 
 
 def test_wrong_type(tmp_path):
-    with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, MINIMAL + "lr: fast\n"))
-    assert str(e.value) == "cfg.yml: key 'lr' must be a number, got 'fast' (str)"
-    with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, MINIMAL + "total_batch_size: 2.5\n"))
-    assert str(e.value) == "cfg.yml: key 'total_batch_size' must be an integer, got 2.5 (float)"
-    with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, MINIMAL + "do_first_eval: 'yes'\n"))
-    assert str(e.value) == "cfg.yml: key 'do_first_eval' must be true or false, got 'yes' (str)"
+    assert error_of(tmp_path, MINIMAL + "lr: fast\n") == "cfg.yml: key 'lr' must be a number, got 'fast' (str)"
+    assert error_of(tmp_path, MINIMAL + "total_batch_size: 2.5\n") == \
+        "cfg.yml: key 'total_batch_size' must be an integer, got 2.5 (float)"
+    assert error_of(tmp_path, MINIMAL + "do_first_eval: 'yes'\n") == \
+        "cfg.yml: key 'do_first_eval' must be true or false, got 'yes' (str)"
 
 
 def test_choice_suggests_the_right_spelling(tmp_path):
-    with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, MINIMAL + "optimizer: adamw\n"))
-    assert str(e.value) == "cfg.yml: key 'optimizer' must be one of AdamW, Adam, RMSprop, SGD; got 'adamw' (did you mean 'AdamW'?)"
+    assert error_of(tmp_path, MINIMAL + "optimizer: adamw\n") == \
+        "cfg.yml: key 'optimizer' must be one of AdamW, Adam, RMSprop, SGD; got 'adamw' (did you mean 'AdamW'?)"
 
 
 def test_dotted_overrides_reach_nested_keys_and_are_typed(tmp_path):
@@ -79,18 +78,14 @@ def test_dotted_overrides_reach_nested_keys_and_are_typed(tmp_path):
 
 
 def test_override_of_a_key_that_does_not_exist_fails(tmp_path):
-    with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, MINIMAL), ["model.polcy_dtype=bfloat16"])
-    assert str(e.value) == "--overrides: unknown key 'model.polcy_dtype' (did you mean 'model.policy_dtype'?)"
-    with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, MINIMAL), ["lr"])
-    assert str(e.value) == "--overrides: 'lr' is not of the form key=value"
+    assert error_of(tmp_path, MINIMAL, ["model.polcy_dtype=bfloat16"]) == \
+        "--overrides: unknown key 'model.polcy_dtype' (did you mean 'model.policy_dtype'?)"
+    assert error_of(tmp_path, MINIMAL, ["lr"]) == "--overrides: 'lr' is not of the form key=value"
 
 
 def test_override_value_is_type_checked(tmp_path):
-    with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, MINIMAL), ["model.policy_dtype=float64"])
-    assert str(e.value) == ("cfg.yml: key 'model.policy_dtype' must be one of float32, bfloat16, float16; "
+    assert error_of(tmp_path, MINIMAL, ["model.policy_dtype=float64"]) == \
+        ("cfg.yml: key 'model.policy_dtype' must be one of float32, bfloat16, float16; "
                             "got 'float64' (did you mean 'float16'?)")
 
 
@@ -104,27 +99,22 @@ def test_semantic_rules_name_the_key(tmp_path):
         "lr: 0\n": "cfg.yml: key 'lr' must be > 0, got 0.0",
     }
     for extra, message in cases.items():
-        with pytest.raises(ConfigError) as e:
-            load_config(write(tmp_path, MINIMAL + extra))
-        assert str(e.value) == message
+        assert error_of(tmp_path, MINIMAL + extra) == message
 
 
 def test_label_smoothing_only_for_dpo(tmp_path):
-    with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, "exp_name: d\nmodel: {name_or_path: m}\nloss: {name: ipo, label_smoothing: 0.1}\n"))
-    assert str(e.value) == "cfg.yml: key 'loss.label_smoothing' applies to loss.name: dpo only (conservative DPO), not 'ipo'"
+    assert error_of(tmp_path, "exp_name: d\nmodel: {name_or_path: m}\nloss: {name: ipo, label_smoothing: 0.1}\n") == \
+        "cfg.yml: key 'loss.label_smoothing' applies to loss.name: dpo only (conservative DPO), not 'ipo'"
 
 
 def test_alias_and_new_spelling_together_is_refused(tmp_path):
-    with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, MINIMAL + "output_dirs: a\noutput_dir: b\n"))
-    assert str(e.value) == "cfg.yml: keys 'output_dirs' and 'output_dir' mean the same thing; keep one"
+    assert error_of(tmp_path, MINIMAL + "output_dirs: a\noutput_dir: b\n") == \
+        "cfg.yml: keys 'output_dirs' and 'output_dir' mean the same thing; keep one"
 
 
 def test_reference_to_an_unset_key_fails(tmp_path):
-    with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, MINIMAL + "output_dir: runs/${nope}\n"))
-    assert str(e.value) == "cfg.yml: ${nope} refers to a key that is not set"
+    assert error_of(tmp_path, MINIMAL + "output_dir: runs/${nope}\n") == \
+        "cfg.yml: ${nope} refers to a key that is not set"
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -137,9 +127,7 @@ def test_resolved_config_round_trips(tmp_path):
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "absent.yml")
-    with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, "exp_name: [unclosed\n"))
-    assert str(e.value).startswith("cfg.yml: not valid YAML (")
+    assert error_of(tmp_path, "exp_name: [unclosed\n").startswith("cfg.yml: not valid YAML (")
 
 
 def test_environment_references_follow_omegaconf(tmp_path, monkeypatch):

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 import yaml
-from trainer_fixtures import base_config, dpo_shards, make_dpo_shards, sft_shards, tiny_model  # noqa: F401
+from trainer_fixtures import (base_config, dpo_shards, make_dpo_shards, poison_parameters_at,  # noqa: F401
+                              sft_shards, tiny_model)
 
 import aligntrain.trainer as trainer_module
 from aligntrain.checkpoint import CHECKPOINTS, latest_checkpoint
@@ -84,15 +85,7 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, tiny_model, sft_shard
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model, sft_shards,
                                                                                    monkeypatch):
-    real_step = trainer_module.train_step
-
-    def poisoned(step, model, *args, **kwargs):
-        if step == 3:
-            with torch.no_grad():
-                next(model.parameters()).fill_(float("nan"))
-        return real_step(step, model, *args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "train_step", poisoned)
+    poison_parameters_at(monkeypatch, 3, float("nan"))
     cfg = cfg_for(tmp_path, tiny_model, save_every_steps=1)
     with pytest.raises(NonFiniteLossError) as e:
         train(cfg, sft_shards)

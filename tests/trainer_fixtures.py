@@ -167,3 +167,18 @@ def sft_shards(tmp_path_factory, tiny_model) -> Path:
 @pytest.fixture(scope="session")
 def dpo_shards(tmp_path_factory, tiny_model) -> Path:
     return make_dpo_shards(tmp_path_factory.mktemp("shards") / "dpo", tiny_model)
+
+
+def poison_parameters_at(monkeypatch, step: int, value: float) -> None:
+    """Make aligntrain's train_step fill the first parameter with `value` (nan, inf) at `step`."""
+    import aligntrain.trainer as trainer_module
+
+    real_step = trainer_module.train_step
+
+    def poisoned(at, model, *args, **kwargs):
+        if at == step:
+            with torch.no_grad():
+                next(model.parameters()).fill_(value)
+        return real_step(at, model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", poisoned)
