@@ -5,9 +5,9 @@
 With `num_proc` N, N-1 pool workers and the main process itself encode chunks (the main process
 takes one whenever the workers have two queued); JSON Lines travel to workers as raw line bytes and
 results come back as one flat array per column per chunk. Results are consumed in input order, so
-the shards are byte-identical for any `num_proc`. Everything is written into a staging directory next to the output and moved into
-place only after the manifest is written: a failed or killed run leaves the previous output
-untouched plus a `.NAME.partial` directory that the next run removes.
+the shards are byte-identical for any `num_proc`. Everything is written into a staging directory
+next to the output and moved into place only after the manifest is written: a failed or killed run
+leaves the previous output untouched plus a `.NAME.partial` directory that the next run removes.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from .formats import FORMATS, check_format_option
 from .normalize import AtomicOutput, check_on_error, reject_line
 from .progress import FileProgress
 from .reader import LineParser, RawRecord, RecordStream, display_name, require_file
-from .shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, ShardError, ShardWriter, finish_output, prepare_output,
-                     read_manifest, sha256_file, verify_shards)
+from .shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, SCHEMAS, ShardError, ShardWriter, finish_output,
+                     list_columns, prepare_output, read_manifest, sha256_file, verify_shards)
 from .validate import Checked, check_value, decide_format, materialized, mixed_problem, require_task
 
 CHUNK = 64
@@ -75,9 +75,6 @@ class _Result:
 # -- the per-chunk work, run in workers --------------------------------------------------------------
 
 _ENCODER = None
-# Columns of the rows each task keeps, and their dtypes (what the shard schema stores).
-_LIST_COLUMNS = {"sft": (("input_ids", np.int32), ("loss_mask", np.int8)),
-                 "dpo": (("prompt_ids", np.int32), ("chosen_ids", np.int32), ("rejected_ids", np.int32))}
 
 
 def _flat(seqs: list[Any], dtype: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -136,7 +133,7 @@ def _work(job: tuple) -> _Result:
             if on_error == "skip" and not raw.fatal:
                 other.reject_line = reject_line(c, name)
             others.append(other)
-    columns = {col: _flat([getattr(e, col) for e in kept], dtype) for col, dtype in _LIST_COLUMNS[task]}
+    columns = {col: _flat([getattr(e, col) for e in kept], dtype) for col, dtype in list_columns(SCHEMAS[task]).items()}
     return _Result(len(raws), np.array(index, dtype=np.int64), columns, truncated, others)
 
 

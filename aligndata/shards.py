@@ -52,14 +52,21 @@ SCHEMAS: dict[str, pa.Schema] = {
 REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
 
 
+def list_columns(schema: pa.Schema) -> dict[str, Any]:
+    """The id-list columns of a shard schema and the numpy dtype of their values."""
+    return {f.name: _numpy_dtype(f.type.value_type) for f in schema if pa.types.is_list(f.type)}
+
+
 class ShardError(Exception):
     """Shards are missing, incomplete, corrupted or do not match what the caller expects."""
 
 
-def row_tokens(task: str, row: dict[str, Any]) -> int:
+def count_tokens(task: str, lengths: dict[str, int]) -> int:
+    """The tokens the manifest counts, from the lengths of the id columns (of a row or summed over rows):
+    a DPO prompt counts twice, once before each completion."""
     if task == "sft":
-        return len(row["input_ids"])  # lists or numpy arrays
-    return len(row["prompt_ids"]) * 2 + len(row["chosen_ids"]) + len(row["rejected_ids"])
+        return lengths["input_ids"]
+    return lengths["prompt_ids"] * 2 + lengths["chosen_ids"] + lengths["rejected_ids"]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -112,7 +119,7 @@ class ShardWriter:
             schema = schema.append(pa.field(name, pa.float32()))
         self.schema = schema
         self._columns = schema.names
-        self._list_dtypes = {f.name: _numpy_dtype(f.type.value_type) for f in schema if pa.types.is_list(f.type)}
+        self._list_dtypes = list_columns(schema)
         self._scalars = [f.name for f in schema if not pa.types.is_list(f.type)]
         self._open: dict[str, dict[str, Any]] = {}
         self.files: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
@@ -232,11 +239,7 @@ class _Block:
         return _Block(stop - start, lists, {name: v[start:stop] for name, v in self.scalars.items()})
 
     def tokens(self, task: str) -> int:
-        """Sum of row_tokens over the block."""
-        if task == "sft":
-            return int(self.lists["input_ids"][1].sum())
-        return int(self.lists["prompt_ids"][1].sum() * 2 + self.lists["chosen_ids"][1].sum()
-                   + self.lists["rejected_ids"][1].sum())
+        return count_tokens(task, {name: int(lengths.sum()) for name, (_, lengths) in self.lists.items()})
 
 
 def _column(blocks: list[_Block], name: str, type_: pa.DataType) -> pa.Array:
