@@ -129,6 +129,10 @@ def _splitter(contents: list[str]) -> Any:
     return regex.compile(f"({alternatives})").split
 
 
+def _unsplit(text: str) -> list[str]:
+    return [text]
+
+
 class PieceTokenizer:
     """Drop-in for the `encode_batch(texts, add_special_tokens=False)` of a `tokenizers.Tokenizer`."""
 
@@ -150,11 +154,11 @@ class PieceTokenizer:
         self.texts = 0  # texts encoded (through either path)
         self.fallbacks = 0  # of them, tokenized by the library because a guard said so
         self.bypassed = 0  # of them, tokenized by the library because the cache was not paying off
+        self.checked = 0  # spot checks made
         self._bypass = 0
         self._misses = 0
         specials = [(content, i) for i, content, normalized in added if not normalized and content]
         self._separator = min(specials, key=lambda s: (len(s[0]), s[0])) if specials else None
-        self.checked = 0  # spot checks made
         ascii_chars = [chr(i) for i in range(128)]
         self._probe(ascii_chars)
         self._ascii_ok = self._safe.issuperset(ascii_chars)
@@ -199,30 +203,23 @@ class PieceTokenizer:
         if not (ascii_text and self._ascii_ok) and not self._chars_ok(text):
             return None
         check_form = self._form is not None and not ascii_text
-        if self._split_raw is None:
-            segments = [text]
-        else:
-            segments = self._split_raw(text)
+        segments = [text] if self._split_raw is None else self._split_raw(text)
         if len(segments) == 1 and self._split_normalized is None and not check_form:
             return self._findall(text)
         pieces: list[str] = []
         findall = self._findall
-        for k, segment in enumerate(segments):
+        split_normalized = self._split_normalized or _unsplit
+        for k, segment in enumerate(segments):  # odd places: an added token, split off the raw text
             if k & 1:
                 pieces.append(segment)
-                continue
-            if not segment:
-                continue
-            if check_form and not unicodedata.is_normalized(self._form, segment):
-                return None
-            if self._split_normalized is None:
-                pieces += findall(segment)
-                continue
-            for k2, part in enumerate(self._split_normalized(segment)):
-                if k2 & 1:
-                    pieces.append(part)
-                elif part:
-                    pieces += findall(part)
+            elif segment:
+                if check_form and not unicodedata.is_normalized(self._form, segment):
+                    return None
+                for k2, part in enumerate(split_normalized(segment)):  # the same for normalized added tokens
+                    if k2 & 1:
+                        pieces.append(part)
+                    elif part:
+                        pieces += findall(part)
         return pieces
 
     def _learn(self, missing: set[str]) -> None:
