@@ -221,6 +221,9 @@ def main() -> None:
     if args.child:
         _child(args.child, data, args.tokenizer, work)
         return
+    unknown = set(args.runs.split(",")) - {"raw", "ours-1p", "ours-2p", "library-1p"}
+    if unknown:
+        ap.error(f"--runs: unknown run(s) {', '.join(sorted(unknown))}; choose from raw, ours-1p, ours-2p, library-1p")
     origin = generate(data, args.rows)
     names = {"raw": "raw encode_batch", "ours-1p": "ours, 1 process", "ours-2p": "ours, 2 processes",
              "library-1p": "ours, 1 process, --no-fast-tokenize"}
