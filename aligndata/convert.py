@@ -2,9 +2,9 @@
 
     read (main process)  ->  parse + check + encode (chunks of records)  ->  split + write (main process)
 
-With `num_proc` N, N-1 pool workers and the main process itself encode chunks (the main process
-takes one whenever the workers have two queued); JSON Lines travel to workers as raw line bytes and
-results come back as one flat array per column per chunk. Results are consumed in input order, so
+With `num_proc` N, N-1 worker processes and the main process itself encode chunks (the main process
+takes one whenever each worker has two unanswered; see workers.py); JSON Lines travel to the workers
+as raw line bytes and results come back as one flat array per column per chunk. Results are consumed in input order, so
 the shards are byte-identical for any `num_proc`. Everything is written into a staging directory
 next to the output and moved into place only after the manifest is written: a failed or killed run
 leaves the previous output untouched plus a `.NAME.partial` directory that the next run removes.
@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -33,6 +32,7 @@ from .reader import LineParser, RawRecord, RecordStream, display_name, require_f
 from .shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, SCHEMAS, ShardError, ShardWriter, finish_output,
                      list_columns, prepare_output, read_manifest, sha256_file, verify_shards)
 from .validate import Checked, check_value, decide_format, materialized, mixed_problem, require_task
+from .workers import WorkerGroup, ordered
 
 CHUNK = 64
 POLICIES = ("drop", "truncate")
@@ -326,7 +326,7 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
                 "input_format": input_format}
 
     roles = [(p, "train") for p in inputs] + ([(eval_file, "eval")] if eval_file else [])
-    pool = None
+    workers = None
     try:
         with _materialize_all([p for p, _ in roles]) as real_paths:
             sources = []
@@ -342,9 +342,9 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
                 except Exception:
                     pass  # raised again below, in its usual place
                 else:
-                    pool = _start_pool(num_proc, tokenizer, chat_template, trust_remote_code, encoder_kwargs)
+                    workers = _start_workers(num_proc, tokenizer, chat_template, trust_remote_code, encoder_kwargs)
                     if input_format == "auto":
-                        detected[0] = pool.apply_async(decide_format, (real_paths[0], display_name(roles[0][0]), "auto"))
+                        detected[0] = workers.submit(decide_format, (real_paths[0], display_name(roles[0][0]), "auto"))
             identity = tokenizer_identity(tok, tokenizer)
             manifest: dict[str, Any] = {
                 "format_version": FORMAT_VERSION,
@@ -386,8 +386,8 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
 
             if _ENCODER is None:
                 _ENCODER = Encoder(tok, template, **encoder_kwargs)
-            if num_proc > 1 and pool is None:
-                pool = _start_pool(num_proc, tokenizer, chat_template, trust_remote_code, encoder_kwargs)
+            if num_proc > 1 and workers is None:
+                workers = _start_workers(num_proc, tokenizer, chat_template, trust_remote_code, encoder_kwargs)
             writer = ShardWriter(staging, task, shard_rows)
             reject_sink = AtomicOutput(staged_rejects) if on_error == "skip" else None
             bar = FileProgress(progress)
@@ -395,7 +395,7 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
             counts = {"read": 0, "kept": 0, "rejected": Counter(), "dropped": Counter(), "truncated": Counter()}
             try:
                 for src_i, ((path, role), real) in enumerate(zip(roles, real_paths)):
-                    _convert_file(path, real, role, src_i, sources[src_i], task, input_format, pool, writer, stats,
+                    _convert_file(path, real, role, src_i, sources[src_i], task, input_format, workers, writer, stats,
                                   counts, reject_sink, on_error, eval_fraction, seed, bar, detected.get(src_i))
                 bar.close()
                 manifest["splits"] = writer.close()
@@ -414,9 +414,8 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
                     reject_sink.abort()
                 raise
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        if workers is not None:
+            workers.terminate()
         _ENCODER = None
 
     kept = counts["kept"]
@@ -433,12 +432,10 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
     return ConvertResult(manifest, False, out_dir, rejects_path if on_error == "skip" else None)
 
 
-def _start_pool(num_proc: int, tokenizer: str, chat_template: str | None, trust_remote_code: bool,
-                encoder_kwargs: dict[str, Any]) -> Any:
-    """num_proc - 1 workers: the main process encodes too (see _ordered_results)."""
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    return mp.get_context(method).Pool(num_proc - 1, _init_worker,
-                                       (tokenizer, chat_template, trust_remote_code, encoder_kwargs))
+def _start_workers(num_proc: int, tokenizer: str, chat_template: str | None, trust_remote_code: bool,
+                   encoder_kwargs: dict[str, Any]) -> WorkerGroup:
+    """num_proc - 1 workers: the main process encodes too (see workers.ordered)."""
+    return WorkerGroup(num_proc - 1, _init_worker, (tokenizer, chat_template, trust_remote_code, encoder_kwargs))
 
 
 def _source_sha256(path: str, name: str) -> str:
@@ -451,7 +448,7 @@ def _source_sha256(path: str, name: str) -> str:
 
 
 def _convert_file(path: str, real: str, role: str, src_i: int, source: dict[str, Any], task: str,
-                  input_format: str, pool: Any, writer: ShardWriter, stats: _Stats, counts: dict[str, Any],
+                  input_format: str, workers: Any, writer: ShardWriter, stats: _Stats, counts: dict[str, Any],
                   reject_sink: AtomicOutput | None, on_error: str, eval_fraction: float, seed: int,
                   bar: FileProgress, detected: Any = None) -> None:
     name = display_name(path)
@@ -469,7 +466,7 @@ def _convert_file(path: str, real: str, role: str, src_i: int, source: dict[str,
                                      for chunk in _line_chunks(stream.raw_lines(), CHUNK))
         else:
             jobs = ((name, fmt, task, on_error, "records", chunk) for chunk in _chunks(stream, CHUNK))
-        results = _ordered_results(pool, jobs) if pool is not None else map(_work, jobs)
+        results = ordered(workers, _work, jobs) if workers is not None else map(_work, jobs)
         for res in results:
             counts["read"] += res.records
             source["records"] += res.records
@@ -521,45 +518,6 @@ def _write_kept(res: _Result, start: int, stop: int, role: str, src_i: int, sour
         columns["source"] = np.full(len(rows), src_i, dtype=np.int64)
         columns["source_index"] = res.index[rows]
         writer.write_columns(split, columns, len(rows))
-
-
-class _Local:
-    """A chunk worked on in the main process, with the interface of the pool's AsyncResult."""
-
-    def __init__(self, job: tuple):
-        try:
-            self.result, self.error = _work(job), None
-        except Exception as e:  # raised when its turn comes, as a worker's error would be
-            self.result, self.error = None, e
-
-    def ready(self) -> bool:
-        return True
-
-    def get(self) -> _Result:
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-def _ordered_results(pool: Any, jobs: Iterator[Any]) -> Iterator[_Result]:
-    """Results in input order, from the pool's workers and from this process.
-
-    The workers each get up to two chunks queued (one to work on, one ready for when it finishes);
-    whenever they are that far ahead, the main process works on the next chunk itself instead of
-    waiting. So with num_proc processes on num_proc cores no core idles while the main process
-    reads and writes, and no core is shared by three processes. Memory stays bounded: at most
-    `limit` chunks wait for their turn.
-    """
-    window = 2 * pool._processes
-    limit = 4 * window + 8
-    pending: deque = deque()
-    for job in jobs:
-        queued = sum(1 for p in pending if not p.ready())
-        pending.append(pool.apply_async(_work, (job,)) if queued < window else _Local(job))
-        while pending and (pending[0].ready() or len(pending) >= limit):
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
 
 
 class _materialize_all:
