@@ -434,8 +434,19 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
 
 def _start_workers(num_proc: int, tokenizer: str, chat_template: str | None, trust_remote_code: bool,
                    encoder_kwargs: dict[str, Any]) -> WorkerGroup:
-    """num_proc - 1 workers: the main process encodes too (see workers.ordered)."""
-    return WorkerGroup(num_proc - 1, _init_worker, (tokenizer, chat_template, trust_remote_code, encoder_kwargs))
+    """num_proc - 1 workers: the main process encodes too (see workers.ordered). The processes share
+    the pieces their piece caches learn, so each common piece is tokenized by the library once."""
+    return WorkerGroup(num_proc - 1, _init_worker, (tokenizer, chat_template, trust_remote_code, encoder_kwargs),
+                       exchange=(_export_pieces, _import_pieces))
+
+
+def _export_pieces() -> dict[str, Any]:
+    return _ENCODER.learnt_pieces() if _ENCODER is not None else {}
+
+
+def _import_pieces(pieces: dict[str, Any]) -> None:
+    if _ENCODER is not None:
+        _ENCODER.add_pieces(pieces)
 
 
 def _source_sha256(path: str, name: str) -> str:

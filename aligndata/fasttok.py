@@ -149,6 +149,7 @@ class PieceTokenizer:
         self._ids: dict[str, tuple[int, ...]] = dict(self._added_ids)
         self._spans: dict[str, tuple[tuple[int, int], ...]] = dict(self._added_spans)
         self._bad_pieces: set[str] = set()
+        self._learnt: list[str] = []  # pieces learnt here since the last export_learnt()
         # Probe verdicts per character, shared by every PieceTokenizer with the same expression.
         self._safe, self._unsafe = _VERDICTS.setdefault(self._pattern, (set(), set()))
         self.texts = 0  # texts encoded (through either path)
@@ -232,6 +233,7 @@ class PieceTokenizer:
         if len(self._ids) + len(missing) > CACHE_LIMIT:
             self._ids = dict(self._added_ids)
             self._spans = dict(self._added_spans)
+            self._learnt = []
         pieces = sorted(missing)
         if self._separator is None:
             parts = [(e.ids, e.offsets, e.word_ids) for e in self.backend.encode_batch(pieces, add_special_tokens=False)]
@@ -244,6 +246,27 @@ class PieceTokenizer:
                 continue
             ids_cache[piece] = tuple(ids)
             spans_cache[piece] = tuple(offsets)
+            self._learnt.append(piece)
+
+    # ---- sharing the cache between processes --------------------------------------------------
+
+    def export_learnt(self) -> dict[str, tuple[tuple[int, ...], tuple[tuple[int, int], ...]]]:
+        """The pieces learnt here since the last call, with their ids and spans, for `import_learnt` in
+        another process with the same tokenizer (convert's workers learn the common pieces once, not
+        once per process)."""
+        learnt, self._learnt = self._learnt, []
+        ids, spans = self._ids, self._spans
+        return {piece: (ids[piece], spans[piece]) for piece in learnt}
+
+    def import_learnt(self, pieces: dict[str, tuple[tuple[int, ...], tuple[tuple[int, int], ...]]]) -> None:
+        """Add pieces exported by another PieceTokenizer over the same tokenizer (not exported again)."""
+        if len(self._ids) + len(pieces) > CACHE_LIMIT:
+            return  # a full cache: learning them again is only slower
+        ids, spans = self._ids, self._spans
+        for piece, (piece_ids, piece_spans) in pieces.items():
+            if piece not in ids:
+                ids[piece] = piece_ids
+                spans[piece] = piece_spans
 
     def _encode_joined(self, pieces: list[str]) -> list[tuple[list[int], list[tuple[int, int]], list[int]]]:
         sep, sep_id = self._separator

@@ -110,6 +110,17 @@ class Encoder:
 
     # ---- public API -------------------------------------------------------------------------
 
+    def learnt_pieces(self) -> dict[str, Any]:
+        """Pieces the piece cache learnt since the last call (empty without one); see `add_pieces`."""
+        export = getattr(self._backend, "export_learnt", None)
+        return export() if export is not None else {}
+
+    def add_pieces(self, pieces: dict[str, Any]) -> None:
+        """Warm the piece cache with `learnt_pieces()` of an Encoder over the same tokenizer elsewhere."""
+        add = getattr(self._backend, "import_learnt", None)
+        if add is not None and pieces:
+            add(pieces)
+
     def encode_sft(self, conv: Conversation) -> EncodedSFT:
         return _raise_or_return(self.encode_sft_batch([conv])[0])
 

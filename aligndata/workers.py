@@ -46,13 +46,14 @@ def _pipe_capacity(conn: Any) -> int:
         return DEFAULT_PIPE_BYTES
 
 
-def _worker_main(jobs: Any, results: Any, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+def _worker_main(jobs: Any, results: Any, initializer: Callable[..., None] | None, initargs: tuple,
+                 exchange: "tuple[Callable[[], Any], Callable[[Any], None]] | None") -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops us
     try:
         if initializer is not None:
             initializer(*initargs)
     except BaseException as e:  # noqa: BLE001 - reported by the main process
-        _send(results, (-1, False, e))
+        _send(results, (-1, False, e, None))
         return
     while True:
         try:
@@ -61,19 +62,21 @@ def _worker_main(jobs: Any, results: Any, initializer: Callable[..., None] | Non
             return
         if not message:
             return
-        seq, fn, args = pickle.loads(message)
+        seq, fn, args, shared = pickle.loads(message)
         try:
+            for payload in shared:
+                exchange[1](payload)
             out = (seq, True, fn(*args))
         except BaseException as e:  # noqa: BLE001 - raised again in the main process, in its turn
             out = (seq, False, e)
-        _send(results, out)
+        _send(results, out + (exchange[0]() if exchange is not None else None,))
 
 
 def _send(conn: Any, out: tuple) -> None:
     try:
         data = pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:  # noqa: BLE001 - an exception that cannot be pickled: send its text
-        data = pickle.dumps((out[0], False, RuntimeError(f"{type(out[2]).__name__}: {out[2]} ({e})")))
+        data = pickle.dumps((out[0], False, RuntimeError(f"{type(out[2]).__name__}: {out[2]} ({e})"), None))
     conn.send_bytes(data)
 
 
@@ -108,29 +111,39 @@ def run_here(fn: Callable[..., Any], *args: Any) -> Ticket:
 
 
 class _Worker:
-    def __init__(self, ctx: Any, initializer: Callable[..., None] | None, initargs: tuple):
+    def __init__(self, ctx: Any, initializer: Callable[..., None] | None, initargs: tuple, exchange: Any):
         job_r, self.jobs = ctx.Pipe(duplex=False)
         self.results, result_w = ctx.Pipe(duplex=False)
         self.capacity = min(_pipe_capacity(self.jobs), _pipe_capacity(self.results))
-        self.process = ctx.Process(target=_worker_main, args=(job_r, result_w, initializer, initargs), daemon=True)
+        self.process = ctx.Process(target=_worker_main, args=(job_r, result_w, initializer, initargs, exchange),
+                                   daemon=True)
         self.process.start()
         job_r.close()
         result_w.close()
         self.tickets: dict[int, tuple[Ticket, int]] = {}  # unanswered jobs: seq -> (ticket, bytes sent)
         self.bytes = 0  # of the unanswered jobs
+        self.shared: list[Any] = []  # what the others exported since this worker's last job
 
 
 class WorkerGroup:
-    """n worker processes; jobs are (function, args) with picklable, module-level functions."""
+    """n worker processes; jobs are (function, args) with picklable, module-level functions.
 
-    def __init__(self, n: int, initializer: Callable[..., None] | None = None, initargs: tuple = ()):
+    `exchange`, a pair of module-level functions (export, import), shares state that makes work faster
+    but does not change results (convert: the piece cache). After each job a worker calls export(); the
+    main process imports a non-empty export itself and queues it for every other worker, which imports
+    it before its next job. After a job done in the main process (`ordered`), its export is queued too.
+    """
+
+    def __init__(self, n: int, initializer: Callable[..., None] | None = None, initargs: tuple = (),
+                 exchange: tuple[Callable[[], Any], Callable[[Any], None]] | None = None):
+        self._exchange = exchange
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         ctx = mp.get_context(method)
         self.workers: list[_Worker] = []
         self._seq = 0
         try:
             for _ in range(n):
-                self.workers.append(_Worker(ctx, initializer, initargs))
+                self.workers.append(_Worker(ctx, initializer, initargs, exchange))
         except BaseException:
             self.terminate()
             raise
@@ -149,12 +162,13 @@ class WorkerGroup:
         is None) whose pipe has room for it; None when there is none: then the caller does the job."""
         self.collect()
         self._seq += 1
-        data = pickle.dumps((self._seq, fn, args), protocol=pickle.HIGHEST_PROTOCOL)
         for worker in sorted(self.workers, key=self.load):
             if depth is not None and len(worker.tickets) >= depth:
                 break
+            data = pickle.dumps((self._seq, fn, args, worker.shared), protocol=pickle.HIGHEST_PROTOCOL)
             if worker.tickets and worker.bytes + len(data) > worker.capacity:
                 continue  # it might block: wait until the worker has answered
+            worker.shared = []
             ticket = Ticket(self, self._seq)
             worker.tickets[self._seq] = (ticket, len(data))
             worker.bytes += len(data)
@@ -175,7 +189,7 @@ class WorkerGroup:
     def _receive(self, worker: _Worker) -> None:
         while worker.tickets and worker.results.poll():
             try:
-                seq, ok, value = pickle.loads(worker.results.recv_bytes())
+                seq, ok, value, exported = pickle.loads(worker.results.recv_bytes())
             except (EOFError, OSError):  # the worker is gone (a partial message counts as none)
                 worker.process.join()
                 raise WorkerLost(f"a conversion worker process exited unexpectedly "
@@ -185,6 +199,16 @@ class WorkerGroup:
             ticket, size = worker.tickets.pop(seq)
             worker.bytes -= size
             ticket.ok, ticket.value, ticket.done = ok, value, True
+            if exported:
+                self._exchange[1](exported)
+                self.share(exported, but=worker)
+
+    def share(self, exported: Any, but: _Worker | None = None) -> None:
+        """Queue an export for import() in every worker (except `but`, where it came from)."""
+        if exported:
+            for other in self.workers:
+                if other is not but:
+                    other.shared.append(exported)
 
     def close(self) -> None:
         """Let the workers finish and exit."""
@@ -228,7 +252,12 @@ def ordered(group: WorkerGroup, fn: Callable[[Any], Any], jobs: Iterable[Any], d
     limit = 4 * depth * len(group.workers) + 8
     pending: deque[Ticket] = deque()
     for job in jobs:
-        pending.append(group.submit(fn, (job,), depth) or run_here(fn, job))
+        ticket = group.submit(fn, (job,), depth)
+        if ticket is None:
+            ticket = run_here(fn, job)
+            if group._exchange is not None:
+                group.share(group._exchange[0]())
+        pending.append(ticket)
         group.collect()
         while pending and (pending[0].ready() or len(pending) >= limit):
             yield pending.popleft().get()

@@ -157,6 +157,31 @@ def test_encodings_survive_the_cache_being_emptied(tiny_tokenizer, monkeypatch):
     assert [first.char_to_token(i) for i in range(23)] == [reference.char_to_token(i) for i in range(23)]
 
 
+def test_pieces_learnt_in_one_process_serve_another_unchanged(tiny_tokenizer):
+    backend = _backend(tiny_tokenizer)
+    learner, user = piece_tokenizer(backend), piece_tokenizer(_backend(tiny_tokenizer))
+    batch = ["Tell me a joke, please.", "Why did the chicken cross the road? Nobody knows, café."]
+    learner.encode_batch(batch, add_special_tokens=False)
+    exported = learner.export_learnt()
+    assert {" chicken", " joke", "Tell"} <= set(exported) and learner.export_learnt() == {}  # each piece once
+    assert not set(exported) & set(SPECIAL_TOKENS)  # the added tokens are in every cache from the start
+    user.import_learnt(exported)
+    assert set(exported) <= set(user._ids) and user.export_learnt() == {}  # imported pieces are not re-exported
+    calls = []
+    user._learn = lambda missing: calls.append(missing)  # nothing left to learn for these texts
+    assert_same(user, backend, batch)
+    assert calls == []
+
+
+def test_importing_into_a_full_cache_keeps_it_as_it_is(tiny_tokenizer, monkeypatch):
+    learner, user = piece_tokenizer(_backend(tiny_tokenizer)), piece_tokenizer(_backend(tiny_tokenizer))
+    learner.encode_batch(["Tell me a joke, please, about the chicken and the road."], add_special_tokens=False)
+    monkeypatch.setattr(fasttok, "CACHE_LIMIT", len(user._ids) + 2)
+    before = dict(user._ids)
+    user.import_learnt(learner.export_learnt())
+    assert user._ids == before
+
+
 def test_encoder_output_is_identical_with_and_without_the_cache(tiny_tokenizer):
     from aligndata.records import Message, PreferencePair, Conversation
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -13,6 +14,7 @@ _STATE: dict[str, int] = {}
 
 
 def _square(x: int) -> tuple[int, int, int]:
+    time.sleep(0.002)  # long enough for the workers to be busy when the next job comes
     return x, x * x, os.getpid()
 
 
@@ -38,6 +40,26 @@ def _set_offset(value: int) -> None:
 
 def _add_offset(x: int) -> int:
     return x + _STATE.get("offset", 0)
+
+
+def _learn(x: int) -> tuple[int, bool]:
+    """A job that is faster when the answer was shared: reports whether it had to compute it."""
+    known = _STATE.setdefault("known", {})
+    shared = x in known
+    known[x] = x * x
+    _STATE.setdefault("new", []).append(x)
+    return known[x], shared
+
+
+def _export() -> list[int]:
+    new, _STATE["new"] = _STATE.get("new", []), []
+    return new
+
+
+def _import(items: list[int]) -> None:
+    known = _STATE.setdefault("known", {})
+    for x in items:
+        known[x] = x * x
 
 
 def _broken_initializer() -> None:
@@ -99,3 +121,18 @@ def test_submit_respects_depth_and_leaves_the_job_to_the_caller():
         assert second is None or second.get()[:2] == (2, 4)
         third = group.submit(_square, (3,), depth=1)
         assert third is not None and third.get()[:2] == (3, 9)
+
+
+def test_what_one_process_exports_reaches_the_others():
+    jobs = [i % 10 for i in range(200)]  # ten values, each asked twenty times
+    fresh = {}
+    for exchange in (None, (_export, _import)):
+        _STATE.clear()
+        with WorkerGroup(1, exchange=exchange) as group:
+            out = list(ordered(group, _learn, jobs, depth=2))
+        assert [value for value, _ in out] == [x * x for x in jobs]
+        fresh[exchange is not None] = [i for i, (_, shared) in enumerate(out) if not shared]
+    assert sorted({jobs[i] for i in fresh[True]}) == list(range(10))  # each value computed at least once
+    assert len(fresh[True]) < len(fresh[False])  # without the exchange both processes compute most values
+    assert max(fresh[True]) < 30  # after a few jobs every value is known in both processes
+    assert set(_STATE["known"]) == set(range(10))  # the main process imported what the worker learnt
