@@ -34,7 +34,9 @@ from .shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, SCHEMAS, ShardError, 
 from .validate import Checked, check_value, decide_format, materialized, mixed_problem, require_task
 from .workers import WorkerGroup, ordered
 
-CHUNK = 64
+CHUNK = 64  # records per chunk of work
+CHUNK_BYTES = 1 << 18  # and at most this many bytes of JSON Lines (long records): a chunk and its result
+                       # then fit a worker's pipe twice over (see workers.py)
 POLICIES = ("drop", "truncate")
 # Encoder failures that are a length-policy decision, not a defect of the record.
 DROP_REASONS = {"too-long"}
@@ -196,19 +198,24 @@ def _chunks(stream: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]
         yield chunk
 
 
-def _line_chunks(lines: Iterable[tuple[int, int, bytes]], size: int) -> Iterator[tuple[int, list[int], list[bytes]]]:
-    """Raw JSON Lines in chunks: (index of the first record, line numbers, line bytes)."""
+def _line_chunks(lines: Iterable[tuple[int, int, bytes]], size: int,
+                 max_bytes: int | None = None) -> Iterator[tuple[int, list[int], list[bytes]]]:
+    """Raw JSON Lines in chunks of `size` lines, fewer where they reach `max_bytes`:
+    (index of the first record, line numbers, line bytes)."""
     first = 0
     linenos: list[int] = []
     chunk: list[bytes] = []
+    nbytes = 0
+    limit = max_bytes if max_bytes is not None else float("inf")
     for index, lineno, line in lines:
         if not chunk:
             first = index
         linenos.append(lineno)
         chunk.append(line)
-        if len(chunk) >= size:
+        nbytes += len(line)
+        if len(chunk) >= size or nbytes >= limit:
             yield first, linenos, chunk
-            linenos, chunk = [], []
+            linenos, chunk, nbytes = [], [], 0
     if chunk:
         yield first, linenos, chunk
 
@@ -474,7 +481,7 @@ def _convert_file(path: str, real: str, role: str, src_i: int, source: dict[str,
         bar.start_file(stream, name)
         if stream.mode == "lines":  # the workers parse the lines: the main process only reads bytes
             jobs: Iterator[tuple] = ((name, fmt, task, on_error, "lines", chunk)
-                                     for chunk in _line_chunks(stream.raw_lines(), CHUNK))
+                                     for chunk in _line_chunks(stream.raw_lines(), CHUNK, CHUNK_BYTES))
         else:
             jobs = ((name, fmt, task, on_error, "records", chunk) for chunk in _chunks(stream, CHUNK))
         results = ordered(workers, _work, jobs) if workers is not None else map(_work, jobs)

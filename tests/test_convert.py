@@ -316,12 +316,13 @@ def _lines_with_bad_records(tmp_path: Path) -> tuple[Path, list[int]]:
     return path, bad_at
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 256])
+@pytest.mark.parametrize("chunk, chunk_bytes", [(1, 1 << 18), (4, 1 << 18), (256, 1 << 18), (256, 300)])
 def test_worker_side_parsing_gives_the_same_rejects_and_shards_for_any_num_proc(tmp_path, tiny_tokenizer_dir,
-                                                                                monkeypatch, chunk):
+                                                                                monkeypatch, chunk, chunk_bytes):
     import aligndata.convert as convert_module
 
     monkeypatch.setattr(convert_module, "CHUNK", chunk)
+    monkeypatch.setattr(convert_module, "CHUNK_BYTES", chunk_bytes)
     path, bad_at = _lines_with_bad_records(tmp_path)
     outs = []
     for n in (1, 2):
@@ -345,6 +346,16 @@ def test_worker_side_parsing_gives_the_same_rejects_and_shards_for_any_num_proc(
     for rel in files:
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes()
     assert read_manifest(outs[0])["stats"] == read_manifest(outs[1])["stats"]
+
+
+def test_line_chunks_end_at_the_line_count_or_the_byte_limit():
+    from aligndata.convert import _line_chunks
+
+    lines = [(i + 1, 2 * i + 1, b"x" * n) for i, n in enumerate([10, 10, 500, 10, 10, 10, 10, 10])]
+    chunks = list(_line_chunks(iter(lines), 3, 100))
+    assert [(first, linenos, [len(x) for x in chunk]) for first, linenos, chunk in chunks] == [
+        (1, [1, 3, 5], [10, 10, 500]), (4, [7, 9, 11], [10, 10, 10]), (7, [13, 15], [10, 10])]
+    assert [len(c[2]) for c in _line_chunks(iter(lines), 64)] == [8]
 
 
 def _blanks_before(path: Path, line: int) -> int:
