@@ -4,10 +4,11 @@
 
 With `num_proc` N, N-1 worker processes and the main process itself encode chunks (the main process
 takes one whenever each worker has two unanswered; see workers.py); JSON Lines travel to the workers
-as raw line bytes and results come back as one flat array per column per chunk. Results are consumed in input order, so
-the shards are byte-identical for any `num_proc`. Everything is written into a staging directory
-next to the output and moved into place only after the manifest is written: a failed or killed run
-leaves the previous output untouched plus a `.NAME.partial` directory that the next run removes.
+as raw line bytes and results come back as one flat array per column per chunk. Results are consumed
+in input order, so the shards are byte-identical for any `num_proc`. Everything is written into a
+staging directory next to the output and moved into place only after the manifest is written: a failed
+or killed run leaves the previous output untouched plus a `.NAME.partial` directory that the next run
+removes.
 """
 
 from __future__ import annotations
@@ -199,21 +200,20 @@ def _chunks(stream: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]
 
 
 def _line_chunks(lines: Iterable[tuple[int, int, bytes]], size: int,
-                 max_bytes: int | None = None) -> Iterator[tuple[int, list[int], list[bytes]]]:
+                 max_bytes: int) -> Iterator[tuple[int, list[int], list[bytes]]]:
     """Raw JSON Lines in chunks of `size` lines, fewer where they reach `max_bytes`:
     (index of the first record, line numbers, line bytes)."""
     first = 0
     linenos: list[int] = []
     chunk: list[bytes] = []
     nbytes = 0
-    limit = max_bytes if max_bytes is not None else float("inf")
     for index, lineno, line in lines:
         if not chunk:
             first = index
         linenos.append(lineno)
         chunk.append(line)
         nbytes += len(line)
-        if len(chunk) >= size or nbytes >= limit:
+        if len(chunk) >= size or nbytes >= max_bytes:
             yield first, linenos, chunk
             linenos, chunk, nbytes = [], [], 0
     if chunk:

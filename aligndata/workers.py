@@ -83,10 +83,10 @@ def _send(conn: Any, out: tuple) -> None:
 class Ticket:
     """A job's result to come, with the interface of the pool's AsyncResult (ready, get)."""
 
-    __slots__ = ("_group", "seq", "done", "ok", "value")
+    __slots__ = ("_group", "done", "ok", "value")
 
-    def __init__(self, group: "WorkerGroup | None", seq: int):
-        self._group, self.seq, self.done, self.ok, self.value = group, seq, False, False, None
+    def __init__(self, group: "WorkerGroup | None"):
+        self._group, self.done, self.ok, self.value = group, False, False, None
 
     def ready(self) -> bool:
         return self.done
@@ -101,7 +101,7 @@ class Ticket:
 
 def run_here(fn: Callable[..., Any], *args: Any) -> Ticket:
     """Run fn in this process now; its result or exception as a Ticket (the exception is raised by get)."""
-    ticket = Ticket(None, -1)
+    ticket = Ticket(None)
     try:
         ticket.value, ticket.ok = fn(*args), True
     except Exception as e:  # noqa: BLE001 - raised when its turn comes, as a worker's would be
@@ -154,22 +154,19 @@ class WorkerGroup:
     def __exit__(self, *exc: Any) -> None:
         self.terminate()
 
-    def load(self, worker: _Worker) -> int:
-        return len(worker.tickets)
-
     def submit(self, fn: Callable[..., Any], args: tuple, depth: int | None = None) -> Ticket | None:
         """Send a job to the least-loaded worker with fewer than `depth` unanswered jobs (any, when depth
         is None) whose pipe has room for it; None when there is none: then the caller does the job."""
         self.collect()
         self._seq += 1
-        for worker in sorted(self.workers, key=self.load):
+        for worker in sorted(self.workers, key=lambda w: len(w.tickets)):
             if depth is not None and len(worker.tickets) >= depth:
                 break
             data = pickle.dumps((self._seq, fn, args, worker.shared), protocol=pickle.HIGHEST_PROTOCOL)
             if worker.tickets and worker.bytes + len(data) > worker.capacity:
                 continue  # it might block: wait until the worker has answered
             worker.shared = []
-            ticket = Ticket(self, self._seq)
+            ticket = Ticket(self)
             worker.tickets[self._seq] = (ticket, len(data))
             worker.bytes += len(data)
             worker.jobs.send_bytes(data)
@@ -209,17 +206,6 @@ class WorkerGroup:
             for other in self.workers:
                 if other is not but:
                     other.shared.append(exported)
-
-    def close(self) -> None:
-        """Let the workers finish and exit."""
-        for worker in self.workers:
-            try:
-                worker.jobs.send_bytes(b"")
-            except OSError:
-                pass
-        for worker in self.workers:
-            worker.process.join(5)
-        self.terminate()
 
     def terminate(self) -> None:
         for worker in self.workers:

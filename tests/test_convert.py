@@ -355,7 +355,7 @@ def test_line_chunks_end_at_the_line_count_or_the_byte_limit():
     chunks = list(_line_chunks(iter(lines), 3, 100))
     assert [(first, linenos, [len(x) for x in chunk]) for first, linenos, chunk in chunks] == [
         (1, [1, 3, 5], [10, 10, 500]), (4, [7, 9, 11], [10, 10, 10]), (7, [13, 15], [10, 10])]
-    assert [len(c[2]) for c in _line_chunks(iter(lines), 64)] == [8]
+    assert [len(c[2]) for c in _line_chunks(iter(lines), 64, 1 << 20)] == [8]
 
 
 def _blanks_before(path: Path, line: int) -> int:
