@@ -26,13 +26,14 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, InvalidRecordError, Problem
-from .formats import FORMATS, check_format_option
+from .formats import FORMATS, check_format_option, detect_shape
 from .normalize import AtomicOutput, check_on_error, reject_line
 from .progress import FileProgress
 from .reader import LineParser, RawRecord, RecordStream, display_name, require_file
 from .shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, SCHEMAS, ShardError, ShardWriter, finish_output,
                      list_columns, prepare_output, read_manifest, sha256_file, verify_shards)
-from .validate import Checked, check_value, decide_format, materialized, mixed_problem, require_task
+from .validate import (Checked, check_value, decide_format, materialized, mixed_problem, require_task,
+                       sniff_format)
 from .workers import WorkerGroup, ordered
 
 CHUNK = 64  # records per chunk of work
@@ -73,6 +74,7 @@ class _Result:
     columns: dict[str, tuple[np.ndarray, np.ndarray]]  # id-list column -> (flat values, per-row lengths)
     truncated: list[tuple[int, str]]  # (kept row, how) for the truncated ones
     others: list[_Other]
+    mismatch: bool = False  # a record of the chunk has the shape of another format than the one converted
 
 
 # -- the per-chunk work, run in workers --------------------------------------------------------------
@@ -108,6 +110,8 @@ def _work(job: tuple) -> _Result:
     name, fmt_name, task, on_error = job[:4]
     fmt = FORMATS[fmt_name]
     raws = _raw_records(job)
+    if job[6] and any(raw.error is None and detect_shape(raw.value) not in (None, fmt_name) for raw in raws):
+        return _Result(len(raws), np.zeros(0, dtype=np.int64), {}, [], [], mismatch=True)
     checked = [check_value(raw, fmt, name) for raw in raws]
     valid = [c.record for c in checked if c.ok]
     batch = _ENCODER.encode_sft_batch if task == "sft" else _ENCODER.encode_dpo_batch
@@ -340,44 +344,44 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
             for (path, role), real in zip(roles, real_paths):
                 name = display_name(path)
                 sources.append({"path": name, "sha256": _source_sha256(real, name), "role": role})
-            detected: dict[int, Any] = {}
+            earlier = (out_dir / MANIFEST).exists() and not overwrite  # an output to compare the settings with
+            identity_job = None
             if num_proc > 1:
-                # Start the workers now and let one of them detect the first input's format while this process
-                # hashes the tokenizer: less time with a core idle before the conversion starts.
                 try:
                     _ENCODER = Encoder(tok, template, **encoder_kwargs)
                 except Exception:
                     pass  # raised again below, in its usual place
                 else:
                     workers = _start_workers(num_proc, tokenizer, chat_template, trust_remote_code, encoder_kwargs)
-                    if input_format == "auto":
-                        detected[0] = workers.submit(decide_format, (real_paths[0], display_name(roles[0][0]), "auto"))
-            identity = tokenizer_identity(tok, tokenizer)
+                    if not earlier:
+                        # Nothing to compare with before converting: a worker hashes the tokenizer (its first
+                        # job, ~0.2 s for a 150k vocabulary) while this process starts on the records.
+                        identity_job = workers.submit(_identity, (tokenizer,))
             manifest: dict[str, Any] = {
                 "format_version": FORMAT_VERSION,
                 "task": task,
                 "created_by": f"aligndata {__version__}",
-                "tokenizer": identity,
+                "tokenizer": tokenizer_identity(tok, tokenizer) if identity_job is None else None,
                 "chat_template": {"source": template.source, "sha256": template.sha256},
                 "settings": settings,
                 "sources": sources,
+                "settings_sha256": None,
             }
-            key = {k: manifest[k] for k in ("task", "settings")}
-            key.update(tokenizer=identity.get("sha256"), template=template.sha256, sources=[s["sha256"] for s in sources])
-            manifest["settings_sha256"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+            if identity_job is None:
+                _settings_sha256(manifest)
 
-            if (out_dir / MANIFEST).exists():
+            if earlier:
                 try:
                     old = read_manifest(out_dir)
                 except ShardError:
                     old = None
-                if old is not None and old.get("settings_sha256") == manifest["settings_sha256"] and not overwrite:
+                if old is not None and old.get("settings_sha256") == manifest["settings_sha256"]:
                     try:
                         verify_shards(out_dir, old)
                         return ConvertResult(old, True, out_dir)
                     except ShardError:
                         pass  # damaged: rebuild
-                elif old is not None and not overwrite:
+                elif old is not None:
                     raise InputError(f"{out_dir}: holds shards made with other settings "
                                      f"({_settings_diff(old, manifest)}); "
                                      "pass --overwrite to replace them, or choose another --out")
@@ -403,7 +407,10 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
             try:
                 for src_i, ((path, role), real) in enumerate(zip(roles, real_paths)):
                     _convert_file(path, real, role, src_i, sources[src_i], task, input_format, workers, writer, stats,
-                                  counts, reject_sink, on_error, eval_fraction, seed, bar, detected.get(src_i))
+                                  counts, reject_sink, on_error, eval_fraction, seed, bar)
+                if identity_job is not None:
+                    manifest["tokenizer"] = identity_job.get()
+                    _settings_sha256(manifest)
                 bar.close()
                 manifest["splits"] = writer.close()
                 if reject_sink is not None:
@@ -447,6 +454,21 @@ def _start_workers(num_proc: int, tokenizer: str, chat_template: str | None, tru
                        exchange=(_export_pieces, _import_pieces))
 
 
+def _identity(spec: str) -> dict[str, Any]:
+    """tokenizer_identity of this worker's tokenizer (the main process's own, inherited or loaded alike)."""
+    from .templates import tokenizer_identity
+
+    return tokenizer_identity(_ENCODER.tokenizer, spec)
+
+
+def _settings_sha256(manifest: dict[str, Any]) -> None:
+    """What decides whether an earlier output can stand: the task, the settings and every input's hash."""
+    key = {k: manifest[k] for k in ("task", "settings")}
+    key.update(tokenizer=manifest["tokenizer"].get("sha256"), template=manifest["chat_template"]["sha256"],
+               sources=[s["sha256"] for s in manifest["sources"]])
+    manifest["settings_sha256"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
 def _export_pieces() -> dict[str, Any]:
     return _ENCODER.learnt_pieces() if _ENCODER is not None else {}
 
@@ -468,24 +490,32 @@ def _source_sha256(path: str, name: str) -> str:
 def _convert_file(path: str, real: str, role: str, src_i: int, source: dict[str, Any], task: str,
                   input_format: str, workers: Any, writer: ShardWriter, stats: _Stats, counts: dict[str, Any],
                   reject_sink: AtomicOutput | None, on_error: str, eval_fraction: float, seed: int,
-                  bar: FileProgress, detected: Any = None) -> None:
+                  bar: FileProgress) -> None:
     name = display_name(path)
-    # `detected`: the format detection of this file, already started in a worker
-    fmt, det = detected.get() if detected is not None else decide_format(real, name, input_format)
-    if det is not None and det.mixed:
-        raise InvalidRecordError([mixed_problem(name, det)])
-    require_task(name, fmt, task, task)
+    auto = input_format == "auto"
+    # --format auto: the format of the first record that has one; every record is checked against it on the
+    # way (job[6]), and a file that turns out mixed is then read whole for the error that describes it.
+    fmt = (sniff_format(real, name) if auto else None) or decide_format(real, name, input_format)[0]
+    try:
+        require_task(name, fmt, task, task)
+    except InputError:
+        if auto:
+            _refuse_if_mixed(real, name)
+        raise
     source["format"] = fmt
     source["records"] = 0
     with RecordStream(real, name) as stream:
         bar.start_file(stream, name)
         if stream.mode == "lines":  # the workers parse the lines: the main process only reads bytes
-            jobs: Iterator[tuple] = ((name, fmt, task, on_error, "lines", chunk)
+            jobs: Iterator[tuple] = ((name, fmt, task, on_error, "lines", chunk, auto)
                                      for chunk in _line_chunks(stream.raw_lines(), CHUNK, CHUNK_BYTES))
         else:
-            jobs = ((name, fmt, task, on_error, "records", chunk) for chunk in _chunks(stream, CHUNK))
+            jobs = ((name, fmt, task, on_error, "records", chunk, auto) for chunk in _chunks(stream, CHUNK))
         results = ordered(workers, _work, jobs) if workers is not None else map(_work, jobs)
         for res in results:
+            if res.mismatch:
+                _refuse_if_mixed(real, name)
+                raise InputError(f"{name}: changed while it was being converted")
             counts["read"] += res.records
             source["records"] += res.records
             bar.update(res.records)
@@ -506,6 +536,13 @@ def _convert_file(path: str, real: str, role: str, src_i: int, source: dict[str,
             counts["kept"] += len(res.index)
             for _, how in res.truncated:
                 counts["truncated"][how] += 1
+
+
+def _refuse_if_mixed(real: str, name: str) -> None:
+    """Read the whole file for its formats; raise the error naming them if there is more than one."""
+    _, det = decide_format(real, name, "auto")
+    if det is not None and det.mixed:
+        raise InvalidRecordError([mixed_problem(name, det)])
 
 
 def _write_kept(res: _Result, start: int, stop: int, role: str, src_i: int, source: dict[str, Any], seed: int,

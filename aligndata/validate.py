@@ -195,6 +195,21 @@ def detect_format(path: str, name: str | None = None) -> Detection:
     return det
 
 
+def sniff_format(path: str, name: str | None = None) -> str | None:
+    """The shape of the first record that has one (None: no record has one, or there are none).
+
+    What `convert` starts from under --format auto, so that a large file is not read twice: the conversion
+    then checks every record's shape against it, and only when one differs reads the whole file with
+    `decide_format` for the error that names the formats found (a mixed file is refused, never guessed)."""
+    with RecordStream(path, name) as stream:
+        for raw in stream:
+            if raw.error is None:
+                shape = detect_shape(raw.value)
+                if shape is not None:
+                    return shape
+    return None
+
+
 def decide_format(path: str, name: str, input_format: str) -> tuple[str, Detection | None]:
     """The format to read `path` as: the one given, or the one its records show (auto)."""
     if input_format != "auto":

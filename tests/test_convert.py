@@ -101,8 +101,11 @@ def test_shards_are_byte_identical_for_any_num_proc(tmp_path, pair_file, tiny_to
     assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*.arrow"))
     for rel in files:
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes()
-    m1, m2 = read_manifest(outs[0]), read_manifest(outs[1])
-    assert m1["splits"] == m2["splits"]
+    # the manifest too (with 2 processes a worker hashes the tokenizer while the main process converts)
+    assert (outs[0] / "manifest.json").read_bytes() == (outs[1] / "manifest.json").read_bytes()
+    # and a re-run with the other num_proc finds the output up to date
+    assert convert([str(pair_file)], outs[0], "dpo", str(tiny_tokenizer_dir), num_proc=2, eval_fraction=0.25,
+                   shard_rows=7).skipped
 
 
 def test_eval_fraction_splits_by_record_and_counts_add_up(tmp_path, pair_file, tiny_tokenizer_dir):
@@ -218,6 +221,37 @@ def test_mixed_format_file_is_reported_not_guessed(tmp_path, tiny_tokenizer_dir)
                                                                  {"role": "assistant", "content": "b"}]}])
     with pytest.raises(InvalidRecordError, match="records match different formats: sharegpt"):
         convert([str(src)], tmp_path / "out", "sft", str(tiny_tokenizer_dir))
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_record_of_another_format_deep_in_the_file_refuses_it_whole(tmp_path, tiny_tokenizer_dir, num_proc):
+    # The format comes from the first record; the conversion checks every record's shape against it, and
+    # a different one (here record 201, in a later chunk) stops it with the error that names both formats,
+    # in skip mode too, leaving the earlier output as it was.
+    other = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    src = write_jsonl(tmp_path / "m.jsonl", SFT * 100 + [other] + SFT)
+    out = tmp_path / "out"
+    good = convert([str(write_jsonl(tmp_path / "good.jsonl", SFT))], out, "sft", str(tiny_tokenizer_dir))
+    with pytest.raises(InvalidRecordError) as e:
+        convert([str(src)], out, "sft", str(tiny_tokenizer_dir), num_proc=num_proc, on_error="skip", overwrite=True)
+    assert str(e.value.problems[0]) == (
+        f"{src}:201 $: records match different formats: sharegpt (202 records, first: record 1 at line 1), "
+        "openai (1 record, first: record 201 at line 201); split the file by format or pass --format")
+    assert read_manifest(out) == good.manifest
+    # given the format, the odd record is one more reject
+    m = convert([str(src)], out, "sft", str(tiny_tokenizer_dir), num_proc=num_proc, on_error="skip",
+                input_format="sharegpt", overwrite=True).manifest
+    assert m["counts"]["read"] == 203 and m["counts"]["kept"] == 202 and sum(m["counts"]["rejected"].values()) == 1
+
+
+def test_a_mixed_file_starting_with_the_other_task_is_reported_as_mixed(tmp_path, tiny_tokenizer_dir):
+    src = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}] + SFT * 3)
+    with pytest.raises(InvalidRecordError, match="records match different formats: sharegpt"):
+        convert([str(src)], tmp_path / "out", "sft", str(tiny_tokenizer_dir))
+    # a file of the other task alone keeps its own message
+    with pytest.raises(InputError, match="holds preference pairs"):
+        convert([str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}]))],
+                tmp_path / "out", "sft", str(tiny_tokenizer_dir))
 
 
 def test_foreign_directory_is_never_overwritten(tmp_path, sft_file, tiny_tokenizer_dir):
