@@ -192,6 +192,28 @@ def _child(kind: str, data: Path, tokenizer: str, workdir: Path) -> None:
     print("RESULT " + json.dumps(r))
 
 
+SPIN = r"""
+import sys, time
+t0 = time.perf_counter()
+d = {}
+for i in range(int(sys.argv[1])):
+    d[i & 65535] = i * 3
+print(time.perf_counter() - t0)
+"""
+
+
+def time_ceiling(loops: int = 12_000_000) -> dict:
+    """What this machine allows 2 processes: a pure-Python busy loop alone, then two copies at once.
+    2 x alone / slower-of-the-two is the speed-up two fully parallel processes would get (2.0 on two
+    idle cores of their own; less where the cores are shared, throttled or hyper-threads)."""
+    def run(copies: int) -> float:
+        procs = [subprocess.Popen([sys.executable, "-c", SPIN, str(loops)], stdout=subprocess.PIPE, text=True)
+                 for _ in range(copies)]
+        return max(float(p.communicate()[0]) for p in procs)
+    alone, together = run(1), run(2)
+    return {"alone": alone, "together": together, "ceiling": 2 * alone / together}
+
+
 def _measure(kind: str, data: Path, tokenizer: str, workdir: Path) -> dict | None:
     r = subprocess.run([sys.executable, __file__, "--child", kind, "--tokenizer", tokenizer, "--workdir", str(workdir)],
                        capture_output=True, text=True)
@@ -228,6 +250,7 @@ def main() -> None:
     names = {"raw": "raw encode_batch", "ours-1p": "ours, 1 process", "ours-2p": "ours, 2 processes",
              "library-1p": "ours, 1 process, --no-fast-tokenize"}
     runs: dict[str, list[dict]] = {}
+    ceilings: list[dict] = []
     for _ in range(args.repeats):  # interleaved, so a slow spell of a shared machine hits every run alike
         for kind, name in names.items():
             if kind not in args.runs.split(","):
@@ -235,6 +258,8 @@ def main() -> None:
             r = _measure(kind, data, args.tokenizer, work)
             if r is not None:
                 runs.setdefault(name, []).append(r)
+        if "ours-2p" in args.runs.split(","):
+            ceilings.append(time_ceiling())
         if not args.skip_trl:
             trl = time_trl(data, args.tokenizer, Path(args.trl_site))
             if trl is not None:
@@ -259,6 +284,14 @@ def main() -> None:
         print(f"ours-1p / raw encode = {ours1 / raw:.2%}   (target >= 85%)")
     if ours1 and ours2:
         print(f"ours-2p / ours-1p    = {ours2 / ours1:.2f}x   (target >= 1.8x)")
+        one, two = runs[names["ours-1p"]], runs[names["ours-2p"]]
+        if len(one) == len(two) > 1:
+            rounds = sorted(a["seconds"] / b["seconds"] for a, b in zip(one, two))
+            print(f"  within each round: {', '.join(f'{r:.2f}x' for r in rounds)} (median {rounds[len(rounds) // 2]:.2f}x)")
+    if ceilings:
+        ceiling = sorted(c["ceiling"] for c in ceilings)[len(ceilings) // 2]
+        print(f"2-process ceiling    = {ceiling:.2f}x median   (a busy loop alone vs two at once: "
+              + ", ".join(f"{c['alone']:.2f}/{c['together']:.2f} s" for c in ceilings) + ")")
     if ours1 and library:
         print(f"piece cache speed-up = {ours1 / library:.2f}x   (ours-1p vs --no-fast-tokenize)")
 
