@@ -127,17 +127,19 @@ def validate(
         s = FileSummary(fc.name)
         summaries.append(s)
         try:
-            started = False
+            started = mixed = False
             for checked in fc.records():
                 if not started:
                     started = True
-                    s.format = fc.format
-                    if fc.detection is not None and fc.detection.mixed:
-                        mp = mixed_problem(fc.name, fc.detection)
-                        s.by_kind[mp.kind] += 1
-                        emit(mp)
                     if fc.stream is not None:
                         bar.start_file(fc.stream, fc.name)
+                s.format = fc.format
+                if not mixed and fc.detection is not None and fc.detection.mixed:
+                    # shows at the first record of a second format (the file is then read whole for this)
+                    mixed = True
+                    mp = mixed_problem(fc.name, fc.detection)
+                    s.by_kind[mp.kind] += 1
+                    emit(mp)
                 bar.update()
                 s.records += 1
                 if checked.ok:

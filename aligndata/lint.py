@@ -237,7 +237,7 @@ def lint_file(path: str, input_format: str = "auto") -> LintReport:
     turns = array("i")
     dups = _Duplicates()
     for checked in fc.records():
-        if report.records == 0:
+        if report.records == 0 or (report.mixed is None and fc.detection is not None and fc.detection.mixed):
             report.format = fc.format
             report.task = FORMATS[fc.format].task if fc.format else None
             if fc.detection is not None and fc.detection.mixed:

@@ -105,10 +105,11 @@ def iter_inputs(inputs: list[str], input_format: str, progress: FileProgress, co
         fc = FileCheck(path, input_format)
         first = True
         for checked in fc.records():
+            # a second format shows at its first record (the file is then read whole for the error)
+            if fc.detection is not None and fc.detection.mixed and not allow_mixed:
+                raise InvalidRecordError([mixed_problem(fc.name, fc.detection)])
             if first:
                 first = False
-                if fc.detection is not None and fc.detection.mixed and not allow_mixed:
-                    raise InvalidRecordError([mixed_problem(fc.name, fc.detection)])
                 counts.formats[fc.name] = fc.format or "?"
                 if fc.stream is not None:
                     progress.start_file(fc.stream, fc.name)
@@ -132,7 +133,13 @@ def normalize(inputs: list[str], out: str, to: str, *, on_error: str = "fail", r
     reject_sink = AtomicOutput(rejects) if on_error == "skip" else None
     try:
         for fc, checked in iter_inputs(inputs, input_format, bar, counts):
-            require_task(fc.name, fc.format, TARGET_TASK[to], to)
+            try:
+                require_task(fc.name, fc.format, TARGET_TASK[to], to)
+            except InputError:
+                det = fc.mixed()
+                if det is not None:
+                    raise InvalidRecordError([mixed_problem(fc.name, det)]) from None
+                raise
             if checked.ok:
                 line = json.dumps(checked.record.to_json(), ensure_ascii=False)
                 if sink is None:

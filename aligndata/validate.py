@@ -253,19 +253,45 @@ class FileCheck:
     format: str | None = None
     detection: Detection | None = None
     stream: RecordStream | None = None
+    _real: str = field(default="", repr=False)  # the file being read (stdin: its spooled copy)
 
     def __post_init__(self) -> None:
         self.name = self.name or display_name(self.path)
 
     def records(self) -> Iterator[Checked]:
+        """Under --format auto the file is read once: `format` starts as the first record's, and every
+        record's shape is compared with it. At the first that differs, before that record is yielded,
+        the whole file is read for its formats: `detection` then says mixed (callers report it from the
+        record where it shows), `format` becomes the most common, and each record is checked against
+        the format its shape says, as in a file detected whole beforehand."""
         with materialized(self.path) as real:
-            self.format, self.detection = decide_format(real, self.name, self.input_format)
+            self._real = real
+            sniffed = sniff_format(real, self.name) if self.input_format == "auto" else None
+            if sniffed is None:
+                self.format, self.detection = decide_format(real, self.name, self.input_format)
+            else:
+                self.format, self.detection = sniffed, Detection(sniffed)
             fixed = FORMATS[self.format]
+            auto = self.input_format == "auto"
             mixed = self.detection is not None and self.detection.mixed
             with RecordStream(real, self.name) as stream:
                 self.stream = stream
                 for raw in stream:
                     fmt = fixed
-                    if mixed and raw.error is None:
-                        fmt = FORMATS.get(detect_shape(raw.value) or "", fixed)
+                    if auto and raw.error is None:
+                        shape = detect_shape(raw.value)
+                        if shape is not None and shape != fixed.name and not mixed:
+                            self.format, self.detection = decide_format(real, self.name, "auto")
+                            fixed, mixed = FORMATS[self.format], True
+                        fmt = FORMATS.get(shape or "", fixed)
                     yield check_value(raw, fmt, self.name)
+
+    def mixed(self) -> Detection | None:
+        """From inside records(): the whole file's detection if its records match several formats (read
+        now unless already known), else None. For errors that the first record's format alone would
+        explain wrongly, such as a file of the other task that is in fact mixed."""
+        if self.input_format != "auto":
+            return None
+        if self.detection is None or not self.detection.mixed:
+            _, self.detection = decide_format(self._real, self.name, "auto")
+        return self.detection if self.detection.mixed else None

@@ -373,6 +373,24 @@ def test_convert_missing_input_exits_2(workdir):
     assert (code, stderr) == (2, "error: missing.jsonl: no such file\n")
 
 
+def test_a_mixed_file_is_found_wherever_the_second_format_starts(workdir):
+    pair = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    write_jsonl(workdir / "late.jsonl", *([SFT] * 300 + [pair]))
+    code, doc = validate_json("late.jsonl")
+    assert code == 1 and doc["files"][0]["format"] == "openai"
+    assert doc["files"][0]["problems_by_kind"] == {"mixed-format": 1}
+    assert doc["problems"][0]["message"] == (
+        "records match different formats: openai (300 records, first: record 1 at line 1), "
+        "text-preference (1 record, first: record 301 at line 301); split the file by format or pass --format")
+    # a file of the other task that is in fact mixed is refused as mixed, not as the wrong task
+    write_jsonl(workdir / "first.jsonl", pair, SFT, SFT)
+    code, stderr = convert("first.jsonl", "--to", "openai", "--out", "out.jsonl")
+    assert code == 1 and "records match different formats: openai (2 records" in stderr
+    assert not (workdir / "out.jsonl").exists()
+    code, stderr = convert("late.jsonl", "--to", "openai", "--out", "out.jsonl", "--on-error", "skip")
+    assert code == 1 and "records match different formats" in stderr and not (workdir / "out.jsonl").exists()
+
+
 def test_convert_refuses_a_mixed_format_file(workdir):
     write_jsonl(workdir / "mixed.jsonl", SFT, {"conversations": [{"from": "human", "value": "q"}]})
     code, stderr = convert("mixed.jsonl", "--to", "openai", "--out", "out.jsonl", "--on-error", "skip")

@@ -354,6 +354,15 @@ def test_lint_counts_turns_roles_system_and_tools(tmp_path):
     assert report.to_json()["pairs"] is None
 
 
+def test_lint_reports_a_second_format_that_starts_late(tmp_path):
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    pair = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    report = lint_file(str(write_jsonl(tmp_path / "m.jsonl", [chat] * 5 + [pair])))
+    assert (report.format, report.task, report.records) == ("openai", "sft", 6)
+    assert report.mixed.startswith("records match different formats: openai (5 records, first: record 1 at line 1), "
+                                   "text-preference (1 record, first: record 6 at line 6)")
+
+
 def test_empty_system_detection_on_raw_shapes():
     assert has_empty_system({"system": "", "conversations": []})
     assert has_empty_system([{"role": "system", "content": " "}, {"role": "user", "content": "x"}])

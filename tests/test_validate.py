@@ -374,6 +374,35 @@ def test_records_of_different_formats_are_reported_as_mixed_not_guessed(tmp_path
         "text-preference (1 record, first: record 3 at line 3); split the file by format or pass --format")
 
 
+def test_auto_format_reads_a_single_format_file_once(tmp_path, monkeypatch):
+    import aligndata.validate as V
+
+    path = tmp_path / "one.jsonl"
+    path.write_text("".join(json.dumps(conv(("user", f"q{i}"), ("assistant", "a"))) + "\n" for i in range(50)))
+    whole = []
+    monkeypatch.setattr(V, "detect_format", lambda *a, **k: whole.append(a) or pytest.fail("read twice"))
+    fc = FileCheck(str(path), name="one.jsonl")
+    assert sum(c.ok for c in fc.records()) == 50
+    assert fc.format == "openai" and not fc.detection.mixed and not whole
+
+
+def test_a_second_format_deep_in_the_file_makes_it_mixed_from_that_record_on(tmp_path):
+    # The file is read whole once the second format shows; records from there are checked against
+    # their own shapes and the detection holds the whole file's counts.
+    path = tmp_path / "m.jsonl"
+    sft = conv(("user", "q"), ("assistant", "a"))
+    text_pair = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    path.write_text("\n".join(json.dumps(r) for r in [text_pair] + [sft] * 5 + [text_pair]) + "\n")
+    fc = FileCheck(str(path), name="m.jsonl")
+    seen = []
+    for c in fc.records():
+        seen.append((c.format, fc.detection.mixed, fc.format))
+    assert seen[0] == ("text-preference", False, "text-preference")
+    assert seen[1] == ("openai", True, "openai")  # the most common, as a whole-file detection decides
+    assert [s[0] for s in seen] == ["text-preference"] + ["openai"] * 5 + ["text-preference"]
+    assert dict(fc.detection.shapes) == {"openai": 5, "text-preference": 2}
+
+
 def test_given_format_checks_every_record_against_it(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps(conv(("user", "q"), ("assistant", "a"))) + "\n"
