@@ -8,7 +8,8 @@ reading them, each in a fresh child process so that its peak RSS is its own:
   anchor (rs)   the same with jsonschema-rs, the compiled validator FileCheck asks first; the
                 gap between it and FileCheck is the cost of our adapters, rules and reports
   FileCheck     aligndata with --format given: reader + schema + adapter + semantic rules
-  FileCheck     aligndata with --format auto: the above plus the detection pass over all records
+  FileCheck     aligndata with --format auto: the format taken from the first record, every record's
+                shape checked against it on the way (a mixed file alone is read a second time)
   (auto)
 
 `--array-gb G` mode: stream a ~G GB JSON array to disk (never held in memory) and run
