@@ -47,8 +47,11 @@ TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assist
             "{% else %} {% endif %}{% endfor %}")
 
 
-def build_model_dir(shape: str, out: Path) -> int:
-    """A randomly initialised model of `shape` and a word-level tokenizer (w0, w1, ... one id each)."""
+def build_model_dir(shape: str, out: Path, tokenizer_out: Path) -> int:
+    """A randomly initialised model of `shape` in `out` and a word-level tokenizer (w0, w1, ... one id
+    each) in `tokenizer_out`: a directory of its own, for next to a config.json whose model_type is
+    qwen2, transformers 5 loads it as Qwen2Tokenizer, which puts its own byte-level pre-tokenizer in
+    front of the word vocabulary (every word then maps to nothing)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -66,7 +69,7 @@ def build_model_dir(shape: str, out: Path) -> int:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
-    tok.save_pretrained(out)
+    tok.save_pretrained(tokenizer_out)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -100,10 +103,10 @@ def run_ours(args: argparse.Namespace) -> dict:
     from aligntrain.config import load_config
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    params = build_model_dir(args.shape, work / "model")
+    params = build_model_dir(args.shape, work / "model", work / "tokenizer")
     n = args.bs * (args.steps + 2)
     write_rows(work / "rows.jsonl", n, SHAPES[args.shape][1]["vocab_size"], args.mode)
-    convert([str(work / "rows.jsonl")], work / "shards", args.mode, str(work / "model"), max_length=args.max_length,
+    convert([str(work / "rows.jsonl")], work / "shards", args.mode, str(work / "tokenizer"), max_length=args.max_length,
             max_prompt_length=args.max_length // 2 if args.mode == "dpo" else None, length_policy="truncate")
     table = open_split(work / "shards", "train")
     if args.mode == "dpo":
@@ -119,7 +122,8 @@ def run_ours(args: argparse.Namespace) -> dict:
         "gradient_accumulation_steps": 1, "max_length": args.max_length,
         "max_prompt_length": args.max_length // 2 if args.mode == "dpo" else None,
         "n_examples": args.bs * args.steps, "activation_checkpointing": bool(args.gc),
-        "model": {"name_or_path": str(work / "model"), "policy_dtype": dtype, "reference_dtype": dtype},
+        "model": {"name_or_path": str(work / "model"), "tokenizer_name_or_path": str(work / "tokenizer"),
+                  "policy_dtype": dtype, "reference_dtype": dtype},
         "loss": {"name": args.mode, "beta": 0.1}, "output_dir": str(work / "run"), "log_every_steps": 10 ** 6,
     }))
     cfg = load_config(cfg_path)
