@@ -501,6 +501,13 @@ def _prompt_split_ids(backend: Any) -> frozenset[int] | None:
 def _token_span(tokens: _Tokens, start: int, body_end: int, what: str) -> tuple[int, int]:
     """Token indices [first, stop) of chars [start, body_end) less trailing whitespace; both must be boundaries."""
     first = tokens.boundary(start)
+    if first is None and tokens.token_at(start) is None and not tokens.text[start:start + 1].isspace():
+        raise EncodeError(
+            "boundary-mismatch",
+            f"the start of {what} is not a token boundary: {tokens.describe(start)}; the tokenizer turns this "
+            "text into no tokens at all (its normalizer or pre-tokenizer drops it): check that it is the "
+            "tokenizer you meant and that it loads as intended",
+        )
     if first is None:
         raise EncodeError(
             "boundary-mismatch",

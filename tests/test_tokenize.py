@@ -241,6 +241,19 @@ def test_sft_refuses_a_span_start_inside_a_merged_token(tiny_tokenizer):
     )
 
 
+def test_a_tokenizer_that_drops_the_start_of_a_reply_is_named_as_the_cause(tiny_tokenizer):
+    from tokenizers import Regex, normalizers
+
+    tiny_tokenizer.backend_tokenizer.normalizer = normalizers.Replace(Regex("Q+"), "")
+    conv = Conversation([PARIS, Message("assistant", "QQQ It is sunny.")])
+
+    with pytest.raises(EncodeError) as err:
+        encoder(tiny_tokenizer).encode_sft(conv)
+
+    assert err.value.reason == "boundary-mismatch"
+    assert "char" in str(err.value) and "belongs to no token; the tokenizer turns this text into no tokens" in str(err.value)
+
+
 def test_sft_without_assistant_message_has_no_trained_tokens(tiny_tokenizer):
     with pytest.raises(EncodeError) as err:
         encoder(tiny_tokenizer).encode_sft(Conversation([SYSTEM, PARIS]))
