@@ -134,7 +134,7 @@ def validate(
                     if fc.stream is not None:
                         bar.start_file(fc.stream, fc.name)
                 s.format = fc.format
-                if not mixed and fc.detection is not None and fc.detection.mixed:
+                if not mixed and fc.is_mixed:
                     # shows at the first record of a second format (the file is then read whole for this)
                     mixed = True
                     mp = mixed_problem(fc.name, fc.detection)

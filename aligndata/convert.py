@@ -32,8 +32,7 @@ from .progress import FileProgress
 from .reader import LineParser, RawRecord, RecordStream, display_name, require_file
 from .shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, SCHEMAS, ShardError, ShardWriter, finish_output,
                      list_columns, prepare_output, read_manifest, sha256_file, verify_shards)
-from .validate import (Checked, check_value, decide_format, materialized, mixed_problem, require_task,
-                       sniff_format)
+from .validate import Checked, check_value, materialized, refuse_if_mixed, require_task, start_format
 from .workers import WorkerGroup, ordered
 
 CHUNK = 64  # records per chunk of work
@@ -495,12 +494,12 @@ def _convert_file(path: str, real: str, role: str, src_i: int, source: dict[str,
     auto = input_format == "auto"
     # --format auto: the format of the first record that has one; every record is checked against it on the
     # way (job[6]), and a file that turns out mixed is then read whole for the error that describes it.
-    fmt = (sniff_format(real, name) if auto else None) or decide_format(real, name, input_format)[0]
+    fmt = start_format(real, name, input_format)
     try:
         require_task(name, fmt, task, task)
     except InputError:
         if auto:
-            _refuse_if_mixed(real, name)
+            refuse_if_mixed(real, name)
         raise
     source["format"] = fmt
     source["records"] = 0
@@ -514,7 +513,7 @@ def _convert_file(path: str, real: str, role: str, src_i: int, source: dict[str,
         results = ordered(workers, _work, jobs) if workers is not None else map(_work, jobs)
         for res in results:
             if res.mismatch:
-                _refuse_if_mixed(real, name)
+                refuse_if_mixed(real, name)
                 raise InputError(f"{name}: changed while it was being converted")
             counts["read"] += res.records
             source["records"] += res.records
@@ -536,13 +535,6 @@ def _convert_file(path: str, real: str, role: str, src_i: int, source: dict[str,
             counts["kept"] += len(res.index)
             for _, how in res.truncated:
                 counts["truncated"][how] += 1
-
-
-def _refuse_if_mixed(real: str, name: str) -> None:
-    """Read the whole file for its formats; raise the error naming them if there is more than one."""
-    _, det = decide_format(real, name, "auto")
-    if det is not None and det.mixed:
-        raise InvalidRecordError([mixed_problem(name, det)])
 
 
 def _write_kept(res: _Result, start: int, stop: int, role: str, src_i: int, source: dict[str, Any], seed: int,

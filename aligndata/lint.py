@@ -237,10 +237,10 @@ def lint_file(path: str, input_format: str = "auto") -> LintReport:
     turns = array("i")
     dups = _Duplicates()
     for checked in fc.records():
-        if report.records == 0 or (report.mixed is None and fc.detection is not None and fc.detection.mixed):
+        if report.records == 0 or (report.mixed is None and fc.is_mixed):
             report.format = fc.format
             report.task = FORMATS[fc.format].task if fc.format else None
-            if fc.detection is not None and fc.detection.mixed:
+            if fc.is_mixed:
                 report.mixed = mixed_problem(fc.name, fc.detection).message
         report.records += 1
         n = checked.raw.index

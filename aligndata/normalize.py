@@ -106,7 +106,7 @@ def iter_inputs(inputs: list[str], input_format: str, progress: FileProgress, co
         first = True
         for checked in fc.records():
             # a second format shows at its first record (the file is then read whole for the error)
-            if fc.detection is not None and fc.detection.mixed and not allow_mixed:
+            if fc.is_mixed and not allow_mixed:
                 raise InvalidRecordError([mixed_problem(fc.name, fc.detection)])
             if first:
                 first = False
@@ -136,9 +136,7 @@ def normalize(inputs: list[str], out: str, to: str, *, on_error: str = "fail", r
             try:
                 require_task(fc.name, fc.format, TARGET_TASK[to], to)
             except InputError:
-                det = fc.mixed()
-                if det is not None:
-                    raise InvalidRecordError([mixed_problem(fc.name, det)]) from None
+                fc.refuse_if_mixed()
                 raise
             if checked.ok:
                 line = json.dumps(checked.record.to_json(), ensure_ascii=False)

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from jsonschema.exceptions import ValidationError
 
-from .errors import InputError, Problem
+from .errors import InputError, InvalidRecordError, Problem
 from .formats import FORMATS, Format, check_format_option, detect_shape
 from .formats.common import Issues
 from .reader import RawRecord, RecordStream, display_name
@@ -198,8 +198,8 @@ def detect_format(path: str, name: str | None = None) -> Detection:
 def sniff_format(path: str, name: str | None = None) -> str | None:
     """The shape of the first record that has one (None: no record has one, or there are none).
 
-    What `convert` starts from under --format auto, so that a large file is not read twice: the conversion
-    then checks every record's shape against it, and only when one differs reads the whole file with
+    What readers start from under --format auto (start_format), so that a large file is not read twice:
+    they check every record's shape against it, and only when one differs read the whole file with
     `decide_format` for the error that names the formats found (a mixed file is refused, never guessed)."""
     with RecordStream(path, name) as stream:
         for raw in stream:
@@ -208,6 +208,24 @@ def sniff_format(path: str, name: str | None = None) -> str | None:
                 if shape is not None:
                     return shape
     return None
+
+
+def start_format(path: str, name: str, input_format: str) -> str:
+    """The format to start reading `path` as: the one given, or (auto) the first record's shape; a file
+    with no record of a known shape gets decide_format's error. Readers under auto check each record's
+    shape against it and call refuse_if_mixed when one differs."""
+    if input_format == "auto":
+        shape = sniff_format(path, name)
+        if shape is not None:
+            return shape
+    return decide_format(path, name, input_format)[0]
+
+
+def refuse_if_mixed(path: str, name: str) -> None:
+    """Read the whole file for its formats; raise the error naming them if there is more than one."""
+    _, det = decide_format(path, name, "auto")
+    if det is not None and det.mixed:
+        raise InvalidRecordError([mixed_problem(name, det)])
 
 
 def decide_format(path: str, name: str, input_format: str) -> tuple[str, Detection | None]:
@@ -266,32 +284,30 @@ class FileCheck:
         the format its shape says, as in a file detected whole beforehand."""
         with materialized(self.path) as real:
             self._real = real
-            sniffed = sniff_format(real, self.name) if self.input_format == "auto" else None
-            if sniffed is None:
-                self.format, self.detection = decide_format(real, self.name, self.input_format)
-            else:
-                self.format, self.detection = sniffed, Detection(sniffed)
-            fixed = FORMATS[self.format]
             auto = self.input_format == "auto"
-            mixed = self.detection is not None and self.detection.mixed
+            self.format = start_format(real, self.name, self.input_format)
+            self.detection = Detection(self.format) if auto else None
+            fixed = FORMATS[self.format]
             with RecordStream(real, self.name) as stream:
                 self.stream = stream
                 for raw in stream:
                     fmt = fixed
                     if auto and raw.error is None:
                         shape = detect_shape(raw.value)
-                        if shape is not None and shape != fixed.name and not mixed:
+                        if shape is not None and shape != fixed.name and not self.is_mixed:
                             self.format, self.detection = decide_format(real, self.name, "auto")
-                            fixed, mixed = FORMATS[self.format], True
+                            fixed = FORMATS[self.format]
                         fmt = FORMATS.get(shape or "", fixed)
                     yield check_value(raw, fmt, self.name)
 
-    def mixed(self) -> Detection | None:
-        """From inside records(): the whole file's detection if its records match several formats (read
-        now unless already known), else None. For errors that the first record's format alone would
-        explain wrongly, such as a file of the other task that is in fact mixed."""
-        if self.input_format != "auto":
-            return None
-        if self.detection is None or not self.detection.mixed:
-            _, self.detection = decide_format(self._real, self.name, "auto")
-        return self.detection if self.detection.mixed else None
+    @property
+    def is_mixed(self) -> bool:
+        """Whether a second format has shown (so far: under auto the file is read whole when it does)."""
+        return self.detection is not None and self.detection.mixed
+
+    def refuse_if_mixed(self) -> None:
+        """From inside records(), under auto: raise the mixed-format error if the whole file is mixed. For
+        errors that the first record's format alone would explain wrongly, such as a file of the other
+        task that is in fact mixed."""
+        if self.input_format == "auto":
+            refuse_if_mixed(self._real, self.name)
