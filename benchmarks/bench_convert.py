@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from childrun import child_result
+
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,12 +164,7 @@ def time_trl(data: Path, tokenizer: str, site: Path) -> dict | None:
             print(f"could not install trl: {r.stderr.strip()[-500:]}", file=sys.stderr)
             return None
     env = dict(os.environ, PYTHONPATH=str(site) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", TRL_CHILD, str(data), tokenizer], capture_output=True, text=True, env=env)
-    for line in r.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    print(f"trl run failed:\n{r.stderr[-2000:]}", file=sys.stderr)
-    return None
+    return child_result([sys.executable, "-c", TRL_CHILD, str(data), tokenizer], "trl run", env)
 
 
 def _child(kind: str, data: Path, tokenizer: str, workdir: Path) -> None:
@@ -215,13 +212,8 @@ def time_ceiling(loops: int = 12_000_000) -> dict:
 
 
 def _measure(kind: str, data: Path, tokenizer: str, workdir: Path) -> dict | None:
-    r = subprocess.run([sys.executable, __file__, "--child", kind, "--tokenizer", tokenizer, "--workdir", str(workdir)],
-                       capture_output=True, text=True)
-    for line in r.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    print(f"{kind} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
-    return None
+    return child_result([sys.executable, __file__, "--child", kind, "--tokenizer", tokenizer, "--workdir", str(workdir)],
+                        kind)
 
 
 def main() -> None:

@@ -23,11 +23,12 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from childrun import child_result
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHOR = REPO.parent / "shared" / "bench" / "trl_anchor.py"
@@ -154,15 +155,6 @@ def run_ours(args: argparse.Namespace) -> dict:
             "params": params, "steps_timed": len(times) - args.warm, "wall_total": round(time.perf_counter() - t_start, 1)}
 
 
-def _child_result(cmd: list[str], env: dict | None = None) -> dict | None:
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    for line in r.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    print(f"{' '.join(cmd[:3])} ... failed:\n{r.stderr[-3000:]}", file=sys.stderr)
-    return None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", default="dpo", choices=["dpo", "sft"])
@@ -185,14 +177,16 @@ def main() -> None:
     shared = ["--mode", args.mode, "--shape", args.shape, "--bs", str(args.bs), "--steps", str(args.steps),
               "--warm", str(args.warm), "--gc", str(args.gc)]
     results = {}
-    ours = _child_result([sys.executable, __file__, "--child", "--max-length", str(args.max_length)] + shared)
+    ours = child_result([sys.executable, __file__, "--child", "--max-length", str(args.max_length)] + shared,
+                        "aligntrain run")
     if ours:
         results["aligntrain " + args.mode] = ours
     if not args.skip_trl:
         if not Path(args.anchor).is_file():
             print(f"no anchor at {args.anchor}: pass --anchor PATH or --skip-trl", file=sys.stderr)
         else:
-            trl = _child_result([sys.executable, args.anchor, "--max_length", str(args.max_length)] + shared)
+            trl = child_result([sys.executable, args.anchor, "--max_length", str(args.max_length)] + shared,
+                               "TRL anchor")
             if trl:
                 results[f"TRL 1.16 {args.mode}"] = trl
     import torch

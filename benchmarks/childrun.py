@@ -1,0 +1,17 @@
+"""The one way the benchmarks run a measurement: in a fresh process that prints `RESULT {json}`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def child_result(cmd: list[str], what: str, env: dict | None = None) -> dict | None:
+    """Run `cmd`; its RESULT line as a dict, or None after printing the end of its stderr (naming `what`)."""
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    print(f"{what} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+    return None
