@@ -96,7 +96,7 @@ def write_rows(path: Path, n: int, vocab_size: int, mode: str, seed: int = 1) ->
 
 def run_ours(args: argparse.Namespace) -> dict:
     import torch
-    import pyarrow as pa
+    import pyarrow.compute as pc
 
     import aligntrain.trainer as T
     from aligndata.convert import convert
@@ -111,11 +111,11 @@ def run_ours(args: argparse.Namespace) -> dict:
             max_prompt_length=args.max_length // 2 if args.mode == "dpo" else None, length_policy="truncate")
     table = open_split(work / "shards", "train")
     if args.mode == "dpo":
-        p, c, r = (pa.compute.list_value_length(table.column(k)).to_numpy() for k in ("prompt_ids", "chosen_ids",
+        p, c, r = (pc.list_value_length(table.column(k)).to_numpy() for k in ("prompt_ids", "chosen_ids",
                                                                                          "rejected_ids"))
         per_item = float((2 * p + c + r).mean())
     else:
-        per_item = float(pa.compute.list_value_length(table.column("input_ids")).to_numpy().mean())
+        per_item = float(pc.list_value_length(table.column("input_ids")).to_numpy().mean())
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     cfg_path = work / "config.yml"
     cfg_path.write_text(json.dumps({  # JSON is YAML
