@@ -31,6 +31,10 @@ aligndata inspect runs/demo/dpo-shards --show 1
 # Two CPU threads contend with anything else running; one is often faster on small machines.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
+# A re-run of the demo trains afresh: aligntrain refuses to start over a run that has checkpoints unless
+# told --resume. These are the two runs' output_dir (runs/${exp_name} in the sample configs).
+rm -rf runs/sft_smollm2_pirate runs/dpo_smollm2_pirate
+
 step "SFT on the shards (config in the seed project's format)"
 aligntrain sft runs/demo/sft-shards sample_data/seed_config.yml --overrides n_epochs=2
 
