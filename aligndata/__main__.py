@@ -1,3 +1,3 @@
-from .cli import main
+from aligndata.cli import main
 
 main()

@@ -18,11 +18,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
-from .errors import EXIT_INPUT, EXIT_INVALID, EXIT_OK, InputError, InvalidRecordError, Problem
-from .formats import FORMATS, check_format_option, schema_dir
-from .progress import FileProgress
-from .validate import FileCheck, mixed_problem
+from aligndata import __version__
+from aligndata.errors import EXIT_INPUT, EXIT_INVALID, EXIT_OK, InputError, InvalidRecordError, Problem
+from aligndata.read.formats import FORMATS, check_format_option, schema_dir
+from aligndata.progress import FileProgress
+from aligndata.read.validate import FileCheck, mixed_problem
 
 app = typer.Typer(
     name="aligndata",
@@ -48,8 +48,8 @@ def handle_errors(fn: Callable[[], int], writing: str | None = None) -> int:
 
     `writing` names the output, for write errors (disk full, read-only) that carry no file name.
     """
-    from .shards import ShardError
-    from .templates import TemplateError
+    from aligndata.write.shards import ShardError
+    from aligndata.encode.tokenizer import TemplateError
 
     try:
         return fn()
@@ -232,7 +232,7 @@ def convert(
       aligndata convert pairs.json --to dpo --tokenizer ./tok --max-length 1024 --out shards/
     """
     if to in ("openai", "preference"):
-        from .normalize import normalize
+        from aligndata.write.jsonl import normalize
 
         def run() -> int:
             counts = normalize(files, out_path, to, on_error=on_error, rejects=rejects, input_format=format,
@@ -248,7 +248,7 @@ def convert(
         _fail(f"--to {to!r}: choose openai, preference, sft or dpo", EXIT_INPUT)
     if tokenizer is None:
         _fail(f"--to {to} needs --tokenizer (a tokenizer directory, .gguf file or hub name)", EXIT_INPUT)
-    from .convert import convert as convert_shards, print_summary
+    from aligndata.write.convert import convert as convert_shards, print_summary
 
     def run_shards() -> int:
         result = convert_shards(
@@ -292,8 +292,8 @@ def inspect(
       aligndata inspect shards/ --plot lengths.png --batch-size 16 --json
       aligndata inspect raw_pairs.jsonl
     """
-    from .inspect import DEFAULT_BATCH_SIZE, inspect_shards, plot_lengths, records_to_show, render_report
-    from .lint import lint_file, render_lint
+    from aligndata.report.shard_report import DEFAULT_BATCH_SIZE, inspect_shards, plot_lengths, records_to_show, render_report
+    from aligndata.report.lint import lint_file, render_lint
 
     shown_only = [name for name, given in (("--index", index is not None), ("--random", random_rows),
                                            ("--ids", ids)) if given]

@@ -7,7 +7,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .reader import RecordStream
+from aligndata.read.reader import RecordStream
 
 DELAY_S = 1.0
 

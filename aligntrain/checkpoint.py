@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from aligndata.shards import atomic_write_text
+from aligndata.write.shards import atomic_write_text
 
 from .config import Config, ConfigError, to_yaml
 

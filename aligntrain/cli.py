@@ -55,8 +55,8 @@ def _overrides(ctx: typer.Context) -> list[str]:
 def _error_table() -> dict[type, tuple[int, Callable[[Exception], str]]]:
     """One table: expected exception type -> exit code and one-line message."""
     from aligndata.errors import InputError, InvalidRecordError
-    from aligndata.shards import ShardError
-    from aligndata.templates import TemplateError
+    from aligndata.write.shards import ShardError
+    from aligndata.encode.tokenizer import TemplateError
 
     from .trainer import NonFiniteLossError
 

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from aligndata.shards import REF_COLUMNS, ShardError, open_split, read_manifest, verify_shards
-from aligndata.templates import tokenizer_identity
+from aligndata.write.shards import REF_COLUMNS, ShardError, open_split, read_manifest, verify_shards
+from aligndata.encode.tokenizer import tokenizer_identity
 
 from .config import Config
 

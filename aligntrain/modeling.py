@@ -91,8 +91,8 @@ def gathered_token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int
 
 def load_tokenizer(path: str):
     """The tokenizer exactly as aligndata loads it (so its identity hash matches the manifest's)."""
-    from aligndata.templates import TemplateError
-    from aligndata.templates import load_tokenizer as load
+    from aligndata.encode.tokenizer import TemplateError
+    from aligndata.encode.tokenizer import load_tokenizer as load
 
     try:
         return load(str(path))

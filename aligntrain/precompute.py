@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aligndata.shards import (REF_COLUMNS, ShardWriter, _write_datasets_sidecars, finish_output,
+from aligndata.write.shards import (REF_COLUMNS, ShardWriter, _write_datasets_sidecars, finish_output,
                               open_split, sha256_file, shard_path)
 
 from .config import Config

@@ -1,7 +1,7 @@
 """`aligntrain train`: the seed config's raw `datasets` converted to shards, cached.
 
     datasets: [{type: custom_dataset, path: raw.json}, ...]
-      -> aligndata.convert(...) into ${XDG_CACHE_HOME:-~/.cache}/aligntools/shards/<task>-<key>/
+      -> aligndata.write.convert(...) into ${XDG_CACHE_HOME:-~/.cache}/aligntools/shards/<task>-<key>/
 
 The key hashes the input files' contents and every conversion setting, so an unchanged config
 and data reuse the shards; anything else converts into a new directory.
@@ -13,7 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from aligndata.shards import sha256_file
+from aligndata.write.shards import sha256_file
 
 from .config import Config, ConfigError, cache_dir
 
@@ -48,7 +48,7 @@ def shards_cache_dir(cfg: Config, inputs: list[Path]) -> Path:
 
 def prepare_shards(cfg: Config, progress: bool = False) -> tuple[Path, bool]:
     """Convert the config's datasets (or reuse an earlier conversion). Returns (shards dir, reused)."""
-    from aligndata.convert import convert  # imported here: conversion is only needed by `aligntrain train`
+    from aligndata.write.convert import convert  # imported here: conversion is only needed by `aligntrain train`
 
     from .modeling import load_tokenizer
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from aligndata.shards import ShardError
+from aligndata.write.shards import ShardError
 
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_training_state, save_checkpoint
 from .config import Config, ConfigError, to_yaml

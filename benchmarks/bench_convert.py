@@ -4,7 +4,7 @@ All run in this one invocation on the same generated preference data (messages c
 dialogue text, see word_source) and the same real tokenizer, single-threaded tokenizers
 (TOKENIZERS_PARALLELISM=false) so "one process" means one core:
 
-  ours-1p   aligndata.convert.convert(num_proc=1): read + validate + render + tokenize + write shards
+  ours-1p   aligndata.write.convert.convert(num_proc=1): read + validate + render + tokenize + write shards
   ours-2p   the same with num_proc=2
   library   ours-1p with --no-fast-tokenize: every text through the tokenizers library, no piece cache
   trl       from the same JSONL file: datasets.load_dataset("json") into a fresh cache, then
@@ -99,7 +99,7 @@ def generate(path: Path, rows: int, seed: int = 0) -> str:
 
 
 def time_ours(data: Path, tokenizer: str, num_proc: int, workdir: Path, fast_tokenize: bool = True) -> dict:
-    from aligndata.convert import convert
+    from aligndata.write.convert import convert
 
     out = workdir / f"ours-{num_proc}p{'' if fast_tokenize else '-library'}"
     t0 = time.perf_counter()
@@ -111,7 +111,7 @@ def time_ours(data: Path, tokenizer: str, num_proc: int, workdir: Path, fast_tok
 
 
 def time_raw(data: Path, tokenizer: str) -> dict:
-    from aligndata.templates import load_tokenizer
+    from aligndata.encode.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     texts = []
@@ -174,12 +174,12 @@ def _child(kind: str, data: Path, tokenizer: str, workdir: Path) -> None:
     data (ours includes loading the tokenizer and writing the shards), not interpreter start-up."""
     import torch  # noqa: F401
     import transformers  # noqa: F401
-    import aligndata.convert  # noqa: F401
-    import aligndata.templates  # noqa: F401
-    import aligndata.tokenize  # noqa: F401
+    import aligndata.write.convert  # noqa: F401
+    import aligndata.encode.tokenizer  # noqa: F401
+    import aligndata.encode.encoder  # noqa: F401
     # Load the tokenizer once before the clock, as the TRL child does: that imports the transformers
     # modules it needs. Ours still loads it again inside the timed convert() (about 0.3 s for Qwen2.5).
-    aligndata.templates.load_tokenizer(tokenizer)
+    aligndata.encode.tokenizer.load_tokenizer(tokenizer)
     if kind == "raw":
         r = time_raw(data, tokenizer)
     elif kind == "library-1p":

@@ -99,8 +99,8 @@ def run_ours(args: argparse.Namespace) -> dict:
     import pyarrow.compute as pc
 
     import aligntrain.trainer as T
-    from aligndata.convert import convert
-    from aligndata.shards import open_split
+    from aligndata.write.convert import convert
+    from aligndata.write.shards import open_split
     from aligntrain.config import load_config
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))

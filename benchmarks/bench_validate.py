@@ -144,19 +144,19 @@ def _anchor(path: str, is_valid) -> dict:
 
 
 def phase_anchor(path: str, fmt: str) -> dict:
-    from aligndata.formats import FORMATS
+    from aligndata.read.formats import FORMATS
 
     return _anchor(path, FORMATS[fmt].validator.is_valid)  # Python jsonschema, Draft 2020-12
 
 
 def phase_anchor_rs(path: str, fmt: str) -> dict:
-    from aligndata.formats import FORMATS
+    from aligndata.read.formats import FORMATS
 
     return _anchor(path, FORMATS[fmt].is_valid)  # the compiled jsonschema-rs check FileCheck asks first
 
 
 def phase_filecheck(path: str, fmt: str) -> dict:
-    from aligndata.validate import FileCheck
+    from aligndata.read.validate import FileCheck
 
     records = invalid = 0
     for checked in FileCheck(path, fmt).records():

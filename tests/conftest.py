@@ -8,8 +8,7 @@ import pytest
 
 from tiny_tokenizer import make_tiny_tokenizer
 
-# ../shared/data next to the repository (read-only real tokenizers, templates and data; see its SOURCES.md).
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from paths import SHARED_DATA
 
 
 @pytest.fixture

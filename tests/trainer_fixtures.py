@@ -6,7 +6,7 @@
     cfg = write_config(tmp / "cfg.yml", model_dir, tmp / "run", loss={"name": "dpo"}, lr=1e-3)
 
 Shards are written with aligndata's own ShardWriter / prepare_output / finish_output and a manifest
-whose tokenizer identity comes from aligndata.templates, exactly as `aligndata convert` records it.
+whose tokenizer identity comes from aligndata.encode.tokenizer, exactly as `aligndata convert` records it.
 The pytest fixtures at the bottom build each artefact once per session; test modules import them.
 """
 
@@ -21,8 +21,8 @@ import torch
 import yaml
 from tiny_tokenizer import make_tiny_tokenizer
 
-from aligndata.shards import ShardWriter, finish_output, prepare_output
-from aligndata.templates import load_tokenizer, tokenizer_identity
+from aligndata.write.shards import ShardWriter, finish_output, prepare_output
+from aligndata.encode.tokenizer import load_tokenizer, tokenizer_identity
 
 QUESTIONS = ["What is the weather in Paris?", "Thanks, and in London?", "Tell me a joke.", "What is two plus two?",
              "Hello! How can I help you today?", "Why did the chicken cross the road?"]

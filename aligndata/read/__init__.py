@@ -1,0 +1,1 @@
+"""Stage 1: raw JSON in, validated canonical records out (reader, formats, detection, schema, rules)."""

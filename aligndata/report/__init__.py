@@ -1,0 +1,1 @@
+"""What `aligndata inspect` shows: numbers over shards and raw files, their checks, and their rendering."""

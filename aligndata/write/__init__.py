@@ -1,0 +1,1 @@
+"""Stage 3: conversion runs and their outputs (Arrow shards + manifest, canonical JSONL), written atomically."""

@@ -1,0 +1,168 @@
+"""`aligndata convert --to openai|preference`: write canonical records as JSONL.
+
+Conversations become OpenAI `{"messages": [...], "tools"?}` lines; preference pairs become
+`{"prompt": [...], "chosen": [...], "rejected": [...], "tools"?}` lines. Output and rejects are
+written to temporary files and renamed into place only when the run succeeds, so a failed or
+killed run leaves the previous output untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator
+
+from aligndata.errors import InputError, InvalidRecordError
+from aligndata.progress import FileProgress
+from aligndata.read.validate import Checked, FileCheck, mixed_problem, require_task
+
+TARGET_TASK = {"openai": "sft", "preference": "dpo"}
+
+
+@dataclass
+class Counts:
+    read: int = 0
+    written: int = 0
+    rejected: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    formats: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"read": self.read, "written": self.written, "rejected": self.rejected,
+                "rejected_by_reason": dict(self.reasons), "formats": self.formats}
+
+
+def reject_line(checked: Checked, file: str) -> str:
+    """One rejects-file line: where the record was, why it was rejected, and the record itself."""
+    raw = checked.raw
+    entry = {
+        "file": file,
+        "line": raw.line,
+        "record": raw.index,
+        "reasons": [p.to_json() for p in checked.problems],
+    }
+    if raw.error is None:
+        entry["value"] = raw.value
+    else:
+        entry["text"] = raw.text
+    return json.dumps(entry, ensure_ascii=False, allow_nan=True)
+
+
+class AtomicOutput:
+    """A text file written under a temporary name and renamed over `path` on commit()."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(self.path)
+        self.f: IO[str] = open(self.tmp, "w", encoding="utf-8")
+
+    def write(self, line: str) -> None:
+        self.f.write(line)
+        self.f.write("\n")
+
+    def commit(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+        if self.tmp.exists():
+            self.tmp.unlink()
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete temporary files that killed runs left beside `path` (their process is gone)."""
+    for tmp in path.parent.glob(f".{path.name}.partial-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # a live process of another user
+
+
+def check_on_error(on_error: str) -> None:
+    if on_error not in ("fail", "skip"):
+        raise InputError(f"--on-error {on_error!r}: choose fail or skip")
+
+
+def iter_inputs(inputs: list[str], input_format: str, progress: FileProgress, counts: Counts,
+                allow_mixed: bool = False) -> Iterator[tuple[FileCheck, Checked]]:
+    """Every checked record of every input, in order. A mixed-format file fails (never guessed)."""
+    for path in inputs:
+        fc = FileCheck(path, input_format)
+        first = True
+        for checked in fc.records():
+            # a second format shows at its first record (the file is then read whole for the error)
+            if fc.is_mixed and not allow_mixed:
+                raise InvalidRecordError([mixed_problem(fc.name, fc.detection)])
+            if first:
+                first = False
+                counts.formats[fc.name] = fc.format or "?"
+                if fc.stream is not None:
+                    progress.start_file(fc.stream, fc.name)
+            counts.read += 1
+            progress.update()
+            yield fc, checked
+
+
+def normalize(inputs: list[str], out: str, to: str, *, on_error: str = "fail", rejects: str | None = None,
+              input_format: str = "auto", progress: bool = True) -> Counts:
+    if to not in TARGET_TASK:
+        raise InputError(f"--to {to!r}: choose openai or preference (or sft/dpo with --tokenizer)")
+    check_on_error(on_error)
+    if on_error == "skip" and rejects is None:
+        if out == "-":
+            raise InputError("--on-error skip with --out - needs --rejects PATH (rejected records are never dropped silently)")
+        rejects = f"{out}.rejects.jsonl"
+    counts = Counts()
+    bar = FileProgress(progress)
+    sink = AtomicOutput(out) if out != "-" else None
+    reject_sink = AtomicOutput(rejects) if on_error == "skip" else None
+    try:
+        for fc, checked in iter_inputs(inputs, input_format, bar, counts):
+            try:
+                require_task(fc.name, fc.format, TARGET_TASK[to], to)
+            except InputError:
+                fc.refuse_if_mixed()
+                raise
+            if checked.ok:
+                line = json.dumps(checked.record.to_json(), ensure_ascii=False)
+                if sink is None:
+                    sys.stdout.write(line + "\n")
+                else:
+                    sink.write(line)
+                counts.written += 1
+                continue
+            if on_error != "skip" or checked.raw.fatal:
+                # A fatal error (syntax error inside a JSON array) hides the rest of the file:
+                # skipping it would drop those records silently, so it always stops the run.
+                raise InvalidRecordError(checked.problems)
+            counts.rejected += 1
+            counts.reasons.update({p.kind for p in checked.problems})
+            if reject_sink is not None:
+                reject_sink.write(reject_line(checked, fc.name))
+    except BaseException:
+        bar.close()
+        for s in (sink, reject_sink):
+            if s is not None:
+                s.abort()
+        raise
+    bar.close()
+    for s in (sink, reject_sink):
+        if s is not None:
+            s.commit()
+    assert counts.read == counts.written + counts.rejected
+    return counts

@@ -1,0 +1,262 @@
+"""Real tokenizers and templates from ../shared/data (read-only; see its SOURCES.md). Skipped where absent.
+
+Every check re-derives the expected ids independently, with `tokenizer.apply_chat_template(...,
+tokenize=True)` on the whole conversation, and the expected trained text from the message contents.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aligndata.records import Conversation, Message, PreferencePair
+from aligndata.encode.tokenizer import load_tokenizer, resolve_chat_template
+from aligndata.encode.encoder import EncodeError, Encoder
+from paths import TESTS, SHARED_DATA
+
+TOKENIZERS = SHARED_DATA / "tokenizers"
+
+pytestmark = [
+    pytest.mark.shared_data,
+    pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent"),
+]
+
+ROLES = {"human": "user", "gpt": "assistant", "system": "system", "observation": "tool"}
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_tokenizer(str(TOKENIZERS / "qwen2.5"))
+
+
+@pytest.fixture(scope="module")
+def phi3():
+    return load_tokenizer(str(TOKENIZERS / "phi-3-mini"))
+
+
+@pytest.fixture(scope="module")
+def minimind():
+    return load_tokenizer(str(TOKENIZERS / "minimind"))
+
+
+def encoder(tok, chat_template=None, **settings) -> Encoder:
+    settings.setdefault("max_length", None)
+    settings.setdefault("max_prompt_length", None)
+    return Encoder(tok, resolve_chat_template(tok, chat_template), **settings)
+
+
+def sharegpt_messages(turns: list[dict]) -> list[Message]:
+    """LLaMA-Factory ShareGPT turns to messages; function_call turns become OpenAI-shaped tool calls."""
+    messages = []
+    for turn in turns:
+        if turn["from"] == "function_call":
+            call = json.loads(turn["value"])
+            messages.append(Message("assistant", "", tool_calls=[{"type": "function", "function": call}]))
+        else:
+            messages.append(Message(ROLES[turn["from"]], turn["value"]))
+    return messages
+
+
+def glaive_conversations(limit: int) -> list[Conversation]:
+    records = json.loads((SHARED_DATA / "llamafactory" / "glaive_toolcall_en_demo.json").read_text(encoding="utf-8"))
+    out = []
+    for record in records[:limit]:
+        tools = [{"type": "function", "function": f} for f in json.loads(record["tools"] or "[]")] or None
+        out.append(Conversation(sharegpt_messages(record["conversations"]), tools=tools))
+    return out
+
+
+def fastchat_conversations(limit: int) -> list[Conversation]:
+    records = json.loads((SHARED_DATA / "fastchat" / "dummy_conversation.json").read_text(encoding="utf-8"))
+    return [Conversation(sharegpt_messages(r["conversations"])) for r in records[:limit]]
+
+
+def dpo_pairs(limit: int) -> list[PreferencePair]:
+    records = json.loads((SHARED_DATA / "llamafactory" / "dpo_en_demo.json").read_text(encoding="utf-8"))
+    return [
+        PreferencePair(
+            sharegpt_messages(r["conversations"]),
+            [Message("assistant", r["chosen"]["value"])],
+            [Message("assistant", r["rejected"]["value"])],
+        )
+        for r in records[:limit]
+    ]
+
+
+def reference_ids(tok, messages: list[Message], tools=None, **kwargs) -> list[int]:
+    chat = [m.to_json() for m in messages]
+    return tok.apply_chat_template(chat, tools=tools, tokenize=True, return_dict=False, **kwargs)
+
+
+def trained_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
+    runs, current = [], []
+    for token, bit in zip(ids, mask):
+        if bit:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+def qwen_assistant_text(message: Message) -> str:
+    """What the Qwen2.5 template writes for an assistant turn after its header, derived by hand."""
+    text = message.content
+    for call in message.tool_calls or []:
+        function = call["function"]
+        arguments = json.dumps(function["arguments"], ensure_ascii=False)
+        call_text = f'<tool_call>\n{{"name": "{function["name"]}", "arguments": {arguments}}}\n</tool_call>'
+        text += ("\n" if text else "") + call_text
+    return text
+
+
+def assert_sft_matches(tok, conv: Conversation, coder: Encoder, expected_turns: list[str]):
+    enc = coder.encode_sft(conv)
+    assert enc.input_ids == reference_ids(tok, conv.messages, conv.tools)
+    assert [tok.decode(run) for run in trained_runs(enc.input_ids, enc.loss_mask)] == expected_turns
+
+
+def test_qwen_tool_call_conversations_match_apply_chat_template_and_train_assistant_turns(qwen):
+    coder = encoder(qwen)
+    convs = glaive_conversations(40)
+    assert sum(1 for c in convs for m in c.messages if m.tool_calls) >= 20
+
+    for conv in convs:
+        expected = [qwen_assistant_text(m) + "<|im_end|>" for m in conv.messages if m.role == "assistant"]
+        assert_sft_matches(qwen, conv, coder, expected)
+
+
+def test_qwen_batch_encoding_equals_one_by_one(qwen):
+    coder = encoder(qwen)
+    convs = glaive_conversations(20)
+
+    assert coder.encode_sft_batch(convs) == [coder.encode_sft(c) for c in convs]
+
+
+def test_phi3_trains_content_and_end_but_not_its_closing_eos(phi3):
+    coder = encoder(phi3)
+    convs = fastchat_conversations(30) + [Conversation([Message("system", "Be brief."), Message("user", "Hi!"),
+                                                        Message("assistant", "Hello.")])]
+
+    for conv in convs:
+        expected = [m.content + "<|end|>" for m in conv.messages if m.role == "assistant"]
+        assert_sft_matches(phi3, conv, coder, expected)
+        assert coder.encode_sft(conv).input_ids[-1] == phi3.eos_token_id  # rendered, but not trained
+
+
+def test_minimind_chatml_template_leaves_its_empty_think_block_untrained(minimind):
+    coder = encoder(minimind)
+
+    for conv in fastchat_conversations(30):
+        expected = [m.content + "<|im_end|>" for m in conv.messages if m.role == "assistant"]
+        assert_sft_matches(minimind, conv, coder, expected)
+
+
+def test_minimind_template_moving_reasoning_out_of_earlier_turns_is_refused(minimind):
+    conv = Conversation([
+        Message("user", "2+2?"), Message("assistant", "<think>\nadd\n</think>\n\n4"),
+        Message("user", "3+3?"), Message("assistant", "6"),
+    ])
+
+    with pytest.raises(EncodeError) as err:
+        encoder(minimind).encode_sft(conv)
+
+    assert err.value.reason == "template-mask"
+
+
+def test_qwen_dpo_prompt_plus_completion_equals_the_full_tokenization(qwen):
+    coder = encoder(qwen)
+
+    for pair in dpo_pairs(30):
+        enc = coder.encode_dpo(pair)
+        assert enc.prompt_ids == reference_ids(qwen, pair.prompt, add_generation_prompt=True)
+        for completion, ids in ((pair.chosen, enc.chosen_ids), (pair.rejected, enc.rejected_ids)):
+            full = reference_ids(qwen, pair.prompt + completion)
+            assert full[: len(enc.prompt_ids) + len(ids)] == enc.prompt_ids + ids
+            assert qwen.decode(full[len(enc.prompt_ids) + len(ids):]) == "\n"
+            assert qwen.decode(ids) == completion[0].content + "<|im_end|>"
+
+
+def test_phi3_dpo_completions_end_with_end_token_before_the_closing_eos(phi3):
+    coder = encoder(phi3)
+
+    for pair in dpo_pairs(10):
+        enc = coder.encode_dpo(pair)
+        for completion, ids in ((pair.chosen, enc.chosen_ids), (pair.rejected, enc.rejected_ids)):
+            full = reference_ids(phi3, pair.prompt + completion)
+            assert full == enc.prompt_ids + ids + [phi3.eos_token_id]
+            assert phi3.decode(ids) == completion[0].content + "<|end|>"
+
+
+def test_gguf_phi3_vocab_loads_and_its_template_bos_is_not_doubled(phi3):
+    tok = load_tokenizer(str(TOKENIZERS / "gguf-phi-3" / "ggml-vocab-phi-3.gguf"))
+    text = "It is sunny in Paris today, isn't it?"
+    assert tok(text, add_special_tokens=False).input_ids == phi3(text, add_special_tokens=False).input_ids
+    assert tok("a").input_ids[0] == tok.bos_token_id  # this tokenizer adds BOS, and its template renders it too
+
+    conv = Conversation([Message("user", "Hi!"), Message("assistant", "Hello."), Message("user", "Bye."),
+                         Message("assistant", "Bye!")])
+    enc = encoder(tok).encode_sft(conv)
+
+    assert enc.input_ids == reference_ids(tok, conv.messages)
+    assert enc.input_ids.count(tok.bos_token_id) == 1
+    assert [tok.decode(r) for r in trained_runs(enc.input_ids, enc.loss_mask)] == ["Hello.<|end|>", "Bye!<|end|>"]
+
+
+def test_axolotl_vicuna_fixture_is_reproduced_except_its_literal_eos_text():
+    """Axolotl's tests/fixtures/conversation.tokenized.json: conversation.json rendered FastChat-Vicuna style with
+    the Llama-2 SentencePiece vocab (the ggml-vocab-llama-spm.gguf vocabulary), labels -100 outside the replies.
+
+    tests/data/vicuna_axolotl.jinja reproduces all 1970 ids and labels except one difference: after each reply
+    the fixture has the separator "</s>" tokenized as PLAIN TEXT ('.</', 's', '>' = 21106, 29879, 29958, merged
+    with the reply's final '.') and then the real EOS id 2. One tokenization of a rendered text can't give that:
+    the text "</s>" is the EOS special token, so the template ends a reply with EOS alone and the reply's '.' stays
+    a token of its own (29889). After replacing each [21106, 29879, 29958] of the fixture by [29889] (6 times:
+    1970 -> 1958 ids), input_ids and labels are identical, including the untrained "  ASSISTANT:" headers, the
+    trained EOS, the BOS the tokenizer adds, and the SentencePiece prefix spaces (see the template's comment).
+    """
+    fixture_dir = SHARED_DATA / "axolotl"
+    conv = Conversation(sharegpt_messages(json.loads((fixture_dir / "conversation.json").read_text())["conversations"]))
+    fixture = json.loads((fixture_dir / "conversation.tokenized.json").read_text())
+    tok = load_tokenizer(str(TOKENIZERS / "gguf-llama-spm" / "ggml-vocab-llama-spm.gguf"))
+    template_path = TESTS / "data" / "vicuna_axolotl.jinja"
+
+    enc = encoder(tok, str(template_path)).encode_sft(conv)
+
+    literal_eos, period = [21106, 29879, 29958], 29889
+    expected_ids, expected_labels, i, replaced = [], [], 0, 0
+    ids, labels = fixture["input_ids"], fixture["labels"]
+    while i < len(ids):
+        if ids[i:i + 3] == literal_eos:
+            expected_ids.append(period)
+            expected_labels.append(period if labels[i] != -100 else -100)
+            i, replaced = i + 3, replaced + 1
+        else:
+            expected_ids.append(ids[i])
+            expected_labels.append(labels[i])
+            i += 1
+    assert (len(ids), replaced, len(expected_ids)) == (1970, 6, 1958)
+    assert enc.input_ids == expected_ids
+    assert [t if m else -100 for t, m in zip(enc.input_ids, enc.loss_mask)] == expected_labels
+
+
+def test_gpt_neox_tokenizer_without_bos_eos_and_with_trimmed_offsets_works_with_a_builtin():
+    tok = load_tokenizer(str(TOKENIZERS / "gpt-neox-20b"))  # tokenizer.json alone: no bos/eos/pad, trim_offsets on
+    assert (tok.bos_token_id, tok.eos_token_id) == (None, None)
+    conv = fastchat_conversations(1)[0]
+    enc = encoder(tok, "chatml").encode_sft(conv)
+
+    assert enc.input_ids == tok.apply_chat_template(
+        [m.to_json() for m in conv.messages], chat_template=resolve_chat_template(tok, "chatml").text, return_dict=False
+    )
+    assert [tok.decode(r) for r in trained_runs(enc.input_ids, enc.loss_mask)] == [
+        m.content + "<|im_end|>" for m in conv.messages if m.role == "assistant"
+    ]
+    with pytest.raises(EncodeError) as err:
+        encoder(tok, "hh").encode_sft(conv)
+    assert err.value.reason == "template-error"
+    assert str(err.value).endswith(
+        "the hh template ends assistant turns with the tokenizer's eos_token, and this tokenizer has none"
+    )

@@ -1,0 +1,321 @@
+"""Faults injected across the pipeline: kills, corrupted shards, a full disk, hostile manifests, configs and archives.
+
+Every fault must end in a clean, documented outcome: no traceback, the documented exit code, a message naming
+the file, and nothing of the previous good state lost (output directory, latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+from trainer_fixtures import (base_config, make_sft_shards, poison_parameters_at, sft_shards,  # noqa: F401
+                              tiny_model, write_config)
+
+from aligndata.cli import app as aligndata_app
+from aligndata.write.convert import convert
+from aligndata.write.shards import MANIFEST, ShardError, read_manifest, verify_shards
+from aligntrain.checkpoint import CHECKPOINTS, latest_checkpoint
+from aligntrain.cli import main as aligntrain_main
+from aligntrain.config import load_config
+from aligntrain.trainer import train
+
+CHAT = {"conversations": [{"from": "human", "value": "What is the weather in Paris?"},
+                          {"from": "gpt", "value": "It is sunny in Paris today."}]}
+
+
+def write_chats(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps(CHAT) + "\n" for _ in range(n)), encoding="utf-8")
+    return path
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Poll until `condition()` holds; the process must still be running then (else the kill point was missed)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"process ended (rc {proc.returncode}) before the kill point"
+        assert time.monotonic() < deadline, "kill point not reached in time"
+        time.sleep(0.005)
+
+
+def sigkill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def full_disk(limit: int):
+    """preexec_fn: files may not grow past `limit` bytes; writes beyond fail with EFBIG, as on a full disk."""
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return apply
+
+
+def run_cli(module: str, *args, limit: int | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=120, preexec_fn=full_disk(limit) if limit else None)
+
+
+def aligntrain(capsys, *args) -> tuple[int, str]:
+    code = aligntrain_main([str(a) for a in args])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    return code, captured.err
+
+
+# -- convert killed at random points ------------------------------------------------------------------
+
+def test_convert_killed_at_random_points_keeps_the_old_output_and_a_rerun_completes(tmp_path, tiny_tokenizer_dir):
+    big = write_chats(tmp_path / "big.jsonl", 4000)
+    out, staging = tmp_path / "out", tmp_path / ".out.partial"
+    rng = random.Random(20261128)
+    points = sorted(rng.sample(range(1, 15), 3))  # kill once this many of the 20 shards are in the staging dir
+    previous_rows = None
+    for attempt, point in enumerate(points):
+        shard_rows = 200 + attempt  # each attempt replaces an output made with other settings
+        code = (f"import sys; from pathlib import Path; from aligndata.write.convert import convert; "
+                f"convert([{str(big)!r}], Path({str(out)!r}), 'sft', {str(tiny_tokenizer_dir)!r}, "
+                f"shard_rows={shard_rows}, overwrite=True)")
+        proc = subprocess.Popen([sys.executable, "-c", code])
+        wait_for(lambda: len(list(staging.glob("train/*.arrow"))) >= point, proc)
+        sigkill(proc)
+        assert not (staging / MANIFEST).exists()
+        if attempt == 0:  # nothing converted yet: no manifest, and readers say why
+            assert not (out / MANIFEST).exists()
+            with pytest.raises(ShardError, match="no such shard directory|did not finish"):
+                read_manifest(out)
+        else:  # the previous complete output is untouched
+            assert read_manifest(out)["settings"]["shard_rows"] == previous_rows
+            verify_shards(out)
+        result = convert([str(big)], out, "sft", str(tiny_tokenizer_dir), shard_rows=shard_rows, overwrite=True)
+        assert not result.skipped and result.manifest["counts"]["kept"] == 4000
+        verify_shards(out)
+        assert not staging.exists()
+        previous_rows = shard_rows
+
+
+def test_convert_to_jsonl_killed_midway_keeps_the_old_output_and_a_rerun_completes(tmp_path):
+    small, big = write_chats(tmp_path / "small.jsonl", 3), write_chats(tmp_path / "big.jsonl", 60_000)
+    out = tmp_path / "out.jsonl"
+    first = CliRunner().invoke(aligndata_app, ["convert", "-q", str(small), "--to", "openai", "--out", str(out)])
+    assert first.exit_code == 0
+    old = out.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-m", "aligndata", "convert", "-q", str(big), "--to", "openai",
+                             "--out", str(out), "--on-error", "skip"], stderr=subprocess.DEVNULL)
+    partial = tmp_path / f".out.jsonl.partial-{proc.pid}"
+    wait_for(lambda: partial.exists() and partial.stat().st_size > random.Random(3).randint(1, 4) << 20, proc)
+    sigkill(proc)
+    assert out.read_bytes() == old and not (tmp_path / "out.jsonl.rejects.jsonl").exists()
+    again = CliRunner().invoke(aligndata_app, ["convert", "-q", str(big), "--to", "openai", "--out", str(out)])
+    assert again.exit_code == 0 and "read 60000 = written 60000 + rejected 0" in again.output
+    assert len(out.read_text().splitlines()) == 60_000
+    assert not partial.exists()  # the killed run's temporary file was cleaned up by the next run
+
+
+# -- shards damaged after conversion ----------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["flip-a-byte", "truncate", "delete"])
+def test_damaged_shard_is_detected_by_aligntrain_at_start(tmp_path, capsys, tiny_model, damage):
+    shards = make_sft_shards(tmp_path / "sft", tiny_model, n_train=16, n_eval=0)
+    shard = shards / "train" / "shard-00000.arrow"
+    data = shard.read_bytes()
+    if damage == "flip-a-byte":
+        shard.write_bytes(data[:-20] + bytes([data[-20] ^ 0xFF]) + data[-19:])
+    elif damage == "truncate":
+        shard.write_bytes(data[: len(data) // 2])
+    else:
+        shard.unlink()
+    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run")
+    code, err = aligntrain(capsys, "sft", shards, cfg)
+    assert code == 1
+    problem = "shard listed in the manifest is missing" if damage == "delete" else "checksum mismatch"
+    assert err.startswith(f"error: {shard}: {problem}")
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "run" / CHECKPOINTS).exists()  # refused before any training
+
+
+# -- a full disk --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("to", ["openai", "sft"])
+def test_full_disk_during_convert_is_a_clean_io_error_and_keeps_the_old_output(tmp_path, tiny_tokenizer_dir, to):
+    small, big = write_chats(tmp_path / "small.jsonl", 4), write_chats(tmp_path / "big.jsonl", 3000)
+    out = tmp_path / ("out.jsonl" if to == "openai" else "out")
+    shard_args = ["-t", tiny_tokenizer_dir, "--overwrite"] if to == "sft" else []
+    first = CliRunner().invoke(aligndata_app, ["convert", "-q", str(small), "--to", to, "--out", str(out),
+                                               *map(str, shard_args)])
+    assert first.exit_code == 0, first.output
+    before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()
+                    and p.name != "big.jsonl")
+    proc = run_cli("aligndata", "convert", "-q", big, "--to", to, "--out", out, *shard_args, limit=64_000)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: {out}: cannot write (")
+    assert "File too large" in proc.stderr and "the previous output is left as it was" in proc.stderr
+    after = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()
+                   and p.name != "big.jsonl" and ".partial" not in str(p))
+    assert after == before  # only an unfinished staging directory is added, which the next run removes
+    if to == "sft":
+        verify_shards(out)
+        assert read_manifest(out)["counts"]["read"] == 4
+
+
+def test_full_disk_during_checkpoint_save_keeps_the_previous_checkpoint_latest(tmp_path, capsys, tiny_model,
+                                                                               sft_shards, monkeypatch):
+    real_save, saves = torch.save, []
+
+    def disk_fills_on_the_second_checkpoint(obj, f, *args, **kwargs):
+        saves.append(str(f))
+        if "step-0000002" in str(f):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_fills_on_the_second_checkpoint)
+    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", save_every_steps=1)
+    code, err = aligntrain(capsys, "sft", sft_shards, cfg)
+    assert code == 2
+    last = err.splitlines()[-1]  # after the progress lines of steps 1 and 2
+    assert last == (f"error: {tmp_path / 'run' / CHECKPOINTS / '.tmp-step-0000002' / 'scheduler.pt'}: "
+                    "No space left on device")
+    assert latest_checkpoint(tmp_path / "run" / CHECKPOINTS).name == "step-0000001"
+    monkeypatch.setattr(torch, "save", real_save)
+    resumed = train(load_config(cfg), sft_shards, resume=True)  # and the run goes on from it
+    assert resumed.steps == 4 and len(resumed.history) == 3
+
+
+@pytest.mark.parametrize("fails_at", ["model.safetensors", "optimizer.pt"])
+def test_full_disk_in_a_real_checkpoint_save_is_a_clean_exit_2(tmp_path, tiny_model, sft_shards, fails_at):
+    weights = (tiny_model / "model.safetensors").stat().st_size  # a checkpoint's weights are as large
+    limit = weights // 2 if fails_at == "model.safetensors" else weights + 8000  # the optimizer state is ~2x
+    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", save_every_steps=1, n_examples=16)
+    proc = run_cli("aligntrain", "sft", sft_shards, cfg, limit=limit)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(
+        f"error: {tmp_path / 'run' / CHECKPOINTS / '.tmp-step-0000001' / fails_at}: write failed, disk full? (")
+    assert latest_checkpoint(tmp_path / "run" / CHECKPOINTS) is None  # the half-written save is not a checkpoint
+
+
+def test_non_finite_loss_through_the_cli_is_exit_3_naming_the_step(tmp_path, capsys, tiny_model, sft_shards,
+                                                                    monkeypatch):
+    poison_parameters_at(monkeypatch, 3, float("inf"))
+    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", save_every_steps=1)
+    code, err = aligntrain(capsys, "sft", sft_shards, cfg)
+    assert code == 3
+    assert err.splitlines()[-1].startswith("error: loss is ") and err.splitlines()[-1].endswith(
+        " at step 3; stopped before the optimizer step; the last good checkpoint is kept")
+    assert latest_checkpoint(tmp_path / "run" / CHECKPOINTS).name == "step-0000002"
+
+
+# -- hostile manifests, configs and archives ------------------------------------------------------------
+
+@pytest.mark.parametrize("rel", ["../../etc/passwd", "/etc/passwd", "train/../../outside.arrow"])
+def test_manifest_shard_path_outside_the_directory_is_refused(tmp_path, capsys, tiny_model, rel):
+    shards = make_sft_shards(tmp_path / "sft", tiny_model, n_train=16, n_eval=0)
+    manifest = json.loads((shards / MANIFEST).read_text())
+    manifest["splits"]["train"]["files"][0]["path"] = rel
+    (shards / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="escapes the shard directory"):
+        verify_shards(shards)
+    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run")
+    code, err = aligntrain(capsys, "sft", shards, cfg)
+    assert (code, err) == (1, f"error: {shards}/{MANIFEST}: shard path {rel!r} escapes the shard directory\n")
+
+
+@pytest.mark.parametrize("exp_name", ["../../escaped", "/tmp/escaped", "runs/../../escaped"])
+def test_config_run_name_cannot_escape_the_runs_directory(tmp_path, capsys, tiny_model, sft_shards, exp_name):
+    cfg = base_config(tiny_model, tmp_path / "run", exp_name=exp_name)
+    del cfg["output_dir"]  # the run directory is then runs/<exp_name>
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, err = aligntrain(capsys, "sft", sft_shards, path)
+    assert (code, err) == (1, f"error: cfg.yml: key 'exp_name' {exp_name!r} must stay inside the runs directory "
+                              "(no absolute path, no '..')\n")
+
+
+def test_config_yaml_never_runs_code(tmp_path, capsys, tiny_model, sft_shards):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(base_config(tiny_model, tmp_path / "run")).replace(
+        "exp_name: tiny", f"exp_name: !!python/object/apply:os.system ['touch {marker}']"))
+    code, err = aligntrain(capsys, "sft", sft_shards, path)
+    assert code == 1 and err.startswith("error: cfg.yml: not valid YAML (could not determine a constructor")
+    assert not marker.exists()
+
+
+class _Payload:
+    """Unpickling this runs `touch MARKER`: what a malicious `policy.pt` would do with a plain torch.load."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_archive_is_refused_and_never_runs(tmp_path, capsys, tiny_model, sft_shards):
+    marker, archive = tmp_path / "pwned", tmp_path / "policy.pt"
+    torch.save({"state": _Payload(marker)}, archive)
+    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", model={"archive": str(archive)})
+    code, err = aligntrain(capsys, "sft", sft_shards, cfg)
+    assert code == 1 and err.startswith(f"error: model.archive: {archive}")
+    assert not marker.exists()
+    assert not (tmp_path / "run" / CHECKPOINTS).exists()
+
+
+def test_trust_remote_code_is_off_unless_asked(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    import transformers
+
+    seen = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    convert([str(write_chats(tmp_path / "c.jsonl", 2))], tmp_path / "o", "sft", str(tiny_tokenizer_dir))
+    assert seen and not any(seen)
+
+
+# -- training killed by SIGKILL, then resumed ------------------------------------------------------------
+
+def test_training_killed_by_sigkill_resumes_with_identical_losses(tmp_path, tiny_model, sft_shards):
+    changes = dict(n_epochs=2, save_every_steps=3)
+    straight = train(load_config(write_config(tmp_path / "straight.yml", tiny_model, tmp_path / "run-straight",
+                                              **changes)), sft_shards)
+    cfg = write_config(tmp_path / "killed.yml", tiny_model, tmp_path / "run-killed", **changes)
+    kill_after = random.Random(7).randint(4, 7)  # steps logged before the kill (8 in all)
+    # Each step is slowed down (not changed) so that the kill lands between, during or just after saves.
+    code = ("import sys, time; import aligntrain.trainer as t; real = t.train_step\n"
+            "def slow(*a, **k):\n    time.sleep(0.05)\n    return real(*a, **k)\n"
+            "t.train_step = slow; from aligntrain.cli import main\n"
+            f"sys.exit(main(['sft', {str(sft_shards)!r}, {str(cfg)!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "run-killed" / "metrics.jsonl"
+
+    def logged() -> int:
+        return metrics.read_text().count('"split": "train"') if metrics.exists() else 0
+
+    wait_for(lambda: logged() >= kill_after, proc, timeout=120)
+    sigkill(proc)
+    latest = latest_checkpoint(tmp_path / "run-killed" / CHECKPOINTS)
+    done = int(latest.name.split("-")[1])
+    assert done == kill_after // 3 * 3 or done == (kill_after - 1) // 3 * 3  # the last complete save, never a .tmp-
+    resumed = train(load_config(cfg), sft_shards, resume=True)
+    loss = [h["loss"] for h in straight.history]
+    assert [h["loss"] for h in resumed.history] == loss[done:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
+    assert steps == list(range(1, 9))

@@ -1,0 +1,134 @@
+"""The `aligntrain` CLI: one line and a documented exit code per error; the seed's `train CONFIG` path."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from trainer_fixtures import base_config, sft_shards, tiny_model, write_config  # noqa: F401
+
+from aligntrain.cli import main
+from paths import REPO
+
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_sft_prints_a_json_summary(tmp_path, capsys, tiny_model, sft_shards):
+    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", n_examples=16)
+    code, out, _ = run(capsys, "sft", sft_shards, cfg, "--json", "--overrides", "lr=2e-3", "eval_every_steps=2")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["steps"] == 2 and summary["checkpoint"].endswith("step-0000002")
+    assert set(summary["eval"]) == {"loss", "trained_tokens", "input_tokens"}
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["lr"] == 2e-3
+
+
+def test_config_errors_are_one_line_with_exit_code_1(tmp_path, capsys, tiny_model, sft_shards):
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({**base_config(tiny_model, tmp_path / "run"), "lrr": 1}))
+    assert run(capsys, "sft", sft_shards, cfg)[::2] == (1, "error: cfg.yml: unknown key 'lrr' (did you mean 'lr'?)\n")
+    good = write_config(tmp_path / "good.yml", tiny_model, tmp_path / "run")
+    assert run(capsys, "sft", sft_shards, good, "--overrides", "model.polcy_dtype=bfloat16")[::2] == \
+        (1, "error: --overrides: unknown key 'model.polcy_dtype' (did you mean 'model.policy_dtype'?)\n")
+    assert run(capsys, "dpo", sft_shards, good)[::2] == \
+        (1, "error: good.yml: loss.name is 'sft'; `aligntrain dpo` needs dpo, ipo or hinge\n")
+
+
+def test_shard_mismatch_is_exit_code_1(tmp_path, capsys, tiny_model, sft_shards):
+    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run")
+    code, _, err = run(capsys, "sft", sft_shards, cfg, "--overrides", "max_length=128")
+    assert code == 1
+    assert err == (f"error: {sft_shards}: shards were converted with max_length=64 but the config says max_length=128; "
+                   "re-convert with --max-length 128 or set max_length: 64\n")
+
+
+def test_usage_errors_are_exit_code_2(tmp_path, capsys, tiny_model, sft_shards):
+    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run")
+    code, _, err = run(capsys, "sft", sft_shards, tmp_path / "absent.yml")
+    assert code == 2 and "does not exist" in err
+    code, _, err = run(capsys, "sft", sft_shards, cfg, "lr=1")
+    assert code == 2 and "unexpected argument 'lr=1' (overrides go after --overrides" in err
+    assert run(capsys, "sft", sft_shards, cfg, "--no-such-flag")[0] == 2
+
+
+def test_config_command_prints_the_resolved_config(tmp_path, capsys):
+    code, out, _ = run(capsys, "config", REPO / "sample_data" / "seed_config.yml", "--overrides", "lr=3e-5")
+    assert code == 0
+    resolved = yaml.safe_load(out)
+    assert resolved["lr"] == 3e-5 and resolved["output_dir"] == "./runs/sft_smollm2_pirate"
+    assert resolved["log_every_steps"] == 1 and "print_log_step" not in resolved
+
+
+def test_generate_replies_for_each_model(tmp_path, capsys, tiny_model):
+    code, out, _ = run(capsys, "generate", tiny_model, tiny_model, "-p", "Hello!", "--max-new-tokens", "4", "--json")
+    assert code == 0
+    [item] = json.loads(out)
+    assert item["prompt"] == "Hello!" and list(item["replies"]) == [str(tiny_model)]  # same dir given twice
+
+
+def test_seed_style_train_converts_caches_and_trains(tmp_path, capsys, tiny_model, monkeypatch):
+    """`aligntrain train sample_data/seed_config.yml` with the tiny model in place of SmolLM2."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(REPO)
+    seed_config = REPO / "sample_data" / "seed_config.yml"
+    overrides = [f"model.name_or_path={tiny_model}", f"output_dir={tmp_path / 'run1'}", "n_epochs=1", "lr=1e-3"]
+    code, out, err = run(capsys, "train", seed_config, "--json", "--overrides", *overrides)
+    assert code == 0, err
+    assert "converted shards: " + str(tmp_path / "cache" / "aligntools" / "shards") in err
+    assert json.loads(out)["steps"] >= 1
+    overrides[1] = f"output_dir={tmp_path / 'run2'}"
+    code, _, err = run(capsys, "train", seed_config, "--json", "--overrides", *overrides)
+    assert code == 0 and "reusing shards: " in err
+    assert len(list((tmp_path / "cache" / "aligntools" / "shards").iterdir())) == 1
+
+
+def test_seed_style_train_refuses_hub_datasets(tmp_path, capsys, tiny_model):
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({**base_config(tiny_model, tmp_path / "run"),
+                                   "datasets": [{"type": "huggingface_dataset", "name": "hh", "path": None}]}))
+    code, _, err = run(capsys, "train", cfg)
+    assert code == 1
+    assert err.startswith("error: config: datasets[0] has type 'huggingface_dataset': only custom_dataset")
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch_match_one(tmp_path, tiny_model, sft_shards):
+    """`accelerate launch --num_processes 2 --cpu -m aligntrain` (gloo DDP): same losses as one process."""
+    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", n_examples=16)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}  # no user accelerate config
+    one = subprocess.run([sys.executable, "-m", "aligntrain", "sft", str(sft_shards), str(cfg), "--json",
+                          "--overrides", f"output_dir={tmp_path / 'one'}"], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "-m", "aligntrain", "sft", str(sft_shards), str(cfg), "--json",
+                          "--overrides", f"output_dir={tmp_path / 'two'}"], capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr
+    read = lambda run: [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert read("two") == pytest.approx(read("one"), abs=1e-5)
+    assert json.loads(two.stdout)["steps"] == 2  # only the main process prints
+
+
+def test_module_entry_point_prints_no_traceback(tmp_path, tiny_model, sft_shards):
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text("exp_name: x\nmodel: {name_or_path: m}\nloss: {name: sft}\ntotal_batch_size: many\n")
+    result = subprocess.run([sys.executable, "-m", "aligntrain", "sft", str(sft_shards), str(cfg)],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr == "error: cfg.yml: key 'total_batch_size' must be an integer, got 'many' (str)\n"
+
+
+def test_missing_model_directory_is_a_config_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
+    monkeypatch.chdir(REPO)
+    code, _, err = run(capsys, "train", REPO / "sample_data" / "seed_config.yml")
+    missing = tmp_path / "empty" / "aligntools" / "smollm2-135m-instruct"
+    assert (code, err) == (1, f"error: cannot load tokenizer '{missing}': no such file or directory\n")
