@@ -31,7 +31,7 @@ import pyarrow as pa
 from aligndata.read.formats import FORMATS
 from aligndata.read.formats.common import Issues
 from aligndata.records import Conversation, Message, PreferencePair, Record
-from aligndata.read.validate import Checked, FileCheck, mixed_problem
+from aligndata.read.validate import Checked, FileCheck, read_records
 
 NEAR_IDENTICAL = 0.9
 # Replies are compared on at most this many leading characters: difflib is quadratic in the worst case.
@@ -236,12 +236,12 @@ def lint_file(path: str, input_format: str = "auto") -> LintReport:
     report = LintReport(fc.name)
     turns = array("i")
     dups = _Duplicates()
-    for checked in fc.records():
-        if report.records == 0 or (report.mixed is None and fc.is_mixed):
+    for checked in read_records(fc, allow_mixed=True):
+        if report.records == 0 or checked.mixed:
             report.format = fc.format
             report.task = FORMATS[fc.format].task if fc.format else None
-            if fc.is_mixed:
-                report.mixed = mixed_problem(fc.name, fc.detection).message
+            if checked.mixed:
+                report.mixed = checked.mixed.message
         report.records += 1
         n = checked.raw.index
         if checked.raw.error is None and has_empty_system(checked.raw.value):
