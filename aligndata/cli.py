@@ -224,8 +224,10 @@ def inspect(
       aligndata inspect shards/ --plot lengths.png --batch-size 16 --json
       aligndata inspect raw_pairs.jsonl
     """
-    from aligndata.report.shard_report import DEFAULT_BATCH_SIZE, inspect_shards, plot_lengths, records_to_show, render_report
-    from aligndata.report.lint import lint_file, render_lint
+    from aligndata.report.lint import lint_file
+    from aligndata.report.render import plot_lengths, render_lint, render_report
+    from aligndata.report.shard_stats import DEFAULT_BATCH_SIZE, inspect_shards
+    from aligndata.report.token_view import records_to_show
 
     shown_only = [name for name, given in (("--index", index is not None), ("--random", random_rows),
                                            ("--ids", ids)) if given]

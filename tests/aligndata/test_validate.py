@@ -1,4 +1,4 @@
-"""aligndata.read.validate and aligndata.read.rules: every semantic rule, schema messages, format detection.
+"""aligndata.read.validate, .detect and .rules: every semantic rule, schema messages, format detection.
 
 Records are written to a JSONL file and checked through FileCheck, so each test sees exactly
 the `file:line (record N) $.path: message` text that `aligndata validate` prints.
