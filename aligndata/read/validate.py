@@ -29,6 +29,8 @@ MAX_SCHEMA_ERRORS = 20
 
 @dataclass
 class Checked:
+    """One record after the checks: the canonical record if it is valid, else its problems."""
+
     raw: RawRecord
     format: str | None
     record: Record | None
@@ -167,8 +169,8 @@ class FileCheck:
     def records(self) -> Iterator[Checked]:
         """Under --format auto the file is read once: `format` starts as the first record's, and every
         record's shape is compared with it. At the first that differs, before that record is yielded,
-        the whole file is read for its formats: `detection` then says mixed (callers report it from the
-        record where it shows), `format` becomes the most common, and each record is checked against
+        the whole file is read for its formats: `detection` then says mixed (read_records reports it from
+        the record where it shows), `format` becomes the most common, and each record is checked against
         the format its shape says, as in a file detected whole beforehand."""
         with materialized(self.path) as real:
             self._real = real
