@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -19,10 +18,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from aligndata import __version__
-from aligndata.errors import EXIT_INPUT, EXIT_INVALID, EXIT_OK, InputError, InvalidRecordError, Problem
-from aligndata.read.formats import FORMATS, check_format_option, schema_dir
-from aligndata.progress import FileProgress
-from aligndata.read.validate import FileCheck, mixed_problem
+from aligndata.errors import EXIT_INPUT, EXIT_INVALID, EXIT_OK, InputError, InvalidRecordError
+from aligndata.read.formats import FORMATS, schema_dir
+from aligndata.read.validate import FileSummary, validate_files
 
 app = typer.Typer(
     name="aligndata",
@@ -73,20 +71,6 @@ def handle_errors(fn: Callable[[], int], writing: str | None = None) -> int:
     return EXIT_OK
 
 
-@dataclass
-class FileSummary:
-    file: str
-    format: str | None = None
-    records: int = 0
-    valid: int = 0
-    by_kind: Counter = field(default_factory=Counter)
-    error: str | None = None
-
-    def to_json(self) -> dict:
-        return {"file": self.file, "format": self.format, "records": self.records, "valid": self.valid,
-                "invalid": self.records - self.valid, "problems_by_kind": dict(self.by_kind), "error": self.error}
-
-
 @app.command()
 def validate(
     files: List[str] = typer.Argument(..., help="Input files (.json, .jsonl, .ndjson, optionally .gz), or - for stdin."),
@@ -106,71 +90,19 @@ def validate(
       cat data.jsonl | aligndata validate - --json
     """
     try:
-        check_format_option(format)
+        result = validate_files(
+            files, format, max_errors=max_errors, progress=not quiet and not as_json,
+            on_problem=None if as_json else lambda p: out.print(str(p), markup=False),
+            on_error=None if as_json else lambda message: err.print(f"error: {message}", markup=False))
     except InputError as e:
         _fail(str(e), EXIT_INPUT)
-    summaries: list[FileSummary] = []
-    problems: list[Problem] = []
-    shown = 0
-    bar = FileProgress(not quiet and not as_json)
-
-    def emit(p: Problem) -> None:
-        nonlocal shown
-        if shown < max_errors:
-            problems.append(p)
-            if not as_json:
-                out.print(str(p), markup=False)
-        shown += 1
-
-    for path in files:
-        fc = FileCheck(path, format)
-        s = FileSummary(fc.name)
-        summaries.append(s)
-        try:
-            started = mixed = False
-            for checked in fc.records():
-                if not started:
-                    started = True
-                    if fc.stream is not None:
-                        bar.start_file(fc.stream, fc.name)
-                s.format = fc.format
-                if not mixed and fc.is_mixed:
-                    # shows at the first record of a second format (the file is then read whole for this)
-                    mixed = True
-                    mp = mixed_problem(fc.name, fc.detection)
-                    s.by_kind[mp.kind] += 1
-                    emit(mp)
-                bar.update()
-                s.records += 1
-                if checked.ok:
-                    s.valid += 1
-                for p in checked.problems:
-                    s.by_kind[p.kind] += 1
-                    emit(p)
-        except InputError as e:
-            s.error = str(e)
-            if not as_json:
-                err.print(f"error: {e}", markup=False)
-    bar.close()
-
-    any_error = any(s.error for s in summaries)
-    any_invalid = any(s.by_kind for s in summaries)
-    code = EXIT_INPUT if any_error else EXIT_INVALID if any_invalid else EXIT_OK
     if as_json:
-        doc = {
-            "valid": code == EXIT_OK,
-            "exit_code": code,
-            "files": [s.to_json() for s in summaries],
-            "problems": [p.to_json() for p in problems],
-            "problems_shown": len(problems),
-            "problems_total": shown,
-        }
-        sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-        raise typer.Exit(code)
-    if shown > max_errors:
-        out.print(f"... {shown - max_errors} more problems not shown (--max-errors {max_errors})", markup=False)
-    _print_validate_summary(summaries)
-    raise typer.Exit(code)
+        sys.stdout.write(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
+        raise typer.Exit(result.exit_code)
+    if result.total > max_errors:
+        out.print(f"... {result.total - max_errors} more problems not shown (--max-errors {max_errors})", markup=False)
+    _print_validate_summary(result.files)
+    raise typer.Exit(result.exit_code)
 
 
 def _print_validate_summary(summaries: list[FileSummary]) -> None:
@@ -292,8 +224,10 @@ def inspect(
       aligndata inspect shards/ --plot lengths.png --batch-size 16 --json
       aligndata inspect raw_pairs.jsonl
     """
-    from aligndata.report.shard_report import DEFAULT_BATCH_SIZE, inspect_shards, plot_lengths, records_to_show, render_report
-    from aligndata.report.lint import lint_file, render_lint
+    from aligndata.report.lint import lint_file
+    from aligndata.report.render import plot_lengths, render_lint, render_report
+    from aligndata.report.shard_stats import DEFAULT_BATCH_SIZE, inspect_shards
+    from aligndata.report.token_view import records_to_show
 
     shown_only = [name for name, given in (("--index", index is not None), ("--random", random_rows),
                                            ("--ids", ids)) if given]

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-ROLES = ("system", "user", "assistant", "tool")
-
 
 @dataclass(frozen=True)
 class Source:
@@ -88,13 +86,3 @@ class PreferencePair:
 
 Record = Conversation | PreferencePair
 
-
-def message_from_json(obj: dict[str, Any]) -> Message:
-    """Inverse of Message.to_json (used when reading our own canonical JSONL back)."""
-    return Message(
-        role=obj["role"],
-        content=obj.get("content") or "",
-        name=obj.get("name"),
-        tool_calls=obj.get("tool_calls") or None,
-        tool_call_id=obj.get("tool_call_id"),
-    )

@@ -1,56 +1,47 @@
 """Validation: JSON Schema first, then the adapters and semantic rules, with exact locations.
 
-`check_file` streams one input and yields a `Checked` per record. In `--format auto` mode it
-first decides the file's format from *all* its records (a cheap pass over top-level keys);
-a file whose records look like different formats gets a file-level `mixed-format` problem.
+`check_value` checks one parsed record; `FileCheck` streams one input file and yields a `Checked` per
+record, its format decided as `detect.py` says (given, or under auto from the records themselves);
+`read_records` is how callers iterate a file: it fails a mixed-format file (or, for the callers that
+report it, hands its problem over) and drives the progress bar. `validate_files` is `aligndata validate`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import sys
-import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from jsonschema.exceptions import ValidationError
 
-from aligndata.errors import InputError, InvalidRecordError, Problem
+from aligndata.errors import EXIT_INPUT, EXIT_INVALID, EXIT_OK, InputError, InvalidRecordError, Problem
+from aligndata.progress import FileProgress
+from aligndata.read.detect import Detection, decide_format, materialized, mixed_problem, refuse_if_mixed, start_format
 from aligndata.read.formats import FORMATS, Format, check_format_option, detect_shape
 from aligndata.read.formats.common import Issues
 from aligndata.read.reader import RawRecord, RecordStream, display_name
-from aligndata.records import Conversation, Record, Source
 from aligndata.read.rules import check_conversation, check_pair
+from aligndata.records import Conversation, Record, Source
 
 MAX_SCHEMA_ERRORS = 20
 
 
 @dataclass
 class Checked:
+    """One record after the checks: the canonical record if it is valid, else its problems."""
+
     raw: RawRecord
     format: str | None
     record: Record | None
     problems: list[Problem]
+    # The file's mixed-format problem, on the record where a second format first shows (read_records,
+    # allow_mixed): a problem of the whole file, so it is not among this record's own.
+    mixed: Problem | None = None
 
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-@dataclass
-class Detection:
-    format: str | None
-    shapes: Counter = field(default_factory=Counter)
-    first: dict[str, tuple[int, int]] = field(default_factory=dict)  # shape -> (record, line)
-    records: int = 0
-
-    @property
-    def mixed(self) -> bool:
-        return len(self.shapes) > 1
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -160,107 +151,6 @@ def check_value(raw: RawRecord, fmt: Format, file: str) -> Checked:
     return Checked(raw, fmt.name, record, [])
 
 
-@contextmanager
-def materialized(path: str) -> Iterator[str]:
-    """Standard input is copied to a temporary file so it can be read twice (format detection)."""
-    if path != "-":
-        yield path
-        return
-    fd, tmp = tempfile.mkstemp(prefix="aligndata-stdin-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
-        yield tmp
-    finally:
-        os.unlink(tmp)
-
-
-def detect_format(path: str, name: str | None = None) -> Detection:
-    """Classify every record by its top-level keys; the file's format is the one shape present."""
-    det = Detection(None)
-    with RecordStream(path, name) as stream:
-        for raw in stream:
-            det.records += 1
-            if raw.error is not None:
-                continue
-            shape = detect_shape(raw.value)
-            if shape is None:
-                continue
-            det.shapes[shape] += 1
-            det.first.setdefault(shape, (raw.index, raw.line))
-    if len(det.shapes) == 1:
-        det.format = next(iter(det.shapes))
-    elif det.shapes:
-        det.format = det.shapes.most_common(1)[0][0]
-    return det
-
-
-def sniff_format(path: str, name: str | None = None) -> str | None:
-    """The shape of the first record that has one (None: no record has one, or there are none).
-
-    What readers start from under --format auto (start_format), so that a large file is not read twice:
-    they check every record's shape against it, and only when one differs read the whole file with
-    `decide_format` for the error that names the formats found (a mixed file is refused, never guessed)."""
-    with RecordStream(path, name) as stream:
-        for raw in stream:
-            if raw.error is None:
-                shape = detect_shape(raw.value)
-                if shape is not None:
-                    return shape
-    return None
-
-
-def start_format(path: str, name: str, input_format: str) -> str:
-    """The format to start reading `path` as: the one given, or (auto) the first record's shape; a file
-    with no record of a known shape gets decide_format's error. Readers under auto check each record's
-    shape against it and call refuse_if_mixed when one differs."""
-    if input_format == "auto":
-        shape = sniff_format(path, name)
-        if shape is not None:
-            return shape
-    return decide_format(path, name, input_format)[0]
-
-
-def refuse_if_mixed(path: str, name: str) -> None:
-    """Read the whole file for its formats; raise the error naming them if there is more than one."""
-    _, det = decide_format(path, name, "auto")
-    if det is not None and det.mixed:
-        raise InvalidRecordError([mixed_problem(name, det)])
-
-
-def decide_format(path: str, name: str, input_format: str) -> tuple[str, Detection | None]:
-    """The format to read `path` as: the one given, or the one its records show (auto)."""
-    if input_format != "auto":
-        check_format_option(input_format)
-        return input_format, None
-    det = detect_format(path, name)
-    if det.records == 0:
-        raise InputError(f"{name}: holds no records (an empty JSON array)")
-    if det.format is None:
-        raise InputError(f"{name}: cannot detect the format: no record looks like any of "
-                         f"{', '.join(FORMATS)} (pass --format to see why each record fails)")
-    return det.format, det
-
-
-def require_task(name: str, fmt: str, task: str, to: str) -> None:
-    """A file of conversations cannot become preference data and vice versa (exit 2, names the file)."""
-    if FORMATS[fmt].task != task:
-        holds = "conversations" if FORMATS[fmt].task == "sft" else "preference pairs"
-        needs = "conversations" if task == "sft" else "preference pairs"
-        raise InputError(f"{name}: holds {holds} ({fmt}); --to {to} needs {needs}")
-
-
-def mixed_problem(name: str, det: Detection) -> Problem:
-    parts = []
-    for shape, n in det.shapes.most_common():
-        rec, line = det.first[shape]
-        parts.append(f"{shape} ({n} record{'s' if n != 1 else ''}, first: record {rec} at line {line})")
-    minority = min(det.first[s] for s in det.shapes if s != det.format)
-    return Problem(name, minority[1], 0, "$",
-                   "records match different formats: " + ", ".join(parts)
-                   + "; split the file by format or pass --format", "mixed-format")
-
-
 @dataclass
 class FileCheck:
     """The records of one input file, checked. Iterate `records()` once."""
@@ -279,8 +169,8 @@ class FileCheck:
     def records(self) -> Iterator[Checked]:
         """Under --format auto the file is read once: `format` starts as the first record's, and every
         record's shape is compared with it. At the first that differs, before that record is yielded,
-        the whole file is read for its formats: `detection` then says mixed (callers report it from the
-        record where it shows), `format` becomes the most common, and each record is checked against
+        the whole file is read for its formats: `detection` then says mixed (read_records reports it from
+        the record where it shows), `format` becomes the most common, and each record is checked against
         the format its shape says, as in a file detected whole beforehand."""
         with materialized(self.path) as real:
             self._real = real
@@ -311,3 +201,105 @@ class FileCheck:
         task that is in fact mixed."""
         if self.input_format == "auto":
             refuse_if_mixed(self._real, self.name)
+
+
+def read_records(fc: FileCheck, progress: FileProgress | None = None, *,
+                 allow_mixed: bool = False) -> Iterator[Checked]:
+    """Every checked record of one file, in order, with the progress bar kept up to date.
+
+    A mixed-format file raises its error (InvalidRecordError) at the record where the second format
+    shows; with `allow_mixed` (validate and lint report it instead) that record carries it as `mixed`."""
+    started = announced = False
+    for checked in fc.records():
+        if fc.is_mixed and not announced:
+            announced = True
+            problem = mixed_problem(fc.name, fc.detection)
+            if not allow_mixed:
+                raise InvalidRecordError([problem])
+            checked.mixed = problem
+        if progress is not None:
+            if not started and fc.stream is not None:
+                progress.start_file(fc.stream, fc.name)
+            progress.update()
+        started = True
+        yield checked
+
+
+# -- aligndata validate ----------------------------------------------------------------------------------
+
+@dataclass
+class FileSummary:
+    """One validated file: its format, record counts and problems by kind, or why it could not be read."""
+
+    file: str
+    format: str | None = None
+    records: int = 0
+    valid: int = 0
+    by_kind: Counter = field(default_factory=Counter)
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "format": self.format, "records": self.records, "valid": self.valid,
+                "invalid": self.records - self.valid, "problems_by_kind": dict(self.by_kind), "error": self.error}
+
+
+@dataclass
+class Validation:
+    """What `validate_files` found: a summary per file and the first problems (`total` counts them all)."""
+
+    files: list[FileSummary]
+    problems: list[Problem]
+    total: int
+
+    @property
+    def exit_code(self) -> int:
+        """2 when a file could not be read, 1 when a record is invalid, else 0."""
+        if any(s.error for s in self.files):
+            return EXIT_INPUT
+        return EXIT_INVALID if any(s.by_kind for s in self.files) else EXIT_OK
+
+    def to_json(self) -> dict:
+        return {"valid": self.exit_code == EXIT_OK, "exit_code": self.exit_code,
+                "files": [s.to_json() for s in self.files], "problems": [p.to_json() for p in self.problems],
+                "problems_shown": len(self.problems), "problems_total": self.total}
+
+
+def validate_files(paths: list[str], input_format: str = "auto", *, max_errors: int = 50, progress: bool = False,
+                   on_problem: Callable[[Problem], None] | None = None,
+                   on_error: Callable[[str], None] | None = None) -> Validation:
+    """Check every record of every file; a file that cannot be read is summarised with its error.
+
+    Each of the first `max_errors` problems goes to `on_problem` as it is found, and each file's error
+    to `on_error`, so a caller can print them while a large file is still being read.
+    A bad `input_format` raises InputError before any file is read."""
+    check_format_option(input_format)
+    result = Validation([], [], 0)
+
+    def found(p: Problem) -> None:
+        if result.total < max_errors:
+            result.problems.append(p)
+            if on_problem is not None:
+                on_problem(p)
+        result.total += 1
+
+    bar = FileProgress(progress)
+    try:
+        for path in paths:
+            fc = FileCheck(path, input_format)
+            s = FileSummary(fc.name)
+            result.files.append(s)
+            try:
+                for checked in read_records(fc, bar, allow_mixed=True):
+                    s.format = fc.format
+                    s.records += 1
+                    s.valid += checked.ok
+                    for p in ([checked.mixed] if checked.mixed else []) + checked.problems:
+                        s.by_kind[p.kind] += 1
+                        found(p)
+            except InputError as e:
+                s.error = str(e)
+                if on_error is not None:
+                    on_error(s.error)
+    finally:
+        bar.close()
+    return result

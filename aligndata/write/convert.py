@@ -32,7 +32,8 @@ from aligndata.progress import FileProgress
 from aligndata.read.reader import LineParser, RawRecord, RecordStream, display_name, require_file
 from aligndata.write.shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, SCHEMAS, ShardError, ShardWriter, finish_output,
                      list_columns, prepare_output, read_manifest, sha256_file, verify_shards)
-from aligndata.read.validate import Checked, check_value, materialized, refuse_if_mixed, require_task, start_format
+from aligndata.read.detect import materialized, refuse_if_mixed, require_task, start_format
+from aligndata.read.validate import Checked, check_value
 from aligndata.write.workers import WorkerGroup, ordered
 
 CHUNK = 64  # records per chunk of work

@@ -18,7 +18,8 @@ from typing import IO, Iterator
 
 from aligndata.errors import InputError, InvalidRecordError
 from aligndata.progress import FileProgress
-from aligndata.read.validate import Checked, FileCheck, mixed_problem, require_task
+from aligndata.read.detect import require_task
+from aligndata.read.validate import Checked, FileCheck, read_records
 
 TARGET_TASK = {"openai": "sft", "preference": "dpo"}
 
@@ -98,23 +99,14 @@ def check_on_error(on_error: str) -> None:
         raise InputError(f"--on-error {on_error!r}: choose fail or skip")
 
 
-def iter_inputs(inputs: list[str], input_format: str, progress: FileProgress, counts: Counts,
-                allow_mixed: bool = False) -> Iterator[tuple[FileCheck, Checked]]:
+def iter_inputs(inputs: list[str], input_format: str, progress: FileProgress,
+                counts: Counts) -> Iterator[tuple[FileCheck, Checked]]:
     """Every checked record of every input, in order. A mixed-format file fails (never guessed)."""
     for path in inputs:
         fc = FileCheck(path, input_format)
-        first = True
-        for checked in fc.records():
-            # a second format shows at its first record (the file is then read whole for the error)
-            if fc.is_mixed and not allow_mixed:
-                raise InvalidRecordError([mixed_problem(fc.name, fc.detection)])
-            if first:
-                first = False
-                counts.formats[fc.name] = fc.format or "?"
-                if fc.stream is not None:
-                    progress.start_file(fc.stream, fc.name)
+        for checked in read_records(fc, progress):
+            counts.formats[fc.name] = fc.format or "?"  # one format per file: a mixed one has failed
             counts.read += 1
-            progress.update()
             yield fc, checked
 
 

@@ -20,9 +20,12 @@ from typer.testing import CliRunner
 
 from aligndata.cli import app
 from aligndata.write.convert import convert
-from aligndata.report.shard_report import (MASKED_STYLES, TRAINED_STYLES, inspect_shards, nice_histogram, pack_count,
-                               padded_share, pick_rows, pieces_text, render_record, show_records)
-from aligndata.report.lint import has_empty_system, lint_file, percentiles, row_hashes, similarity
+from aligndata.report.lint import has_empty_system, lint_file, similarity
+from aligndata.report.render import MASKED_STYLES, TRAINED_STYLES, pieces_text, render_record
+from aligndata.report.shard_checks import row_hashes
+from aligndata.report.shard_stats import inspect_shards
+from aligndata.report.stats import nice_histogram, pack_count, padded_share, percentiles
+from aligndata.report.token_view import pick_rows, show_records
 
 runner = CliRunner()
 
@@ -307,14 +310,15 @@ def test_lint_finds_pair_problems(tmp_path):
     report = lint_file(str(raw))
     assert (report.format, report.task, report.records, report.valid) == ("text-preference", "dpo", 7, 5)
     assert dict(report.problems_by_kind) == {"identical-pair": 1, "json": 1}
-    assert report.identical == [1]
-    assert [n for n, _ in report.near_identical] == [2, 6]
-    assert report.near_identical[0][1] == pytest.approx(0.9473684)
-    assert report.duplicate_prompts == 1 and report.duplicate_records == 2
-    assert report.top_duplicates[0]["records"] == [1, 3, 4] and report.top_duplicates[0]["count"] == 3
-    assert report.empty_system == [5]
+    assert report.pairs.identical.examples == [1]
+    assert [n for n, _ in report.pairs.near_identical.examples] == [2, 6]
+    assert report.pairs.near_identical.examples[0][1] == pytest.approx(0.9473684)
+    assert report.duplicates.prompts == 1 and report.duplicates.repeats == 2
+    assert report.duplicates.top[0]["records"] == [1, 3, 4] and report.duplicates.top[0]["count"] == 3
+    assert report.empty_system.examples == [5]
     # chosen longer in records 3, 4, 5; 6 is longer by nothing (same length), 1 identical, 2 same length
-    assert (report.chosen_longer, report.chosen_shorter, report.same_length) == (3, 0, 3)
+    length = report.pairs.length
+    assert (length.longer, length.shorter, length.same) == (3, 0, 3)
     kinds = [w.kind for w in report.warnings]
     assert kinds == ["invalid", "empty-system", "identical-pair", "near-identical-pair", "duplicate-prompt",
                      "length-bias"]
@@ -329,7 +333,7 @@ def test_lint_length_bias_warns_either_way_but_not_when_balanced(tmp_path):
     for longer, shorter, warned in ((7, 3, True), (3, 7, True), (6, 4, False), (5, 5, False)):
         raw = write_jsonl(tmp_path / f"p{longer}.jsonl", pairs(longer, shorter))
         report = lint_file(str(raw))
-        assert report.length_bias == longer / 10
+        assert report.pairs.length.share == longer / 10
         assert ("length-bias" in [w.kind for w in report.warnings]) is warned
 
 
@@ -350,7 +354,7 @@ def test_lint_counts_turns_roles_system_and_tools(tmp_path):
     assert report.turns == {"p50": 4, "p90": 4, "p99": 4, "max": 4}
     assert dict(report.roles) == {"system": 1, "user": 2, "assistant": 3, "tool": 1}
     assert (report.with_system, report.with_tools) == (1, 1)
-    assert report.empty_system == [3]
+    assert report.empty_system.examples == [3]
     assert report.to_json()["pairs"] is None
 
 

@@ -1,4 +1,4 @@
-"""aligndata.read.validate and aligndata.read.rules: every semantic rule, schema messages, format detection.
+"""aligndata.read.validate, .detect and .rules: every semantic rule, schema messages, format detection.
 
 Records are written to a JSONL file and checked through FileCheck, so each test sees exactly
 the `file:line (record N) $.path: message` text that `aligndata validate` prints.
@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from aligndata.errors import InputError, Problem
-from aligndata.read.validate import FileCheck, mixed_problem
+from aligndata.read.detect import mixed_problem
+from aligndata.read.validate import FileCheck
 
 def check(tmp_path: Path, fmt: str, *records) -> list[list[str]]:
     """Problems per record, as printed (file named t.jsonl)."""
@@ -375,7 +376,7 @@ def test_records_of_different_formats_are_reported_as_mixed_not_guessed(tmp_path
 
 
 def test_auto_format_reads_a_single_format_file_once(tmp_path, monkeypatch):
-    import aligndata.read.validate as V
+    import aligndata.read.detect as V
 
     path = tmp_path / "one.jsonl"
     path.write_text("".join(json.dumps(conv(("user", f"q{i}"), ("assistant", "a"))) + "\n" for i in range(50)))
