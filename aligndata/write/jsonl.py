@@ -31,10 +31,6 @@ class Counts:
     reasons: Counter = field(default_factory=Counter)
     formats: dict[str, str] = field(default_factory=dict)
 
-    def to_json(self) -> dict:
-        return {"read": self.read, "written": self.written, "rejected": self.rejected,
-                "rejected_by_reason": dict(self.reasons), "formats": self.formats}
-
 
 def reject_line(checked: Checked, file: str) -> str:
     """One rejects-file line: where the record was, why it was rejected, and the record itself."""
