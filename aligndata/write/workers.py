@@ -121,7 +121,8 @@ class _Worker:
 
 
 class WorkerGroup:
-    """n worker processes; jobs are (function, args) with picklable, module-level functions.
+    """n worker processes; jobs are (function, args), the functions picklable by name (module-level
+    functions, or functions of module-level classes such as ChunkEncoder.encode).
 
     `initializer(*initargs)` runs first in every worker.
 
