@@ -19,6 +19,7 @@ from rich.table import Table
 
 from aligndata import __version__
 from aligndata.errors import EXIT_INPUT, EXIT_INVALID, EXIT_OK, InputError, InvalidRecordError
+from aligndata.options import ConvertOptions
 from aligndata.read.formats import FORMATS, schema_dir
 from aligndata.read.validate import FileSummary, validate_files
 
@@ -133,23 +134,23 @@ def convert(
     files: List[str] = typer.Argument(..., help="Input files, or - for stdin."),
     to: str = typer.Option(..., "--to", help="openai | preference (canonical JSONL) or sft | dpo (tokenized Arrow shards)."),
     out_path: str = typer.Option(..., "--out", "-o", help="Output: a .jsonl file (openai/preference; - for stdout) or a directory (sft/dpo)."),
-    format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
-    on_error: str = typer.Option("fail", "--on-error", help="fail: stop at the first invalid record; skip: write it to the rejects file and go on."),
-    rejects: Optional[str] = typer.Option(None, "--rejects", help="Rejects file for --on-error skip (default: OUT.rejects.jsonl, or OUT/rejects.jsonl for shards)."),
+    format: str = typer.Option(ConvertOptions.input_format, "--format", "-f", help=FORMAT_HELP),
+    on_error: str = typer.Option(ConvertOptions.on_error, "--on-error", help="fail: stop at the first invalid record; skip: write it to the rejects file and go on."),
+    rejects: Optional[str] = typer.Option(ConvertOptions.rejects, "--rejects", help="Rejects file for --on-error skip (default: OUT.rejects.jsonl, or OUT/rejects.jsonl for shards)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="sft/dpo: tokenizer directory, .gguf file, or hub name."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="sft/dpo: longest sequence in tokens (prompt + completion)."),
-    max_prompt_length: Optional[int] = typer.Option(None, "--max-prompt-length", help="dpo with --length-policy truncate: prompt budget in tokens."),
-    length_policy: str = typer.Option("drop", "--length-policy", help="drop: records over --max-length are dropped (counted); truncate: cut old prompt turns, then completions."),
-    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="A Jinja file or a built-in name (chatml, llama3, hh); default: the tokenizer's own."),
-    train_on: str = typer.Option("all", "--train-on", help="sft: train every assistant turn (all) or only the last one (last)."),
-    eval_fraction: float = typer.Option(0.0, "--eval-fraction", help="Share of records held out as the eval split (seeded, per record)."),
-    eval_file: Optional[str] = typer.Option(None, "--eval-file", help="A raw file converted as the eval split instead of --eval-fraction."),
-    shard_rows: int = typer.Option(50_000, "--shard-rows", help="Rows per Arrow shard file."),
-    num_proc: int = typer.Option(1, "--num-proc", help="Processes that validate and tokenize, this one included (output is identical for any value)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the eval split."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output made with different settings."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow tokenizer code from the model repo (off by default)."),
-    fast_tokenize: bool = typer.Option(True, "--fast-tokenize/--no-fast-tokenize", help="sft/dpo: byte-level BPE tokenizers go through a spot-checked piece cache (same tokens, 3-4x faster); --no-fast-tokenize uses the tokenizers library for every text."),
+    max_length: Optional[int] = typer.Option(ConvertOptions.max_length, "--max-length", help="sft/dpo: longest sequence in tokens (prompt + completion)."),
+    max_prompt_length: Optional[int] = typer.Option(ConvertOptions.max_prompt_length, "--max-prompt-length", help="dpo with --length-policy truncate: prompt budget in tokens."),
+    length_policy: str = typer.Option(ConvertOptions.length_policy, "--length-policy", help="drop: records over --max-length are dropped (counted); truncate: cut old prompt turns, then completions."),
+    chat_template: Optional[str] = typer.Option(ConvertOptions.chat_template, "--chat-template", help="A Jinja file or a built-in name (chatml, llama3, hh); default: the tokenizer's own."),
+    train_on: str = typer.Option(ConvertOptions.train_on, "--train-on", help="sft: train every assistant turn (all) or only the last one (last)."),
+    eval_fraction: float = typer.Option(ConvertOptions.eval_fraction, "--eval-fraction", help="Share of records held out as the eval split (seeded, per record)."),
+    eval_file: Optional[str] = typer.Option(ConvertOptions.eval_file, "--eval-file", help="A raw file converted as the eval split instead of --eval-fraction."),
+    shard_rows: int = typer.Option(ConvertOptions.shard_rows, "--shard-rows", help="Rows per Arrow shard file."),
+    num_proc: int = typer.Option(ConvertOptions.num_proc, "--num-proc", help="Processes that validate and tokenize, this one included (output is identical for any value)."),
+    seed: int = typer.Option(ConvertOptions.seed, "--seed", help="Seed of the eval split."),
+    overwrite: bool = typer.Option(ConvertOptions.overwrite, "--overwrite", help="Replace an existing output made with different settings."),
+    trust_remote_code: bool = typer.Option(ConvertOptions.trust_remote_code, "--trust-remote-code", help="Allow tokenizer code from the model repo (off by default)."),
+    fast_tokenize: bool = typer.Option(ConvertOptions.fast_tokenize, "--fast-tokenize/--no-fast-tokenize", help="sft/dpo: byte-level BPE tokenizers go through a spot-checked piece cache (same tokens, 3-4x faster); --no-fast-tokenize uses the tokenizers library for every text."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Convert raw records to canonical JSONL (--to openai|preference) or to shards (--to sft|dpo).
@@ -178,19 +179,18 @@ def convert(
         raise typer.Exit(handle_errors(run, writing=out_path))
     if to not in ("sft", "dpo"):
         _fail(f"--to {to!r}: choose openai, preference, sft or dpo", EXIT_INPUT)
-    if tokenizer is None:
-        _fail(f"--to {to} needs --tokenizer (a tokenizer directory, .gguf file or hub name)", EXIT_INPUT)
-    from aligndata.write.convert import convert as convert_shards, print_summary
 
     def run_shards() -> int:
-        result = convert_shards(
-            files, Path(out_path), to, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-            length_policy=length_policy, chat_template=chat_template, eval_fraction=eval_fraction,
-            eval_file=eval_file, shard_rows=shard_rows, num_proc=num_proc, on_error=on_error, seed=seed,
-            overwrite=overwrite, input_format=format, train_on=train_on, progress=not quiet,
-            trust_remote_code=trust_remote_code, rejects=rejects, fast_tokenize=fast_tokenize,
+        options = ConvertOptions(
+            task=to, tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+            length_policy=length_policy, train_on=train_on, chat_template=chat_template, eval_fraction=eval_fraction,
+            eval_file=eval_file, seed=seed, shard_rows=shard_rows, input_format=format, on_error=on_error,
+            rejects=rejects, num_proc=num_proc, overwrite=overwrite, progress=not quiet,
+            trust_remote_code=trust_remote_code, fast_tokenize=fast_tokenize,
         )
-        print_summary(result, err)
+        from aligndata.write.convert import convert_files, print_summary
+
+        print_summary(convert_files(files, Path(out_path), options), err)
         return EXIT_OK
 
     raise typer.Exit(handle_errors(run_shards, writing=out_path))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from aligndata.write.shards import atomic_write_text
+from aligndata.write.atomic import atomic_write_text, fsync_dir
 
 from .config import Config, ConfigError, to_yaml
 
@@ -88,7 +88,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if cfg.keep_checkpoints:
             prune_checkpoints(root, cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
@@ -155,11 +155,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _is_fsdp(accelerator) -> bool:
     return getattr(accelerator.state, "fsdp_plugin", None) is not None and accelerator.num_processes > 1
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

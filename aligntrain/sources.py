@@ -1,7 +1,7 @@
 """`aligntrain train`: the seed config's raw `datasets` converted to shards, cached.
 
     datasets: [{type: custom_dataset, path: raw.json}, ...]
-      -> aligndata.write.convert(...) into ${XDG_CACHE_HOME:-~/.cache}/aligntools/shards/<task>-<key>/
+      -> aligndata.write.convert.convert_files(...) into ${XDG_CACHE_HOME:-~/.cache}/aligntools/shards/<task>-<key>/
 
 The key hashes the input files' contents and every conversion setting, so an unchanged config
 and data reuse the shards; anything else converts into a new directory.
@@ -13,6 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from aligndata.options import ConvertOptions
 from aligndata.write.shards import sha256_file
 
 from .config import Config, ConfigError, cache_dir
@@ -34,30 +35,33 @@ def raw_inputs(cfg: Config) -> list[Path]:
     return paths
 
 
-def conversion_settings(cfg: Config) -> dict:
-    return {"task": cfg.task, "tokenizer": str(Path(cfg.tokenizer_path).resolve()), "max_length": cfg.max_length,
-            "max_prompt_length": cfg.max_prompt_length if cfg.task == "dpo" else None, "length_policy": cfg.length_policy,
-            "chat_template": cfg.chat_template, "eval_fraction": cfg.eval_fraction, "seed": cfg.seed}
+def conversion_options(cfg: Config, progress: bool = False) -> ConvertOptions:
+    """What `aligndata convert` is told for the config's datasets (the rest keeps its defaults)."""
+    return ConvertOptions(task=cfg.task, tokenizer=cfg.tokenizer_path, max_length=cfg.max_length,
+                          max_prompt_length=cfg.max_prompt_length if cfg.task == "dpo" else None,
+                          length_policy=cfg.length_policy, chat_template=cfg.chat_template,
+                          eval_fraction=cfg.eval_fraction, seed=cfg.seed, progress=progress)
 
 
-def shards_cache_dir(cfg: Config, inputs: list[Path]) -> Path:
-    key = {"inputs": [sha256_file(p) for p in inputs], **conversion_settings(cfg)}
+def shards_cache_dir(options: ConvertOptions, inputs: list[Path]) -> Path:
+    # The key of every cache written so far: a new key would convert every cached dataset again.
+    key = {"inputs": [sha256_file(p) for p in inputs], "task": options.task,
+           "tokenizer": str(Path(options.tokenizer).resolve()), "max_length": options.max_length,
+           "max_prompt_length": options.max_prompt_length, "length_policy": options.length_policy,
+           "chat_template": options.chat_template, "eval_fraction": options.eval_fraction, "seed": options.seed}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / "shards" / f"{cfg.task}-{digest}"
+    return cache_dir() / "shards" / f"{options.task}-{digest}"
 
 
 def prepare_shards(cfg: Config, progress: bool = False) -> tuple[Path, bool]:
     """Convert the config's datasets (or reuse an earlier conversion). Returns (shards dir, reused)."""
-    from aligndata.write.convert import convert  # imported here: conversion is only needed by `aligntrain train`
+    from aligndata.write.convert import convert_files  # imported here: conversion is only needed by `aligntrain train`
 
     from .modeling import load_tokenizer
 
     inputs = raw_inputs(cfg)
     load_tokenizer(cfg.tokenizer_path)  # a missing model directory is a config error, named as such
-    out_dir = shards_cache_dir(cfg, inputs)
-    s = conversion_settings(cfg)
-    result = convert([str(p) for p in inputs], out_dir, s["task"], cfg.tokenizer_path, max_length=s["max_length"],
-                     max_prompt_length=s["max_prompt_length"], length_policy=s["length_policy"],
-                     chat_template=s["chat_template"], eval_fraction=s["eval_fraction"], seed=s["seed"],
-                     progress=progress)
+    options = conversion_options(cfg, progress)
+    out_dir = shards_cache_dir(options, inputs)
+    result = convert_files([str(p) for p in inputs], out_dir, options)
     return out_dir, bool(result.skipped)

@@ -1,6 +1,6 @@
 """`aligndata convert --to sft|dpo`: raw records -> validated -> tokenized -> Arrow shards + manifest.
 
-    read (main process)  ->  parse + check + encode (chunks of records)  ->  split + write (main process)
+    read (main process)  ->  parse + check + encode (chunks of records: chunks.py)  ->  split + write (main process)
 
 With `num_proc` N, N-1 worker processes and the main process itself encode chunks (the main process
 takes one whenever each worker has two unanswered; see workers.py); JSON Lines travel to the workers
@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -25,23 +26,22 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from aligndata import __version__
-from aligndata.errors import InputError, InvalidRecordError, Problem
-from aligndata.read.formats import FORMATS, check_format_option, detect_shape
-from aligndata.write.jsonl import AtomicOutput, check_on_error, reject_line
+from aligndata.encode.encoder import Encoder
+from aligndata.encode.tokenizer import TemplateInfo, load_tokenizer, resolve_chat_template, tokenizer_identity
+from aligndata.errors import InputError, InvalidRecordError
+from aligndata.options import ConvertOptions
 from aligndata.progress import FileProgress
-from aligndata.read.reader import LineParser, RawRecord, RecordStream, display_name, require_file
-from aligndata.write.shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, SCHEMAS, ShardError, ShardWriter, finish_output,
-                     list_columns, prepare_output, read_manifest, sha256_file, verify_shards)
+from aligndata.read.reader import RawRecord, RecordStream, display_name, require_file
 from aligndata.read.detect import materialized, refuse_if_mixed, require_task, start_format
-from aligndata.read.validate import Checked, check_value
-from aligndata.write.workers import WorkerGroup, ordered
+from aligndata.write.atomic import AtomicOutput
+from aligndata.write.chunks import ChunkEncoder, ChunkJob, ChunkResult, LineChunk, single_threaded_tokenizers
+from aligndata.write.shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, ShardError, ShardWriter, finish_output,
+                                    prepare_output, read_manifest, sha256_file, verify_shards)
+from aligndata.write.workers import Ticket, WorkerGroup, ordered
 
 CHUNK = 64  # records per chunk of work
 CHUNK_BYTES = 1 << 18  # and at most this many bytes of JSON Lines (long records): a chunk and its result
                        # then fit a worker's pipe twice over (see workers.py)
-POLICIES = ("drop", "truncate")
-# Encoder failures that are a length-policy decision, not a defect of the record.
-DROP_REASONS = {"too-long"}
 
 
 @dataclass
@@ -52,136 +52,217 @@ class ConvertResult:
     rejects_path: Path | None = None
 
 
+def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, **options: Any) -> ConvertResult:
+    """`convert_files` for Python callers: the keywords are ConvertOptions' fields."""
+    return convert_files(inputs, out_dir, ConvertOptions(task=task, tokenizer=tokenizer, **options))
+
+
+def convert_files(inputs: list[str], out_dir: Path, options: ConvertOptions) -> ConvertResult:
+    """Convert raw files into shards in `out_dir` (see docs/SHARDS.md). Library entry point of the CLI."""
+    out_dir = Path(out_dir)
+    _refuse_unusable_output(inputs, out_dir)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tok = load_tokenizer(options.tokenizer, trust_remote_code=options.trust_remote_code)
+    template = resolve_chat_template(tok, options.chat_template)
+    roles = [(p, "train") for p in inputs] + ([(options.eval_file, "eval")] if options.eval_file else [])
+    with ExitStack() as inputs_open:
+        if [p for p, _ in roles].count("-") > 1:
+            raise InputError("standard input (-) can be given only once")
+        real_paths = [inputs_open.enter_context(materialized(p)) for p, _ in roles]
+        sources = [{"path": display_name(p), "sha256": _source_sha256(real, display_name(p)), "role": role}
+                   for (p, role), real in zip(roles, real_paths)]
+        earlier = (out_dir / MANIFEST).exists() and not options.overwrite  # an output to compare the settings with
+        # Nothing to compare with and workers to come: one of them hashes the tokenizer (its first job,
+        # ~0.2 s for a 150k vocabulary) while this process starts on the records.
+        hash_later = options.num_proc > 1 and not earlier
+        manifest = _new_manifest(options, None if hash_later else tokenizer_identity(tok, options.tokenizer),
+                                 template, sources)
+        if earlier:
+            done = _earlier_output(out_dir, manifest)
+            if done is not None:
+                return done
+        staging = _fresh_staging(out_dir)
+        rejects_path = Path(options.rejects) if options.rejects else out_dir / "rejects.jsonl"
+        staged_rejects = Path(options.rejects) if options.rejects else staging / "rejects.jsonl"
+        encoder = ChunkEncoder(options, Encoder(tok, template, **options.encoder_arguments()))
+        with Conversion(staging, options, encoder, staged_rejects) as conversion:
+            identity = conversion.later(ChunkEncoder.tokenizer_identity) if hash_later else None
+            for src_i, ((path, role), real) in enumerate(zip(roles, real_paths)):
+                conversion.convert_source(src_i, path, real, role, sources[src_i])
+            if identity is not None:
+                manifest["tokenizer"] = identity.get()
+                _settings_sha256(manifest)
+            conversion.finish(manifest)
+    finish_output(staging, manifest)
+    _commit(staging, out_dir)
+    return ConvertResult(manifest, False, out_dir, rejects_path if options.on_error == "skip" else None)
+
+
+# -- one run -------------------------------------------------------------------------------------
+
 @dataclass
-class _Other:
-    """A record of a chunk that is not kept: dropped by the length policy, or rejected."""
+class _Counts:
+    """The manifest's `counts`: read = kept + rejected + dropped; truncated rows are kept rows."""
 
-    kept_before: int  # kept records of the chunk before this one (where it falls between the kept rows)
-    kind: str  # "reject" | "drop"
-    reason: str | None = None
-    problems: list[Problem] = field(default_factory=list)
-    fatal: bool = False
-    reject_line: str | None = None  # the rejects-file line, made in the worker under --on-error skip
+    read: int = 0
+    kept: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)
+    truncated: Counter = field(default_factory=Counter)
 
-
-@dataclass
-class _Result:
-    """What a worker sends back for one chunk: the kept rows column by column, one array per column
-    (far cheaper to pickle than arrays per row), and the other records in order."""
-
-    records: int
-    index: np.ndarray  # record index of each kept row
-    columns: dict[str, tuple[np.ndarray, np.ndarray]]  # id-list column -> (flat values, per-row lengths)
-    truncated: list[tuple[int, str]]  # (kept row, how) for the truncated ones
-    others: list[_Other]
-    mismatch: bool = False  # a record of the chunk has the shape of another format than the one converted
+    def to_json(self) -> dict[str, Any]:
+        return {"read": self.read, "kept": self.kept, "rejected": dict(self.rejected), "dropped": dict(self.dropped),
+                "truncated": dict(self.truncated)}
 
 
-# -- the per-chunk work, run in workers --------------------------------------------------------------
+class Conversion:
+    """One run into a staging directory: the encoding processes, the shard writer, the rejects file,
+    the statistics and the counts. Use it as a context manager: an error leaves no rejects file and no
+    worker behind."""
 
-_ENCODER = None
+    def __init__(self, staging: Path, options: ConvertOptions, encoder: ChunkEncoder, rejects: Path):
+        self.options = options
+        self.encoder = encoder
+        self.workers = _start_workers(options.num_proc, encoder) if options.num_proc > 1 else None
+        self.writer = ShardWriter(staging, options.task, options.shard_rows)
+        self.rejects_path = rejects
+        try:
+            self.rejects = AtomicOutput(rejects) if options.on_error == "skip" else None
+        except BaseException:
+            self._stop_workers()
+            raise
+        self.bar = FileProgress(options.progress)
+        self.stats = _Stats(options.task)
+        self.counts = _Counts()
+        self.files: list[str] = []
 
+    def __enter__(self) -> Conversion:
+        return self
 
-def _flat(seqs: list[Any], dtype: Any) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.fromiter((len(x) for x in seqs), dtype=np.int64, count=len(seqs))
-    if all(type(x) is list for x in seqs):
-        values: list[int] = []
-        for x in seqs:
-            values.extend(x)
-        return np.array(values, dtype=dtype), lengths
-    if not seqs:
-        return np.zeros(0, dtype=dtype), lengths
-    return np.concatenate([np.asarray(x, dtype=dtype) for x in seqs]), lengths
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None:
+            self.bar.close()
+            if self.rejects is not None:
+                self.rejects.abort()
+        self._stop_workers()
 
+    def _stop_workers(self) -> None:
+        if self.workers is not None:
+            self.workers.terminate()
 
-def _raw_records(job: tuple) -> list[RawRecord]:
-    name, payload = job[0], job[5]
-    if job[4] == "records":
-        return payload
-    first, linenos, lines = payload
-    parse = LineParser(name)
-    return [parse(first + i, lineno, line) for i, (lineno, line) in enumerate(zip(linenos, lines))]
+    def later(self, fn: Any) -> Ticket:
+        """fn(encoder) in a worker (there must be workers) while this process goes on with the records."""
+        return self.workers.submit(fn, ()) or self.workers.run_here(fn)
 
+    def convert_source(self, src_i: int, path: str, real: str, role: str, source: dict[str, Any]) -> None:
+        """Read, encode and write one input; `source` (its manifest entry) gets its format and record count."""
+        name = display_name(path)
+        self.files.append(name)
+        auto = self.options.input_format == "auto"
+        # --format auto: the format of the first record that has one; every record is checked against it on the
+        # way (ChunkEncoder.encode), and a file that turns out mixed is then read whole for the error that describes it.
+        fmt = start_format(real, name, self.options.input_format)
+        try:
+            require_task(name, fmt, self.options.task, self.options.task)
+        except InputError:
+            if auto:
+                refuse_if_mixed(real, name)
+            raise
+        source["format"] = fmt
+        source["records"] = 0
+        with RecordStream(real, name) as stream:
+            self.bar.start_file(stream, name)
+            if stream.mode == "lines":  # the workers parse the lines: the main process only reads bytes
+                jobs: Iterator[ChunkJob] = (ChunkJob(name, fmt, chunk)
+                                            for chunk in _line_chunks(stream.raw_lines(), CHUNK, CHUNK_BYTES))
+            else:
+                jobs = (ChunkJob(name, fmt, chunk) for chunk in _chunks(stream, CHUNK))
+            if self.workers is not None:
+                results = ordered(self.workers, ChunkEncoder.encode, jobs)
+            else:
+                results = map(self.encoder.encode, jobs)
+            for res in results:
+                if res.mismatch:
+                    refuse_if_mixed(real, name)
+                    raise InputError(f"{name}: changed while it was being converted")
+                self.counts.read += res.records
+                source["records"] += res.records
+                self.bar.update(res.records)
+                self._take(res, src_i, role, source["sha256"])
 
-def _work(job: tuple) -> _Result:
-    """Parse a chunk (JSON Lines arrive as raw lines), check it, encode the valid records in one batch."""
-    from aligndata.encode.encoder import EncodeError
-
-    name, fmt_name, task, on_error = job[:4]
-    fmt = FORMATS[fmt_name]
-    raws = _raw_records(job)
-    if job[6] and any(raw.error is None and detect_shape(raw.value) not in (None, fmt_name) for raw in raws):
-        return _Result(len(raws), np.zeros(0, dtype=np.int64), {}, [], [], mismatch=True)
-    checked = [check_value(raw, fmt, name) for raw in raws]
-    valid = [c.record for c in checked if c.ok]
-    batch = _ENCODER.encode_sft_batch if task == "sft" else _ENCODER.encode_dpo_batch
-    encoded = iter(batch(valid)) if valid else iter(())
-    kept: list[Any] = []
-    index: list[int] = []
-    truncated: list[tuple[int, str]] = []
-    others: list[_Other] = []
-    for c in checked:
-        raw = c.raw
-        if c.ok:
-            enc = next(encoded)
-            if isinstance(enc, EncodeError):
-                kind = "drop" if enc.reason in DROP_REASONS else "reject"
-                problems = [Problem(name, raw.line, raw.index, "$", str(enc.message), enc.reason)]
-                others.append(_Other(len(kept), kind, enc.reason, problems))
-                if kind == "reject" and on_error == "skip":
-                    others[-1].reject_line = reject_line(Checked(raw, fmt_name, None, problems), name)
+    def _take(self, res: ChunkResult, src_i: int, role: str, source_sha: str) -> None:
+        """Write a chunk's kept rows, count the others; stop at a rejected record unless skipping."""
+        done = 0  # kept rows of this chunk written so far
+        for other in res.not_kept:
+            if other.kept_before > done:
+                self._write_kept(res, done, other.kept_before, src_i, role, source_sha)
+                done = other.kept_before
+            if other.kind == "drop":
+                self.counts.dropped[other.reason] += 1
                 continue
-            if enc.truncated:
-                truncated.append((len(kept), enc.truncated))
-            kept.append(enc)
-            index.append(raw.index)
+            if self.options.on_error != "skip" or other.fatal:
+                raise InvalidRecordError(other.problems)
+            self.counts.rejected[other.problems[0].kind] += 1
+            self.rejects.write(other.reject_line)
+        if len(res.index) > done:
+            self._write_kept(res, done, len(res.index), src_i, role, source_sha)
+        self.counts.kept += len(res.index)
+        for _, how in res.truncated:
+            self.counts.truncated[how] += 1
+
+    def _write_kept(self, res: ChunkResult, start: int, stop: int, src_i: int, role: str, source_sha: str) -> None:
+        """Kept rows start..stop of a chunk to their splits' shards and stats."""
+        index = res.index[start:stop]
+        fraction, seed = self.options.eval_fraction, self.options.seed
+        if role == "eval":
+            splits = [("eval", None)]
+        elif fraction <= 0:
+            splits = [("train", None)]
         else:
-            other = _Other(len(kept), "reject", problems=c.problems, fatal=raw.fatal)
-            if on_error == "skip" and not raw.fatal:
-                other.reject_line = reject_line(c, name)
-            others.append(other)
-    columns = {col: _flat([getattr(e, col) for e in kept], dtype) for col, dtype in list_columns(SCHEMAS[task]).items()}
-    return _Result(len(raws), np.array(index, dtype=np.int64), columns, truncated, others)
+            in_eval = np.fromiter((_in_eval(seed, source_sha, int(i), fraction) for i in index),
+                                  dtype=bool, count=len(index))
+            splits = [("train", ~in_eval), ("eval", in_eval)]
+        offsets = {col: np.concatenate(([0], np.cumsum(lengths))) for col, (_, lengths) in res.columns.items()}
+        for split, mask in splits:
+            rows = np.arange(start, stop) if mask is None else np.arange(start, stop)[mask]
+            if not len(rows):
+                continue
+            columns: dict[str, Any] = {}
+            for col, (values, lengths) in res.columns.items():
+                off = offsets[col]
+                if mask is None or mask.all():
+                    columns[col] = (values[off[start]:off[stop]], lengths[start:stop])
+                else:
+                    columns[col] = (np.concatenate([values[off[i]:off[i + 1]] for i in rows]), lengths[rows])
+            self.stats.add(split, columns)
+            columns["source"] = np.full(len(rows), src_i, dtype=np.int64)
+            columns["source_index"] = res.index[rows]
+            self.writer.write_columns(split, columns, len(rows))
+
+    def finish(self, manifest: dict[str, Any]) -> None:
+        """Close the shards and the rejects file; complete the manifest with splits, counts and statistics."""
+        self.bar.close()
+        manifest["splits"] = self.writer.close()
+        if self.rejects is not None:
+            self.rejects.commit()
+        if not manifest["splits"]:
+            # Name the inputs and where the reasons went: the summary table is never printed on this path.
+            reasons = f"; the reasons are in {self.rejects_path}" if self.rejects is not None else ""
+            c = self.counts
+            raise InputError(f"{', '.join(self.files)}: no records were kept, nothing to write (read {c.read}, "
+                             f"rejected {sum(c.rejected.values())}, dropped {sum(c.dropped.values())}){reasons}")
+        manifest["counts"] = self.counts.to_json()
+        manifest["stats"] = self.stats.to_json()
+        for split, info in manifest["splits"].items():
+            manifest["stats"].setdefault(split, {})["tokens"] = info["tokens"]
+        manifest["reference"] = None
 
 
-def _init_worker(spec: str, chat_template: str | None, trust_remote_code: bool, kwargs: dict[str, Any]) -> None:
-    global _ENCODER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if _ENCODER is None:  # spawn start method: build it here; with fork it was inherited
-        from aligndata.encode.tokenizer import load_tokenizer, resolve_chat_template
-        from aligndata.encode.encoder import Encoder
-
-        tok = load_tokenizer(spec, trust_remote_code=trust_remote_code)
-        _ENCODER = Encoder(tok, resolve_chat_template(tok, chat_template), **kwargs)
-
-
-# -- orchestration -----------------------------------------------------------------------------------
-
-def _check_options(task: str, length_policy: str, train_on: str, eval_fraction: float, eval_file: str | None,
-                   num_proc: int, shard_rows: int, on_error: str, max_length: int | None,
-                   max_prompt_length: int | None) -> None:
-    if task not in ("sft", "dpo"):
-        raise InputError(f"--to {task!r}: choose sft or dpo")
-    if length_policy not in POLICIES:
-        raise InputError(f"--length-policy {length_policy!r}: choose drop or truncate")
-    if train_on not in ("all", "last"):
-        raise InputError(f"--train-on {train_on!r}: choose all or last")
-    check_on_error(on_error)
-    if not 0.0 <= eval_fraction < 1.0:
-        raise InputError(f"--eval-fraction {eval_fraction}: must be at least 0 and below 1")
-    if eval_file and eval_fraction:
-        raise InputError("--eval-fraction and --eval-file exclude each other: pick one way to make the eval split")
-    if num_proc < 1 or shard_rows < 1:
-        raise InputError("--num-proc and --shard-rows must be at least 1")
-    if max_length is not None and max_length < 2:
-        raise InputError(f"--max-length {max_length}: must be at least 2")
-    if max_prompt_length is not None:
-        if max_length is not None and max_prompt_length >= max_length:
-            raise InputError(f"--max-prompt-length {max_prompt_length} must be below --max-length {max_length}")
-        if task != "dpo":
-            raise InputError("--max-prompt-length applies to --to dpo only")
-    if length_policy == "truncate" and max_length is None:
-        raise InputError("--length-policy truncate needs --max-length")
+def _start_workers(num_proc: int, encoder: ChunkEncoder) -> WorkerGroup:
+    """num_proc - 1 workers: the main process encodes too (see workers.ordered). The processes share
+    the pieces their piece caches learn, so each common piece is tokenized by the library once."""
+    return WorkerGroup(num_proc - 1, single_threaded_tokenizers, state=encoder,
+                       exchange=(ChunkEncoder.learnt_pieces, ChunkEncoder.add_pieces))
 
 
 def _in_eval(seed: int, source_sha: str, index: int, fraction: float) -> bool:
@@ -203,10 +284,8 @@ def _chunks(stream: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]
         yield chunk
 
 
-def _line_chunks(lines: Iterable[tuple[int, int, bytes]], size: int,
-                 max_bytes: int) -> Iterator[tuple[int, list[int], list[bytes]]]:
-    """Raw JSON Lines in chunks of `size` lines, fewer where they reach `max_bytes`:
-    (index of the first record, line numbers, line bytes)."""
+def _line_chunks(lines: Iterable[tuple[int, int, bytes]], size: int, max_bytes: int) -> Iterator[LineChunk]:
+    """Raw JSON Lines in chunks of `size` lines, fewer where they reach `max_bytes`."""
     first = 0
     linenos: list[int] = []
     chunk: list[bytes] = []
@@ -218,11 +297,13 @@ def _line_chunks(lines: Iterable[tuple[int, int, bytes]], size: int,
         chunk.append(line)
         nbytes += len(line)
         if len(chunk) >= size or nbytes >= max_bytes:
-            yield first, linenos, chunk
+            yield LineChunk(first, linenos, chunk)
             linenos, chunk, nbytes = [], [], 0
     if chunk:
-        yield first, linenos, chunk
+        yield LineChunk(first, linenos, chunk)
 
+
+# -- statistics ------------------------------------------------------------------------------------
 
 def _percentiles(values: np.ndarray) -> dict[str, int]:
     if not len(values):
@@ -233,6 +314,18 @@ def _percentiles(values: np.ndarray) -> dict[str, int]:
         return int(s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))])
 
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": int(s[-1])}
+
+
+def _first_trained(mask: np.ndarray, lengths: np.ndarray, ids_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of flat loss masks: the position of its first trained token (its prompt's length; the row's
+    length when nothing is trained) and how many tokens it trains."""
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    nonzero = np.flatnonzero(mask)
+    at = np.searchsorted(nonzero, starts)
+    trained = np.searchsorted(nonzero, ends) - at
+    first_trained = nonzero[np.minimum(at, len(nonzero) - 1)] - starts if len(nonzero) else starts
+    return np.where(trained > 0, first_trained, ids_len), trained
 
 
 class _Stats:
@@ -249,15 +342,7 @@ class _Stats:
         d = self.data.setdefault(split, {c: [] for c in self.cols})
         if self.task == "sft":
             ids_len = columns["input_ids"][1]
-            mask, lengths = columns["loss_mask"]
-            ends = np.cumsum(lengths)
-            starts = ends - lengths
-            nonzero = np.flatnonzero(mask)
-            at = np.searchsorted(nonzero, starts)
-            trained = np.searchsorted(nonzero, ends) - at
-            # first trained position of each row (its prompt length), or the row's length when none is
-            first_trained = nonzero[np.minimum(at, len(nonzero) - 1)] - starts if len(nonzero) else starts
-            first = np.where(trained > 0, first_trained, ids_len)  # the prompt's length; all of it when nothing is trained
+            first, trained = _first_trained(*columns["loss_mask"], ids_len)
             d["total"].append(ids_len)
             d["prompt"].append(first)
             d["completion"].append(ids_len - first)
@@ -279,6 +364,71 @@ class _Stats:
         return out
 
 
+# -- the output directory and its manifest -------------------------------------------------------------
+
+def _refuse_unusable_output(inputs: list[str], out_dir: Path) -> None:
+    if not inputs:
+        raise InputError("no input files")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists() \
+            and not (out_dir / INCOMPLETE).exists():
+        raise InputError(f"{out_dir}: directory is not empty and was not written by aligndata; choose another --out")
+
+
+def _source_sha256(path: str, name: str) -> str:
+    """sha256 of one input; a missing file or a directory is a usage error naming it (exit 2), as in the reader."""
+    p = require_file(path, name)
+    try:
+        return sha256_file(p)
+    except OSError as e:
+        raise InputError(f"{name}: cannot read ({e.strerror})") from None
+
+
+def _new_manifest(options: ConvertOptions, tokenizer: dict[str, Any] | None, template: TemplateInfo,
+                  sources: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest as far as it is known before converting; `tokenizer` None: hashed later, and the
+    settings hash with it."""
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "task": options.task,
+        "created_by": f"aligndata {__version__}",
+        "tokenizer": tokenizer,
+        "chat_template": {"source": template.source, "sha256": template.sha256},
+        "settings": options.settings(),
+        "sources": sources,
+        "settings_sha256": None,
+    }
+    if tokenizer is not None:
+        _settings_sha256(manifest)
+    return manifest
+
+
+def _settings_sha256(manifest: dict[str, Any]) -> None:
+    """What decides whether an earlier output can stand: the task, the settings and every input's hash."""
+    key = {k: manifest[k] for k in ("task", "settings")}
+    key.update(tokenizer=manifest["tokenizer"].get("sha256"), template=manifest["chat_template"]["sha256"],
+               sources=[s["sha256"] for s in manifest["sources"]])
+    manifest["settings_sha256"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _earlier_output(out_dir: Path, manifest: dict[str, Any]) -> ConvertResult | None:
+    """The complete output already there when it was made with the same settings; refuse other settings.
+    None: convert (no readable manifest, or damaged shards)."""
+    try:
+        old = read_manifest(out_dir)
+    except ShardError:
+        return None
+    if old.get("settings_sha256") == manifest["settings_sha256"]:
+        try:
+            verify_shards(out_dir, old)
+            return ConvertResult(old, True, out_dir)
+        except ShardError:
+            return None  # damaged: rebuild
+    raise InputError(f"{out_dir}: holds shards made with other settings ({_settings_diff(old, manifest)}); "
+                     "pass --overwrite to replace them, or choose another --out")
+
+
 def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = ("tokenizer.sha256", "chat_template.sha256", "sources", "settings")
     diffs = []
@@ -298,296 +448,15 @@ def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(diffs) or "settings hash"
 
 
-def _staging_dir(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.partial"
-
-
-def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_length: int | None = None,
-            max_prompt_length: int | None = None, length_policy: str = "drop", chat_template: str | None = None,
-            eval_fraction: float = 0.0, eval_file: str | None = None, shard_rows: int = 50_000, num_proc: int = 1,
-            on_error: str = "fail", seed: int = 0, overwrite: bool = False, input_format: str = "auto",
-            train_on: str = "all", progress: bool = False, trust_remote_code: bool = False,
-            rejects: str | None = None, fast_tokenize: bool = True) -> ConvertResult:
-    """Convert raw files into shards in `out_dir` (see docs/SHARDS.md). Library entry point of the CLI."""
-    global _ENCODER
-    from aligndata.encode.tokenizer import load_tokenizer, resolve_chat_template, tokenizer_identity
-    from aligndata.encode.encoder import Encoder
-
-    _check_options(task, length_policy, train_on, eval_fraction, eval_file, num_proc, shard_rows, on_error,
-                   max_length, max_prompt_length)
-    check_format_option(input_format)
-    out_dir = Path(out_dir)
-    if not inputs:
-        raise InputError("no input files")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists() \
-            and not (out_dir / INCOMPLETE).exists():
-        raise InputError(f"{out_dir}: directory is not empty and was not written by aligndata; choose another --out")
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tok = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
-    template = resolve_chat_template(tok, chat_template)
-    # fast_tokenize changes how, not what: it is not part of the settings (the shards are identical).
-    encoder_kwargs = dict(max_length=max_length, max_prompt_length=max_prompt_length, length_policy=length_policy,
-                          train_on=train_on, fast_tokenize=fast_tokenize)
-    settings = {"max_length": max_length, "max_prompt_length": max_prompt_length, "length_policy": length_policy,
-                "train_on": train_on if task == "sft" else None, "eval_fraction": eval_fraction,
-                "eval_file": eval_file is not None, "seed": seed, "shard_rows": shard_rows,
-                "input_format": input_format}
-
-    roles = [(p, "train") for p in inputs] + ([(eval_file, "eval")] if eval_file else [])
-    workers = None
-    try:
-        with _materialize_all([p for p, _ in roles]) as real_paths:
-            sources = []
-            for (path, role), real in zip(roles, real_paths):
-                name = display_name(path)
-                sources.append({"path": name, "sha256": _source_sha256(real, name), "role": role})
-            earlier = (out_dir / MANIFEST).exists() and not overwrite  # an output to compare the settings with
-            identity_job = None
-            if num_proc > 1:
-                try:
-                    _ENCODER = Encoder(tok, template, **encoder_kwargs)
-                except Exception:
-                    pass  # raised again below, in its usual place
-                else:
-                    workers = _start_workers(num_proc, tokenizer, chat_template, trust_remote_code, encoder_kwargs)
-                    if not earlier:
-                        # Nothing to compare with before converting: a worker hashes the tokenizer (its first
-                        # job, ~0.2 s for a 150k vocabulary) while this process starts on the records.
-                        identity_job = workers.submit(_identity, (tokenizer,))
-            manifest: dict[str, Any] = {
-                "format_version": FORMAT_VERSION,
-                "task": task,
-                "created_by": f"aligndata {__version__}",
-                "tokenizer": tokenizer_identity(tok, tokenizer) if identity_job is None else None,
-                "chat_template": {"source": template.source, "sha256": template.sha256},
-                "settings": settings,
-                "sources": sources,
-                "settings_sha256": None,
-            }
-            if identity_job is None:
-                _settings_sha256(manifest)
-
-            if earlier:
-                try:
-                    old = read_manifest(out_dir)
-                except ShardError:
-                    old = None
-                if old is not None and old.get("settings_sha256") == manifest["settings_sha256"]:
-                    try:
-                        verify_shards(out_dir, old)
-                        return ConvertResult(old, True, out_dir)
-                    except ShardError:
-                        pass  # damaged: rebuild
-                elif old is not None:
-                    raise InputError(f"{out_dir}: holds shards made with other settings "
-                                     f"({_settings_diff(old, manifest)}); "
-                                     "pass --overwrite to replace them, or choose another --out")
-
-            staging = _staging_dir(out_dir)
-            if staging.exists():
-                if not (staging / INCOMPLETE).exists():
-                    raise InputError(f"{staging}: exists and is not an unfinished aligndata output; remove it")
-                shutil.rmtree(staging)
-            prepare_output(staging)
-            rejects_path = Path(rejects) if rejects else out_dir / "rejects.jsonl"
-            staged_rejects = Path(rejects) if rejects else staging / "rejects.jsonl"
-
-            if _ENCODER is None:
-                _ENCODER = Encoder(tok, template, **encoder_kwargs)
-            if num_proc > 1 and workers is None:
-                workers = _start_workers(num_proc, tokenizer, chat_template, trust_remote_code, encoder_kwargs)
-            writer = ShardWriter(staging, task, shard_rows)
-            reject_sink = AtomicOutput(staged_rejects) if on_error == "skip" else None
-            bar = FileProgress(progress)
-            stats = _Stats(task)
-            counts = {"read": 0, "kept": 0, "rejected": Counter(), "dropped": Counter(), "truncated": Counter()}
-            try:
-                for src_i, ((path, role), real) in enumerate(zip(roles, real_paths)):
-                    _convert_file(path, real, role, src_i, sources[src_i], task, input_format, workers, writer, stats,
-                                  counts, reject_sink, on_error, eval_fraction, seed, bar)
-                if identity_job is not None:
-                    manifest["tokenizer"] = identity_job.get()
-                    _settings_sha256(manifest)
-                bar.close()
-                manifest["splits"] = writer.close()
-                if reject_sink is not None:
-                    reject_sink.commit()
-                if not manifest["splits"]:
-                    # Name the inputs and where the reasons went: the summary table is never printed on this path.
-                    names = ", ".join(display_name(p) for p, _ in roles)
-                    reasons = f"; the reasons are in {staged_rejects}" if reject_sink is not None else ""
-                    raise InputError(f"{names}: no records were kept, nothing to write (read {counts['read']}, "
-                                     f"rejected {sum(counts['rejected'].values())}, "
-                                     f"dropped {sum(counts['dropped'].values())}){reasons}")
-            except BaseException:
-                bar.close()
-                if reject_sink is not None:
-                    reject_sink.abort()
-                raise
-    finally:
-        if workers is not None:
-            workers.terminate()
-        _ENCODER = None
-
-    kept = counts["kept"]
-    manifest["counts"] = {
-        "read": counts["read"], "kept": kept, "rejected": dict(counts["rejected"]),
-        "dropped": dict(counts["dropped"]), "truncated": dict(counts["truncated"]),
-    }
-    manifest["stats"] = stats.to_json()
-    for split, info in manifest["splits"].items():
-        manifest["stats"].setdefault(split, {})["tokens"] = info["tokens"]
-    manifest["reference"] = None
-    finish_output(staging, manifest)
-    _commit(staging, out_dir)
-    return ConvertResult(manifest, False, out_dir, rejects_path if on_error == "skip" else None)
-
-
-def _start_workers(num_proc: int, tokenizer: str, chat_template: str | None, trust_remote_code: bool,
-                   encoder_kwargs: dict[str, Any]) -> WorkerGroup:
-    """num_proc - 1 workers: the main process encodes too (see workers.ordered). The processes share
-    the pieces their piece caches learn, so each common piece is tokenized by the library once."""
-    return WorkerGroup(num_proc - 1, _init_worker, (tokenizer, chat_template, trust_remote_code, encoder_kwargs),
-                       exchange=(_export_pieces, _import_pieces))
-
-
-def _identity(spec: str) -> dict[str, Any]:
-    """tokenizer_identity of this worker's tokenizer (the main process's own, inherited or loaded alike)."""
-    from aligndata.encode.tokenizer import tokenizer_identity
-
-    return tokenizer_identity(_ENCODER.tokenizer, spec)
-
-
-def _settings_sha256(manifest: dict[str, Any]) -> None:
-    """What decides whether an earlier output can stand: the task, the settings and every input's hash."""
-    key = {k: manifest[k] for k in ("task", "settings")}
-    key.update(tokenizer=manifest["tokenizer"].get("sha256"), template=manifest["chat_template"]["sha256"],
-               sources=[s["sha256"] for s in manifest["sources"]])
-    manifest["settings_sha256"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
-
-def _export_pieces() -> dict[str, Any]:
-    return _ENCODER.learnt_pieces() if _ENCODER is not None else {}
-
-
-def _import_pieces(pieces: dict[str, Any]) -> None:
-    if _ENCODER is not None:
-        _ENCODER.add_pieces(pieces)
-
-
-def _source_sha256(path: str, name: str) -> str:
-    """sha256 of one input; a missing file or a directory is a usage error naming it (exit 2), as in the reader."""
-    p = require_file(path, name)
-    try:
-        return sha256_file(p)
-    except OSError as e:
-        raise InputError(f"{name}: cannot read ({e.strerror})") from None
-
-
-def _convert_file(path: str, real: str, role: str, src_i: int, source: dict[str, Any], task: str,
-                  input_format: str, workers: Any, writer: ShardWriter, stats: _Stats, counts: dict[str, Any],
-                  reject_sink: AtomicOutput | None, on_error: str, eval_fraction: float, seed: int,
-                  bar: FileProgress) -> None:
-    name = display_name(path)
-    auto = input_format == "auto"
-    # --format auto: the format of the first record that has one; every record is checked against it on the
-    # way (job[6]), and a file that turns out mixed is then read whole for the error that describes it.
-    fmt = start_format(real, name, input_format)
-    try:
-        require_task(name, fmt, task, task)
-    except InputError:
-        if auto:
-            refuse_if_mixed(real, name)
-        raise
-    source["format"] = fmt
-    source["records"] = 0
-    with RecordStream(real, name) as stream:
-        bar.start_file(stream, name)
-        if stream.mode == "lines":  # the workers parse the lines: the main process only reads bytes
-            jobs: Iterator[tuple] = ((name, fmt, task, on_error, "lines", chunk, auto)
-                                     for chunk in _line_chunks(stream.raw_lines(), CHUNK, CHUNK_BYTES))
-        else:
-            jobs = ((name, fmt, task, on_error, "records", chunk, auto) for chunk in _chunks(stream, CHUNK))
-        results = ordered(workers, _work, jobs) if workers is not None else map(_work, jobs)
-        for res in results:
-            if res.mismatch:
-                refuse_if_mixed(real, name)
-                raise InputError(f"{name}: changed while it was being converted")
-            counts["read"] += res.records
-            source["records"] += res.records
-            bar.update(res.records)
-            done = 0  # kept rows of this chunk written so far
-            for other in res.others:
-                if other.kept_before > done:
-                    _write_kept(res, done, other.kept_before, role, src_i, source, seed, eval_fraction, writer, stats)
-                    done = other.kept_before
-                if other.kind == "drop":
-                    counts["dropped"][other.reason] += 1
-                    continue
-                if on_error != "skip" or other.fatal:
-                    raise InvalidRecordError(other.problems)
-                counts["rejected"][other.problems[0].kind] += 1
-                reject_sink.write(other.reject_line)
-            if len(res.index) > done:
-                _write_kept(res, done, len(res.index), role, src_i, source, seed, eval_fraction, writer, stats)
-            counts["kept"] += len(res.index)
-            for _, how in res.truncated:
-                counts["truncated"][how] += 1
-
-
-def _write_kept(res: _Result, start: int, stop: int, role: str, src_i: int, source: dict[str, Any], seed: int,
-                eval_fraction: float, writer: ShardWriter, stats: _Stats) -> None:
-    """Kept rows start..stop of a chunk to their splits' shards and stats."""
-    index = res.index[start:stop]
-    if role == "eval":
-        splits = [("eval", None)]
-    elif eval_fraction <= 0:
-        splits = [("train", None)]
-    else:
-        in_eval = np.fromiter((_in_eval(seed, source["sha256"], int(i), eval_fraction) for i in index),
-                              dtype=bool, count=len(index))
-        splits = [("train", ~in_eval), ("eval", in_eval)]
-    offsets = {col: np.concatenate(([0], np.cumsum(lengths))) for col, (_, lengths) in res.columns.items()}
-    for split, mask in splits:
-        rows = np.arange(start, stop) if mask is None else np.arange(start, stop)[mask]
-        if not len(rows):
-            continue
-        columns: dict[str, Any] = {}
-        for col, (values, lengths) in res.columns.items():
-            off = offsets[col]
-            if mask is None or mask.all():
-                columns[col] = (values[off[start]:off[stop]], lengths[start:stop])
-            else:
-                columns[col] = (np.concatenate([values[off[i]:off[i + 1]] for i in rows]), lengths[rows])
-        stats.add(split, columns)
-        columns["source"] = np.full(len(rows), src_i, dtype=np.int64)
-        columns["source_index"] = res.index[rows]
-        writer.write_columns(split, columns, len(rows))
-
-
-class _materialize_all:
-    """Context manager: every input as a real path (stdin copied once to a temporary file)."""
-
-    def __init__(self, paths: list[str]):
-        self.paths = paths
-        self._cms: list[Any] = []
-
-    def __enter__(self) -> list[str]:
-        if self.paths.count("-") > 1:
-            raise InputError("standard input (-) can be given only once")
-        out = []
-        for p in self.paths:
-            cm = materialized(p)
-            out.append(cm.__enter__())
-            self._cms.append(cm)
-        return out
-
-    def __exit__(self, *exc: Any) -> None:
-        for cm in reversed(self._cms):
-            cm.__exit__(*exc)
+def _fresh_staging(out_dir: Path) -> Path:
+    """The empty staging directory `.OUT.partial` beside OUT, marked incomplete (an unfinished run's is removed)."""
+    staging = out_dir.parent / f".{out_dir.name}.partial"
+    if staging.exists():
+        if not (staging / INCOMPLETE).exists():
+            raise InputError(f"{staging}: exists and is not an unfinished aligndata output; remove it")
+        shutil.rmtree(staging)
+    prepare_output(staging)
+    return staging
 
 
 def _commit(staging: Path, out_dir: Path) -> None:

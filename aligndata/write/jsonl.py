@@ -9,17 +9,17 @@ killed run leaves the previous output untouched.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Iterator
+from typing import Iterator
 
 from aligndata.errors import InputError, InvalidRecordError
+from aligndata.options import check_on_error
 from aligndata.progress import FileProgress
 from aligndata.read.detect import require_task
 from aligndata.read.validate import Checked, FileCheck, read_records
+from aligndata.write.atomic import AtomicOutput
 
 TARGET_TASK = {"openai": "sft", "preference": "dpo"}
 
@@ -31,10 +31,6 @@ class Counts:
     rejected: int = 0
     reasons: Counter = field(default_factory=Counter)
     formats: dict[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {"read": self.read, "written": self.written, "rejected": self.rejected,
-                "rejected_by_reason": dict(self.reasons), "formats": self.formats}
 
 
 def reject_line(checked: Checked, file: str) -> str:
@@ -51,52 +47,6 @@ def reject_line(checked: Checked, file: str) -> str:
     else:
         entry["text"] = raw.text
     return json.dumps(entry, ensure_ascii=False, allow_nan=True)
-
-
-class AtomicOutput:
-    """A text file written under a temporary name and renamed over `path` on commit()."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_orphans(self.path)
-        self.f: IO[str] = open(self.tmp, "w", encoding="utf-8")
-
-    def write(self, line: str) -> None:
-        self.f.write(line)
-        self.f.write("\n")
-
-    def commit(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        if not self.f.closed:
-            self.f.close()
-        if self.tmp.exists():
-            self.tmp.unlink()
-
-
-def _remove_orphans(path: Path) -> None:
-    """Delete temporary files that killed runs left beside `path` (their process is gone)."""
-    for tmp in path.parent.glob(f".{path.name}.partial-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # a live process of another user
-
-
-def check_on_error(on_error: str) -> None:
-    if on_error not in ("fail", "skip"):
-        raise InputError(f"--on-error {on_error!r}: choose fail or skip")
 
 
 def iter_inputs(inputs: list[str], input_format: str, progress: FileProgress,

@@ -18,10 +18,12 @@ import json
 import os
 import shutil
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
+
+from aligndata.write.atomic import atomic_write_text, fsync_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -75,30 +77,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory, fsync, then rename over the target."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
@@ -320,7 +298,7 @@ def prepare_output(out_dir: Path) -> None:
         clear_output(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INCOMPLETE).write_text("conversion in progress or interrupted; re-run to complete\n")
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
 
 
 def clear_output(out_dir: Path) -> None:
@@ -343,7 +321,7 @@ def finish_output(out_dir: Path, manifest: dict[str, Any]) -> None:
     marker = Path(out_dir) / INCOMPLETE
     if marker.exists():
         marker.unlink()
-    _fsync_dir(Path(out_dir))
+    fsync_dir(Path(out_dir))
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -411,8 +389,3 @@ def open_split(out_dir: str | Path, split: str, manifest: dict[str, Any] | None 
             raise ShardError(f"{path}: not a readable Arrow shard ({e})") from None
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
-
-def iter_rows(table: pa.Table, indices: Iterable[int]) -> Iterator[dict[str, Any]]:
-    """Rows by index as Python dicts (the training loader's access path)."""
-    for i in indices:
-        yield {name: col[i].as_py() for name, col in zip(table.column_names, table.columns)}

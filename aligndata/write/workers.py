@@ -47,7 +47,7 @@ def _pipe_capacity(conn: Any) -> int:
 
 
 def _worker_main(jobs: Any, results: Any, initializer: Callable[..., None] | None, initargs: tuple,
-                 exchange: "tuple[Callable[[], Any], Callable[[Any], None]] | None") -> None:
+                 exchange: "tuple[Callable[..., Any], Callable[..., None]] | None", state: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops us
     try:
         if initializer is not None:
@@ -65,11 +65,16 @@ def _worker_main(jobs: Any, results: Any, initializer: Callable[..., None] | Non
         seq, fn, args, shared = pickle.loads(message)
         try:
             for payload in shared:
-                exchange[1](payload)
-            out = (seq, True, fn(*args))
+                _call(exchange[1], state, (payload,))
+            out = (seq, True, _call(fn, state, args))
         except BaseException as e:  # noqa: BLE001 - raised again in the main process, in its turn
             out = (seq, False, e)
-        _send(results, out + (exchange[0]() if exchange is not None else None,))
+        _send(results, out + (_call(exchange[0], state, ()) if exchange is not None else None,))
+
+
+def _call(fn: Callable[..., Any], state: Any, args: tuple) -> Any:
+    """fn(*args), or fn(state, *args) in a group that has a state."""
+    return fn(*args) if state is None else fn(state, *args)
 
 
 def _send(conn: Any, out: tuple) -> None:
@@ -99,24 +104,14 @@ class Ticket:
         return self.value
 
 
-def run_here(fn: Callable[..., Any], *args: Any) -> Ticket:
-    """Run fn in this process now; its result or exception as a Ticket (the exception is raised by get)."""
-    ticket = Ticket(None)
-    try:
-        ticket.value, ticket.ok = fn(*args), True
-    except Exception as e:  # noqa: BLE001 - raised when its turn comes, as a worker's would be
-        ticket.value = e
-    ticket.done = True
-    return ticket
-
-
 class _Worker:
-    def __init__(self, ctx: Any, initializer: Callable[..., None] | None, initargs: tuple, exchange: Any):
+    def __init__(self, ctx: Any, initializer: Callable[..., None] | None, initargs: tuple, exchange: Any,
+                 state: Any):
         job_r, self.jobs = ctx.Pipe(duplex=False)
         self.results, result_w = ctx.Pipe(duplex=False)
         self.capacity = min(_pipe_capacity(self.jobs), _pipe_capacity(self.results))
-        self.process = ctx.Process(target=_worker_main, args=(job_r, result_w, initializer, initargs, exchange),
-                                   daemon=True)
+        self.process = ctx.Process(target=_worker_main,
+                                   args=(job_r, result_w, initializer, initargs, exchange, state), daemon=True)
         self.process.start()
         job_r.close()
         result_w.close()
@@ -126,24 +121,34 @@ class _Worker:
 
 
 class WorkerGroup:
-    """n worker processes; jobs are (function, args) with picklable, module-level functions.
+    """n worker processes; jobs are (function, args), the functions picklable by name (module-level
+    functions, or functions of module-level classes such as ChunkEncoder.encode).
+
+    `initializer(*initargs)` runs first in every worker.
+
+    `state`, when given, is the object the jobs work with (convert: the encoder): every job runs as
+    fn(state, *args), in this process with `state` itself and in a worker with its copy. A forked worker
+    starts with this process's memory, so its copy costs nothing; a spawned one unpickles it (the
+    state's class decides what that sends).
 
     `exchange`, a pair of module-level functions (export, import), shares state that makes work faster
     but does not change results (convert: the piece cache). After each job a worker calls export(); the
     main process imports a non-empty export itself and queues it for every other worker, which imports
     it before its next job. After a job done in the main process (`ordered`), its export is queued too.
+    With a `state`, both take it first: export(state), import(state, payload).
     """
 
     def __init__(self, n: int, initializer: Callable[..., None] | None = None, initargs: tuple = (),
-                 exchange: tuple[Callable[[], Any], Callable[[Any], None]] | None = None):
+                 exchange: tuple[Callable[..., Any], Callable[..., None]] | None = None, state: Any = None):
         self._exchange = exchange
+        self.state = state
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         ctx = mp.get_context(method)
         self.workers: list[_Worker] = []
         self._seq = 0
         try:
             for _ in range(n):
-                self.workers.append(_Worker(ctx, initializer, initargs, exchange))
+                self.workers.append(_Worker(ctx, initializer, initargs, exchange, state))
         except BaseException:
             self.terminate()
             raise
@@ -197,8 +202,21 @@ class WorkerGroup:
             worker.bytes -= size
             ticket.ok, ticket.value, ticket.done = ok, value, True
             if exported:
-                self._exchange[1](exported)
+                _call(self._exchange[1], self.state, (exported,))
                 self.share(exported, but=worker)
+
+    def run_here(self, fn: Callable[..., Any], *args: Any) -> Ticket:
+        """Do a job in this process now (with this process's state) and queue what it exported for the
+        workers; its result or exception as a Ticket (the exception is raised by get, in its turn)."""
+        ticket = Ticket(None)
+        try:
+            ticket.value, ticket.ok = _call(fn, self.state, args), True
+        except Exception as e:  # noqa: BLE001 - raised when its turn comes, as a worker's would be
+            ticket.value = e
+        ticket.done = True
+        if self._exchange is not None:
+            self.share(_call(self._exchange[0], self.state, ()))
+        return ticket
 
     def share(self, exported: Any, but: _Worker | None = None) -> None:
         """Queue an export for import() in every worker (except `but`, where it came from)."""
@@ -240,9 +258,7 @@ def ordered(group: WorkerGroup, fn: Callable[[Any], Any], jobs: Iterable[Any], d
     for job in jobs:
         ticket = group.submit(fn, (job,), depth)
         if ticket is None:
-            ticket = run_here(fn, job)
-            if group._exchange is not None:
-                group.share(group._exchange[0]())
+            ticket = group.run_here(fn, job)
         pending.append(ticket)
         group.collect()
         while pending and (pending[0].ready() or len(pending) >= limit):
