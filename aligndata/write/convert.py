@@ -104,7 +104,7 @@ def _raw_records(job: tuple) -> list[RawRecord]:
 
 def _work(job: tuple) -> _Result:
     """Parse a chunk (JSON Lines arrive as raw lines), check it, encode the valid records in one batch."""
-    from aligndata.encode.encoder import EncodeError
+    from aligndata.encode.results import EncodeError
 
     name, fmt_name, task, on_error = job[:4]
     fmt = FORMATS[fmt_name]
@@ -147,7 +147,8 @@ def _init_worker(spec: str, chat_template: str | None, trust_remote_code: bool, 
     global _ENCODER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if _ENCODER is None:  # spawn start method: build it here; with fork it was inherited
-        from aligndata.encode.tokenizer import load_tokenizer, resolve_chat_template
+        from aligndata.encode.template import resolve_chat_template
+        from aligndata.encode.tokenizer import load_tokenizer
         from aligndata.encode.encoder import Encoder
 
         tok = load_tokenizer(spec, trust_remote_code=trust_remote_code)
@@ -309,7 +310,8 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, *, max_
             rejects: str | None = None, fast_tokenize: bool = True) -> ConvertResult:
     """Convert raw files into shards in `out_dir` (see docs/SHARDS.md). Library entry point of the CLI."""
     global _ENCODER
-    from aligndata.encode.tokenizer import load_tokenizer, resolve_chat_template, tokenizer_identity
+    from aligndata.encode.template import resolve_chat_template
+    from aligndata.encode.tokenizer import load_tokenizer, tokenizer_identity
     from aligndata.encode.encoder import Encoder
 
     _check_options(task, length_policy, train_on, eval_fraction, eval_file, num_proc, shard_rows, on_error,
