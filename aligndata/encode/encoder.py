@@ -94,7 +94,8 @@ class Encoder:
         messages = [_as_dicts(conv.messages) for conv in convs]
         rendered = [_attempt(render_sft, self._renderer, m, conv.tools or None, self.train_on)
                     for m, conv in zip(messages, convs)]
-        tokens = iter(tokenize(self._backend, [r.text for r in rendered if not isinstance(r, EncodeError)], self._bos))
+        texts = [r.text for r in rendered if not isinstance(r, EncodeError)]
+        tokens = iter(tokenize(self._backend, texts, self._bos))
         return [r if isinstance(r, EncodeError) else _attempt(self._finish_sft, r, next(tokens), m, conv.tools or None)
                 for r, m, conv in zip(rendered, messages, convs)]
 
@@ -112,7 +113,9 @@ class Encoder:
 
     # ---- one record, after the batch's tokenizer call ---------------------------------------
 
-    def _finish_sft(self, rendered: RenderedSFT, tokens: Tokens, messages: list[dict], tools: list | None) -> EncodedSFT:
+    def _finish_sft(
+        self, rendered: RenderedSFT, tokens: Tokens, messages: list[dict], tools: list | None
+    ) -> EncodedSFT:
         return fit_sft(sft_mask(rendered, tokens), messages, lambda shorter: self._encode_sft(shorter, tools),
                        max_length=self.max_length, length_policy=self.length_policy)
 
