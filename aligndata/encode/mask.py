@@ -20,7 +20,7 @@ def sft_mask(rendered: RenderedSFT, tokens: Tokens) -> EncodedSFT:
     mask = [0] * len(tokens.ids)
     for i, start, upto in rendered.turns:
         body_end = _turn_end(tokens.text, trailer, upto, i)
-        first, stop = token_span(tokens, start, body_end, f"assistant message {i}")
+        first, stop = _token_span(tokens, start, body_end, f"assistant message {i}")
         mask[first:stop] = [1] * (stop - first)
     return EncodedSFT(tokens.ids, mask)
 
@@ -31,7 +31,7 @@ def dpo_split(rendered: RenderedDPO, chosen: Tokens, rejected: Tokens) -> Encode
     spans = []
     for name, tokens, with_prompt in zip(("chosen", "rejected"), (chosen, rejected), rendered.with_generation_prompt):
         body_end = len(tokens.text) - len(_trailer(tokens, with_prompt))
-        spans.append(token_span(tokens, cut, body_end, f"the {name} completion"))
+        spans.append(_token_span(tokens, cut, body_end, f"the {name} completion"))
     (c_first, c_stop), (r_first, r_stop) = spans
     prompt_ids = chosen.ids[:c_first]
     if rejected.ids[:r_first] != prompt_ids:
@@ -43,7 +43,7 @@ def dpo_split(rendered: RenderedDPO, chosen: Tokens, rejected: Tokens) -> Encode
     return EncodedDPO(prompt_ids, chosen.ids[c_first:c_stop], rejected.ids[r_first:r_stop])
 
 
-def token_span(tokens: Tokens, start: int, body_end: int, what: str) -> tuple[int, int]:
+def _token_span(tokens: Tokens, start: int, body_end: int, what: str) -> tuple[int, int]:
     """Token indices [first, stop) of chars [start, body_end) less trailing whitespace; both must be boundaries."""
     first = tokens.boundary(start)
     if first is None and tokens.token_at(start) is None and not tokens.text[start:start + 1].isspace():

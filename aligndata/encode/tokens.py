@@ -54,7 +54,7 @@ class Tokens:
         return f"token {index} {self.text[start:end]!r} (chars {start}-{end}) straddles char {pos} ({around})"
 
 
-class SharedTokens(Tokens):
+class _SharedTokens(Tokens):
     """prompt+rejected as the chosen side's tokens before char `split` plus the tail tokenized from there."""
 
     __slots__ = ("_prefix", "_split", "_reused")
@@ -118,7 +118,7 @@ def tokenize_sharing_prompt(
         if reused == 0:
             out.append(Tokens(pair.texts[1], encoding, _bos_for(pair.texts[1], bos)))
         else:
-            out.append(SharedTokens(pair.texts[1], tokens, split, reused, encoding))
+            out.append(_SharedTokens(pair.texts[1], tokens, split, reused, encoding))
     return out
 
 
