@@ -28,9 +28,9 @@ checked where it is not provable up front:
   never cached, and texts holding it go to the library.
 - Spot checks: the first 32 texts and every 128th after are also tokenized by the library and compared,
   ids and offsets; a difference stops the run with `TokenizerMismatch` naming the text. The checks are
-  a sample: they are there to catch a case the guards above missed (tests/test_fasttok.py compares every
-  text of its random and real corpora, and none differs). `--no-fast-tokenize` (convert) uses the
-  library for every text.
+  a sample: they are there to catch a case the guards above missed (tests/aligndata/test_fasttok.py
+  compares every text of its random and real corpora, and none differs). `--no-fast-tokenize` (convert)
+  uses the library for every text.
 
 Where pieces rarely repeat (Chinese or Japanese sentences are single pieces) the cache costs more than
 it saves; batch after batch of mostly new pieces sends the next batches straight to the library.
@@ -134,7 +134,7 @@ def _unsplit(text: str) -> list[str]:
 
 
 class PieceTokenizer:
-    """Drop-in for the `encode_batch(texts, add_special_tokens=False)` of a `tokenizers.Tokenizer`."""
+    """A `tokenizers.Tokenizer` behind a piece cache, as the encoder calls it (tokenizer.TokenizerBackend)."""
 
     def __init__(self, backend: Any, pattern: Any, form: str | None, added: list[tuple[int, str, bool]]):
         self.backend = backend
@@ -164,8 +164,178 @@ class PieceTokenizer:
         self._probe(ascii_chars)
         self._ascii_ok = self._safe.issuperset(ascii_chars)
 
-    def __getattr__(self, name: str) -> Any:  # everything else is the library's
-        return getattr(self.backend, name)
+    # ---- the encoder's interface (tokenizer.TokenizerBackend) ---------------------------------
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[Any]:
+        """The library's ids and offsets for `texts`, as PieceEncodings where the cache can serve a text.
+
+        Steps: split each text into pieces (added tokens split off, normal form and characters checked,
+        pre-tokenized) and look them up; tokenize the unseen pieces with the library, each alone; assemble
+        each text's encoding from its pieces; the library tokenizes the texts a guard refused; spot-check.
+        """
+        if add_special_tokens:
+            return self.backend.encode_batch(texts, add_special_tokens=True)
+        if self._bypass > 0:
+            return self._bypassed(texts)
+        plans, library, missing, total = self._look_up(texts)
+        if missing:
+            self._learn_batch(missing, total)
+        out = self._assemble(plans, library, len(texts))
+        self._library_encode(texts, library, out)
+        self._spot_check(texts, out, set(library))
+        return out
+
+    def get_added_tokens_decoder(self) -> dict[int, Any]:
+        return self.backend.get_added_tokens_decoder()
+
+    # ---- encode_batch, step by step -----------------------------------------------------------
+
+    def _bypassed(self, texts: list[str]) -> list[Any]:
+        """The whole batch through the library, while the cache is not paying off (see _learn_batch)."""
+        self._bypass -= 1
+        self.texts += len(texts)
+        self.bypassed += len(texts)
+        return self.backend.encode_batch(texts, add_special_tokens=False)
+
+    def _look_up(self, texts: list[str]) -> tuple[list[tuple[int, list[str], list[Any]]], list[int], set[str], int]:
+        """Split every text into pieces and look them up: (index, pieces, cache entries with None where
+        missing) per text the cache can serve, the indices of the others, the missing pieces, the pieces."""
+        plans: list[tuple[int, list[str], list[Any]]] = []
+        library: list[int] = []
+        missing: set[str] = set()
+        get = self._ids.get
+        total = 0
+        for i, text in enumerate(texts):
+            pieces = self._pieces(text)
+            if pieces is None:
+                library.append(i)
+                continue
+            total += len(pieces)
+            entries = list(map(get, pieces))
+            if None in entries:
+                missing.update(pieces)
+            plans.append((i, pieces, entries))
+        return plans, library, missing, total
+
+    def _pieces(self, text: str) -> list[str] | None:
+        """The pre-tokenized pieces of `text` with its added tokens, or None where the library must do it."""
+        ascii_text = text.isascii()
+        if not (ascii_text and self._ascii_ok) and not self._chars_ok(text):
+            return None
+        check_form = self._form is not None and not ascii_text
+        segments = [text] if self._split_raw is None else self._split_raw(text)
+        if len(segments) == 1 and self._split_normalized is None and not check_form:
+            return self._findall(text)
+        pieces: list[str] = []
+        findall = self._findall
+        split_normalized = self._split_normalized or _unsplit
+        for k, segment in enumerate(segments):  # odd places: an added token, split off the raw text
+            if k & 1:
+                pieces.append(segment)
+            elif segment:
+                if check_form and not unicodedata.is_normalized(self._form, segment):
+                    return None
+                for k2, part in enumerate(split_normalized(segment)):  # the same for normalized added tokens
+                    if k2 & 1:
+                        pieces.append(part)
+                    elif part:
+                        pieces += findall(part)
+        return pieces
+
+    def _learn_batch(self, missing: set[str], total: int) -> None:
+        """Learn the batch's new pieces; after batches of mostly new pieces, bypass the cache for a while."""
+        ids, bad = self._ids, self._bad_pieces
+        new = {p for p in missing if p not in ids and p not in bad}
+        self._learn(new)
+        if len(new) > MISS_LIMIT * total and len(new) > 64:
+            # Text that rarely repeats a piece (Chinese sentences are single pieces): when the cache
+            # keeps missing, the library takes the next batches whole, more of them each time.
+            self._misses += 1
+            if self._misses >= MISSED_BATCHES:
+                self._bypass = BYPASS_BATCHES << min(self._misses - MISSED_BATCHES, 4)
+        else:
+            self._misses = 0
+
+    def _learn(self, missing: set[str]) -> None:
+        """Tokenize unseen pieces with the library, each alone; cache those the library keeps whole.
+
+        The pieces go in as one text joined by an added token: the library splits on added tokens
+        before anything else and pre-tokenizes and tokenizes each part alone, so this is each piece
+        alone, in one call (one Encoding, not one per piece). A piece whose tokens carry more than
+        one word index was pre-tokenized further when alone and is never cached."""
+        if len(self._ids) + len(missing) > CACHE_LIMIT:
+            self._ids = dict(self._added_ids)
+            self._spans = dict(self._added_spans)
+            self._learnt = []
+        pieces = sorted(missing)
+        if self._separator is None:
+            parts = [(e.ids, e.offsets, e.word_ids) for e in self.backend.encode_batch(pieces, add_special_tokens=False)]
+        else:
+            parts = self._encode_joined(pieces)
+        ids_cache, spans_cache, bad = self._ids, self._spans, self._bad_pieces
+        for piece, (ids, offsets, words) in zip(pieces, parts):
+            if words and words[0] != words[-1]:
+                bad.add(piece)
+                continue
+            ids_cache[piece] = tuple(ids)
+            spans_cache[piece] = tuple(offsets)
+            self._learnt.append(piece)
+
+    def _encode_joined(self, pieces: list[str]) -> list[tuple[list[int], list[tuple[int, int]], list[int]]]:
+        sep, sep_id = self._separator
+        encoding = self.backend.encode(sep.join(pieces), add_special_tokens=False)
+        ids, offsets, words = encoding.ids, encoding.offsets, encoding.word_ids
+        out = []
+        t, n, start = 0, len(ids), 0
+        for piece in pieces:
+            end = start + len(piece)
+            first = t
+            while t < n and offsets[t][0] < end:
+                t += 1
+            out.append((ids[first:t], [(a - start, b - start) for a, b in offsets[first:t]], words[first:t]))
+            if t < n:  # the separator token
+                if ids[t] != sep_id or offsets[t] != (end, end + len(sep)):
+                    raise TokenizerMismatch(f"internal check failed: the added token {sep!r} did not separate the "
+                                            "pieces; rerun with --no-fast-tokenize, and please report this")
+                t += 1
+            start = end + len(sep)
+        return out
+
+    def _assemble(self, plans: list[tuple[int, list[str], list[Any]]], library: list[int], n: int) -> list[Any]:
+        """A PieceEncoding per planned text from the cache; a text with a piece the library would split
+        when alone (never cached) joins `library`."""
+        out: list[Any] = [None] * n
+        get = self._ids.get  # after _learn: an emptied cache is a new dict
+        for i, pieces, entries in plans:
+            if None in entries:
+                entries = list(map(get, pieces))
+                if None in entries:
+                    library.append(i)
+                    continue
+            out[i] = PieceEncoding(list(chain.from_iterable(entries)), pieces, entries, self._spans)
+        return out
+
+    def _library_encode(self, texts: list[str], library: list[int], out: list[Any]) -> None:
+        """The texts the guards or the cache sent to the library, in one call."""
+        if library:
+            for i, encoding in zip(library, self.backend.encode_batch([texts[i] for i in library],
+                                                                       add_special_tokens=False)):
+                out[i] = encoding
+        self.fallbacks += len(library)
+
+    def _spot_check(self, texts: list[str], out: list[Any], library: set[int]) -> None:
+        base = self.texts
+        self.texts += len(texts)
+        picked = [i for i in range(len(texts))
+                  if i not in library and (base + i < CHECK_FIRST or (base + i) % CHECK_EVERY == 0)]
+        if not picked:
+            return
+        self.checked += len(picked)
+        for i, reference in zip(picked, self.backend.encode_batch([texts[i] for i in picked], add_special_tokens=False)):
+            ours = out[i]
+            if ours.ids != reference.ids or ours.offsets != reference.offsets:
+                raise TokenizerMismatch(_describe_mismatch(texts[i], base + i + 1, ours, reference))
+
 
     # ---- guards -------------------------------------------------------------------------------
 
@@ -196,58 +366,6 @@ class PieceTokenizer:
         self._probe(chars)
         return chars <= self._safe
 
-    # ---- encoding -----------------------------------------------------------------------------
-
-    def _pieces(self, text: str) -> list[str] | None:
-        """The pre-tokenized pieces of `text` with its added tokens, or None where the library must do it."""
-        ascii_text = text.isascii()
-        if not (ascii_text and self._ascii_ok) and not self._chars_ok(text):
-            return None
-        check_form = self._form is not None and not ascii_text
-        segments = [text] if self._split_raw is None else self._split_raw(text)
-        if len(segments) == 1 and self._split_normalized is None and not check_form:
-            return self._findall(text)
-        pieces: list[str] = []
-        findall = self._findall
-        split_normalized = self._split_normalized or _unsplit
-        for k, segment in enumerate(segments):  # odd places: an added token, split off the raw text
-            if k & 1:
-                pieces.append(segment)
-            elif segment:
-                if check_form and not unicodedata.is_normalized(self._form, segment):
-                    return None
-                for k2, part in enumerate(split_normalized(segment)):  # the same for normalized added tokens
-                    if k2 & 1:
-                        pieces.append(part)
-                    elif part:
-                        pieces += findall(part)
-        return pieces
-
-    def _learn(self, missing: set[str]) -> None:
-        """Tokenize unseen pieces with the library, each alone; cache those the library keeps whole.
-
-        The pieces go in as one text joined by an added token: the library splits on added tokens
-        before anything else and pre-tokenizes and tokenizes each part alone, so this is each piece
-        alone, in one call (one Encoding, not one per piece). A piece whose tokens carry more than
-        one word index was pre-tokenized further when alone and is never cached."""
-        if len(self._ids) + len(missing) > CACHE_LIMIT:
-            self._ids = dict(self._added_ids)
-            self._spans = dict(self._added_spans)
-            self._learnt = []
-        pieces = sorted(missing)
-        if self._separator is None:
-            parts = [(e.ids, e.offsets, e.word_ids) for e in self.backend.encode_batch(pieces, add_special_tokens=False)]
-        else:
-            parts = self._encode_joined(pieces)
-        ids_cache, spans_cache, bad = self._ids, self._spans, self._bad_pieces
-        for piece, (ids, offsets, words) in zip(pieces, parts):
-            if words and words[0] != words[-1]:
-                bad.add(piece)
-                continue
-            ids_cache[piece] = tuple(ids)
-            spans_cache[piece] = tuple(offsets)
-            self._learnt.append(piece)
-
     # ---- sharing the cache between processes --------------------------------------------------
 
     def export_learnt(self) -> dict[str, tuple[tuple[int, ...], tuple[tuple[int, int], ...]]]:
@@ -267,91 +385,6 @@ class PieceTokenizer:
             if piece not in ids:
                 ids[piece] = piece_ids
                 spans[piece] = piece_spans
-
-    def _encode_joined(self, pieces: list[str]) -> list[tuple[list[int], list[tuple[int, int]], list[int]]]:
-        sep, sep_id = self._separator
-        encoding = self.backend.encode(sep.join(pieces), add_special_tokens=False)
-        ids, offsets, words = encoding.ids, encoding.offsets, encoding.word_ids
-        out = []
-        t, n, start = 0, len(ids), 0
-        for piece in pieces:
-            end = start + len(piece)
-            first = t
-            while t < n and offsets[t][0] < end:
-                t += 1
-            out.append((ids[first:t], [(a - start, b - start) for a, b in offsets[first:t]], words[first:t]))
-            if t < n:  # the separator token
-                if ids[t] != sep_id or offsets[t] != (end, end + len(sep)):
-                    raise TokenizerMismatch(f"internal check failed: the added token {sep!r} did not separate the "
-                                            "pieces; rerun with --no-fast-tokenize, and please report this")
-                t += 1
-            start = end + len(sep)
-        return out
-
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[Any]:
-        if add_special_tokens:
-            return self.backend.encode_batch(texts, add_special_tokens=True)
-        if self._bypass > 0:
-            self._bypass -= 1
-            self.texts += len(texts)
-            self.bypassed += len(texts)
-            return self.backend.encode_batch(texts, add_special_tokens=False)
-        out: list[Any] = [None] * len(texts)
-        library: list[int] = []
-        plans: list[tuple[int, list[str], list[Any]]] = []
-        missing: set[str] = set()
-        get = self._ids.get
-        total = 0
-        for i, text in enumerate(texts):
-            pieces = self._pieces(text)
-            if pieces is None:
-                library.append(i)
-                continue
-            total += len(pieces)
-            entries = list(map(get, pieces))
-            if None in entries:
-                missing.update(pieces)
-            plans.append((i, pieces, entries))
-        if missing:
-            ids, bad = self._ids, self._bad_pieces
-            new = {p for p in missing if p not in ids and p not in bad}
-            self._learn(new)
-            if len(new) > MISS_LIMIT * total and len(new) > 64:
-                # Text that rarely repeats a piece (Chinese sentences are single pieces): when the cache
-                # keeps missing, the library takes the next batches whole, more of them each time.
-                self._misses += 1
-                if self._misses >= MISSED_BATCHES:
-                    self._bypass = BYPASS_BATCHES << min(self._misses - MISSED_BATCHES, 4)
-            else:
-                self._misses = 0
-            get = self._ids.get
-        for i, pieces, entries in plans:
-            if None in entries:
-                entries = list(map(get, pieces))
-                if None in entries:  # a piece the library would split when alone
-                    library.append(i)
-                    continue
-            out[i] = PieceEncoding(list(chain.from_iterable(entries)), pieces, entries, self._spans)
-        if library:
-            for i, encoding in zip(library, self.backend.encode_batch([texts[i] for i in library],
-                                                                       add_special_tokens=False)):
-                out[i] = encoding
-        self.fallbacks += len(library)
-        self._spot_check(texts, out, set(library))
-        return out
-
-    def _spot_check(self, texts: list[str], out: list[Any], library: set[int]) -> None:
-        base = self.texts
-        self.texts += len(texts)
-        picked = [i for i in range(len(texts))
-                  if i not in library and (base + i < CHECK_FIRST or (base + i) % CHECK_EVERY == 0)]
-        if not picked:
-            return
-        self.checked += len(picked)
-        for i, reference in zip(picked, self.backend.encode_batch([texts[i] for i in picked], add_special_tokens=False)):
-            ours = out[i]
-            if ours.ids != reference.ids or ours.offsets != reference.offsets:
-                raise TokenizerMismatch(_describe_mismatch(texts[i], base + i + 1, ours, reference))
 
 
 def _describe_mismatch(text: str, number: int, ours: "PieceEncoding", reference: Any) -> str:

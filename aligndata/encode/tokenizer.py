@@ -1,10 +1,9 @@
-"""Tokenizer loading and chat-template resolution.
+"""Loading the tokenizer, what the manifest records about it, and the tokenizer the encoder calls.
 
-`load_tokenizer` turns the `--tokenizer` spec into a tokenizer, `resolve_chat_template` picks the
-Jinja text that renders records (the tokenizer's own, a built-in, or a file), and
-`tokenizer_identity` is what the manifest records so that training can refuse a different tokenizer.
-Rendering itself happens in `aligndata.encode.encoder`, with the template compiled by `compile_template`
-in the same sandboxed Jinja environment that `transformers` uses for `apply_chat_template`.
+`load_tokenizer` turns the `--tokenizer` spec into a tokenizer; `tokenizer_identity` is what the manifest
+records so that training can refuse a different tokenizer. The encoder does not call the `transformers`
+tokenizer: it calls the Rust tokenizer underneath (`offsets_backend`), through the small `TokenizerBackend`
+interface that fasttok's piece cache also implements, and adds the BOS itself (`bos_to_prepend`).
 """
 
 from __future__ import annotations
@@ -13,33 +12,16 @@ import hashlib
 import json
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-_BUILTIN_DIR = Path(__file__).parent / "builtin_templates"
-
-# name -> Jinja text; the files live in aligndata/builtin_templates/ and ship inside the wheel.
-BUILTIN_TEMPLATES: dict[str, str] = {
-    path.stem: path.read_text(encoding="utf-8") for path in sorted(_BUILTIN_DIR.glob("*.jinja"))
-}
-
 
 class TemplateError(Exception):
     """The tokenizer or chat template cannot be loaded or used (a usage error, not a data error)."""
-
-
-@dataclass
-class TemplateInfo:
-    """The chat template a conversion renders with, and where it came from."""
-
-    source: str  # "tokenizer" | "builtin:NAME" | "file:BASENAME"
-    text: str
-    sha256: str
 
 
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -61,7 +43,7 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> PreTrainedT
         if path.is_file() and path.name.endswith(".json"):
             return PreTrainedTokenizerFast(tokenizer_file=str(path))
     except Exception as exc:  # transformers raises many types; the user needs one line naming the spec
-        raise TemplateError(f"cannot load tokenizer {spec!r}: {_first_line(exc)}") from exc
+        raise TemplateError(f"cannot load tokenizer {spec!r}: {first_line(exc)}") from exc
     if path.is_file():
         raise TemplateError(
             f"cannot load tokenizer {spec!r}: a file must be a .gguf or a tokenizer.json; "
@@ -88,7 +70,7 @@ def _load_from_hub(name: str, trust_remote_code: bool) -> PreTrainedTokenizerBas
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise TemplateError(f"cannot load tokenizer {name!r} from the hub: {_first_line(exc)}") from exc
+        raise TemplateError(f"cannot load tokenizer {name!r} from the hub: {first_line(exc)}") from exc
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -105,83 +87,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: what a one-line usage error shows of it."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> TemplateInfo:
-    """Pick the template: None -> the tokenizer's own; a built-in name; or a path.
-
-    A path is a Jinja file, or a JSON file (such as a tokenizer_config.json) with a "chat_template" key.
-    The template is compiled here so that a syntax error is reported before any record is read.
-    """
-    if chat_template is None:
-        text = _tokenizer_template(tokenizer)
-        source = "tokenizer"
-    elif chat_template in BUILTIN_TEMPLATES:
-        text = BUILTIN_TEMPLATES[chat_template]
-        source = f"builtin:{chat_template}"
-    else:
-        path = Path(chat_template).expanduser()
-        if not path.is_file():
-            raise TemplateError(
-                f"unknown chat template {chat_template!r}: not a built-in ({', '.join(sorted(BUILTIN_TEMPLATES))}) "
-                "and not a file"
-            )
-        text = _template_from_file(path)
-        source = f"file:{path.name}"
-    try:
-        compile_template(text)
-    except Exception as exc:
-        lineno = getattr(exc, "lineno", None)
-        where = f" (line {lineno})" if lineno else ""
-        raise TemplateError(f"chat template {source} does not compile{where}: {_first_line(exc)}") from exc
-    return TemplateInfo(source=source, text=text, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
-
-
-def _tokenizer_template(tokenizer: PreTrainedTokenizerBase) -> str:
-    text = getattr(tokenizer, "chat_template", None)
-    if isinstance(text, dict):  # several named templates: the default one renders plain conversations
-        text = text.get("default")
-    if not text:
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise TemplateError(
-            f"the tokenizer {name!r} has no chat template; pass --chat-template with a built-in name "
-            f"({', '.join(sorted(BUILTIN_TEMPLATES))}) or a .jinja file"
-        )
-    return text
-
-
-def _template_from_file(path: Path) -> str:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix != ".json":
-        return text
-    try:
-        value = json.loads(text).get("chat_template")
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise TemplateError(f"{path}: not a JSON object with a \"chat_template\" key") from exc
-    if isinstance(value, list):  # [{"name": ..., "template": ...}, ...] as in some tokenizer_config.json
-        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
-    if not isinstance(value, str) or not value:
-        raise TemplateError(f"{path}: no \"chat_template\" string in this JSON file")
-    return value
-
-
-def compile_template(text: str) -> Any:
-    """Compile in the sandboxed environment `transformers` uses for `apply_chat_template` (cached there).
-
-    Falls back to None when this transformers version has no such helper; callers then render through
-    `tokenizer.apply_chat_template(..., tokenize=False)`, which gives the same text more slowly.
-    """
-    try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-    except ImportError:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(text)  # syntax check only
-        return None
-    return _compile_jinja_template(text)
 
 
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase, spec: str) -> dict[str, Any]:
@@ -228,3 +137,85 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+
+
+# ---- the tokenizer the encoder calls --------------------------------------------------------------------
+
+
+class Encoding(Protocol):
+    """The parts of a `tokenizers.Encoding` the encoder reads (fasttok's PieceEncoding has just these)."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+    def char_to_token(self, pos: int) -> int | None: ...
+
+    def token_to_chars(self, index: int) -> tuple[int, int]: ...
+
+
+class TokenizerBackend(Protocol):
+    """What the encoder calls on its tokenizer: a `tokenizers.Tokenizer` from `offsets_backend`, or
+    fasttok's PieceTokenizer in front of one. Nothing else of either is used."""
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[Encoding]: ...
+
+    def get_added_tokens_decoder(self) -> dict[int, Any]: ...
+
+
+def offsets_backend(tokenizer: Any) -> Any:
+    """The Rust tokenizer to call directly: untrimmed offsets, no truncation or padding."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not getattr(tokenizer, "is_fast", False):
+        raise TemplateError(
+            f"{type(tokenizer).__name__} is a slow (Python) tokenizer; aligndata needs a fast one "
+            "(the `tokenizers` library) for character offsets"
+        )
+    split_special = bool(getattr(tokenizer, "split_special_tokens", False))
+    post = backend.post_processor
+    trims = post is not None and '"trim_offsets":true' in post.__getstate__().decode("utf-8").replace(" ", "")
+    if not trims and backend.truncation is None and backend.padding is None:
+        if backend.encode_special_tokens == split_special:
+            return backend
+    from tokenizers import Tokenizer
+
+    state = json.loads(backend.to_str())
+    state["truncation"] = None
+    state["padding"] = None
+    _untrim(state.get("post_processor"))
+    copy = Tokenizer.from_str(json.dumps(state))
+    copy.encode_special_tokens = split_special
+    return copy
+
+
+def _untrim(node: Any) -> None:
+    # ByteLevel (and RoBERTa) post-processors trim the leading space off offsets by default, which would
+    # hide a token that straddles a boundary; ids do not change.
+    if isinstance(node, dict):
+        if "trim_offsets" in node:
+            node["trim_offsets"] = False
+        for value in node.values():
+            _untrim(value)
+    elif isinstance(node, list):
+        for value in node:
+            _untrim(value)
+
+
+def bos_to_prepend(tokenizer: Any) -> tuple[int | None, str | None]:
+    """The BOS the tokenizer adds with add_special_tokens=True; we add it only where the template did not."""
+    bos_id = tokenizer.bos_token_id
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if bos_id is None or backend is None:
+        return None, None
+    with_specials = backend.encode("a", add_special_tokens=True).ids
+    without = backend.encode("a", add_special_tokens=False).ids
+    if with_specials[:1] == [bos_id] and without[:1] != [bos_id]:
+        return bos_id, tokenizer.bos_token
+    return None, None
+
+
+def prompt_split_ids(backend: TokenizerBackend) -> frozenset[int] | None:
+    """Ids of added tokens the input is split on; None when sharing prompt tokens would not be exact."""
+    added = backend.get_added_tokens_decoder()
+    if not added or any(getattr(tok, "single_word", False) for tok in added.values()):
+        return None
+    return frozenset(added)

@@ -254,8 +254,10 @@ def end_of_turn(manifest: dict[str, Any], tok: Any, notes: list[str]) -> EndOfTu
 
 def _probe_end_ids(manifest: dict[str, Any], tok: Any, notes: list[str]) -> list[int]:
     from aligndata.records import Conversation, Message
-    from aligndata.encode.tokenizer import TemplateError, resolve_chat_template
-    from aligndata.encode.encoder import EncodeError, Encoder
+    from aligndata.encode.template import resolve_chat_template
+    from aligndata.encode.tokenizer import TemplateError
+    from aligndata.encode.encoder import Encoder
+    from aligndata.encode.results import EncodeError
 
     source = (manifest.get("chat_template") or {}).get("source", "")
     if source == "tokenizer":

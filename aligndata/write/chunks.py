@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from aligndata.encode.encoder import EncodeError, Encoder
+from aligndata.encode.encoder import Encoder
+from aligndata.encode.results import EncodeError
 from aligndata.errors import Problem
 from aligndata.options import ConvertOptions
 from aligndata.read.formats import FORMATS, detect_shape
@@ -90,7 +91,8 @@ class ChunkEncoder:
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            from aligndata.encode.tokenizer import load_tokenizer, resolve_chat_template
+            from aligndata.encode.template import resolve_chat_template
+            from aligndata.encode.tokenizer import load_tokenizer
 
             tok = load_tokenizer(self.options.tokenizer, trust_remote_code=self.options.trust_remote_code)
             self._encoder = Encoder(tok, resolve_chat_template(tok, self.options.chat_template),

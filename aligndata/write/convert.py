@@ -27,7 +27,8 @@ import numpy as np
 
 from aligndata import __version__
 from aligndata.encode.encoder import Encoder
-from aligndata.encode.tokenizer import TemplateInfo, load_tokenizer, resolve_chat_template, tokenizer_identity
+from aligndata.encode.template import TemplateInfo, resolve_chat_template
+from aligndata.encode.tokenizer import load_tokenizer, tokenizer_identity
 from aligndata.errors import InputError, InvalidRecordError
 from aligndata.options import ConvertOptions
 from aligndata.progress import FileProgress

@@ -1,4 +1,4 @@
-"""The piece cache (aligndata/fasttok.py) gives exactly the tokenizers library's ids and offsets, and its
+"""The piece cache (aligndata/encode/fasttok.py) gives exactly the tokenizers library's ids and offsets, and its
 guards send to the library what it cannot vouch for."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from tokenizers import Regex
 
 import aligndata.encode.fasttok as fasttok
 from aligndata.encode.fasttok import PieceTokenizer, TokenizerMismatch, piece_tokenizer
-from aligndata.encode.encoder import Encoder, _offsets_backend
-from aligndata.encode.tokenizer import resolve_chat_template
+from aligndata.encode.encoder import Encoder
+from aligndata.encode.template import resolve_chat_template
+from aligndata.encode.tokenizer import offsets_backend
 from tiny_tokenizer import SPECIAL_TOKENS, make_tiny_tokenizer
 
 # Letters, digits, every kind of space and line break the expressions treat specially, apostrophes and
@@ -27,7 +28,7 @@ texts = st.lists(st.sampled_from(PIECES), max_size=40).map("".join)
 
 
 def _backend(tok):
-    return _offsets_backend(tok)
+    return offsets_backend(tok)
 
 
 def assert_same(fast: PieceTokenizer, library, batch: list[str]) -> None:

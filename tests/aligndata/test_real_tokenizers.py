@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from aligndata.records import Conversation, Message, PreferencePair
-from aligndata.encode.tokenizer import load_tokenizer, resolve_chat_template
-from aligndata.encode.encoder import EncodeError, Encoder
+from aligndata.encode.tokenizer import load_tokenizer
+from aligndata.encode.template import resolve_chat_template
+from aligndata.encode.encoder import Encoder
+from aligndata.encode.results import EncodeError
 from paths import TESTS, SHARED_DATA
 
 TOKENIZERS = SHARED_DATA / "tokenizers"

@@ -8,8 +8,10 @@ import random
 import pytest
 
 from aligndata.records import Message, PreferencePair
-from aligndata.encode.tokenizer import load_tokenizer, resolve_chat_template
-from aligndata.encode.encoder import EncodeError, Encoder
+from aligndata.encode.tokenizer import load_tokenizer
+from aligndata.encode.template import resolve_chat_template
+from aligndata.encode.encoder import Encoder
+from aligndata.encode.results import EncodeError
 from tiny_tokenizer import make_tiny_tokenizer
 
 PIECES = ["Hello", " world", "\n", "\n\n", "  ", "\t", "é", "e\u0301", "日本語", "🙂", "<|im_end|>", "</s>",

@@ -8,14 +8,9 @@ import time
 
 import pytest
 
-from aligndata.encode import tokenizer as templates
-from aligndata.encode.tokenizer import (
-    BUILTIN_TEMPLATES,
-    TemplateError,
-    load_tokenizer,
-    resolve_chat_template,
-    tokenizer_identity,
-)
+from aligndata.encode import tokenizer as tokenizer_module
+from aligndata.encode.template import BUILTIN_TEMPLATES, resolve_chat_template
+from aligndata.encode.tokenizer import TemplateError, load_tokenizer, tokenizer_identity
 from tiny_tokenizer import CHATML_TEMPLATE, make_tiny_tokenizer
 
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
@@ -232,7 +227,7 @@ def test_load_tokenizer_refuses_a_directory_without_tokenizer_files(tmp_path):
 
 
 def test_load_tokenizer_with_an_unreachable_hub_fails_at_once_naming_the_spec(monkeypatch):
-    monkeypatch.setattr(templates, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(tokenizer_module, "hub_reachable", lambda timeout=3.0: False)
     start = time.monotonic()
 
     with pytest.raises(TemplateError) as err:
@@ -249,7 +244,7 @@ def test_load_tokenizer_with_an_unreachable_hub_fails_at_once_naming_the_spec(mo
 def test_hub_is_unreachable_in_offline_mode(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
-    assert templates.hub_reachable() is False
+    assert tokenizer_module.hub_reachable() is False
 
 
 # ---- tokenizer_identity -------------------------------------------------------------------------

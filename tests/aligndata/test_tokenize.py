@@ -13,8 +13,9 @@ import pytest
 from tokenizers import processors
 
 from aligndata.records import Conversation, Message, PreferencePair
-from aligndata.encode.tokenizer import TemplateInfo, resolve_chat_template
-from aligndata.encode.encoder import EncodedDPO, EncodeError, Encoder
+from aligndata.encode.template import TemplateInfo, resolve_chat_template
+from aligndata.encode.encoder import Encoder
+from aligndata.encode.results import EncodedDPO, EncodeError
 from tiny_tokenizer import make_tiny_tokenizer, trained_text
 
 EOT, IM_START, IM_END, BOS, NL = 0, 1, 2, 3, 205
