@@ -25,19 +25,14 @@ from aligndata.errors import InputError
 from aligndata.report.findings import Finding
 from aligndata.report.shard_checks import RowLocator, ShardChecks, shard_findings
 from aligndata.report.stats import first_trained, nice_histogram, packed_share, padded_share, percentiles
-from aligndata.write.shards import SCHEMAS, SPLITS, ShardError, count_tokens, open_split, read_manifest
+from aligndata.write.shards import (SCHEMAS, SPLITS, ShardError, count_tokens, dpo_trained_tokens, open_split,
+                                    read_manifest)
 
 if TYPE_CHECKING:
     from aligndata.report.token_view import ShownRecord
 
 DEFAULT_BATCH_SIZE = 8
 LENGTH_COLUMNS = {"sft": ("prompt", "completion", "total"), "dpo": ("prompt", "chosen", "rejected", "total")}
-
-
-def dpo_loss_mask(prompt_len: int, completion_len: int) -> list[int]:
-    """The loss mask of one DPO sequence, prompt + one completion: no prompt token is trained and every
-    completion token is (docs/SHARDS.md). DPO shards store no mask; whoever needs one builds it here."""
-    return [0] * prompt_len + [1] * completion_len
 
 
 @dataclass
@@ -173,7 +168,7 @@ def scan_split(table: pa.Table, name: str, manifest: dict[str, Any], eot_ids: li
             cols["chosen"].append(cl)
             cols["rejected"].append(rl)
             cols["total"].append(pl + np.maximum(cl, rl))
-            trained += int(cl.sum() + rl.sum())  # the completions whole (dpo_loss_mask)
+            trained += dpo_trained_tokens(int(cl.sum()), int(rl.sum()))
             summed = {"prompt_ids": int(pl.sum()), "chosen_ids": int(cl.sum()), "rejected_ids": int(rl.sum())}
             acc.dpo_batch(start, (pv, po), (cv, co, cl), (rv, ro, rl), eot)
         tokens += count_tokens(task, summed)

@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 
 from aligndata.errors import InputError
-from aligndata.report.shard_stats import ShardReport, dpo_loss_mask
+from aligndata.report.shard_stats import ShardReport
+from aligndata.write.shards import dpo_loss_mask
 from aligndata.write.shards import open_split
 
 CONTEXT_TOKENS = 3  # tokens decoded before each shown token, for tokenizers whose text depends on them

@@ -33,11 +33,12 @@ from aligndata.errors import InputError, InvalidRecordError
 from aligndata.options import ConvertOptions
 from aligndata.progress import FileProgress
 from aligndata.read.reader import RawRecord, RecordStream, display_name, require_file
+from aligndata.report.stats import first_trained, percentiles
 from aligndata.read.detect import materialized, refuse_if_mixed, require_task, start_format
 from aligndata.write.atomic import AtomicOutput
 from aligndata.write.chunks import ChunkEncoder, ChunkJob, ChunkResult, LineChunk, single_threaded_tokenizers
-from aligndata.write.shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, ShardError, ShardWriter, finish_output,
-                                    prepare_output, read_manifest, sha256_file, verify_shards)
+from aligndata.write.shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, ShardError, ShardWriter, dpo_trained_tokens,
+                                    finish_output, prepare_output, read_manifest, sha256_file, verify_shards)
 from aligndata.write.workers import Ticket, WorkerGroup, ordered
 
 CHUNK = 64  # records per chunk of work
@@ -306,29 +307,6 @@ def _line_chunks(lines: Iterable[tuple[int, int, bytes]], size: int, max_bytes: 
 
 # -- statistics ------------------------------------------------------------------------------------
 
-def _percentiles(values: np.ndarray) -> dict[str, int]:
-    if not len(values):
-        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
-    s = np.sort(values)
-
-    def at(q: float) -> int:
-        return int(s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))])
-
-    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": int(s[-1])}
-
-
-def _first_trained(mask: np.ndarray, lengths: np.ndarray, ids_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of flat loss masks: the position of its first trained token (its prompt's length; the row's
-    length when nothing is trained) and how many tokens it trains."""
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    nonzero = np.flatnonzero(mask)
-    at = np.searchsorted(nonzero, starts)
-    trained = np.searchsorted(nonzero, ends) - at
-    first_trained = nonzero[np.minimum(at, len(nonzero) - 1)] - starts if len(nonzero) else starts
-    return np.where(trained > 0, first_trained, ids_len), trained
-
-
 class _Stats:
     """Token-length distributions per split (kept in compact int arrays, never per-row objects)."""
 
@@ -343,25 +321,26 @@ class _Stats:
         d = self.data.setdefault(split, {c: [] for c in self.cols})
         if self.task == "sft":
             ids_len = columns["input_ids"][1]
-            first, trained = _first_trained(*columns["loss_mask"], ids_len)
+            mask, mask_lengths = columns["loss_mask"]
+            first = first_trained(mask, mask_lengths)
             d["total"].append(ids_len)
             d["prompt"].append(first)
             d["completion"].append(ids_len - first)
-            self.trained[split] += int(trained.sum())
+            self.trained[split] += int(np.count_nonzero(mask))
         else:
             p, c, r = (columns[k][1] for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
             d["total"].append(p + np.maximum(c, r))
             d["prompt"].append(p)
             d["chosen"].append(c)
             d["rejected"].append(r)
-            self.trained[split] += int(c.sum() + r.sum())
+            self.trained[split] += dpo_trained_tokens(int(c.sum()), int(r.sum()))
 
     def to_json(self) -> dict[str, Any]:
         out = {}
         for split, d in self.data.items():
             cols = {c: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for c, v in d.items()}
             out[split] = {"rows": len(cols["total"]), "trained_tokens": self.trained[split],
-                          "lengths": {c: _percentiles(v) for c, v in cols.items()}}
+                          "lengths": {c: percentiles(v) for c, v in cols.items()}}
         return out
 
 

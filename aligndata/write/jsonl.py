@@ -30,7 +30,6 @@ class Counts:
     written: int = 0
     rejected: int = 0
     reasons: Counter = field(default_factory=Counter)
-    formats: dict[str, str] = field(default_factory=dict)
 
 
 def reject_line(checked: Checked, file: str) -> str:
@@ -55,7 +54,6 @@ def iter_inputs(inputs: list[str], input_format: str, progress: FileProgress,
     for path in inputs:
         fc = FileCheck(path, input_format)
         for checked in read_records(fc, progress):
-            counts.formats[fc.name] = fc.format or "?"  # one format per file: a mixed one has failed
             counts.read += 1
             yield fc, checked
 

@@ -71,6 +71,17 @@ def count_tokens(task: str, lengths: dict[str, int]) -> int:
     return lengths["prompt_ids"] * 2 + lengths["chosen_ids"] + lengths["rejected_ids"]
 
 
+def dpo_loss_mask(prompt_len: int, completion_len: int) -> list[int]:
+    """The loss mask of one DPO sequence, prompt + one completion: no prompt token is trained and every
+    completion token is. DPO shards store no mask; whoever needs one builds it here."""
+    return [0] * prompt_len + [1] * completion_len
+
+
+def dpo_trained_tokens(chosen_len: int, rejected_len: int) -> int:
+    """Tokens DPO trains in pairs whose completions have these (summed) lengths: all of them (`dpo_loss_mask`)."""
+    return chosen_len + rejected_len
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
