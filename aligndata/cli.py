@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aligndata import __version__
-from aligndata.errors import EXIT_INPUT, EXIT_INVALID, EXIT_OK, InputError, InvalidRecordError
+from aligndata.errors import EXIT_INPUT, EXIT_OK, InputError, InvalidRecordError, exit_code, os_error_message
 from aligndata.options import ConvertOptions
 from aligndata.read.formats import FORMATS, schema_dir
 from aligndata.read.validate import FileSummary, validate_files
@@ -43,32 +43,28 @@ def _fail(message: str, code: int) -> None:
 
 
 def handle_errors(fn: Callable[[], int], writing: str | None = None) -> int:
-    """One table from expected exception types to a one-line message and exit code.
+    """Expected errors become `error: <one line>` and their exit code (errors.exit_code, the table both
+    command lines share); anything else is a bug and raises.
 
     `writing` names the output, for write errors (disk full, read-only) that carry no file name.
     """
-    from aligndata.write.shards import ShardError
-    from aligndata.encode.tokenizer import TemplateError
-
     try:
         return fn()
-    except InvalidRecordError as e:
-        for p in e.problems:
-            err.print(f"error: {p}", markup=False)
-        err.print("(stopped at the first invalid record; --on-error skip writes invalid records to a rejects file)",
-                  markup=False)
-        raise typer.Exit(EXIT_INVALID)
-    except InputError as e:
-        _fail(str(e), EXIT_INPUT)
-    except (ShardError, TemplateError) as e:
-        _fail(str(e), EXIT_INPUT)
-    except OSError as e:  # disk full, quota, read-only output: an I/O error like any other, not a traceback
-        what = e.strerror or str(e)
-        if writing:
-            _fail(f"{writing}: cannot write ({what}); the previous output is left as it was", EXIT_INPUT)
-        _fail(f"{e.filename}: {what}" if e.filename else what, EXIT_INPUT)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
+    except BaseException as e:
+        code = exit_code(e)
+        if code is None:
+            raise
+        if isinstance(e, InvalidRecordError):
+            for p in e.problems:
+                err.print(f"error: {p}", markup=False)
+            err.print("(stopped at the first invalid record; --on-error skip writes invalid records to a rejects file)",
+                      markup=False)
+            raise typer.Exit(code)
+        if isinstance(e, KeyboardInterrupt):
+            _fail("interrupted", code)
+        if isinstance(e, OSError) and writing:
+            _fail(f"{writing}: cannot write ({e.strerror or e}); the previous output is left as it was", code)
+        _fail(os_error_message(e) if isinstance(e, OSError) else str(e), code)
     return EXIT_OK
 
 

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
+from aligndata.errors import InputError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-class TemplateError(Exception):
+class TemplateError(InputError):
     """The tokenizer or chat template cannot be loaded or used (a usage error, not a data error)."""
 
 

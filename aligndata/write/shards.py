@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
+from aligndata.errors import InputError
 from aligndata.write.atomic import atomic_write_text, fsync_dir
 
 FORMAT_VERSION = 1
@@ -59,7 +60,7 @@ def list_columns(schema: pa.Schema) -> dict[str, Any]:
     return {f.name: _numpy_dtype(f.type.value_type) for f in schema if pa.types.is_list(f.type)}
 
 
-class ShardError(Exception):
+class ShardError(InputError):
     """Shards are missing, incomplete, corrupted or do not match what the caller expects."""
 
 
