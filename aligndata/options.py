@@ -48,8 +48,6 @@ class ConvertOptions:
         _choose("--to", self.task, Task)
         if not self.tokenizer:
             raise InputError(f"--to {self.task} needs --tokenizer (a tokenizer directory, .gguf file or hub name)")
-        _choose("--length-policy", self.length_policy, LengthPolicy)
-        _choose("--train-on", self.train_on, TrainOn)
         check_on_error(self.on_error)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise InputError(f"--eval-fraction {self.eval_fraction}: must be at least 0 and below 1")
@@ -57,13 +55,9 @@ class ConvertOptions:
             raise InputError("--eval-fraction and --eval-file exclude each other: pick one way to make the eval split")
         if self.num_proc < 1 or self.shard_rows < 1:
             raise InputError("--num-proc and --shard-rows must be at least 1")
-        if self.max_length is not None and self.max_length < 2:
-            raise InputError(f"--max-length {self.max_length}: must be at least 2")
-        if self.max_prompt_length is not None:
-            if self.max_length is not None and self.max_prompt_length >= self.max_length:
-                raise InputError(f"--max-prompt-length {self.max_prompt_length} must be below --max-length {self.max_length}")
-            if self.task != "dpo":
-                raise InputError("--max-prompt-length applies to --to dpo only")
+        check_encoding(self.max_length, self.max_prompt_length, self.length_policy, self.train_on)
+        if self.max_prompt_length is not None and self.task != "dpo":
+            raise InputError("--max-prompt-length applies to --to dpo only")
         if self.length_policy == "truncate" and self.max_length is None:
             raise InputError("--length-policy truncate needs --max-length")
         check_format_option(self.input_format)
@@ -80,6 +74,19 @@ class ConvertOptions:
         """Keyword arguments of `Encoder` beside the tokenizer and template."""
         return {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
                 "length_policy": self.length_policy, "train_on": self.train_on, "fast_tokenize": self.fast_tokenize}
+
+
+def check_encoding(max_length: int | None, max_prompt_length: int | None, length_policy: str, train_on: str) -> None:
+    """The options the encoder itself takes: the one check behind ConvertOptions and `Encoder`."""
+    _choose("--length-policy", length_policy, LengthPolicy)
+    _choose("--train-on", train_on, TrainOn)
+    if max_length is not None and max_length < 2:
+        raise InputError(f"--max-length {max_length}: must be at least 2")
+    if max_prompt_length is not None:
+        if max_prompt_length < 1:
+            raise InputError(f"--max-prompt-length {max_prompt_length}: must be at least 1")
+        if max_length is not None and max_prompt_length >= max_length:
+            raise InputError(f"--max-prompt-length {max_prompt_length} must be below --max-length {max_length}")
 
 
 def check_on_error(on_error: str) -> None:

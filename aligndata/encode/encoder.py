@@ -17,20 +17,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from aligndata.encode.length import LENGTH_POLICIES, fit_dpo, fit_sft
+from aligndata.encode.length import fit_dpo, fit_sft
 from aligndata.encode.mask import dpo_split, sft_mask
 from aligndata.encode.results import EncodedDPO, EncodedSFT, EncodeError
 from aligndata.encode.spans import RenderedDPO, RenderedSFT, render_dpo, render_sft
 from aligndata.encode.template import ChatRenderer, TemplateInfo
 from aligndata.encode.tokenizer import TokenizerBackend, bos_to_prepend, offsets_backend, prompt_split_ids
 from aligndata.encode.tokens import Tokens, tokenize, tokenize_sharing_prompt
+from aligndata.options import check_encoding
 from aligndata.records import Conversation, Message, PreferencePair
 
 if TYPE_CHECKING:
     from aligndata.encode.fasttok import PieceTokenizer
-
-TRAIN_ON = ("all", "last")
-
 
 class Encoder:
     """Renders and tokenizes records for one tokenizer and template. Build one per worker process."""
@@ -46,15 +44,7 @@ class Encoder:
         train_on: str = "all",
         fast_tokenize: bool = True,
     ):
-        if length_policy not in LENGTH_POLICIES:
-            raise ValueError(f"length_policy must be one of {', '.join(LENGTH_POLICIES)}, not {length_policy!r}")
-        if train_on not in TRAIN_ON:
-            raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
-        for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive number of tokens, not {value}")
-        if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
-            raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
+        check_encoding(max_length, max_prompt_length, length_policy, train_on)
         self.tokenizer = tokenizer
         self.template = template
         self.max_length = max_length

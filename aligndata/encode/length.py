@@ -12,9 +12,6 @@ from collections.abc import Callable, Iterator
 
 from aligndata.encode.results import EncodedDPO, EncodedSFT, EncodeError
 
-LENGTH_POLICIES = ("drop", "truncate")
-
-
 def fit_sft(
     enc: EncodedSFT, messages: list[dict], encode: Callable[[list[dict]], EncodedSFT], *,
     max_length: int | None, length_policy: str,

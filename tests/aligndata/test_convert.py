@@ -269,6 +269,7 @@ def test_foreign_directory_is_never_overwritten(tmp_path, sft_file, tiny_tokeniz
     ({"eval_fraction": 1.5}, "--eval-fraction 1.5: must be at least 0 and below 1"),
     ({"train_on": "first"}, "--train-on 'first': choose all or last"),
     ({"max_prompt_length": 10}, "--max-prompt-length applies to --to dpo only"),
+    ({"max_prompt_length": 0, "max_length": 64}, "--max-prompt-length 0: must be at least 1"),  # was a traceback
     ({"length_policy": "truncate"}, "--length-policy truncate needs --max-length"),
 ])
 def test_bad_options_are_refused_before_any_work(tmp_path, sft_file, tiny_tokenizer_dir, kwargs, message):

@@ -12,6 +12,7 @@ import pickle
 import pytest
 from tokenizers import processors
 
+from aligndata.errors import InputError
 from aligndata.records import Conversation, Message, PreferencePair
 from aligndata.encode.template import TemplateInfo, resolve_chat_template
 from aligndata.encode.encoder import Encoder
@@ -554,14 +555,15 @@ def test_encode_error_survives_pickling_with_its_reason():
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"length_policy": "cut"}, "length_policy must be one of drop, truncate, not 'cut'"),
-        ({"train_on": "first"}, "train_on must be one of all, last, not 'first'"),
-        ({"max_length": 0}, "max_length must be a positive number of tokens, not 0"),
-        ({"max_length": 10, "max_prompt_length": 10}, "max_prompt_length (10) must be smaller than max_length (10)"),
+        ({"length_policy": "cut"}, "--length-policy 'cut': choose drop or truncate"),
+        ({"train_on": "first"}, "--train-on 'first': choose all or last"),
+        ({"max_length": 0}, "--max-length 0: must be at least 2"),
+        ({"max_length": 10, "max_prompt_length": 0}, "--max-prompt-length 0: must be at least 1"),
+        ({"max_length": 10, "max_prompt_length": 10}, "--max-prompt-length 10 must be below --max-length 10"),
     ],
 )
-def test_encoder_refuses_bad_settings(tiny_tokenizer, settings, message):
-    with pytest.raises(ValueError) as err:
+def test_encoder_refuses_bad_settings_with_the_same_check_as_convert(tiny_tokenizer, settings, message):
+    with pytest.raises(InputError) as err:
         encoder(tiny_tokenizer, **settings)
 
     assert str(err.value) == message
