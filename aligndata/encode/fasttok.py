@@ -178,9 +178,10 @@ class PieceTokenizer:
         if self._bypass > 0:
             return self._bypassed(texts)
         plans, library, missing, total = self._look_up(texts)
+        spans = self._spans  # what the texts found whole were looked up in (learning may empty the cache)
         if missing:
             self._learn_batch(missing, total)
-        out = self._assemble(plans, library, len(texts))
+        out = self._assemble(plans, library, len(texts), spans)
         self._library_encode(texts, library, out)
         self._spot_check(texts, out, set(library))
         return out
@@ -301,18 +302,22 @@ class PieceTokenizer:
             start = end + len(sep)
         return out
 
-    def _assemble(self, plans: list[tuple[int, list[str], list[Any]]], library: list[int], n: int) -> list[Any]:
+    def _assemble(self, plans: list[tuple[int, list[str], list[Any]]], library: list[int], n: int,
+                  looked_up_in: dict) -> list[Any]:
         """A PieceEncoding per planned text from the cache; a text with a piece the library would split
-        when alone (never cached) joins `library`."""
+        when alone (never cached) joins `library`. A text found whole at look-up keeps the span cache it
+        was found in (`looked_up_in`): when learning emptied the cache, the new one lacks its pieces."""
         out: list[Any] = [None] * n
         get = self._ids.get  # after _learn: an emptied cache is a new dict
         for i, pieces, entries in plans:
+            spans = looked_up_in
             if None in entries:
                 entries = list(map(get, pieces))
+                spans = self._spans
                 if None in entries:
                     library.append(i)
                     continue
-            out[i] = PieceEncoding(list(chain.from_iterable(entries)), pieces, entries, self._spans)
+            out[i] = PieceEncoding(list(chain.from_iterable(entries)), pieces, entries, spans)
         return out
 
     def _library_encode(self, texts: list[str], library: list[int], out: list[Any]) -> None:

@@ -158,6 +158,22 @@ def test_encodings_survive_the_cache_being_emptied(tiny_tokenizer, monkeypatch):
     assert [first.char_to_token(i) for i in range(23)] == [reference.char_to_token(i) for i in range(23)]
 
 
+def test_a_text_found_whole_survives_the_cache_being_emptied_in_its_own_batch(tiny_tokenizer, monkeypatch):
+    backend = _backend(tiny_tokenizer)
+    fast = piece_tokenizer(backend)
+    known = "Tell me a joke, please."
+    fast.encode_batch([known], add_special_tokens=False)  # every piece of it is now cached
+    monkeypatch.setattr(fasttok, "CACHE_LIMIT", len(fast._ids) + 2)  # the next new pieces empty the cache
+    monkeypatch.setattr(fasttok, "CHECK_FIRST", 0)  # no spot check: read the encodings as a caller would
+    batch = [known, "Why did the chicken cross the road? Nobody knows."]
+    out = fast.encode_batch(batch, add_special_tokens=False)
+    for text, ours in zip(batch, out):
+        reference = backend.encode(text, add_special_tokens=False)
+        assert ours.ids == reference.ids
+        assert [ours.char_to_token(i) for i in range(len(text))] == [reference.char_to_token(i) for i in range(len(text))]
+        assert [tuple(ours.token_to_chars(t)) for t in range(len(ours.ids))] == reference.offsets
+
+
 def test_pieces_learnt_in_one_process_serve_another_unchanged(tiny_tokenizer):
     backend = _backend(tiny_tokenizer)
     learner, user = piece_tokenizer(backend), piece_tokenizer(_backend(tiny_tokenizer))
