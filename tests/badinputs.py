@@ -76,15 +76,19 @@ def _jsonl(records: list[Any]) -> str:
     return "".join(json.dumps(r, allow_nan=True) + "\n" for r in records)
 
 
-def generate(directory: str | Path) -> list[Case]:
+def generate(directory: str | Path, *, write: bool = True) -> list[Case]:
+    """The cases, each written under `directory`; with write=False only listed (for test ids)."""
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    if write:
+        d.mkdir(parents=True, exist_ok=True)
     cases: list[Case] = []
 
     def add(name: str, content: str | bytes | None, task: str, *, writer: Callable[[Path], None] | None = None,
             **kw: Any) -> None:
         path = d / name
-        if writer is not None:
+        if not write:
+            pass
+        elif writer is not None:
             writer(path)
         elif isinstance(content, bytes):
             path.write_bytes(content)

@@ -293,6 +293,7 @@ def test_cli_convert_exit_codes_and_summary(tmp_path, sft_file, tiny_tokenizer_d
     assert "conversation has no assistant turn to train on" in r.output
 
 
+@pytest.mark.slow
 def test_killed_conversion_leaves_no_manifest_and_rerun_completes(tmp_path, tiny_tokenizer_dir):
     big = write_jsonl(tmp_path / "big.jsonl", SFT * 8000)
     out = tmp_path / "out"

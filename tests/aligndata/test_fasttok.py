@@ -247,6 +247,7 @@ def test_real_byte_level_tokenizers_match_the_library(shared_data, name):
         assert_same(fast, backend, batch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("files,task", [
     (["llamafactory/dpo_en_demo.json", "llamafactory/dpo_zh_demo.json"], "dpo"),
     (["llamafactory/glaive_toolcall_en_demo.json", "llamafactory/glaive_toolcall_zh_demo.json",

@@ -8,6 +8,7 @@ the CLI. And a valid record survives `convert --to openai|preference` and re-rea
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ def test_random_json_records_give_problems_or_valid_records(scratch, records, fm
 
 # -- mutated valid records --------------------------------------------------------------------------
 
+@functools.cache
 def _samples() -> list[tuple[str, Any]]:
     out = []
     for name, fmt in [("sharegpt.json", "sharegpt"), ("openai.jsonl", "openai"),
@@ -88,9 +90,6 @@ def _samples() -> list[tuple[str, Any]]:
                       ("text_preference.jsonl", "text-preference"), ("hh.jsonl", "hh")]:
         out += [(fmt, c.raw.value) for c in FileCheck(str(SAMPLES / name), fmt).records()]
     return out
-
-
-SAMPLE_RECORDS = _samples()
 
 
 def _paths(value: Any, path: tuple = ()) -> list[tuple]:
@@ -111,7 +110,7 @@ def _parent(value: Any, path: tuple) -> tuple[Any, Any]:
 
 @st.composite
 def mutated(draw) -> tuple[str, Any]:
-    fmt, record = draw(st.sampled_from(SAMPLE_RECORDS))
+    fmt, record = draw(st.sampled_from(_samples()))
     record = copy.deepcopy(record)
     for _ in range(draw(st.integers(1, 3))):
         paths = _paths(record)

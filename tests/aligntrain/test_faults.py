@@ -78,6 +78,7 @@ def aligntrain(capsys, *args) -> tuple[int, str]:
 
 # -- convert killed at random points ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_convert_killed_at_random_points_keeps_the_old_output_and_a_rerun_completes(tmp_path, tiny_tokenizer_dir):
     big = write_chats(tmp_path / "big.jsonl", 4000)
     out, staging = tmp_path / "out", tmp_path / ".out.partial"
@@ -149,6 +150,7 @@ def test_damaged_shard_is_detected_by_aligntrain_at_start(tmp_path, capsys, tiny
 
 # -- a full disk --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("to", ["openai", "sft"])
 def test_full_disk_during_convert_is_a_clean_io_error_and_keeps_the_old_output(tmp_path, tiny_tokenizer_dir, to):
     small, big = write_chats(tmp_path / "small.jsonl", 4), write_chats(tmp_path / "big.jsonl", 3000)
@@ -195,6 +197,7 @@ def test_full_disk_during_checkpoint_save_keeps_the_previous_checkpoint_latest(t
     assert resumed.steps == 4 and len(resumed.history) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fails_at", ["model.safetensors", "optimizer.pt"])
 def test_full_disk_in_a_real_checkpoint_save_is_a_clean_exit_2(tmp_path, tiny_model, sft_shards, fails_at):
     weights = (tiny_model / "model.safetensors").stat().st_size  # a checkpoint's weights are as large
@@ -291,6 +294,7 @@ def test_trust_remote_code_is_off_unless_asked(tmp_path, tiny_tokenizer_dir, mon
 
 # -- training killed by SIGKILL, then resumed ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_training_killed_by_sigkill_resumes_with_identical_losses(tmp_path, tiny_model, sft_shards):
     changes = dict(n_epochs=2, save_every_steps=3)
     straight = train(load_config(write_config(tmp_path / "straight.yml", tiny_model, tmp_path / "run-straight",
