@@ -29,9 +29,14 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-DTYPES = ("float32", "bfloat16", "float16")
-PREFERENCE_LOSSES = ("dpo", "ipo", "hinge")
+from .losses import PREFERENCE_LOSSES
+
+# The dtype names a config accepts, each with accelerate's mixed-precision name; the name is also
+# torch's attribute name (modeling.torch_dtype), so this table is the only list of dtypes.
+MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
+DtypeName = Literal[tuple(MIXED_PRECISION)]
 TASK_OF_LOSS = {"sft": "sft", **{name: "dpo" for name in PREFERENCE_LOSSES}}
+LossName = Literal[tuple(TASK_OF_LOSS)]
 
 SEED_ALIASES = {"output_dirs": "output_dir", "save_model_step": "save_every_steps", "print_log_step": "log_every_steps"}
 REQUIRED = ("exp_name", "model.name_or_path", "loss.name")
@@ -53,15 +58,15 @@ class ModelConfig:
     name_or_path: str = ""  # a local Hugging Face model directory (nothing is downloaded)
     tokenizer_name_or_path: str | None = None  # defaults to name_or_path
     archive: str | None = None  # seed policy.pt, one of our checkpoints, or one of our run dirs (latest checkpoint)
-    policy_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # bfloat16/float16 = mixed precision
-    reference_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the frozen reference's weights
-    fsdp_policy_mp: Literal["float32", "bfloat16", "float16"] | None = None  # seed key: FSDP param dtype
+    policy_dtype: DtypeName = "float32"  # bfloat16/float16 = mixed precision
+    reference_dtype: DtypeName = "float32"  # the frozen reference's weights
+    fsdp_policy_mp: DtypeName | None = None  # seed key: FSDP param dtype
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
 @dataclass
 class LossConfig:
-    name: Literal["sft", "dpo", "ipo", "hinge"] = "sft"
+    name: LossName = "sft"  # sft or a name in losses.PREFERENCE_LOSSES
     beta: float = 0.1  # DPO temperature; IPO's tau; hinge's 1/margin
     label_smoothing: float = 0.0  # conservative DPO: probability that a preference label is flipped
     reference_free: bool = False  # ignore the reference model (an implicit uniform reference)

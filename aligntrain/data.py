@@ -187,7 +187,3 @@ def _pad(sequences: list[list[int]], masks: list[list[int]], pad_id: int) -> dic
         loss_mask[i, :len(seq)] = torch.tensor(mask, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
 
-
-def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that contribute to the loss (position 0 has no context and is never trained)."""
-    return int((batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).sum())

@@ -10,7 +10,6 @@ ever holds more than [chunk, vocab] logits, and no [batch, seq, vocab] float32 t
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -18,9 +17,26 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ConfigError
+from .config import Config, ConfigError
 
-DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config dtype name (config.MIXED_PRECISION lists them)."""
+    return getattr(torch, name)
+
+
+def compute_autocast(policy_dtype: str, device: torch.device):
+    """Autocast to policy_dtype, the compute dtype of training (float16 has no CPU path: float32 there).
+    Training's accelerator and the reference both run under it, so their log-probs agree."""
+    if policy_dtype == "float32" or (policy_dtype == "float16" and device.type == "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch_dtype(policy_dtype))
+
+
+def trained_positions(loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] bool: position t-1 predicts token t, trained when t is a real loss-mask token.
+    Position 0 has no context and is never trained."""
+    return loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
 
 
 class SequenceLogps(nn.Module):
@@ -41,7 +57,7 @@ class SequenceLogps(nn.Module):
         self.plain_head = not any(getattr(config, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling"))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor):
-        predict = loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # [B, T-1]: position t-1 predicts t
+        predict = trained_positions(loss_mask, attention_mask)  # [B, T-1]
         targets = input_ids[:, 1:][predict]  # [N], row by row
         if self.plain_head:
             hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
@@ -106,7 +122,8 @@ def load_causal_lm(path: str | Path, dtype: str, attn_implementation: str = "sdp
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPE[dtype], attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype),
+                                                     attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.name_or_path: cannot load a causal LM from {str(path)!r}: {_first_line(e)}") from None
     disable_dropout(model)
@@ -115,6 +132,27 @@ def load_causal_lm(path: str | Path, dtype: str, attn_implementation: str = "sdp
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+class Reference:
+    """The frozen reference model of DPO, built one way for training and for `precompute-ref`, so
+    stored and live reference log-probs agree by construction: model.name_or_path (+ archive) in
+    reference_dtype, run without autograd under the training compute autocast."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        lm = load_causal_lm(cfg.model.name_or_path, cfg.model.reference_dtype, cfg.model.attn_implementation,
+                            trainable=False)
+        if cfg.model.archive:
+            load_archive(lm, cfg.model.archive)
+        self.model = SequenceLogps(lm, cfg.logprob_chunk_tokens).to(device)
+        self.policy_dtype = cfg.model.policy_dtype
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        """[B] float32 summed log-probs of the trained tokens of each sequence."""
+        with compute_autocast(self.policy_dtype, self.device):
+            return self.model(input_ids, attention_mask, loss_mask)[0]
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -187,16 +225,6 @@ def _is_tied(model: nn.Module, key: str) -> bool:
         return False
     ptr = params[key].data_ptr()
     return any(p.data_ptr() == ptr for k, p in params.items() if k != key)
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """Identity of a model's weights: a hash over parameter names, dtypes, shapes and bytes."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _first_line(e: BaseException) -> str:

@@ -25,7 +25,7 @@ from aligndata.write.shards import (REF_COLUMNS, ShardWriter, _write_datasets_si
 
 from .config import Config
 from .data import check_shards, collate, pad_token_id
-from .modeling import SequenceLogps, load_archive, load_causal_lm, load_tokenizer, resolve_model_dir
+from .modeling import Reference, load_tokenizer, resolve_model_dir
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
@@ -64,12 +64,7 @@ def precompute_reference(shards: str | Path, cfg: Config, batch_size: int | None
         return manifest
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reference = load_causal_lm(cfg.model.name_or_path, cfg.model.reference_dtype, cfg.model.attn_implementation,
-                               trainable=False)
-    if cfg.model.archive:
-        load_archive(reference, cfg.model.archive)
-    model = SequenceLogps(reference, cfg.logprob_chunk_tokens).to(device)
-    autocast = _autocast(cfg, device)
+    reference = Reference(cfg, device)
     batch_size = batch_size or cfg.eval_batch_size
     tag = identity["sha256"][:12]
 
@@ -82,8 +77,7 @@ def precompute_reference(shards: str | Path, cfg: Config, batch_size: int | None
         for start in range(0, table.num_rows, batch_size):
             rows = table.take(np.arange(start, min(start + batch_size, table.num_rows))).to_pylist()
             batch = {k: v.to(device) for k, v in collate(rows, "dpo", pad_token_id(tokenizer)).items()}
-            with autocast:
-                logps, _ = model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            logps = reference(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
             n = len(rows)
             for row, chosen, rejected in zip(rows, logps[:n].tolist(), logps[n:].tolist()):
                 row = {k: v for k, v in row.items() if k not in REF_COLUMNS}
@@ -113,10 +107,3 @@ def precompute_reference(shards: str | Path, cfg: Config, batch_size: int | None
     shutil.rmtree(tmp, ignore_errors=True)
     return new_manifest
 
-
-def _autocast(cfg: Config, device: torch.device):
-    """The same compute dtype as training, so stored and on-the-fly reference log-probs agree."""
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.policy_dtype)
-    if dtype is None or (dtype is torch.float16 and device.type == "cpu"):
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype)

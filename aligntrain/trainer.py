@@ -24,12 +24,12 @@ import torch
 from aligndata.write.shards import ShardError
 
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_training_state, save_checkpoint
-from .config import Config, ConfigError, to_yaml
+from .config import MIXED_PRECISION, Config, ConfigError, to_yaml
 from .data import (ShardSplit, check_shards, collate, eval_batches, micro_batches, pad_token_id, process_share,
                    step_indices, total_steps)
 from .losses import PREFERENCE_LOSSES, PairLogps, preference_rewards, sft_loss
 from .metrics import MetricsLogger
-from .modeling import DTYPE, SequenceLogps, load_archive, load_causal_lm, load_tokenizer
+from .modeling import Reference, SequenceLogps, load_archive, load_causal_lm, load_tokenizer, torch_dtype, trained_positions
 from .precompute import reference_identity
 
 PREFERENCE_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -76,12 +76,6 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(policy)
     use_shard_reference = _use_shard_reference(cfg, manifest, train_split, eval_split)
-    reference = None
-    if cfg.task == "dpo" and not cfg.loss.reference_free and not use_shard_reference:
-        reference = load_causal_lm(cfg.model.name_or_path, cfg.model.reference_dtype, cfg.model.attn_implementation,
-                                   trainable=False)
-        if cfg.model.archive:
-            load_archive(reference, cfg.model.archive)
 
     accelerator = make_accelerator(cfg, policy)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -89,8 +83,9 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
     optimizer = build_optimizer(cfg, policy)
     scheduler = build_scheduler(cfg, optimizer, steps)
     model, optimizer = accelerator.prepare(SequenceLogps(policy, cfg.logprob_chunk_tokens), optimizer)
-    if reference is not None:
-        reference = SequenceLogps(reference, cfg.logprob_chunk_tokens).to(accelerator.device)
+    reference = None
+    if cfg.task == "dpo" and not cfg.loss.reference_free and not use_shard_reference:
+        reference = Reference(cfg, accelerator.device)
     objective = Objective(cfg, reference, accelerator)
 
     start = 0
@@ -188,7 +183,7 @@ class Objective:
     sums are detached per-batch totals that `finish` turns into means after the all-reduce.
     """
 
-    def __init__(self, cfg: Config, reference: SequenceLogps | None, accelerator):
+    def __init__(self, cfg: Config, reference: Reference | None, accelerator):
         self.cfg = cfg
         self.task = cfg.task
         self.reference = reference
@@ -199,7 +194,7 @@ class Objective:
         """The step's normaliser over all processes: trained tokens (SFT) or pairs (preference)."""
         if self.task == "dpo":
             return float(self.cfg.total_batch_size)
-        local = sum(int((b["loss_mask"][:, 1:] * b["attention_mask"][:, 1:]).sum()) for b in batches)
+        local = sum(int(trained_positions(b["loss_mask"], b["attention_mask"]).sum()) for b in batches)
         total = self.accelerator.reduce(torch.tensor(float(local), device=self.accelerator.device), "sum")
         return max(float(total), 1.0)
 
@@ -232,8 +227,7 @@ class Objective:
 
     def _reference_logps(self, batch: dict[str, torch.Tensor], n: int, like: torch.Tensor):
         if self.reference is not None:
-            with torch.no_grad(), self.accelerator.autocast():
-                ref, _ = self.reference(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            ref = self.reference(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
             return ref[:n], ref[n:]
         if "ref_chosen" in batch:  # precomputed by `aligntrain precompute-ref`
             return batch["ref_chosen"].to(like.device), batch["ref_rejected"].to(like.device)
@@ -263,7 +257,7 @@ def make_accelerator(cfg: Config, policy):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    precision = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[cfg.model.policy_dtype]
+    precision = MIXED_PRECISION[cfg.model.policy_dtype]
     if precision == "fp16" and not torch.cuda.is_available():
         precision = "no"
     kwargs: dict[str, Any] = {}
@@ -278,7 +272,7 @@ def make_accelerator(cfg: Config, policy):
             auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=list(getattr(policy, "_no_split_modules", None) or []),
             state_dict_type="FULL_STATE_DICT", use_orig_params=True, sync_module_states=True,
-            mixed_precision_policy={k: DTYPE[mp] for k in ("param_dtype", "reduce_dtype", "buffer_dtype")} if mp else None)
+            mixed_precision_policy={k: torch_dtype(mp) for k in ("param_dtype", "reduce_dtype", "buffer_dtype")} if mp else None)
     return Accelerator(mixed_precision=precision, **kwargs)
 
 

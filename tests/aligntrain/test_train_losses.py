@@ -24,6 +24,16 @@ def test_registry_holds_the_preference_losses():
     assert set(PREFERENCE_LOSSES) == {"dpo", "ipo", "hinge"}
 
 
+def test_config_accepts_exactly_sft_and_the_registered_losses():
+    from typing import get_args, get_type_hints
+
+    from aligntrain.config import TASK_OF_LOSS, LossConfig
+
+    accepted = set(get_args(get_type_hints(LossConfig)["name"]))
+    assert accepted == {"sft"} | set(PREFERENCE_LOSSES)
+    assert set(TASK_OF_LOSS) == accepted
+
+
 def test_dpo_is_minus_log_sigmoid_of_the_scaled_margin():
     # -log sigmoid(1) = log(1 + e^-1), -log sigmoid(-1) = log(1 + e)
     expected = [math.log1p(math.exp(-1)), math.log1p(math.e)]
