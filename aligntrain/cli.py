@@ -1,9 +1,10 @@
 """The `aligntrain` command line: a thin layer over aligntrain's library functions.
 
-Exit codes: 0 done; 1 bad config or data (unknown/missing/mistyped key, shards that do not match the
-config or tokenizer, corrupted shards, invalid raw records); 2 usage (unknown option, missing file or
-directory argument) or an I/O error (a full disk while writing a checkpoint); 3 training stopped on a
-NaN/Inf loss (the last good checkpoint is kept).
+Exit codes (aligndata/errors.py, the same table as aligndata's): 0 done; 1 bad config or data (an
+unknown/missing/mistyped key, shards that do not match the config or tokenizer, invalid raw records);
+2 usage or I/O (unknown option, missing file or directory argument, shards missing or damaged, a
+tokenizer that cannot be loaded, a full disk while writing a checkpoint); 3 training stopped on a
+NaN/Inf loss (the last good checkpoint is kept); 130 interrupted.
 
 Overrides follow the seed project: `--overrides lr=2e-5 loss.beta=0.1 model.policy_dtype=bfloat16`.
 """
@@ -19,9 +20,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from aligndata.errors import EXIT_INPUT, EXIT_OK
+
 from .config import ConfigError, load_config
 
-EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_TRAINING = 0, 1, 2, 3
 
 app = typer.Typer(name="aligntrain", help="Train SFT / DPO on aligndata shards (seed-project configs work unchanged).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -52,42 +54,36 @@ def _overrides(ctx: typer.Context) -> list[str]:
     return items
 
 
-def _error_table() -> dict[type, tuple[int, Callable[[Exception], str]]]:
-    """One table: expected exception type -> exit code and one-line message."""
-    from aligndata.errors import InputError, InvalidRecordError
-    from aligndata.write.shards import ShardError
-    from aligndata.encode.tokenizer import TemplateError
+def _message(e: BaseException) -> str:
+    """The one line printed for an expected error."""
+    from aligndata.errors import InvalidRecordError, RunStopped, os_error_message
 
-    from .trainer import NonFiniteLossError
-
-    return {
-        ConfigError: (EXIT_DATA, str),
-        ShardError: (EXIT_DATA, str),
-        InvalidRecordError: (EXIT_DATA, lambda e: str(e).splitlines()[0] + " (first invalid record of the raw data)"),
-        InputError: (EXIT_USAGE, str),
-        TemplateError: (EXIT_DATA, str),
-        NonFiniteLossError: (EXIT_TRAINING, lambda e: f"{e}; the last good checkpoint is kept"),
-        # Last (the types above are not OSErrors): a full disk while saving; complete checkpoints stay intact.
-        OSError: (EXIT_USAGE, lambda e: f"{e.filename}: {e.strerror}" if e.filename else str(e)),
-    }
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(e, InvalidRecordError):
+        return str(e).splitlines()[0] + " (first invalid record of the raw data)"
+    if isinstance(e, RunStopped):
+        return f"{e}; the last good checkpoint is kept"
+    if isinstance(e, OSError):  # a full disk while saving: complete checkpoints stay intact
+        return os_error_message(e)
+    return str(e)
 
 
 def reported(command: Callable) -> Callable:
-    """Expected errors become `error: <one line>` and their exit code; anything else is a bug and raises."""
+    """Expected errors become `error: <one line>` and their exit code (aligndata.errors.exit_code, the table
+    both command lines share); anything else is a bug and raises."""
+    from aligndata.errors import exit_code
 
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except KeyboardInterrupt:
-            err.print("error: interrupted")
-            raise typer.Exit(130)
-        except Exception as e:
-            for kind, (code, message) in _error_table().items():
-                if isinstance(e, kind):
-                    err.print(f"error: {message(e)}", markup=False)
-                    raise typer.Exit(code)
-            raise
+        except BaseException as e:
+            code = exit_code(e)
+            if code is None:
+                raise
+            err.print(f"error: {_message(e)}", markup=False)
+            raise typer.Exit(code)
 
     return run
 
@@ -241,5 +237,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="aligntrain")
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_INPUT)
     return EXIT_OK

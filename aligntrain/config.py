@@ -29,6 +29,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from aligndata.errors import InvalidDataError
+
 from .losses import PREFERENCE_LOSSES
 
 # The dtype names a config accepts, each with accelerate's mixed-precision name; the name is also
@@ -42,7 +44,7 @@ SEED_ALIASES = {"output_dirs": "output_dir", "save_model_step": "save_every_step
 REQUIRED = ("exp_name", "model.name_or_path", "loss.name")
 
 
-class ConfigError(Exception):
+class ConfigError(InvalidDataError):
     """The config cannot be used: the message names the key and what to change."""
 
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from aligndata.write.shards import REF_COLUMNS, ShardError, open_split, read_manifest, verify_shards
+from aligndata.write.shards import REF_COLUMNS, ShardMismatch, open_split, read_manifest, verify_shards
 from aligndata.encode.tokenizer import tokenizer_identity
 
 from .config import Config
@@ -36,16 +36,16 @@ def check_shards(shards: str | Path, cfg: Config, tokenizer: Any, task: str) -> 
     manifest = read_manifest(shards)
     verify_shards(shards, manifest)
     if manifest["task"] != task:
-        raise ShardError(f"{shards}: shards were converted for task {manifest['task']!r}, but loss.name "
+        raise ShardMismatch(f"{shards}: shards were converted for task {manifest['task']!r}, but loss.name "
                          f"{cfg.loss.name!r} trains on {task!r} shards; convert with --to {task}")
     settings = manifest.get("settings", {})
     if settings.get("max_length") != cfg.max_length:
-        raise ShardError(f"{shards}: shards were converted with max_length={settings.get('max_length')} but the config "
+        raise ShardMismatch(f"{shards}: shards were converted with max_length={settings.get('max_length')} but the config "
                          f"says max_length={cfg.max_length}; re-convert with --max-length {cfg.max_length} "
                          f"or set max_length: {settings.get('max_length')}")
     differences = tokenizer_differences(manifest.get("tokenizer", {}), tokenizer)
     if differences:
-        raise ShardError(f"{shards}: shards were made with another tokenizer than {cfg.tokenizer_path!r}: "
+        raise ShardMismatch(f"{shards}: shards were made with another tokenizer than {cfg.tokenizer_path!r}: "
                          + "; ".join(differences))
     return manifest
 
@@ -97,7 +97,7 @@ def _lengths(table: pa.Table, column: str) -> np.ndarray:
 def total_steps(n_rows: int, cfg: Config) -> int:
     """Optimizer steps of the run: n_examples when set (rounded up, as the seed does), else n_epochs."""
     if n_rows < cfg.total_batch_size:
-        raise ShardError(f"the train split has {n_rows} rows, fewer than total_batch_size={cfg.total_batch_size}")
+        raise ShardMismatch(f"the train split has {n_rows} rows, fewer than total_batch_size={cfg.total_batch_size}")
     if cfg.n_examples is not None:
         return math.ceil(cfg.n_examples / cfg.total_batch_size)
     return (n_rows // cfg.total_batch_size) * cfg.n_epochs

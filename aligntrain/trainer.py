@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from aligndata.write.shards import ShardError
+from aligndata.errors import RunStopped
+from aligndata.write.shards import ShardMismatch
 
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_training_state, save_checkpoint
 from .config import MIXED_PRECISION, Config, ConfigError, to_yaml
@@ -36,7 +37,7 @@ PREFERENCE_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accura
                    "logps/chosen", "logps/rejected", "pairs", "input_tokens")
 
 
-class NonFiniteLossError(Exception):
+class NonFiniteLossError(RunStopped):
     """The loss or gradient norm became NaN/Inf; training stopped before the optimizer step."""
 
 
@@ -337,7 +338,7 @@ def _use_shard_reference(cfg: Config, manifest: dict[str, Any], train_split: Sha
     recorded = manifest["reference"]
     wanted = reference_identity(cfg)
     if recorded.get("sha256") != wanted["sha256"] or recorded.get("dtype") != wanted["dtype"]:
-        raise ShardError(f"the shards carry reference log-probs of {recorded.get('model')!r} "
+        raise ShardMismatch(f"the shards carry reference log-probs of {recorded.get('model')!r} "
                          f"(dtype {recorded.get('dtype')}, sha256 {str(recorded.get('sha256'))[:12]}), not of the "
                          f"configured reference {wanted['model']!r} (dtype {wanted['dtype']}, sha256 "
                          f"{wanted['sha256'][:12]}); re-run `aligntrain precompute-ref` or set "

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
-from aligndata.errors import InputError
+from aligndata.errors import InputError, InvalidDataError
 from aligndata.write.atomic import atomic_write_text, fsync_dir
 
 FORMAT_VERSION = 1
@@ -61,7 +61,12 @@ def list_columns(schema: pa.Schema) -> dict[str, Any]:
 
 
 class ShardError(InputError):
-    """Shards are missing, incomplete, corrupted or do not match what the caller expects."""
+    """Shards are missing, incomplete or damaged: they cannot be read (exit code 2)."""
+
+
+class ShardMismatch(ShardError, InvalidDataError):
+    """Readable shards that do not fit what the caller needs: another task, length, tokenizer or reference
+    model (exit code 1, a data error: re-convert, or change the config)."""
 
 
 def count_tokens(task: str, lengths: dict[str, int]) -> int:

@@ -141,7 +141,7 @@ def test_damaged_shard_is_detected_by_aligntrain_at_start(tmp_path, capsys, tiny
         shard.unlink()
     cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run")
     code, err = aligntrain(capsys, "sft", shards, cfg)
-    assert code == 1
+    assert code == 2  # damaged input (as in aligndata); shards that do not fit the config are exit 1
     problem = "shard listed in the manifest is missing" if damage == "delete" else "checksum mismatch"
     assert err.startswith(f"error: {shard}: {problem}")
     assert len(err.splitlines()) == 1
@@ -233,7 +233,7 @@ def test_manifest_shard_path_outside_the_directory_is_refused(tmp_path, capsys, 
         verify_shards(shards)
     cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run")
     code, err = aligntrain(capsys, "sft", shards, cfg)
-    assert (code, err) == (1, f"error: {shards}/{MANIFEST}: shard path {rel!r} escapes the shard directory\n")
+    assert (code, err) == (2, f"error: {shards}/{MANIFEST}: shard path {rel!r} escapes the shard directory\n")
 
 
 @pytest.mark.parametrize("exp_name", ["../../escaped", "/tmp/escaped", "runs/../../escaped"])
