@@ -1,23 +1,34 @@
 """Models: load the policy and the frozen reference, seed archives, and completion log-probs.
 
+Batches are packed (data.collate): one stream of tokens [1, T] with per-sequence position ids and no
+padding. Attention follows a mask rule over the stream (`attention_mask`): causal, within one row,
+and a DPO completion never sees the other completion of its pair. On CUDA the rule becomes a flex
+attention block mask (only the blocks it allows are computed); elsewhere a dense boolean mask for
+SDPA: the same rule, the same numbers up to the kernels' rounding.
+
 Log-probs are computed on completion tokens only. The decoder runs once; the hidden states of the
 positions that predict a trained token are gathered ([N, H]) and pushed through the LM head in
 chunks of `chunk_tokens` rows. Each chunk is checkpointed, so neither the forward nor the backward
-ever holds more than [chunk, vocab] logits, and no [batch, seq, vocab] float32 tensor exists:
+ever holds more than [chunk, vocab] logits, and no [tokens, vocab] float32 tensor exists:
 
     log p(y_t) = logit[y_t] - logsumexp(logits)      (logits in the model's dtype, lse in float32)
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import Config, ConfigError
+
+PACKED_ATTENTION = "aligntrain_packed"  # the attention implementation SequenceLogps switches its model to
+MODEL_INPUTS = ("input_ids", "position_ids", "doc", "branch", "sources", "targets", "counts")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -33,43 +44,90 @@ def compute_autocast(policy_dtype: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch_dtype(policy_dtype))
 
 
-def trained_positions(loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T-1] bool: position t-1 predicts token t, trained when t is a real loss-mask token.
-    Position 0 has no context and is never trained."""
-    return loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
+# -- attention over a packed stream -----------------------------------------------------------------
+
+def attention_mask(doc: torch.Tensor, branch: torch.Tensor):
+    """Who may attend to whom in a packed stream: key k is visible from query q when both are in the
+    same row, k <= q, and k is shared (branch 0) or on q's own branch. A flex BlockMask on CUDA, a
+    dense [1, 1, T, T] boolean mask elsewhere."""
+
+    def visible(b, h, q, k):
+        return (doc[q] == doc[k]) & (k <= q) & ((branch[k] == 0) | (branch[k] == branch[q]))
+
+    n = doc.shape[0]
+    if doc.is_cuda and flex_attention() is not None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        return create_block_mask(visible, None, None, n, n, device=doc.device)
+    i = torch.arange(n, device=doc.device)
+    return visible(None, None, i[:, None], i[None, :])[None, None]
+
+
+@functools.cache
+def flex_attention():
+    """torch's flex attention, compiled once per process (None where this torch has none)."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+    except ImportError:
+        return None
+    return torch.compile(flex)
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A transformers attention function: query [B, Hq, T, D], key/value [B, Hkv, T, D] -> [B, T, Hq, D]."""
+    gqa = query.shape[1] != key.shape[1]
+    if isinstance(attention_mask, torch.Tensor):
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+    else:
+        out = flex_attention()(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
 
 
 class SequenceLogps(nn.Module):
-    """A causal LM whose forward returns, per sequence, the summed log-probs of its trained tokens.
+    """A causal LM whose forward returns, per sequence of a packed batch, the summed log-probs of its
+    trained tokens: forward(**{k: batch[k] for k in MODEL_INPUTS}) -> (logps [S] float32, counts [S]).
 
-    forward(input_ids [B, T], attention_mask [B, T], loss_mask [B, T]) -> (logps [B] float32, tokens [B])
-    Token t is trained when loss_mask[t] == 1 and t > 0; it is predicted from tokens < t.
-    Accelerate wraps this module (not the bare LM), so autocast and FSDP see one root forward.
+    The wrapped model is switched to the packed attention. Accelerate wraps this module (not the
+    bare LM), so autocast and FSDP see one root forward.
     """
 
     def __init__(self, lm: nn.Module, chunk_tokens: int = 1024):
+        from transformers import AttentionInterface
+
         super().__init__()
+        config = lm.config
+        kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            raise ConfigError(f"model.name_or_path: layer types {sorted(kinds)}: only full-attention models "
+                              "can be trained on packed batches")
+        AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+        lm.set_attn_implementation(PACKED_ATTENTION)
         self.lm = lm
         self.chunk_tokens = chunk_tokens
-        config = lm.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
         # Heads that rescale logits in their own forward: we cannot apply their lm_head alone.
         self.plain_head = not any(getattr(config, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling"))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor):
-        predict = trained_positions(loss_mask, attention_mask)  # [B, T-1]
-        targets = input_ids[:, 1:][predict]  # [N], row by row
+    def forward(self, input_ids, position_ids, doc, branch, sources, targets, counts):
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False,
+                  "attention_mask": attention_mask(doc, branch)}  # 4D: transformers takes it as given
         if self.plain_head:
-            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-            hidden = hidden[:, :-1][predict]  # [N, H]
-            token_logps = chunked_token_logps(hidden, targets, self.lm.get_output_embeddings(), self.chunk_tokens, self.softcap)
+            hidden = self.lm.base_model(**inputs)[0][0]  # [T, H]
+            token_logps = chunked_token_logps(hidden[sources], targets, self.lm.get_output_embeddings(),
+                                              self.chunk_tokens, self.softcap)
         else:
-            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            token_logps = gathered_token_logps(logits[:, :-1][predict], targets, self.chunk_tokens)
-        # scatter into [B, T-1] and reduce per row: deterministic on GPU, unlike an atomic index_add
-        per_position = torch.zeros(predict.shape, dtype=torch.float32, device=input_ids.device)
-        per_position = per_position.masked_scatter(predict, token_logps)
-        return per_position.sum(dim=1), predict.sum(dim=1)
+            logits = self.lm(**inputs).logits[0]
+            token_logps = gathered_token_logps(logits[sources], targets, self.chunk_tokens)
+        return per_sequence_sums(token_logps, counts), counts
+
+
+def per_sequence_sums(token_logps: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[N] values grouped by sequence (counts [S]) -> [S] sums. Scattered into [S, longest] and reduced
+    row by row: deterministic on GPU, unlike an atomic index_add."""
+    width = int(counts.max()) if counts.numel() else 0
+    slots = torch.arange(width, device=counts.device)[None, :] < counts[:, None]
+    rows = torch.zeros(slots.shape, dtype=torch.float32, device=token_logps.device)
+    return rows.masked_scatter(slots, token_logps).sum(dim=1)
 
 
 def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int,
@@ -149,10 +207,10 @@ class Reference:
         self.device = device
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-        """[B] float32 summed log-probs of the trained tokens of each sequence."""
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[S] float32 summed log-probs of the trained tokens of each sequence of a packed batch."""
         with compute_autocast(self.policy_dtype, self.device):
-            return self.model(input_ids, attention_mask, loss_mask)[0]
+            return self.model(**{k: batch[k] for k in MODEL_INPUTS})[0]
 
 
 def disable_dropout(model: nn.Module) -> None:
