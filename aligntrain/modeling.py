@@ -1,10 +1,10 @@
 """Models: load the policy and the frozen reference, seed archives, and completion log-probs.
 
 Batches are packed (data.collate): one stream of tokens [1, T] with per-sequence position ids and no
-padding. Attention follows a mask rule over the stream (`attention_mask`): causal, within one row,
-and a DPO completion never sees the other completion of its pair. On CUDA the rule becomes a flex
-attention block mask (only the blocks it allows are computed); elsewhere a dense boolean mask for
-SDPA: the same rule, the same numbers up to the kernels' rounding.
+padding. Attention follows a mask rule over the stream (`visible`): causal, within one row, and a
+DPO completion never sees the other completion of its pair. On CUDA the rule becomes a flex
+attention block mask (only the blocks it allows are computed); elsewhere SDPA runs row by row with
+the rule as a dense mask: the same numbers up to the kernels' rounding.
 
 Log-probs are computed on completion tokens only. The decoder runs once; the hidden states of the
 positions that predict a trained token are gathered ([N, H]) and pushed through the LM head in
@@ -46,21 +46,22 @@ def compute_autocast(policy_dtype: str, device: torch.device):
 
 # -- attention over a packed stream -----------------------------------------------------------------
 
+def visible(doc: torch.Tensor, branch: torch.Tensor, q, k):
+    """The mask rule of a packed stream: key k is visible from query q when both are in the same row,
+    k <= q, and k is shared (branch 0) or on q's own branch. q and k: indices, broadcast together."""
+    return (doc[q] == doc[k]) & (k <= q) & ((branch[k] == 0) | (branch[k] == branch[q]))
+
+
 def attention_mask(doc: torch.Tensor, branch: torch.Tensor):
-    """Who may attend to whom in a packed stream: key k is visible from query q when both are in the
-    same row, k <= q, and k is shared (branch 0) or on q's own branch. A flex BlockMask on CUDA, a
-    dense [1, 1, T, T] boolean mask elsewhere."""
-
-    def visible(b, h, q, k):
-        return (doc[q] == doc[k]) & (k <= q) & ((branch[k] == 0) | (branch[k] == branch[q]))
-
+    """The mask that `packed_attention` reads (handed down as the keyword `packed_mask`: transformers
+    passes extra keywords through to the attention function untouched): a flex BlockMask on CUDA;
+    elsewhere the rule's inputs themselves, [2, T] (doc, branch), for `row_attention`."""
     n = doc.shape[0]
     if doc.is_cuda and flex_attention() is not None:
         from torch.nn.attention.flex_attention import create_block_mask
 
-        return create_block_mask(visible, None, None, n, n, device=doc.device)
-    i = torch.arange(n, device=doc.device)
-    return visible(None, None, i[:, None], i[None, :])[None, None]
+        return create_block_mask(lambda b, h, q, k: visible(doc, branch, q, k), None, None, n, n, device=doc.device)
+    return torch.stack([doc.long(), branch.long()])
 
 
 @functools.cache
@@ -73,14 +74,38 @@ def flex_attention():
     return torch.compile(flex)
 
 
-def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """A transformers attention function: query [B, Hq, T, D], key/value [B, Hkv, T, D] -> [B, T, Hq, D]."""
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_mask=None, **kwargs):
+    """A transformers attention function: query [1, Hq, T, D], key/value [1, Hkv, T, D] -> [1, T, Hq, D].
+    transformers' own attention_mask is None here (it builds none for an attention it does not know)."""
+    if packed_mask is None:
+        raise RuntimeError("packed attention without its mask: call the model through SequenceLogps")
     gqa = query.shape[1] != key.shape[1]
-    if isinstance(attention_mask, torch.Tensor):
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        # autocast leaves flex attention alone, and rotary embeddings computed against float32 master
+        # weights hand it float32 queries: cast as autocast casts SDPA's inputs
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if isinstance(packed_mask, torch.Tensor):
+        out = row_attention(query, key, value, packed_mask, scaling, gqa)
     else:
-        out = flex_attention()(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+        out = flex_attention()(query, key, value, block_mask=packed_mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
+
+
+def row_attention(query, key, value, rule: torch.Tensor, scaling, gqa: bool) -> torch.Tensor:
+    """The fallback without flex attention: SDPA row by row, each with its own [n, n] mask, so the cost
+    stays that of the rows and not of the whole stream squared."""
+    doc, branch = rule
+    out, start = [], 0
+    for n in torch.unique_consecutive(doc, return_counts=True)[1].tolist():
+        i = torch.arange(n, device=doc.device)
+        mask = visible(doc[start:start + n], branch[start:start + n], i[:, None], i[None, :])
+        rows = slice(start, start + n)
+        out.append(F.scaled_dot_product_attention(query[:, :, rows], key[:, :, rows], value[:, :, rows],
+                                                  attn_mask=mask, scale=scaling, enable_gqa=gqa))
+        start += n
+    return torch.cat(out, dim=2)
 
 
 class SequenceLogps(nn.Module):
@@ -110,7 +135,7 @@ class SequenceLogps(nn.Module):
 
     def forward(self, input_ids, position_ids, doc, branch, sources, targets, counts):
         inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False,
-                  "attention_mask": attention_mask(doc, branch)}  # 4D: transformers takes it as given
+                  "packed_mask": attention_mask(doc, branch)}
         if self.plain_head:
             hidden = self.lm.base_model(**inputs)[0][0]  # [T, H]
             token_logps = chunked_token_logps(hidden[sources], targets, self.lm.get_output_embeddings(),
@@ -119,6 +144,23 @@ class SequenceLogps(nn.Module):
             logits = self.lm(**inputs).logits[0]
             token_logps = gathered_token_logps(logits[sources], targets, self.chunk_tokens)
         return per_sequence_sums(token_logps, counts), counts
+
+
+def batch_flops(config, batch: dict[str, torch.Tensor], passes: float) -> float:
+    """Model FLOPs of a packed batch, counting useful work only: 2 per weight per forwarded token (the
+    body without the embedding table), the LM head on trained tokens, and attention over exactly the
+    keys each query sees (its position + 1: a DPO completion sees its prompt and itself). `passes`: 3
+    for forward + backward, 1 for a forward."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    mlp = 3 * hidden * config.intermediate_size
+    attn_weights = hidden * head_dim * (2 * config.num_attention_heads + 2 * kv)
+    tokens = batch["input_ids"].numel()
+    keys = float((batch["position_ids"].double() + 1).sum())
+    per_pass = (2 * layers * (mlp + attn_weights) * tokens + 2 * hidden * config.vocab_size * batch["targets"].numel()
+                + 4 * layers * config.num_attention_heads * head_dim * keys)
+    return passes * per_pass
 
 
 def per_sequence_sums(token_logps: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -150,14 +192,24 @@ def _head_logps(head: nn.Module, h: torch.Tensor, t: torch.Tensor, softcap: floa
     logits = head(h)  # [n, V], model dtype
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    picked = logits.gather(-1, t[:, None]).squeeze(-1).float()
+    return (fused_logps() if logits.is_cuda else picked_logps)(logits, t)
+
+
+def picked_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logit[target] - logsumexp(logits) per row, in float32. [n, V], [n] -> [n]."""
+    picked = logits.gather(-1, targets[:, None]).squeeze(-1).float()
     return picked - torch.logsumexp(logits.float(), dim=-1)
+
+
+@functools.cache
+def fused_logps():
+    """picked_logps compiled: on the GPU it reads the bf16 logits once instead of writing a float32 copy."""
+    return torch.compile(picked_logps, dynamic=True)
 
 
 def gathered_token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
     """Fallback for heads with their own scaling: selected logits [N, V] (model dtype), lse per chunk."""
-    out = [logits[s:s + chunk].gather(-1, targets[s:s + chunk, None]).squeeze(-1).float()
-           - torch.logsumexp(logits[s:s + chunk].float(), dim=-1) for s in range(0, logits.shape[0], chunk)]
+    out = [picked_logps(logits[s:s + chunk], targets[s:s + chunk]) for s in range(0, logits.shape[0], chunk)]
     return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
 
 

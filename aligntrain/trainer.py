@@ -28,7 +28,7 @@ from .config import MIXED_PRECISION, Config, ConfigError, to_yaml
 from .data import ShardSplit, check_shards, collate, eval_batches, micro_batches, process_share, step_indices, total_steps
 from .losses import PREFERENCE_LOSSES, PairLogps, preference_rewards, sft_loss
 from .metrics import MetricsLogger
-from .modeling import MODEL_INPUTS, Reference, SequenceLogps, load_archive, load_causal_lm, load_tokenizer, torch_dtype
+from .modeling import MODEL_INPUTS, Reference, batch_flops, SequenceLogps, load_archive, load_causal_lm, load_tokenizer, torch_dtype
 from .precompute import reference_identity
 
 PREFERENCE_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -79,9 +79,13 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
     accelerator = make_accelerator(cfg, policy)
     world, rank = accelerator.num_processes, accelerator.process_index
     check_batch_geometry(cfg, world)
+    if world == 1:
+        policy.to(accelerator.device)  # before the optimizer, so that it can take its fused CUDA kernel
     optimizer = build_optimizer(cfg, policy)
     scheduler = build_scheduler(cfg, optimizer, steps)
     model, optimizer = accelerator.prepare(SequenceLogps(policy, cfg.logprob_chunk_tokens), optimizer)
+    objective_flops = FlopCounter(policy.config, with_reference=cfg.task == "dpo" and not cfg.loss.reference_free
+                                  and not use_shard_reference)
     reference = None
     if cfg.task == "dpo" and not cfg.loss.reference_free and not use_shard_reference:
         reference = Reference(cfg, accelerator.device)
@@ -110,7 +114,8 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
             rows = process_share(step_indices(step, len(train_split), cfg.total_batch_size, cfg.seed), rank, world)
             parts = micro_batches(rows, train_split.widths, cfg.gradient_accumulation_steps, cfg.tokens_per_batch)
             batches = [collate(train_split.rows(p), cfg.task) for p in parts]
-            metrics = train_step(step + 1, model, objective, optimizer, scheduler, batches, cfg, accelerator)
+            metrics = train_step(step + 1, model, objective, optimizer, scheduler, batches, cfg, accelerator,
+                                 objective_flops)
             result.train_metrics = metrics
             result.history.append(metrics)
             log.log(step + 1, "train", metrics, show=(step + 1) % cfg.log_every_steps == 0 or step + 1 == steps)
@@ -129,7 +134,7 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
 
 
 def train_step(step: int, model, objective: "Objective", optimizer, scheduler, batches: list[dict[str, torch.Tensor]],
-               cfg: Config, accelerator) -> dict[str, float]:
+               cfg: Config, accelerator, flops: "FlopCounter | None" = None) -> dict[str, float]:
     """One optimizer step over this process's micro-batches; returns the step's global metrics."""
     started = time.perf_counter()
     model.train()
@@ -142,8 +147,10 @@ def train_step(step: int, model, objective: "Objective", optimizer, scheduler, b
             loss, batch_sums = objective(model, _to_device(batch, accelerator.device), count)
             accelerator.backward(loss * world)
         sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}
+    sums["flops"] = torch.tensor(sum(flops(b) for b in batches) if flops else 0.0)
     totals = _all_reduce(sums, accelerator)
     metrics = objective.finish(totals)
+    step_flops = totals.pop("flops")
     if not math.isfinite(metrics["loss"]):
         raise NonFiniteLossError(f"loss is {metrics['loss']} at step {step}; stopped before the optimizer step")
     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf")))
@@ -156,6 +163,9 @@ def train_step(step: int, model, objective: "Objective", optimizer, scheduler, b
     seconds = time.perf_counter() - started
     metrics.update({"grad_norm": grad_norm, "lr": lr, "examples_per_s": cfg.total_batch_size / seconds,
                     "tokens_per_s": totals["input_tokens"] / seconds})
+    peak = peak_flops(accelerator.device)
+    if peak and step_flops:
+        metrics["mfu"] = step_flops / seconds / (peak * world)
     return metrics
 
 
@@ -171,6 +181,25 @@ def evaluate(model, objective: "Objective", split: ShardSplit, cfg: Config, acce
         _, batch_sums = objective(model, _to_device(batch, accelerator.device))
         sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}
     return objective.finish(_all_reduce(sums, accelerator))
+
+
+class FlopCounter:
+    """Model FLOPs of a training micro-batch: the policy's forward and backward, the live reference's forward."""
+
+    def __init__(self, config, with_reference: bool):
+        self.config = config
+        self.passes = 3.0 + (1.0 if with_reference else 0.0)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> float:
+        return batch_flops(self.config, batch, self.passes)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the card, where known (H100 and H200 SXM: 989 TFLOP/s), for the MFU metric."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return 989e12 if ("H100" in name or "H200" in name) else None
 
 
 class Objective:
@@ -306,7 +335,9 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return OPTIMIZERS[cfg.optimizer]([g for g in groups if g["params"]], lr=cfg.lr)
+    # the fused CUDA kernel: one launch per step instead of several per parameter
+    fused = {"fused": True} if cfg.optimizer in ("AdamW", "Adam") and params and all(p.is_cuda for p in params) else {}
+    return OPTIMIZERS[cfg.optimizer]([g for g in groups if g["params"]], lr=cfg.lr, **fused)
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:

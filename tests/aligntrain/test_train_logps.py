@@ -7,7 +7,7 @@ import torch
 from trainer_fixtures import simple_sequence_logps, tiny_model  # noqa: F401  (pytest fixture)
 
 from aligntrain.data import collate
-from aligntrain.modeling import MODEL_INPUTS, SequenceLogps, attention_mask, load_causal_lm
+from aligntrain.modeling import MODEL_INPUTS, SequenceLogps, load_causal_lm, visible
 
 
 def sft_rows():
@@ -72,7 +72,8 @@ def test_dpo_prompt_is_forwarded_once_and_completions_do_not_see_each_other():
     assert b["counts"].tolist() == [3, 1, 1, 2]
     assert b["sources"].tolist() == [1, 2, 3, 6, 1, 6, 8]
     assert b["targets"].tolist() == [3, 4, 5, 8, 6, 9, 9]
-    mask = attention_mask(b["doc"], b["branch"])[0, 0]
+    i = torch.arange(10)
+    mask = visible(b["doc"], b["branch"], i[:, None], i[None, :])
     assert mask[5].nonzero().flatten().tolist() == [0, 1, 5]  # rejected sees the prompt, not chosen
     assert mask[4].nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
     assert mask[9].nonzero().flatten().tolist() == [6, 8, 9]  # next row: its own prompt only
