@@ -52,16 +52,30 @@ def visible(doc: torch.Tensor, branch: torch.Tensor, q, k):
     return (doc[q] == doc[k]) & (k <= q) & ((branch[k] == 0) | (branch[k] == branch[q]))
 
 
-def attention_mask(doc: torch.Tensor, branch: torch.Tensor):
+def attention_mask(doc: torch.Tensor, branch: torch.Tensor, kernel: str = "flex"):
     """The mask that `packed_attention` reads (handed down as the keyword `packed_mask`: transformers
-    passes extra keywords through to the attention function untouched): a flex BlockMask on CUDA;
-    elsewhere the rule's inputs themselves, [2, T] (doc, branch), for `row_attention`."""
+    passes extra keywords through to the attention function untouched): a flex BlockMask on CUDA with
+    kernel "flex"; otherwise each row's span and mask for `row_attention`."""
     n = doc.shape[0]
-    if doc.is_cuda and flex_attention() is not None:
+    if kernel == "flex" and doc.is_cuda and flex_attention() is not None:
         from torch.nn.attention.flex_attention import create_block_mask
 
         return create_block_mask(lambda b, h, q, k: visible(doc, branch, q, k), None, None, n, n, device=doc.device)
-    return torch.stack([doc.long(), branch.long()])
+    return row_masks(doc, branch)
+
+
+def row_masks(doc: torch.Tensor, branch: torch.Tensor) -> list[tuple[slice, torch.Tensor | None]]:
+    """Each row's slice of the stream with its [n, n] mask; None for a row of one branch (plain causal)."""
+    branched = set(doc[branch != 0].unique().tolist())
+    out, start = [], 0
+    for row, n in zip(*(t.tolist() for t in torch.unique_consecutive(doc, return_counts=True))):
+        mask = None
+        if row in branched:
+            i = torch.arange(n, device=doc.device)
+            mask = visible(doc[start:start + n], branch[start:start + n], i[:, None], i[None, :])
+        out.append((slice(start, start + n), mask))
+        start += n
+    return out
 
 
 @functools.cache
@@ -86,25 +100,19 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         # weights hand it float32 queries: cast as autocast casts SDPA's inputs
         dtype = torch.get_autocast_dtype(device)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    if isinstance(packed_mask, torch.Tensor):
+    if isinstance(packed_mask, list):
         out = row_attention(query, key, value, packed_mask, scaling, gqa)
     else:
         out = flex_attention()(query, key, value, block_mask=packed_mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
 
 
-def row_attention(query, key, value, rule: torch.Tensor, scaling, gqa: bool) -> torch.Tensor:
-    """The fallback without flex attention: SDPA row by row, each with its own [n, n] mask, so the cost
-    stays that of the rows and not of the whole stream squared."""
-    doc, branch = rule
-    out, start = [], 0
-    for n in torch.unique_consecutive(doc, return_counts=True)[1].tolist():
-        i = torch.arange(n, device=doc.device)
-        mask = visible(doc[start:start + n], branch[start:start + n], i[:, None], i[None, :])
-        rows = slice(start, start + n)
-        out.append(F.scaled_dot_product_attention(query[:, :, rows], key[:, :, rows], value[:, :, rows],
-                                                  attn_mask=mask, scale=scaling, enable_gqa=gqa))
-        start += n
+def row_attention(query, key, value, rows: list[tuple[slice, torch.Tensor | None]], scaling, gqa: bool) -> torch.Tensor:
+    """Attention without flex: SDPA row by row (`row_masks`), so the cost stays that of the rows and not
+    of the whole stream squared; rows of one branch take SDPA's own causal kernel."""
+    out = [F.scaled_dot_product_attention(query[:, :, span], key[:, :, span], value[:, :, span], attn_mask=mask,
+                                          is_causal=mask is None, scale=scaling, enable_gqa=gqa)
+           for span, mask in rows]
     return torch.cat(out, dim=2)
 
 
@@ -112,11 +120,12 @@ class SequenceLogps(nn.Module):
     """A causal LM whose forward returns, per sequence of a packed batch, the summed log-probs of its
     trained tokens: forward(**{k: batch[k] for k in MODEL_INPUTS}) -> (logps [S] float32, counts [S]).
 
-    The wrapped model is switched to the packed attention. Accelerate wraps this module (not the
+    The wrapped model is switched to the packed attention; `attention` "flex" takes flex attention on
+    CUDA, "rows" SDPA row by row (what runs anywhere else). Accelerate wraps this module (not the
     bare LM), so autocast and FSDP see one root forward.
     """
 
-    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024):
+    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, attention: str = "flex"):
         from transformers import AttentionInterface
 
         super().__init__()
@@ -129,13 +138,14 @@ class SequenceLogps(nn.Module):
         lm.set_attn_implementation(PACKED_ATTENTION)
         self.lm = lm
         self.chunk_tokens = chunk_tokens
+        self.attention = attention
         self.softcap = getattr(config, "final_logit_softcapping", None)
         # Heads that rescale logits in their own forward: we cannot apply their lm_head alone.
         self.plain_head = not any(getattr(config, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling"))
 
     def forward(self, input_ids, position_ids, doc, branch, sources, targets, counts):
         inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False,
-                  "packed_mask": attention_mask(doc, branch)}
+                  "packed_mask": attention_mask(doc, branch, self.attention)}
         if self.plain_head:
             hidden = self.lm.base_model(**inputs)[0][0]  # [T, H]
             token_logps = chunked_token_logps(hidden[sources], targets, self.lm.get_output_embeddings(),
@@ -254,7 +264,7 @@ class Reference:
                             trainable=False)
         if cfg.model.archive:
             load_archive(lm, cfg.model.archive)
-        self.model = SequenceLogps(lm, cfg.logprob_chunk_tokens).to(device)
+        self.model = SequenceLogps(lm, cfg.logprob_chunk_tokens, cfg.model.packed_attention).to(device)
         self.policy_dtype = cfg.model.policy_dtype
         self.device = device
 

@@ -83,7 +83,7 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
         policy.to(accelerator.device)  # before the optimizer, so that it can take its fused CUDA kernel
     optimizer = build_optimizer(cfg, policy)
     scheduler = build_scheduler(cfg, optimizer, steps)
-    model, optimizer = accelerator.prepare(SequenceLogps(policy, cfg.logprob_chunk_tokens), optimizer)
+    model, optimizer = accelerator.prepare(SequenceLogps(policy, cfg.logprob_chunk_tokens, cfg.model.packed_attention), optimizer)
     objective_flops = FlopCounter(policy.config, with_reference=cfg.task == "dpo" and not cfg.loss.reference_free
                                   and not use_shard_reference)
     reference = None

@@ -141,7 +141,7 @@ def run_ours(args: argparse.Namespace) -> dict:
         "max_prompt_length": args.max_length // 2 if args.mode == "dpo" else None,
         "n_examples": args.bs * args.steps, "activation_checkpointing": bool(args.gc),
         "model": {"name_or_path": str(work / "model"), "tokenizer_name_or_path": str(work / "tokenizer"),
-                  "policy_dtype": dtype, "reference_dtype": dtype},
+                  "policy_dtype": dtype, "reference_dtype": dtype, "packed_attention": args.packed_attention},
         "loss": {"name": args.mode, "beta": 0.1}, "output_dir": str(work / "run"), "log_every_steps": 10 ** 6,
     }))
     cfg = load_config(cfg_path)
@@ -200,6 +200,7 @@ def main() -> None:
     ap.add_argument("--gc", type=int, default=0, help="activation checkpointing, both sides")
     ap.add_argument("--anchor", default=str(ANCHOR), help="path of trl_anchor.py")
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--packed-attention", default="flex", choices=["flex", "rows"], help="model.packed_attention of ours")
     ap.add_argument("--profile", help="write a torch.profiler table of our first timed step to this file")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -216,6 +217,7 @@ def main() -> None:
     for mode, shape, bs, trl_mode, trl_bs in rows:
         common = ["--shape", shape, "--steps", str(args.steps), "--warm", str(args.warm), "--gc", str(args.gc)]
         profile = ["--profile", f"{args.profile}.{mode}.{shape}"] if args.profile else []
+        profile += ["--packed-attention", args.packed_attention]
         ours = child_result([sys.executable, __file__, "--child", "--mode", mode, "--bs", str(bs), "--max-length",
                              str(args.max_length)] + common + profile, f"aligntrain {mode} {shape}")
         trl = None

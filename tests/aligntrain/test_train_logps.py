@@ -99,3 +99,24 @@ def test_bf16_autocast_stays_close_to_float32(tiny_model):
             low, _ = packed(model, dpo_rows(), "dpo")
     assert low.dtype == torch.float32
     assert torch.allclose(low, exact, rtol=2e-2, atol=0.2)
+
+
+def test_packed_attention_refuses_to_run_without_its_mask(tiny_model):
+    lm = load_causal_lm(tiny_model, "float32")
+    SequenceLogps(lm)
+    with pytest.raises(RuntimeError, match="without its mask"):
+        lm(input_ids=torch.tensor([[5, 6, 7]]))
+
+
+def test_flops_count_a_shared_prompt_once():
+    from types import SimpleNamespace
+
+    from aligntrain.modeling import batch_flops
+
+    config = SimpleNamespace(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                             intermediate_size=16, vocab_size=100, head_dim=4)
+    b = collate([{"prompt_ids": [1, 2], "chosen_ids": [3, 4, 5], "rejected_ids": [6]}], "dpo")
+    weights = 3 * 8 * 16 + 8 * 4 * (2 * 2 + 2 * 1)  # MLP + attention projections per layer
+    keys = sum(p + 1 for p in [0, 1, 2, 3, 4, 2])  # each token sees its position + 1 keys
+    expected = 2 * 2 * weights * 6 + 2 * 8 * 100 * 4 + 4 * 2 * 2 * 4 * keys
+    assert batch_flops(config, b, passes=1) == expected
