@@ -180,6 +180,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     on_peak_card = torch.cuda.is_available() and any(k in torch.cuda.get_device_name() for k in ("H100", "H200"))
     return {"secs": round(secs, 3), "items_per_s": round(items / secs, 2),
             "flops_per_token": sum(flops) / (items * per_item),
+            "step_s": [round(b - a, 3) for a, b in zip(times[args.warm - 1:], times[args.warm:])],
             "mfu": round(sum(flops) / secs / PEAK_FLOPS, 4) if on_peak_card else None,
             "tokens_per_s": round(items * per_item / secs, 1), "mean_tokens_per_item": round(per_item, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None,
