@@ -63,8 +63,7 @@ class ModelConfig:
     policy_dtype: DtypeName = "float32"  # bfloat16/float16 = mixed precision
     reference_dtype: DtypeName = "float32"  # the frozen reference's weights
     fsdp_policy_mp: DtypeName | None = None  # seed key: FSDP param dtype
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # what the model is loaded with (generate)
-    packed_attention: Literal["flex", "rows"] = "flex"  # training on CUDA: flex attention, or SDPA row by row
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
 @dataclass

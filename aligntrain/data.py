@@ -1,10 +1,10 @@
-"""From shards to packed micro-batches: checks, deterministic order, process split, token budget.
+"""From shards to padded micro-batches: checks, deterministic order, process split, token budget.
 
     shards/ --check_shards--> manifest --open_split--> ShardSplit (memory-mapped, never loaded whole)
       step s --step_indices--> total_batch_size rows (epoch permutation, a pure function of seed/epoch)
              --process_share--> this process's contiguous share
              --micro_batches--> gradient_accumulation_steps equal parts, or parts under a token budget
-             --ShardSplit.rows + collate--> one packed stream of tokens, no padding (see `collate`)
+             --ShardSplit.rows + collate--> padded tensors
 
 Because a step's rows depend only on (seed, step), resuming at step s needs no saved sampler state.
 Each epoch drops its last incomplete batch, as the seed project does.
@@ -67,8 +67,7 @@ def pad_token_id(tokenizer: Any) -> int:
 # -- a split of shards ----------------------------------------------------------------------------
 
 class ShardSplit:
-    """One split as a memory-mapped table, with each row's packed size (tokens forwarded) precomputed
-    from list offsets: SFT its sequence, DPO prompt + chosen + rejected (the prompt once)."""
+    """One split as a memory-mapped table, with each row's padded width precomputed from list offsets."""
 
     def __init__(self, shards: str | Path, split: str, manifest: dict[str, Any]):
         self.table: pa.Table = open_split(shards, split, manifest)
@@ -77,7 +76,8 @@ class ShardSplit:
         if self.task == "sft":
             self.widths = _lengths(self.table, "input_ids")
         else:
-            self.widths = sum(_lengths(self.table, c) for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
+            prompt = _lengths(self.table, "prompt_ids")
+            self.widths = prompt + np.maximum(_lengths(self.table, "chosen_ids"), _lengths(self.table, "rejected_ids"))
         self.has_reference = all(c in self.table.column_names for c in REF_COLUMNS)
 
     def __len__(self) -> int:
@@ -118,23 +118,24 @@ def process_share(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray
     return np.array_split(indices, world_size)[rank]
 
 
-def micro_batches(indices: np.ndarray, widths: np.ndarray, parts: int, tokens_per_batch: int | None) -> list[np.ndarray]:
+def micro_batches(indices: np.ndarray, widths: np.ndarray, parts: int, tokens_per_batch: int | None,
+                  sequences_per_row: int) -> list[np.ndarray]:
     """Split a process's rows into micro-batches, keeping their order (no sorting by length).
 
     Without a budget: `parts` equal parts. With `tokens_per_batch`: greedy, a micro-batch grows while
-    its packed size (the sum of its rows' widths) stays within the budget; a row longer than the
-    budget goes alone.
+    its padded size (sequences x longest row) stays within the budget; a row longer than the budget
+    goes alone.
     """
     if tokens_per_batch is None:
         return [p for p in np.array_split(indices, parts) if len(p)]
-    out, current, size = [], [], 0
+    out, current, longest = [], [], 0
     for i in indices:
         w = int(widths[i])
-        if current and size + w > tokens_per_batch:
+        if current and (len(current) + 1) * max(longest, w) * sequences_per_row > tokens_per_batch:
             out.append(np.array(current))
-            current, size = [], 0
+            current, longest = [], 0
         current.append(int(i))
-        size += w
+        longest = max(longest, w)
     if current:
         out.append(np.array(current))
     return out
@@ -155,88 +156,34 @@ def eval_batches(n_rows: int, n_examples: int | None, batch_size: int, rank: int
 
 # -- collation --------------------------------------------------------------------------------------
 
-def collate(rows: list[dict[str, Any]], task: str) -> dict[str, torch.Tensor]:
-    """The rows as one packed stream of tokens, with no padding: the model sees [1, T].
-
-    SFT: the sequences one after another. DPO: per pair the prompt once, then the chosen completion,
-    then the rejected one; chosen and rejected both continue the prompt's positions and attend to it,
-    never to each other (`doc` and `branch` say who may attend to whom; modeling.attention_mask).
-    The S sequences whose log-probs come back are the rows (SFT), or the B chosen ones (prompt +
-    chosen) then the B rejected ones (DPO).
-
-        input_ids, position_ids [1, T]    doc [T] (row index)   branch [T] (0 shared, 1 chosen, 2 rejected)
-        sources, targets [N]              hidden state `sources[i]` predicts token `targets[i]`
-        counts [S]                        trained tokens of each sequence (sources/targets in sequence order)
-        example_tokens [B]                tokens forwarded for each row
-    """
-    stream = _Stream()
+def collate(rows: list[dict[str, Any]], task: str, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors. SFT: one sequence per row. DPO: 2B sequences, the B chosen ones
+    (prompt + chosen) first, then the B rejected ones; only completion tokens are trained."""
     if task == "sft":
-        for row in rows:
-            stream.add_sequence([stream.add(row["input_ids"], branch=0)], [row["loss_mask"]])
-            stream.end_row()
+        sequences = [r["input_ids"] for r in rows]
+        masks = [r["loss_mask"] for r in rows]
+        batch = _pad(sequences, masks, pad_id)
     else:
-        chosen, rejected = [], []
-        for r in rows:
-            prompt = stream.add(r["prompt_ids"], branch=0)
-            c = stream.add(r["chosen_ids"], branch=1, first_position=len(r["prompt_ids"]))
-            j = stream.add(r["rejected_ids"], branch=2, first_position=len(r["prompt_ids"]))
-            stream.end_row()
-            prompt_mask = [0] * len(r["prompt_ids"])
-            chosen.append(([prompt, c], [prompt_mask, [1] * len(r["chosen_ids"])]))
-            rejected.append(([prompt, j], [prompt_mask, [1] * len(r["rejected_ids"])]))
-        for spans, masks in chosen + rejected:
-            stream.add_sequence(spans, masks)
-    batch = stream.tensors()
-    if task == "dpo" and all(c in rows[0] for c in REF_COLUMNS):
-        batch["ref_chosen"] = torch.tensor([r["ref_chosen_logp"] for r in rows], dtype=torch.float32)
-        batch["ref_rejected"] = torch.tensor([r["ref_rejected_logp"] for r in rows], dtype=torch.float32)
+        sequences, masks = [], []
+        for side in ("chosen_ids", "rejected_ids"):
+            for r in rows:
+                sequences.append(r["prompt_ids"] + r[side])
+                masks.append([0] * len(r["prompt_ids"]) + [1] * len(r[side]))
+        batch = _pad(sequences, masks, pad_id)
+        if all(c in rows[0] for c in REF_COLUMNS):
+            batch["ref_chosen"] = torch.tensor([r["ref_chosen_logp"] for r in rows], dtype=torch.float32)
+            batch["ref_rejected"] = torch.tensor([r["ref_rejected_logp"] for r in rows], dtype=torch.float32)
     return batch
 
 
-def predicted(positions: np.ndarray, loss_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The shift of causal LM training: the token at t is predicted from position t-1, so it is trained
-    when loss_mask[t] is set and t > 0 (position 0 has no context and is never trained).
-    positions [L]: where the sequence's tokens sit in the stream. -> (sources, targets' stream positions)."""
-    t = np.flatnonzero(np.asarray(loss_mask[1:], dtype=bool)) + 1
-    return positions[t - 1], positions[t]
+def _pad(sequences: list[list[int]], masks: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (seq, mask) in enumerate(zip(sequences, masks)):
+        input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention[i, :len(seq)] = 1
+        loss_mask[i, :len(seq)] = torch.tensor(mask, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
 
-
-class _Stream:
-    """Accumulates the packed token stream of `collate`."""
-
-    def __init__(self):
-        self.ids, self.positions, self.docs, self.branches = [], [], [], []
-        self.sources, self.targets, self.counts = [], [], []
-        self.size, self.row_start, self.row_sizes = 0, 0, []
-
-    def add(self, ids: list[int], branch: int, first_position: int = 0) -> np.ndarray:
-        """Append a span of tokens to the current row; returns its stream positions."""
-        n = len(ids)
-        self.ids.append(np.asarray(ids, dtype=np.int64))
-        self.positions.append(np.arange(first_position, first_position + n))
-        self.docs.append(np.full(n, len(self.row_sizes), dtype=np.int32))
-        self.branches.append(np.full(n, branch, dtype=np.int8))
-        span = np.arange(self.size, self.size + n)
-        self.size += n
-        return span
-
-    def end_row(self) -> None:
-        self.row_sizes.append(self.size - self.row_start)
-        self.row_start = self.size
-
-    def add_sequence(self, spans: list[np.ndarray], masks: list[list[int]]) -> None:
-        """One sequence whose log-prob is returned: its spans in order, with their loss masks."""
-        positions = np.concatenate(spans)
-        sources, targets = predicted(positions, np.concatenate([np.asarray(m, dtype=bool) for m in masks]))
-        self.sources.append(sources)
-        self.targets.append(targets)
-        self.counts.append(len(targets))
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        ids = np.concatenate(self.ids)
-        targets = np.concatenate(self.targets)
-        return {"input_ids": torch.from_numpy(ids)[None], "position_ids": torch.from_numpy(np.concatenate(self.positions))[None],
-                "doc": torch.from_numpy(np.concatenate(self.docs)), "branch": torch.from_numpy(np.concatenate(self.branches)),
-                "sources": torch.from_numpy(np.concatenate(self.sources)), "targets": torch.from_numpy(ids[targets]),
-                "counts": torch.tensor(self.counts, dtype=torch.long),
-                "example_tokens": torch.tensor(self.row_sizes, dtype=torch.float32)}

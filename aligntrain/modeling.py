@@ -1,34 +1,23 @@
 """Models: load the policy and the frozen reference, seed archives, and completion log-probs.
 
-Batches are packed (data.collate): one stream of tokens [1, T] with per-sequence position ids and no
-padding. Attention follows a mask rule over the stream (`visible`): causal, within one row, and a
-DPO completion never sees the other completion of its pair. On CUDA the rule becomes a flex
-attention block mask (only the blocks it allows are computed); elsewhere SDPA runs row by row with
-the rule as a dense mask: the same numbers up to the kernels' rounding.
-
 Log-probs are computed on completion tokens only. The decoder runs once; the hidden states of the
 positions that predict a trained token are gathered ([N, H]) and pushed through the LM head in
 chunks of `chunk_tokens` rows. Each chunk is checkpointed, so neither the forward nor the backward
-ever holds more than [chunk, vocab] logits, and no [tokens, vocab] float32 tensor exists:
+ever holds more than [chunk, vocab] logits, and no [batch, seq, vocab] float32 tensor exists:
 
     log p(y_t) = logit[y_t] - logsumexp(logits)      (logits in the model's dtype, lse in float32)
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import Config, ConfigError
-
-PACKED_ATTENTION = "aligntrain_packed"  # the attention implementation SequenceLogps switches its model to
-MODEL_INPUTS = ("input_ids", "position_ids", "doc", "branch", "sources", "targets", "counts")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -44,142 +33,43 @@ def compute_autocast(policy_dtype: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch_dtype(policy_dtype))
 
 
-# -- attention over a packed stream -----------------------------------------------------------------
-
-def visible(doc: torch.Tensor, branch: torch.Tensor, q, k):
-    """The mask rule of a packed stream: key k is visible from query q when both are in the same row,
-    k <= q, and k is shared (branch 0) or on q's own branch. q and k: indices, broadcast together."""
-    return (doc[q] == doc[k]) & (k <= q) & ((branch[k] == 0) | (branch[k] == branch[q]))
-
-
-def attention_mask(doc: torch.Tensor, branch: torch.Tensor, kernel: str = "flex"):
-    """The mask that `packed_attention` reads (handed down as the keyword `packed_mask`: transformers
-    passes extra keywords through to the attention function untouched): a flex BlockMask on CUDA with
-    kernel "flex"; otherwise each row's span and mask for `row_attention`."""
-    n = doc.shape[0]
-    if kernel == "flex" and doc.is_cuda and flex_attention() is not None:
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        return create_block_mask(lambda b, h, q, k: visible(doc, branch, q, k), None, None, n, n, device=doc.device)
-    return row_masks(doc, branch)
-
-
-def row_masks(doc: torch.Tensor, branch: torch.Tensor) -> list[tuple[slice, torch.Tensor | None]]:
-    """Each row's slice of the stream with its [n, n] mask; None for a row of one branch (plain causal)."""
-    branched = set(doc[branch != 0].unique().tolist())
-    out, start = [], 0
-    for row, n in zip(*(t.tolist() for t in torch.unique_consecutive(doc, return_counts=True))):
-        mask = None
-        if row in branched:
-            i = torch.arange(n, device=doc.device)
-            mask = visible(doc[start:start + n], branch[start:start + n], i[:, None], i[None, :])
-        out.append((slice(start, start + n), mask))
-        start += n
-    return out
-
-
-@functools.cache
-def flex_attention():
-    """torch's flex attention, compiled once per process (None where this torch has none)."""
-    try:
-        from torch.nn.attention.flex_attention import flex_attention as flex
-    except ImportError:
-        return None
-    return torch.compile(flex)
-
-
-def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_mask=None, **kwargs):
-    """A transformers attention function: query [1, Hq, T, D], key/value [1, Hkv, T, D] -> [1, T, Hq, D].
-    transformers' own attention_mask is None here (it builds none for an attention it does not know)."""
-    if packed_mask is None:
-        raise RuntimeError("packed attention without its mask: call the model through SequenceLogps")
-    gqa = query.shape[1] != key.shape[1]
-    device = query.device.type
-    if torch.is_autocast_enabled(device):
-        # autocast leaves flex attention alone, and rotary embeddings computed against float32 master
-        # weights hand it float32 queries: cast as autocast casts SDPA's inputs
-        dtype = torch.get_autocast_dtype(device)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    if isinstance(packed_mask, list):
-        out = row_attention(query, key, value, packed_mask, scaling, gqa)
-    else:
-        out = flex_attention()(query, key, value, block_mask=packed_mask, scale=scaling, enable_gqa=gqa)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def row_attention(query, key, value, rows: list[tuple[slice, torch.Tensor | None]], scaling, gqa: bool) -> torch.Tensor:
-    """Attention without flex: SDPA row by row (`row_masks`), so the cost stays that of the rows and not
-    of the whole stream squared; rows of one branch take SDPA's own causal kernel."""
-    out = [F.scaled_dot_product_attention(query[:, :, span], key[:, :, span], value[:, :, span], attn_mask=mask,
-                                          is_causal=mask is None, scale=scaling, enable_gqa=gqa)
-           for span, mask in rows]
-    return torch.cat(out, dim=2)
+def trained_positions(loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] bool: position t-1 predicts token t, trained when t is a real loss-mask token.
+    Position 0 has no context and is never trained."""
+    return loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
 
 
 class SequenceLogps(nn.Module):
-    """A causal LM whose forward returns, per sequence of a packed batch, the summed log-probs of its
-    trained tokens: forward(**{k: batch[k] for k in MODEL_INPUTS}) -> (logps [S] float32, counts [S]).
+    """A causal LM whose forward returns, per sequence, the summed log-probs of its trained tokens.
 
-    The wrapped model is switched to the packed attention; `attention` "flex" takes flex attention on
-    CUDA, "rows" SDPA row by row (what runs anywhere else). Accelerate wraps this module (not the
-    bare LM), so autocast and FSDP see one root forward.
+    forward(input_ids [B, T], attention_mask [B, T], loss_mask [B, T]) -> (logps [B] float32, tokens [B])
+    Token t is trained when loss_mask[t] == 1 and t > 0; it is predicted from tokens < t.
+    Accelerate wraps this module (not the bare LM), so autocast and FSDP see one root forward.
     """
 
-    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, attention: str = "flex"):
-        from transformers import AttentionInterface
-
+    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024):
         super().__init__()
-        config = lm.config
-        kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-        if kinds != {"full_attention"}:
-            raise ConfigError(f"model.name_or_path: layer types {sorted(kinds)}: only full-attention models "
-                              "can be trained on packed batches")
-        AttentionInterface.register(PACKED_ATTENTION, packed_attention)
-        lm.set_attn_implementation(PACKED_ATTENTION)
         self.lm = lm
         self.chunk_tokens = chunk_tokens
-        self.attention = attention
+        config = lm.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
         # Heads that rescale logits in their own forward: we cannot apply their lm_head alone.
         self.plain_head = not any(getattr(config, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling"))
 
-    def forward(self, input_ids, position_ids, doc, branch, sources, targets, counts):
-        inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False,
-                  "packed_mask": attention_mask(doc, branch, self.attention)}
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor):
+        predict = trained_positions(loss_mask, attention_mask)  # [B, T-1]
+        targets = input_ids[:, 1:][predict]  # [N], row by row
         if self.plain_head:
-            hidden = self.lm.base_model(**inputs)[0][0]  # [T, H]
-            token_logps = chunked_token_logps(hidden[sources], targets, self.lm.get_output_embeddings(),
-                                              self.chunk_tokens, self.softcap)
+            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+            hidden = hidden[:, :-1][predict]  # [N, H]
+            token_logps = chunked_token_logps(hidden, targets, self.lm.get_output_embeddings(), self.chunk_tokens, self.softcap)
         else:
-            logits = self.lm(**inputs).logits[0]
-            token_logps = gathered_token_logps(logits[sources], targets, self.chunk_tokens)
-        return per_sequence_sums(token_logps, counts), counts
-
-
-def batch_flops(config, batch: dict[str, torch.Tensor], passes: float) -> float:
-    """Model FLOPs of a packed batch, counting useful work only: 2 per weight per forwarded token (the
-    body without the embedding table), the LM head on trained tokens, and attention over exactly the
-    keys each query sees (its position + 1: a DPO completion sees its prompt and itself). `passes`: 3
-    for forward + backward, 1 for a forward."""
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    mlp = 3 * hidden * config.intermediate_size
-    attn_weights = hidden * head_dim * (2 * config.num_attention_heads + 2 * kv)
-    tokens = batch["input_ids"].numel()
-    keys = float((batch["position_ids"].double() + 1).sum())
-    per_pass = (2 * layers * (mlp + attn_weights) * tokens + 2 * hidden * config.vocab_size * batch["targets"].numel()
-                + 4 * layers * config.num_attention_heads * head_dim * keys)
-    return passes * per_pass
-
-
-def per_sequence_sums(token_logps: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """[N] values grouped by sequence (counts [S]) -> [S] sums. Scattered into [S, longest] and reduced
-    row by row: deterministic on GPU, unlike an atomic index_add."""
-    width = int(counts.max()) if counts.numel() else 0
-    slots = torch.arange(width, device=counts.device)[None, :] < counts[:, None]
-    rows = torch.zeros(slots.shape, dtype=torch.float32, device=token_logps.device)
-    return rows.masked_scatter(slots, token_logps).sum(dim=1)
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            token_logps = gathered_token_logps(logits[:, :-1][predict], targets, self.chunk_tokens)
+        # scatter into [B, T-1] and reduce per row: deterministic on GPU, unlike an atomic index_add
+        per_position = torch.zeros(predict.shape, dtype=torch.float32, device=input_ids.device)
+        per_position = per_position.masked_scatter(predict, token_logps)
+        return per_position.sum(dim=1), predict.sum(dim=1)
 
 
 def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int,
@@ -202,24 +92,14 @@ def _head_logps(head: nn.Module, h: torch.Tensor, t: torch.Tensor, softcap: floa
     logits = head(h)  # [n, V], model dtype
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    return (fused_logps() if logits.is_cuda else picked_logps)(logits, t)
-
-
-def picked_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logit[target] - logsumexp(logits) per row, in float32. [n, V], [n] -> [n]."""
-    picked = logits.gather(-1, targets[:, None]).squeeze(-1).float()
+    picked = logits.gather(-1, t[:, None]).squeeze(-1).float()
     return picked - torch.logsumexp(logits.float(), dim=-1)
-
-
-@functools.cache
-def fused_logps():
-    """picked_logps compiled: on the GPU it reads the bf16 logits once instead of writing a float32 copy."""
-    return torch.compile(picked_logps, dynamic=True)
 
 
 def gathered_token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
     """Fallback for heads with their own scaling: selected logits [N, V] (model dtype), lse per chunk."""
-    out = [picked_logps(logits[s:s + chunk], targets[s:s + chunk]) for s in range(0, logits.shape[0], chunk)]
+    out = [logits[s:s + chunk].gather(-1, targets[s:s + chunk, None]).squeeze(-1).float()
+           - torch.logsumexp(logits[s:s + chunk].float(), dim=-1) for s in range(0, logits.shape[0], chunk)]
     return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
 
 
@@ -264,15 +144,15 @@ class Reference:
                             trainable=False)
         if cfg.model.archive:
             load_archive(lm, cfg.model.archive)
-        self.model = SequenceLogps(lm, cfg.logprob_chunk_tokens, cfg.model.packed_attention).to(device)
+        self.model = SequenceLogps(lm, cfg.logprob_chunk_tokens).to(device)
         self.policy_dtype = cfg.model.policy_dtype
         self.device = device
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[S] float32 summed log-probs of the trained tokens of each sequence of a packed batch."""
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        """[B] float32 summed log-probs of the trained tokens of each sequence."""
         with compute_autocast(self.policy_dtype, self.device):
-            return self.model(**{k: batch[k] for k in MODEL_INPUTS})[0]
+            return self.model(input_ids, attention_mask, loss_mask)[0]
 
 
 def disable_dropout(model: nn.Module) -> None:

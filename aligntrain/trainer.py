@@ -26,10 +26,11 @@ from aligndata.write.shards import ShardMismatch
 
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_training_state, save_checkpoint
 from .config import MIXED_PRECISION, Config, ConfigError, to_yaml
-from .data import ShardSplit, check_shards, collate, eval_batches, micro_batches, process_share, step_indices, total_steps
+from .data import (ShardSplit, check_shards, collate, eval_batches, micro_batches, pad_token_id, process_share,
+                   step_indices, total_steps)
 from .losses import PREFERENCE_LOSSES, PairLogps, preference_rewards, sft_loss
 from .metrics import MetricsLogger
-from .modeling import MODEL_INPUTS, Reference, batch_flops, SequenceLogps, load_archive, load_causal_lm, load_tokenizer, torch_dtype
+from .modeling import Reference, SequenceLogps, load_archive, load_causal_lm, load_tokenizer, torch_dtype, trained_positions
 from .precompute import reference_identity
 
 PREFERENCE_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -80,13 +81,9 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
     accelerator = make_accelerator(cfg, policy)
     world, rank = accelerator.num_processes, accelerator.process_index
     check_batch_geometry(cfg, world)
-    if world == 1:
-        policy.to(accelerator.device)  # before the optimizer, so that it can take its fused CUDA kernel
     optimizer = build_optimizer(cfg, policy)
     scheduler = build_scheduler(cfg, optimizer, steps)
-    model, optimizer = accelerator.prepare(SequenceLogps(policy, cfg.logprob_chunk_tokens, cfg.model.packed_attention), optimizer)
-    objective_flops = FlopCounter(policy.config, with_reference=cfg.task == "dpo" and not cfg.loss.reference_free
-                                  and not use_shard_reference)
+    model, optimizer = accelerator.prepare(SequenceLogps(policy, cfg.logprob_chunk_tokens), optimizer)
     reference = None
     if cfg.task == "dpo" and not cfg.loss.reference_free and not use_shard_reference:
         reference = Reference(cfg, accelerator.device)
@@ -109,19 +106,19 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
     result = TrainResult(run_dir=run_dir, steps=steps, checkpoint=resume_from, is_main=accelerator.is_main_process)
     try:
         if start == 0 and cfg.do_first_eval:
-            result.eval_metrics = evaluate(model, objective, eval_split, cfg, accelerator)
+            result.eval_metrics = evaluate(model, objective, eval_split, cfg, accelerator, pad_token_id(tokenizer))
             log.log(0, "eval", result.eval_metrics)
         for step in range(start, steps):
             rows = process_share(step_indices(step, len(train_split), cfg.total_batch_size, cfg.seed), rank, world)
-            parts = micro_batches(rows, train_split.widths, cfg.gradient_accumulation_steps, cfg.tokens_per_batch)
-            batches = [collate(train_split.rows(p), cfg.task) for p in parts]
-            metrics = train_step(step + 1, model, objective, optimizer, scheduler, batches, cfg, accelerator,
-                                 objective_flops)
+            parts = micro_batches(rows, train_split.widths, cfg.gradient_accumulation_steps, cfg.tokens_per_batch,
+                                  sequences_per_row=1 if cfg.task == "sft" else 2)
+            batches = [collate(train_split.rows(p), cfg.task, pad_token_id(tokenizer)) for p in parts]
+            metrics = train_step(step + 1, model, objective, optimizer, scheduler, batches, cfg, accelerator)
             result.train_metrics = metrics
             result.history.append(metrics)
             log.log(step + 1, "train", metrics, show=(step + 1) % cfg.log_every_steps == 0 or step + 1 == steps)
             if _due(step + 1, cfg.eval_every_steps, steps):
-                result.eval_metrics = evaluate(model, objective, eval_split, cfg, accelerator)
+                result.eval_metrics = evaluate(model, objective, eval_split, cfg, accelerator, pad_token_id(tokenizer))
                 log.log(step + 1, "eval", result.eval_metrics)
             if not cfg.debug and (step + 1 == steps or _due(step + 1, cfg.save_every_steps, steps)):
                 state = {"total_steps": steps, "examples_seen": (step + 1) * cfg.total_batch_size,
@@ -135,7 +132,7 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
 
 
 def train_step(step: int, model, objective: "Objective", optimizer, scheduler, batches: list[dict[str, torch.Tensor]],
-               cfg: Config, accelerator, flops: "FlopCounter | None" = None) -> dict[str, float]:
+               cfg: Config, accelerator) -> dict[str, float]:
     """One optimizer step over this process's micro-batches; returns the step's global metrics."""
     started = time.perf_counter()
     model.train()
@@ -148,10 +145,8 @@ def train_step(step: int, model, objective: "Objective", optimizer, scheduler, b
             loss, batch_sums = objective(model, _to_device(batch, accelerator.device), count)
             accelerator.backward(loss * world)
         sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}
-    sums["flops"] = torch.tensor(sum(flops(b) for b in batches) if flops else 0.0)
     totals = _all_reduce(sums, accelerator)
     metrics = objective.finish(totals)
-    step_flops = totals.pop("flops")
     if not math.isfinite(metrics["loss"]):
         raise NonFiniteLossError(f"loss is {metrics['loss']} at step {step}; stopped before the optimizer step")
     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf")))
@@ -164,43 +159,21 @@ def train_step(step: int, model, objective: "Objective", optimizer, scheduler, b
     seconds = time.perf_counter() - started
     metrics.update({"grad_norm": grad_norm, "lr": lr, "examples_per_s": cfg.total_batch_size / seconds,
                     "tokens_per_s": totals["input_tokens"] / seconds})
-    peak = peak_flops(accelerator.device)
-    if peak and step_flops:
-        metrics["mfu"] = step_flops / seconds / (peak * world)
     return metrics
 
 
 @torch.no_grad()
-def evaluate(model, objective: "Objective", split: ShardSplit, cfg: Config, accelerator) -> dict[str, float]:
+def evaluate(model, objective: "Objective", split: ShardSplit, cfg: Config, accelerator, pad_id: int) -> dict[str, float]:
     """Metrics over the first n_eval_examples rows of `split`, every row counted once."""
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     for indices, weights in eval_batches(len(split), cfg.n_eval_examples, cfg.eval_batch_size,
                                          accelerator.process_index, accelerator.num_processes):
-        batch = collate(split.rows(indices), split.task)
+        batch = collate(split.rows(indices), split.task, pad_id)
         batch["weights"] = torch.from_numpy(weights)
         _, batch_sums = objective(model, _to_device(batch, accelerator.device))
         sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}
     return objective.finish(_all_reduce(sums, accelerator))
-
-
-class FlopCounter:
-    """Model FLOPs of a training micro-batch: the policy's forward and backward, the live reference's forward."""
-
-    def __init__(self, config, with_reference: bool):
-        self.config = config
-        self.passes = 3.0 + (1.0 if with_reference else 0.0)
-
-    def __call__(self, batch: dict[str, torch.Tensor]) -> float:
-        return batch_flops(self.config, batch, self.passes)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of the card, where known (H100 and H200 SXM: 989 TFLOP/s), for the MFU metric."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return 989e12 if ("H100" in name or "H200" in name) else None
 
 
 class Objective:
@@ -222,15 +195,15 @@ class Objective:
         """The step's normaliser over all processes: trained tokens (SFT) or pairs (preference)."""
         if self.task == "dpo":
             return float(self.cfg.total_batch_size)
-        local = sum(len(b["targets"]) for b in batches)
+        local = sum(int(trained_positions(b["loss_mask"], b["attention_mask"]).sum()) for b in batches)
         total = self.accelerator.reduce(torch.tensor(float(local), device=self.accelerator.device), "sum")
         return max(float(total), 1.0)
 
     def __call__(self, model, batch: dict[str, torch.Tensor], count: float = 1.0):
-        logps, tokens = model(**{k: batch[k] for k in MODEL_INPUTS})
+        logps, tokens = model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         n = logps.shape[0] if self.task == "sft" else logps.shape[0] // 2
         weights = batch.get("weights", torch.ones(n, device=logps.device)).to(logps.device)
-        input_tokens = batch["example_tokens"]  # tokens forwarded per row (a DPO prompt once)
+        input_tokens = batch["attention_mask"].sum(dim=1).float()
         if self.task == "sft":
             loss = sft_loss(logps * weights, count)
             return loss, {"nll": -(logps * weights).sum().detach(), "tokens": (tokens * weights).sum(),
@@ -250,12 +223,12 @@ class Objective:
             "loss": loss_sum.detach(), "rewards/chosen": w(chosen), "rewards/rejected": w(rejected),
             "rewards/accuracies": w(chosen > rejected), "rewards/margins": w(chosen - rejected),
             "logps/chosen": w(pairs.policy_chosen), "logps/rejected": w(pairs.policy_rejected),
-            "pairs": weights.sum(), "input_tokens": (input_tokens * weights).sum(),
+            "pairs": weights.sum(), "input_tokens": (input_tokens * torch.cat([weights, weights])).sum(),
         }
 
     def _reference_logps(self, batch: dict[str, torch.Tensor], n: int, like: torch.Tensor):
         if self.reference is not None:
-            ref = self.reference(batch)
+            ref = self.reference(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
             return ref[:n], ref[n:]
         if "ref_chosen" in batch:  # precomputed by `aligntrain precompute-ref`
             return batch["ref_chosen"].to(like.device), batch["ref_rejected"].to(like.device)
@@ -336,9 +309,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    # the fused CUDA kernel: one launch per step instead of several per parameter
-    fused = {"fused": True} if cfg.optimizer in ("AdamW", "Adam") and params and all(p.is_cuda for p in params) else {}
-    return OPTIMIZERS[cfg.optimizer]([g for g in groups if g["params"]], lr=cfg.lr, **fused)
+    return OPTIMIZERS[cfg.optimizer]([g for g in groups if g["params"]], lr=cfg.lr)
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:

@@ -7,22 +7,13 @@ tokens, replies 220, max_length 1024), converts it with `aligndata convert` into
 `aligntrain.trainer.train` step by step. Each side runs in a fresh process; the first `--warm` steps
 are not timed; peak GPU memory is read over the timed steps.
 
-  python benchmarks/bench_train.py --suite all --anchor PATH     # every row of issue 12 (DPO, SFT; both shapes)
-  python benchmarks/bench_train.py --suite dpo                   # or only the DPO rows, or only sft
   python benchmarks/bench_train.py --mode dpo --shape qwen0.5b --bs 16 --steps 20
+  python benchmarks/bench_train.py --mode sft --shape qwen0.5b --bs 8 --steps 30
   python benchmarks/bench_train.py --shape tiny --steps 4 --warm 1 --skip-trl     # a CPU smoke run
 
-aligntrain trains on packed batches (no padding; a DPO prompt forwarded once); TRL's DPO pads, its SFT
-rows here are its packed mode (`trl_anchor.py --mode sft_packed`, bfd packing into max_length rows).
-Tokens/s count the same data tokens on both sides (DPO: prompt + chosen + prompt + rejected per pair).
-MFU is the model FLOPs of the useful work (aligntrain.modeling.batch_flops: 6 per weight per policy
-token, 2 per reference token, attention over the keys each token sees, the LM head on trained tokens;
-a shared prompt once) over the card's dense bf16 peak (989 TFLOP/s on H100/H200); TRL's is the same
-work per data token at its tokens/s.
-
 What differs by design: TRL trains the bf16 weights directly; aligntrain keeps float32 master weights
-and AdamW state and computes in bf16 under autocast (policy_dtype: bfloat16), the numerically safer
-recipe. The reference model is bf16 in both.
+and AdamW state and computes in bf16 under autocast (policy_dtype: bfloat16), which costs memory and
+some speed and is the numerically safer recipe. The reference model is bf16 in both.
 """
 
 from __future__ import annotations
@@ -41,14 +32,6 @@ from childrun import child_result
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHOR = REPO.parent / "shared" / "bench" / "trl_anchor.py"
-PEAK_FLOPS = 989e12  # dense bf16, H100/H200 SXM
-# the rows of issue 12: (mode, shape, our rows or pairs per step, TRL's mode, TRL's per-step batch);
-# SFT: TRL packs 8 (16) rows of 1024 tokens per step, ours 24 (48) rows of ~370 tokens, about as many tokens
-SUITES = {
-    "dpo": [("dpo", "qwen0.5b", 16, "dpo", 16), ("dpo", "llama1b", 16, "dpo", 16)],
-    "sft": [("sft", "qwen0.5b", 24, "sft_packed", 8), ("sft", "llama1b", 48, "sft_packed", 16)],
-}
-SUITES["all"] = SUITES["dpo"] + SUITES["sft"]
 
 # Model shapes by their published configurations (Qwen2.5-0.5B, Llama-3.2-1B) and a toy one for CPU.
 SHAPES = {
@@ -141,7 +124,7 @@ def run_ours(args: argparse.Namespace) -> dict:
         "max_prompt_length": args.max_length // 2 if args.mode == "dpo" else None,
         "n_examples": args.bs * args.steps, "activation_checkpointing": bool(args.gc),
         "model": {"name_or_path": str(work / "model"), "tokenizer_name_or_path": str(work / "tokenizer"),
-                  "policy_dtype": dtype, "reference_dtype": dtype, "packed_attention": args.packed_attention},
+                  "policy_dtype": dtype, "reference_dtype": dtype},
         "loss": {"name": args.mode, "beta": 0.1}, "output_dir": str(work / "run"), "log_every_steps": 10 ** 6,
     }))
     cfg = load_config(cfg_path)
@@ -151,23 +134,12 @@ def run_ours(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
 
     times: list[float] = []
-    flops: list[float] = []
     step_fn = T.train_step
 
-    def timed_step(step, model, objective, optimizer, scheduler, batches, cfg, accelerator, counter):
-        if args.profile and step == args.warm + 1:  # one step under the profiler, kernels by GPU time
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                out = step_fn(step, model, objective, optimizer, scheduler, batches, cfg, accelerator, counter)
-                sync()
-            Path(args.profile).write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30))
-        else:
-            out = step_fn(step, model, objective, optimizer, scheduler, batches, cfg, accelerator, counter)
-        sync()  # its float() of the loss and grad norm already waits for the GPU
+    def timed_step(step, *a, **k):
+        out = step_fn(step, *a, **k)  # its float() of the loss and grad norm already waits for the GPU
+        sync()
         times.append(time.perf_counter())
-        if step > args.warm:
-            flops.append(sum(counter(b) for b in batches))
         if step == args.warm and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         return out
@@ -177,11 +149,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     T.train(cfg, work / "shards")
     secs = times[-1] - times[args.warm - 1]
     items = (len(times) - args.warm) * args.bs
-    on_peak_card = torch.cuda.is_available() and any(k in torch.cuda.get_device_name() for k in ("H100", "H200"))
     return {"secs": round(secs, 3), "items_per_s": round(items / secs, 2),
-            "flops_per_token": sum(flops) / (items * per_item),
-            "step_s": [round(b - a, 3) for a, b in zip(times[args.warm - 1:], times[args.warm:])],
-            "mfu": round(sum(flops) / secs / PEAK_FLOPS, 4) if on_peak_card else None,
             "tokens_per_s": round(items * per_item / secs, 1), "mean_tokens_per_item": round(per_item, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None,
             "params": params, "steps_timed": len(times) - args.warm, "wall_total": round(time.perf_counter() - t_start, 1)}
@@ -189,20 +157,15 @@ def run_ours(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=sorted(SUITES), help="run these rows of issue 12 instead of one --mode/--shape")
     ap.add_argument("--mode", default="dpo", choices=["dpo", "sft"])
     ap.add_argument("--shape", default="qwen0.5b", choices=sorted(SHAPES))
     ap.add_argument("--bs", type=int, default=16, help="pairs (dpo) or rows (sft) per optimizer step")
-    ap.add_argument("--trl-mode", choices=["dpo", "sft", "sft_packed"], help="TRL's mode (default: --mode)")
-    ap.add_argument("--trl-bs", type=int, help="TRL's per-step batch (default: --bs)")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warm", type=int, default=5, help="first steps not timed (they compile flex attention)")
+    ap.add_argument("--warm", type=int, default=5, help="first steps not timed")
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--gc", type=int, default=0, help="activation checkpointing, both sides")
     ap.add_argument("--anchor", default=str(ANCHOR), help="path of trl_anchor.py")
     ap.add_argument("--skip-trl", action="store_true")
-    ap.add_argument("--packed-attention", default="flex", choices=["flex", "rows"], help="model.packed_attention of ours")
-    ap.add_argument("--profile", help="write a torch.profiler table of our first timed step to this file")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.warm < 1 or args.warm >= args.steps:
@@ -210,44 +173,36 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(run_ours(args)), flush=True)
         return
-    rows = SUITES[args.suite] if args.suite else [(args.mode, args.shape, args.bs, args.trl_mode or args.mode,
-                                                   args.trl_bs or args.bs)]
-    if not args.skip_trl and not Path(args.anchor).is_file():
-        ap.error(f"no anchor at {args.anchor}: pass --anchor PATH or --skip-trl")
-    table = []
-    for mode, shape, bs, trl_mode, trl_bs in rows:
-        common = ["--shape", shape, "--steps", str(args.steps), "--warm", str(args.warm), "--gc", str(args.gc)]
-        profile = ["--profile", f"{args.profile}.{mode}.{shape}"] if args.profile else []
-        profile += ["--packed-attention", args.packed_attention]
-        ours = child_result([sys.executable, __file__, "--child", "--mode", mode, "--bs", str(bs), "--max-length",
-                             str(args.max_length)] + common + profile, f"aligntrain {mode} {shape}")
-        trl = None
-        if not args.skip_trl:
-            trl = child_result([sys.executable, args.anchor, "--mode", trl_mode, "--bs", str(trl_bs), "--max_length",
-                                str(args.max_length)] + common, f"TRL {trl_mode} {shape}")
-        print(f"{mode} {shape}: aligntrain {json.dumps(ours)}\n{trl_mode} {shape}: TRL {json.dumps(trl)}", flush=True)
-        table.append((f"{mode.upper()} {shape}, {bs} {'pairs' if mode == 'dpo' else 'rows'}/step vs TRL {trl_mode} "
-                      f"{trl_bs}/step", mode, ours, trl))
+
+    shared = ["--mode", args.mode, "--shape", args.shape, "--bs", str(args.bs), "--steps", str(args.steps),
+              "--warm", str(args.warm), "--gc", str(args.gc)]
+    results = {}
+    ours = child_result([sys.executable, __file__, "--child", "--max-length", str(args.max_length)] + shared,
+                        "aligntrain run")
+    if ours:
+        results["aligntrain " + args.mode] = ours
+    if not args.skip_trl:
+        if not Path(args.anchor).is_file():
+            print(f"no anchor at {args.anchor}: pass --anchor PATH or --skip-trl", file=sys.stderr)
+        else:
+            trl = child_result([sys.executable, args.anchor, "--max_length", str(args.max_length)] + shared,
+                               "TRL anchor")
+            if trl:
+                results[f"TRL 1.16 {args.mode}"] = trl
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"\n{args.steps} steps ({args.warm} not timed), max_length {args.max_length}, activation checkpointing "
-          f"{'on' if args.gc else 'off'}, {device}\n")
-    print("| run | aligntrain items/s | TRL items/s | aligntrain tok/s | TRL tok/s | ratio tok/s | MFU ours / TRL | "
-          "peak GiB ours / TRL |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, mode, ours, trl in table:
-        if ours is None:
-            print(f"| {name} | failed | | | | | | |")
-            continue
-        trl = trl or {}
-        ratio = f"{ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x" if trl else "-"
-        trl_items = f"{trl['items_per_s']:.1f}" if trl and mode == "dpo" else "-"
-        mfu = f"{ours['mfu']:.1%}" if ours.get("mfu") is not None else "-"
-        if ours.get("mfu") is not None and trl:
-            mfu += f" / {trl['tokens_per_s'] * ours['flops_per_token'] / PEAK_FLOPS:.1%}"
-        print(f"| {name} | {ours['items_per_s']:.1f} | {trl_items} | {ours['tokens_per_s']:,.0f} | "
-              f"{trl.get('tokens_per_s', 0):,.0f} | {ratio} | {mfu} | {ours.get('peak_gib')} / {trl.get('peak_gib', '-')} |")
+    print(f"\n{args.mode}, shape {args.shape}, {args.bs} per step, {args.steps} steps ({args.warm} not timed), "
+          f"max_length {args.max_length}, activation checkpointing {'on' if args.gc else 'off'}, {device}\n")
+    print("| run | items/s | tokens/s | mean tokens/item | peak GiB | timed s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        print(f"| {name} | {r['items_per_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['mean_tokens_per_item']:.0f} | "
+              f"{r.get('peak_gib') if r.get('peak_gib') is not None else '-'} | {r['secs']:.2f} |")
+    if len(results) == 2:
+        a, b = results.values()
+        print(f"\naligntrain / TRL: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
+              f"{a['items_per_s'] / b['items_per_s']:.2f}x items/s")
 
 
 if __name__ == "__main__":

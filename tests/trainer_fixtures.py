@@ -154,21 +154,6 @@ def write_config(path: Path, model_dir: Path, run_dir: Path, **changes: Any) -> 
 
 # -- pytest fixtures (session-wide: each artefact is built once) ------------------------------------
 
-def simple_sequence_logps(lm, sequences: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The simple path that the packed one must equal: each (ids, loss_mask) sequence alone through the
-    model, no padding and no mask, full-vocabulary float32 log-softmax. -> summed logps [S], trained tokens [S]."""
-    device = next(lm.parameters()).device
-    sums, counts = [], []
-    for ids, mask in sequences:
-        ids = torch.tensor([ids], device=device)
-        logits = lm(input_ids=ids).logits[0].float()
-        logps = logits[:-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
-        trained = torch.tensor(mask[1:], device=device).bool()  # position 0 has no context
-        sums.append(logps[trained].sum())
-        counts.append(int(trained.sum()))
-    return torch.stack(sums), torch.tensor(counts)
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))

@@ -93,17 +93,18 @@ def test_processes_get_disjoint_contiguous_shares():
 
 
 def test_fixed_accumulation_splits_into_equal_parts():
-    parts = micro_batches(np.arange(8), np.ones(8), 4, None)
+    parts = micro_batches(np.arange(8), np.ones(8), 4, None, 1)
     assert [p.tolist() for p in parts] == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
 def test_token_budget_packs_greedily_in_order():
-    widths = np.array([5, 10, 3, 8, 2])
-    # packed sizes: 5 + 10 = 15 <= 16; adding 3 would be 18; then 3 + 8 + 2 = 13
-    assert [p.tolist() for p in micro_batches(np.arange(5), widths, 1, 16)] == [[0, 1], [2, 3, 4]]
-    assert [p.tolist() for p in micro_batches(np.arange(5), widths, 1, 9)] == [[0], [1], [2], [3], [4]]
+    widths = np.array([5, 10, 3, 8])
+    # one sequence per row: [0,1] pads to 2x10 = 20 <= 20; adding 2 would be 3x10 = 30
+    assert [p.tolist() for p in micro_batches(np.arange(4), widths, 1, 20, 1)] == [[0, 1], [2, 3]]
+    # two sequences per row (chosen + rejected): 2x2x10 = 40 > 20, so every row goes alone
+    assert [p.tolist() for p in micro_batches(np.arange(4), widths, 1, 20, 2)] == [[0], [1], [2], [3]]
     # a row wider than the budget still gets a micro-batch of its own
-    assert [p.tolist() for p in micro_batches(np.arange(2), np.array([50, 2]), 1, 20)] == [[0], [1]]
+    assert [p.tolist() for p in micro_batches(np.arange(2), np.array([50, 2]), 1, 20, 1)] == [[0], [1]]
 
 
 def test_eval_shares_are_equal_and_padding_has_weight_zero():
@@ -113,15 +114,13 @@ def test_eval_shares_are_equal_and_padding_has_weight_zero():
     assert [i.tolist() for i, _ in eval_batches(100, 3, 8, 0, 1)] == [[0, 1, 2]]
 
 
-def test_sft_collation_packs_rows_without_padding():
-    rows = [{"input_ids": [1, 2, 3, 4], "loss_mask": [0, 0, 1, 1]}, {"input_ids": [5, 6], "loss_mask": [1, 1]}]
-    b = collate(rows, "sft")
-    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6]]
-    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1]]
-    assert b["doc"].tolist() == [0, 0, 0, 0, 1, 1] and b["branch"].tolist() == [0] * 6
-    # token 5 at position 0 of its row is never trained: nothing predicts it
-    assert (b["sources"].tolist(), b["targets"].tolist(), b["counts"].tolist()) == ([1, 2, 4], [3, 4, 6], [2, 1])
-    assert b["example_tokens"].tolist() == [4, 2]
+def test_dpo_collation_puts_chosen_first_and_trains_only_completions():
+    rows = [{"prompt_ids": [1, 2], "chosen_ids": [3, 4, 5], "rejected_ids": [6]},
+            {"prompt_ids": [7], "chosen_ids": [8], "rejected_ids": [9, 9]}]
+    b = collate(rows, "dpo", pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 0, 0, 0], [1, 2, 6, 0, 0], [7, 9, 9, 0, 0]]
+    assert b["loss_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 1, 1, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
 
 
 def test_split_reads_rows_by_index_and_knows_widths(tiny_model, dpo_shards):
@@ -130,6 +129,6 @@ def test_split_reads_rows_by_index_and_knows_widths(tiny_model, dpo_shards):
     split = ShardSplit(dpo_shards, "train", read_manifest(dpo_shards))
     assert len(split) == 32 and not split.has_reference
     row = split.rows(np.array([3]))[0]
-    assert split.widths[3] == len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"])
+    assert split.widths[3] == len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
     manifest = json.loads((dpo_shards / "manifest.json").read_text())
     assert manifest["splits"]["train"]["rows"] == 32

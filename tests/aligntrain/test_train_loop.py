@@ -98,7 +98,7 @@ def test_checkpoint_is_a_transformers_model_with_everything_to_resume(tmp_path, 
 
     from aligndata.write.shards import read_manifest
     from aligntrain.data import ShardSplit
-    from aligntrain.modeling import MODEL_INPUTS, SequenceLogps
+    from aligntrain.modeling import SequenceLogps
 
     result = train(cfg_for(tmp_path, tiny_model, eval_every_steps=4, n_eval_examples=8), sft_shards)
     ckpt = result.checkpoint
@@ -114,9 +114,9 @@ def test_checkpoint_is_a_transformers_model_with_everything_to_resume(tmp_path, 
     split = ShardSplit(sft_shards, "eval", read_manifest(sft_shards))
     from aligntrain.data import collate
 
-    batch = collate(split.rows(list(range(8))), "sft")
+    batch = collate(split.rows(list(range(8))), "sft", 0)
     with torch.no_grad():
-        logps, tokens = SequenceLogps(model)(**{k: batch[k] for k in MODEL_INPUTS})
+        logps, tokens = SequenceLogps(model)(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     assert (-logps.sum() / tokens.sum()).item() == pytest.approx(result.eval_metrics["loss"], abs=1e-5)
 
 
