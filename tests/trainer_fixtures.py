@@ -7,7 +7,8 @@
 
 Shards are written with aligndata's own ShardWriter / prepare_output / finish_output and a manifest
 whose tokenizer identity comes from aligndata.encode.tokenizer, exactly as `aligndata convert` records it.
-The pytest fixtures at the bottom build each artefact once per session; test modules import them.
+The pytest fixtures built from these (tiny_model, sft_shards, dpo_shards) are in tests/aligntrain/conftest.py,
+once per test session.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import random
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 import yaml
 from tiny_tokenizer import make_tiny_tokenizer
@@ -150,23 +150,6 @@ def base_config(model_dir: Path, run_dir: Path, **changes: Any) -> dict[str, Any
 def write_config(path: Path, model_dir: Path, run_dir: Path, **changes: Any) -> Path:
     Path(path).write_text(yaml.safe_dump(base_config(model_dir, run_dir, **changes), sort_keys=False))
     return Path(path)
-
-
-# -- pytest fixtures (session-wide: each artefact is built once) ------------------------------------
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(scope="session")
-def sft_shards(tmp_path_factory, tiny_model) -> Path:
-    return make_sft_shards(tmp_path_factory.mktemp("shards") / "sft", tiny_model)
-
-
-@pytest.fixture(scope="session")
-def dpo_shards(tmp_path_factory, tiny_model) -> Path:
-    return make_dpo_shards(tmp_path_factory.mktemp("shards") / "dpo", tiny_model)
 
 
 def poison_parameters_at(monkeypatch, step: int, value: float) -> None:

@@ -7,7 +7,6 @@ tokenize=True)` on the whole conversation, and the expected trained text from th
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -4,11 +4,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from trainer_fixtures import base_config, sft_shards, tiny_model, write_config  # noqa: F401
+from trainer_fixtures import base_config, write_config
 
 from aligntrain.cli import main
 from paths import REPO

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 from tiny_tokenizer import make_tiny_tokenizer
-from trainer_fixtures import base_config, dpo_shards, sft_shards, tiny_model  # noqa: F401  (pytest fixtures)
+from trainer_fixtures import base_config
 
 from aligndata.write.shards import ShardError
 from aligntrain.config import load_config

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import yaml
-from trainer_fixtures import base_config, make_shards, sft_shards, tiny_model  # noqa: F401  (pytest fixtures)
+from trainer_fixtures import base_config, make_shards
 
 from aligntrain.config import load_config
 from aligntrain.modeling import SequenceLogps

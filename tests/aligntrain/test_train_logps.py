@@ -3,7 +3,6 @@ without ever building [batch, seq, vocab] logits."""
 
 import pytest
 import torch
-from trainer_fixtures import tiny_model  # noqa: F401  (pytest fixture)
 
 from aligntrain.modeling import SequenceLogps, load_causal_lm
 

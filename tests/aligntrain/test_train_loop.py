@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 import yaml
-from trainer_fixtures import (base_config, dpo_shards, make_dpo_shards, poison_parameters_at,  # noqa: F401
-                              sft_shards, tiny_model)
+from trainer_fixtures import base_config, make_dpo_shards, poison_parameters_at
 
 import aligntrain.trainer as trainer_module
 from aligntrain.checkpoint import CHECKPOINTS, latest_checkpoint

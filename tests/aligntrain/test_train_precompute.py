@@ -4,7 +4,7 @@ import json
 
 import pytest
 import yaml
-from trainer_fixtures import base_config, dpo_rows, make_dpo_shards, tiny_model  # noqa: F401  (pytest fixture)
+from trainer_fixtures import base_config, dpo_rows, make_dpo_shards
 
 from aligndata.write.shards import REF_COLUMNS, ShardError, open_split, read_manifest, verify_shards
 from aligntrain.config import load_config

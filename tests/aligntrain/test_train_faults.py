@@ -1,7 +1,7 @@
-"""Faults injected across the pipeline: kills, corrupted shards, a full disk, hostile manifests, configs and archives.
+"""Faults injected into training: kills, corrupted shards, a full disk, hostile manifests, configs and archives.
 
 Every fault must end in a clean, documented outcome: no traceback, the documented exit code, a message naming
-the file, and nothing of the previous good state lost (output directory, latest checkpoint).
+the file, and nothing of the previous good state lost (latest checkpoint, shards).
 """
 
 from __future__ import annotations
@@ -10,63 +10,21 @@ import errno
 import json
 import os
 import random
-import resource
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
-from trainer_fixtures import (base_config, make_sft_shards, poison_parameters_at, sft_shards,  # noqa: F401
-                              tiny_model, write_config)
+from faults import run_cli, sigkill, wait_for
+from trainer_fixtures import base_config, make_sft_shards, poison_parameters_at, write_config
 
-from aligndata.cli import app as aligndata_app
-from aligndata.write.convert import convert
-from aligndata.write.shards import MANIFEST, ShardError, read_manifest, verify_shards
+from aligndata.write.shards import MANIFEST, ShardError, verify_shards
 from aligntrain.checkpoint import CHECKPOINTS, latest_checkpoint
 from aligntrain.cli import main as aligntrain_main
 from aligntrain.config import load_config
 from aligntrain.trainer import train
-
-CHAT = {"conversations": [{"from": "human", "value": "What is the weather in Paris?"},
-                          {"from": "gpt", "value": "It is sunny in Paris today."}]}
-
-
-def write_chats(path: Path, n: int) -> Path:
-    path.write_text("".join(json.dumps(CHAT) + "\n" for _ in range(n)), encoding="utf-8")
-    return path
-
-
-def wait_for(condition, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Poll until `condition()` holds; the process must still be running then (else the kill point was missed)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"process ended (rc {proc.returncode}) before the kill point"
-        assert time.monotonic() < deadline, "kill point not reached in time"
-        time.sleep(0.005)
-
-
-def sigkill(proc: subprocess.Popen) -> None:
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-
-
-def full_disk(limit: int):
-    """preexec_fn: files may not grow past `limit` bytes; writes beyond fail with EFBIG, as on a full disk."""
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    return apply
-
-
-def run_cli(module: str, *args, limit: int | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          timeout=120, preexec_fn=full_disk(limit) if limit else None)
 
 
 def aligntrain(capsys, *args) -> tuple[int, str]:
@@ -74,56 +32,6 @@ def aligntrain(capsys, *args) -> tuple[int, str]:
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err + captured.out
     return code, captured.err
-
-
-# -- convert killed at random points ------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_convert_killed_at_random_points_keeps_the_old_output_and_a_rerun_completes(tmp_path, tiny_tokenizer_dir):
-    big = write_chats(tmp_path / "big.jsonl", 4000)
-    out, staging = tmp_path / "out", tmp_path / ".out.partial"
-    rng = random.Random(20261128)
-    points = sorted(rng.sample(range(1, 15), 3))  # kill once this many of the 20 shards are in the staging dir
-    previous_rows = None
-    for attempt, point in enumerate(points):
-        shard_rows = 200 + attempt  # each attempt replaces an output made with other settings
-        code = (f"import sys; from pathlib import Path; from aligndata.write.convert import convert; "
-                f"convert([{str(big)!r}], Path({str(out)!r}), 'sft', {str(tiny_tokenizer_dir)!r}, "
-                f"shard_rows={shard_rows}, overwrite=True)")
-        proc = subprocess.Popen([sys.executable, "-c", code])
-        wait_for(lambda: len(list(staging.glob("train/*.arrow"))) >= point, proc)
-        sigkill(proc)
-        assert not (staging / MANIFEST).exists()
-        if attempt == 0:  # nothing converted yet: no manifest, and readers say why
-            assert not (out / MANIFEST).exists()
-            with pytest.raises(ShardError, match="no such shard directory|did not finish"):
-                read_manifest(out)
-        else:  # the previous complete output is untouched
-            assert read_manifest(out)["settings"]["shard_rows"] == previous_rows
-            verify_shards(out)
-        result = convert([str(big)], out, "sft", str(tiny_tokenizer_dir), shard_rows=shard_rows, overwrite=True)
-        assert not result.skipped and result.manifest["counts"]["kept"] == 4000
-        verify_shards(out)
-        assert not staging.exists()
-        previous_rows = shard_rows
-
-
-def test_convert_to_jsonl_killed_midway_keeps_the_old_output_and_a_rerun_completes(tmp_path):
-    small, big = write_chats(tmp_path / "small.jsonl", 3), write_chats(tmp_path / "big.jsonl", 60_000)
-    out = tmp_path / "out.jsonl"
-    first = CliRunner().invoke(aligndata_app, ["convert", "-q", str(small), "--to", "openai", "--out", str(out)])
-    assert first.exit_code == 0
-    old = out.read_bytes()
-    proc = subprocess.Popen([sys.executable, "-m", "aligndata", "convert", "-q", str(big), "--to", "openai",
-                             "--out", str(out), "--on-error", "skip"], stderr=subprocess.DEVNULL)
-    partial = tmp_path / f".out.jsonl.partial-{proc.pid}"
-    wait_for(lambda: partial.exists() and partial.stat().st_size > random.Random(3).randint(1, 4) << 20, proc)
-    sigkill(proc)
-    assert out.read_bytes() == old and not (tmp_path / "out.jsonl.rejects.jsonl").exists()
-    again = CliRunner().invoke(aligndata_app, ["convert", "-q", str(big), "--to", "openai", "--out", str(out)])
-    assert again.exit_code == 0 and "read 60000 = written 60000 + rejected 0" in again.output
-    assert len(out.read_text().splitlines()) == 60_000
-    assert not partial.exists()  # the killed run's temporary file was cleaned up by the next run
 
 
 # -- shards damaged after conversion ----------------------------------------------------------------
@@ -149,30 +57,6 @@ def test_damaged_shard_is_detected_by_aligntrain_at_start(tmp_path, capsys, tiny
 
 
 # -- a full disk --------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-@pytest.mark.parametrize("to", ["openai", "sft"])
-def test_full_disk_during_convert_is_a_clean_io_error_and_keeps_the_old_output(tmp_path, tiny_tokenizer_dir, to):
-    small, big = write_chats(tmp_path / "small.jsonl", 4), write_chats(tmp_path / "big.jsonl", 3000)
-    out = tmp_path / ("out.jsonl" if to == "openai" else "out")
-    shard_args = ["-t", tiny_tokenizer_dir, "--overwrite"] if to == "sft" else []
-    first = CliRunner().invoke(aligndata_app, ["convert", "-q", str(small), "--to", to, "--out", str(out),
-                                               *map(str, shard_args)])
-    assert first.exit_code == 0, first.output
-    before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()
-                    and p.name != "big.jsonl")
-    proc = run_cli("aligndata", "convert", "-q", big, "--to", to, "--out", out, *shard_args, limit=64_000)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr.startswith(f"error: {out}: cannot write (")
-    assert "File too large" in proc.stderr and "the previous output is left as it was" in proc.stderr
-    after = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()
-                   and p.name != "big.jsonl" and ".partial" not in str(p))
-    assert after == before  # only an unfinished staging directory is added, which the next run removes
-    if to == "sft":
-        verify_shards(out)
-        assert read_manifest(out)["counts"]["read"] == 4
-
 
 def test_full_disk_during_checkpoint_save_keeps_the_previous_checkpoint_latest(tmp_path, capsys, tiny_model,
                                                                                sft_shards, monkeypatch):
@@ -275,21 +159,6 @@ def test_malicious_pickle_archive_is_refused_and_never_runs(tmp_path, capsys, ti
     assert code == 1 and err.startswith(f"error: model.archive: {archive}")
     assert not marker.exists()
     assert not (tmp_path / "run" / CHECKPOINTS).exists()
-
-
-def test_trust_remote_code_is_off_unless_asked(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    import transformers
-
-    seen = []
-    real = transformers.AutoTokenizer.from_pretrained
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("trust_remote_code"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
-    convert([str(write_chats(tmp_path / "c.jsonl", 2))], tmp_path / "o", "sft", str(tiny_tokenizer_dir))
-    assert seen and not any(seen)
 
 
 # -- training killed by SIGKILL, then resumed ------------------------------------------------------------
