@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aligndata.write.shards import (REF_COLUMNS, ShardWriter, _write_datasets_sidecars, finish_output,
+from aligndata.write.shards import (REF_COLUMNS, ShardWriter, write_datasets_sidecars, finish_output,
                               open_split, sha256_file, shard_path)
 
 from .config import Config
@@ -99,7 +99,7 @@ def precompute_reference(shards: str | Path, cfg: Config, batch_size: int | None
     finish_output(shards, new_manifest)  # the commit point: an atomic rename of manifest.json
 
     for split, info in new_splits.items():
-        _write_datasets_sidecars(shards / split, info["files"], writer.schema)
+        write_datasets_sidecars(shards / split, info["files"], writer.schema)
     keep = {shard_path(shards, f["path"]) for info in new_splits.values() for f in info["files"]}
     for path in old_files + [p for split in new_splits for p in (shards / split).glob("shard-*-ref-*.arrow")]:
         if path not in keep and path.exists():

@@ -204,7 +204,7 @@ class ShardWriter:
             files = self.files[split]
             if not files:
                 continue
-            _write_datasets_sidecars(self.out_dir / split, files, self.schema)
+            write_datasets_sidecars(self.out_dir / split, files, self.schema)
             splits[split] = {
                 "rows": sum(f["rows"] for f in files),
                 "tokens": sum(f["tokens"] for f in files),
@@ -270,7 +270,7 @@ def _from_numpy(values: np.ndarray, type_: pa.DataType) -> pa.Array:
     return pa.Array.from_buffers(type_, len(values), [None, pa.py_buffer(values)], null_count=0)
 
 
-def _write_datasets_sidecars(split_dir: Path, files: list[dict[str, Any]], schema: pa.Schema) -> None:
+def write_datasets_sidecars(split_dir: Path, files: list[dict[str, Any]], schema: pa.Schema) -> None:
     """state.json + dataset_info.json make `datasets.load_from_disk(split_dir)` work on our files."""
     names = [PurePosixPath(f["path"]).name for f in files]
     state = {
