@@ -11,9 +11,10 @@ then checks every key before anything heavy is imported or loaded:
     wrong type         config.yml: key 'lr' must be a number, got 'fast' (str)
     bad override       --overrides: unknown key 'model.polcy_dtype' (did you mean 'model.policy_dtype'?)
 
-Three seed keys were renamed; the seed spellings are still read and mean the same thing:
+Some seed keys were renamed; the seed spellings are still read and mean the same thing:
 `output_dirs` -> `output_dir`, `save_model_step` -> `save_every_steps`, `print_log_step` ->
-`log_every_steps`. The resolved config (our spellings) is what `to_yaml` writes.
+`log_every_steps`, and `batch_size` (the seed README's `--overrides batch_size=32`) ->
+`total_batch_size`. The resolved config (our spellings) is what `to_yaml` writes.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ DtypeName = Literal[tuple(MIXED_PRECISION)]
 TASK_OF_LOSS = {"sft": "sft", **{name: "dpo" for name in PREFERENCE_LOSSES}}
 LossName = Literal[tuple(TASK_OF_LOSS)]
 
-SEED_ALIASES = {"output_dirs": "output_dir", "save_model_step": "save_every_steps", "print_log_step": "log_every_steps"}
+SEED_ALIASES = {"output_dirs": "output_dir", "save_model_step": "save_every_steps", "print_log_step": "log_every_steps",
+                "batch_size": "total_batch_size"}
 REQUIRED = ("exp_name", "model.name_or_path", "loss.name")
 
 
@@ -96,7 +98,7 @@ class Config:
     gradient_accumulation_steps: int = 1  # micro-batches per step (unless tokens_per_batch is set)
     eval_batch_size: int = 8
     max_length: int = 512  # must equal the shards' max_length
-    max_prompt_length: int | None = 256
+    max_prompt_length: int | None = None  # preference losses: the prompt's budget; null: half of max_length
     n_epochs: int | None = 1
     n_examples: int | None = None  # if set, train on this many examples (wins over n_epochs)
     warmup_steps: int = 0
@@ -234,8 +236,11 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise bad("eval_fraction", f"must be in [0, 1), got {cfg.eval_fraction}")
     if cfg.n_epochs is None and cfg.n_examples is None:
         raise ConfigError(f"{where}: set n_epochs or n_examples (both are null)")
-    if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
-        raise bad("max_prompt_length", f"must be smaller than max_length ({cfg.max_length}), got {cfg.max_prompt_length}")
+    if cfg.task == "dpo":  # SFT never reads it: neither its value nor its default can be wrong there
+        if cfg.max_prompt_length is None:
+            cfg.max_prompt_length = cfg.max_length // 2  # the seed's 256 of 512; the saved config says what ran
+        elif cfg.max_prompt_length >= cfg.max_length:
+            raise bad("max_prompt_length", f"must be smaller than max_length ({cfg.max_length}), got {cfg.max_prompt_length}")
     if cfg.tokens_per_batch is None and cfg.total_batch_size % cfg.gradient_accumulation_steps:
         raise bad("total_batch_size", f"({cfg.total_batch_size}) must be divisible by gradient_accumulation_steps "
                                       f"({cfg.gradient_accumulation_steps})")

@@ -9,7 +9,6 @@ from aligntrain.config import ConfigError, load_config, to_yaml
 from paths import REPO
 
 
-
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "cfg.yml"
     path.write_text(text)
@@ -105,6 +104,20 @@ def test_semantic_rules_name_the_key(tmp_path):
 def test_label_smoothing_only_for_dpo(tmp_path):
     assert error_of(tmp_path, "exp_name: d\nmodel: {name_or_path: m}\nloss: {name: ipo, label_smoothing: 0.1}\n") == \
         "cfg.yml: key 'loss.label_smoothing' applies to loss.name: dpo only (conservative DPO), not 'ipo'"
+
+
+def test_seed_readme_batch_size_override_means_total_batch_size(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["lr=2e-5", "batch_size=32"])
+    assert (cfg.lr, cfg.total_batch_size) == (2e-5, 32)
+    assert load_config(write(tmp_path, MINIMAL + "batch_size: 16\n")).total_batch_size == 16
+
+
+def test_max_prompt_length_is_checked_and_defaulted_only_for_preference_losses(tmp_path):
+    sft = "exp_name: s\nmodel: {name_or_path: m}\nloss: {name: sft}\nmax_length: 256\n"
+    assert load_config(write(tmp_path, sft)).max_prompt_length is None  # SFT never reads it
+    assert load_config(write(tmp_path, MINIMAL + "max_length: 256\n")).max_prompt_length == 128  # half, as the seed's 256/512
+    assert load_config(write(tmp_path, MINIMAL)).max_prompt_length == 256
+    assert load_config(write(tmp_path, MINIMAL + "max_prompt_length: 100\n")).max_prompt_length == 100
 
 
 def test_alias_and_new_spelling_together_is_refused(tmp_path):
