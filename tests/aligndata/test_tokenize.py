@@ -19,7 +19,7 @@ from aligndata.encode.encoder import Encoder
 from aligndata.encode.results import EncodedDPO, EncodeError
 from tiny_tokenizer import make_tiny_tokenizer, trained_text
 
-EOT, IM_START, IM_END, BOS, NL = 0, 1, 2, 3, 205
+EOT, IM_START, IM_END, BOS, EOT_ID, NL = 0, 1, 2, 3, 6, 205
 
 # Rendered ChatML turns of the conversation below, tokenized.
 SYSTEM_TURN = [IM_START, 372, 374, NL, 352, 413, 278, 415, 82, 333, 20, IM_END, NL]  # system: You are a helpful ...
@@ -188,6 +188,50 @@ def test_dpo_completion_ends_at_end_of_turn_before_a_trailer(tiny_tokenizer):
     enc = encoder(tiny_tokenizer, template(TRAILER_TEMPLATE)).encode_dpo(pair)
 
     assert enc == EncodedDPO(USER_PARIS + ASSISTANT_HEADER, SUNNY + [IM_END], JOKE + [IM_END])
+
+
+# Closes a last assistant turn with another end-of-turn token than a turn that more follows, as gpt-oss does
+# (<|return|> at the very end, <|end|> otherwise); here <|eot_id|> and <|im_end|>.
+LAST_TURN_CLOSED_OTHERWISE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% if m.role == 'assistant' and loop.last and not add_generation_prompt %}<|eot_id|>"
+    "{% else %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_sft_trains_the_end_of_turn_a_template_writes_only_after_the_last_turn(tiny_tokenizer):
+    enc = encoder(tiny_tokenizer, template(LAST_TURN_CLOSED_OTHERWISE)).encode_sft(two_turns())
+
+    assert enc.input_ids[-2:] == [RAINING[-1], EOT_ID]
+    assert trained_text(tiny_tokenizer, enc.input_ids, enc.loss_mask) == [
+        "It is sunny in Paris today.<|im_end|>",
+        "It is raining in London.<|eot_id|>",
+    ]
+
+
+def test_dpo_completions_end_with_the_end_of_turn_a_template_writes_only_after_the_last_turn(tiny_tokenizer):
+    pair = PreferencePair([PARIS], [sunny()], [joke()])
+
+    enc = encoder(tiny_tokenizer, template(LAST_TURN_CLOSED_OTHERWISE)).encode_dpo(pair)
+
+    assert enc == EncodedDPO(USER_PARIS + ASSISTANT_HEADER, SUNNY + [EOT_ID], JOKE + [EOT_ID])
+
+
+# Closes a last assistant turn with plain text whose first characters merge with the end of the content into
+# one token ('"}}' is one token of the tiny tokenizer).
+LAST_TURN_CLOSED_WITH_TEXT = LAST_TURN_CLOSED_OTHERWISE.replace("<|eot_id|>", "}}")
+
+
+def test_content_that_shares_a_token_with_the_last_turns_closing_is_trained_whole(tiny_tokenizer):
+    quote = Message("assistant", 'It is "Paris"')
+    coder = encoder(tiny_tokenizer, template(LAST_TURN_CLOSED_WITH_TEXT))
+
+    sft = coder.encode_sft(Conversation([PARIS, quote]))
+    dpo = coder.encode_dpo(PreferencePair([PARIS], [quote], [joke()]))
+
+    assert trained_text(tiny_tokenizer, sft.input_ids, sft.loss_mask) == ['It is "Paris"}}']
+    assert tiny_tokenizer.decode(dpo.chosen_ids) == 'It is "Paris"}}'
 
 
 # Strips reasoning from assistant turns that are not last, as several reasoning-model templates do.
