@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aligndata.encode.coverage import check_rendered
 from aligndata.encode.results import EncodeError
 from aligndata.encode.template import ChatRenderer
 from aligndata.records import Message
@@ -82,6 +83,7 @@ def render_sft(renderer: ChatRenderer, messages: list[dict], tools: list | None,
                 "renders earlier turns differently once later turns exist, so the trained span cannot be located",
             )
         starts.append(len(prefix))
+    check_rendered(full, messages, tools)
     last = len(messages) - 1
     closing_targets = [i for i in targets if i != last]
     if not renderer.prompt_only_appends:
@@ -128,6 +130,9 @@ def render_dpo(
                 "once a completion follows",
             )
         texts.append(full)
+    check_rendered(prompt_text, prompt, tools)
+    for text, messages in zip(texts, conversations):
+        check_rendered(text[len(prompt_text):], messages[-1:], None, first=len(prompt))
     if not renderer.prompt_only_appends:
         try:
             return RenderedDPO(len(prompt_text), (texts[0], texts[1]), renderer.render(prompt, tools, False))

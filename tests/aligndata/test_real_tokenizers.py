@@ -322,3 +322,22 @@ def test_gpt_oss_tokenizer_trains_end_and_return_tokens_and_dpo_completions_end_
     for completion, ids in ((pair.chosen, dpo.chosen_ids), (pair.rejected, dpo.rejected_ids)):
         assert dpo.prompt_ids + ids == reference_ids(gpt_oss, pair.prompt + completion, chat_template=template_text)
         assert gpt_oss.decode(ids) == gpt_oss_final(completion[0].content, "<|return|>")
+
+
+# ---- templates that cannot render tool calls --------------------------------------------------------------
+
+
+def test_phi3_refuses_every_glaive_record_whose_tool_calls_it_cannot_render(phi3):
+    convs = glaive_conversations(300)
+
+    results = encoder(phi3).encode_sft_batch(convs)
+
+    with_calls = [r for c, r in zip(convs, results) if any(m.tool_calls for m in c.messages)]
+    without_tools = [r for c, r in zip(convs, results) if not c.tools]
+    assert len(with_calls) == 153 and len(without_tools) == 109
+    assert {getattr(r, "reason", "kept") for r in with_calls} == {"template-drops-content"}
+    assert not any(isinstance(r, EncodeError) for r in without_tools)
+
+
+def test_qwen_renders_every_glaive_tool_call_and_keeps_every_record(qwen):
+    assert [r for r in encoder(qwen).encode_sft_batch(glaive_conversations(300)) if isinstance(r, EncodeError)] == []

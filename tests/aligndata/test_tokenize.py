@@ -611,3 +611,85 @@ def test_encoder_refuses_bad_settings_with_the_same_check_as_convert(tiny_tokeni
         encoder(tiny_tokenizer, **settings)
 
     assert str(err.value) == message
+
+
+# ---- a template that leaves part of the record out of the rendering ---------------------------------------
+
+WEATHER_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}
+TOOL_RESULT = Message("tool", '{"temperature": 21, "unit": "C"}')
+
+
+def tool_conversation() -> Conversation:
+    return Conversation([PARIS, Message("assistant", "", tool_calls=[WEATHER_CALL]), TOOL_RESULT, sunny()])
+
+
+def test_sft_refuses_a_tool_call_the_template_cannot_render(tiny_tokenizer):
+    # The tiny tokenizer's own ChatML template renders each message's content and nothing else.
+    with pytest.raises(EncodeError) as err:
+        encoder(tiny_tokenizer).encode_sft(tool_conversation())
+
+    assert err.value.reason == "template-drops-content"
+    assert str(err.value) == (
+        "message 1 (assistant): the chat template leaves its tool call 0 (get_weather) out of the rendered text "
+        "(it cannot render it), so this record would be trained without it"
+    )
+
+
+SKIPS_TOOL_TURNS = (
+    "{% for m in messages %}{% if m.role != 'tool' %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for call in m.tool_calls or [] %}{{ call.function | tojson }}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_sft_refuses_a_tool_result_the_template_leaves_out(tiny_tokenizer):
+    with pytest.raises(EncodeError) as err:
+        encoder(tiny_tokenizer, template(SKIPS_TOOL_TURNS)).encode_sft(tool_conversation())
+
+    assert err.value.reason == "template-drops-content"
+    assert str(err.value) == (
+        "message 2 (tool): the chat template leaves its content '{\"temperature\": 21, \"unit\": \"C\"}' out of "
+        "the rendered text (it cannot render it), so this record would be trained without it"
+    )
+
+
+def test_sft_refuses_a_tool_list_the_template_leaves_out(tiny_tokenizer):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+    with pytest.raises(EncodeError) as err:
+        encoder(tiny_tokenizer).encode_sft(Conversation([PARIS, sunny()], tools=tools))
+
+    assert err.value.reason == "template-drops-content"
+    assert str(err.value).startswith("tool 'get_weather': the chat template leaves this tool's definition out")
+
+
+# Writes calls as name(key=value) and tool results and content as JSON strings, trimmed: none of it verbatim.
+REWRITES_CALLS = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'tool' %}{{ m.content | trim | tojson }}{% else %}{{ m.content | trim }}{% endif %}"
+    "{% for call in m.tool_calls or [] %}{{ call.function.name }}("
+    "{% for key, value in call.function.arguments | dictsort %}{{ key }}={{ value }}{% if not loop.last %}, "
+    "{% endif %}{% endfor %}){% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tool_calls_and_results_rewritten_by_the_template_are_kept(tiny_tokenizer):
+    conv = tool_conversation()
+    conv.messages[0] = Message("user", '  Is it "sunny"\nin Paris?  ')
+
+    enc = encoder(tiny_tokenizer, template(REWRITES_CALLS)).encode_sft(conv)
+
+    assert trained_text(tiny_tokenizer, enc.input_ids, enc.loss_mask) == [
+        "get_weather(city=Paris, days=2)<|im_end|>", "It is sunny in Paris today.<|im_end|>",
+    ]
+
+
+def test_dpo_refuses_a_completion_whose_tool_call_the_template_cannot_render(tiny_tokenizer):
+    pair = PreferencePair([PARIS], [Message("assistant", "", tool_calls=[WEATHER_CALL])], [joke()])
+
+    with pytest.raises(EncodeError) as err:
+        encoder(tiny_tokenizer).encode_dpo(pair)
+
+    assert err.value.reason == "template-drops-content"
+    assert str(err.value).startswith("message 1 (assistant): the chat template leaves its tool call 0 (get_weather)")
