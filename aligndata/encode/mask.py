@@ -57,36 +57,34 @@ class _Ending:
     """
 
     def __init__(self, tokens: Tokens, prompt_end: int, before: str | None):
-        self.trailer = self.prompt = ""
-        self._bare_trailer = ""
-        self._known = before is not None
-        if before is None:
+        self._trailer = self._bare_trailer = self._prompt = ""
+        if before is None:  # the template only appends its generation prompt: nothing to tell apart
             return
         full = tokens.text
         prompt = full[:prompt_end]
         parted = common_prefix_length(before, prompt)
         shared = _chars_before_token_start(tokens, parted) if parted < len(before) else 0
         self._bare_trailer = before[parted:]
+        trailer_at = len(full) - len(self._bare_trailer)
         if self._bare_trailer and full.endswith(self._bare_trailer):
-            at_end = _chars_before_token_start(tokens, len(full) - len(self._bare_trailer))
-            if full[len(full) - len(self._bare_trailer) - at_end:len(full) - len(self._bare_trailer)] == \
-                    before[parted - at_end:parted]:
+            at_end = _chars_before_token_start(tokens, trailer_at)
+            if full[trailer_at - at_end:trailer_at] == before[parted - at_end:parted]:
                 shared = max(shared, at_end)
-        self.trailer = before[parted - shared:]
-        self.prompt = prompt[parted - shared:]
+        self._trailer = before[parted - shared:]
+        self._prompt = prompt[parted - shared:]
 
     def last_turn_end(self, full: str) -> int:
         """Char of `full` where its last message ends: before the trailer, else at the very end."""
-        for trailer in (self.trailer, self._bare_trailer):
+        for trailer in (self._trailer, self._bare_trailer):
             if trailer and full.endswith(trailer):
                 return len(full) - len(trailer)  # a bare trailer that a token straddles fails in _token_span
         return len(full)
 
     def without_prompt(self, continued: str) -> str:
         """`continued` less the generation prompt, where it was rendered with one that the template wrote."""
-        if self._known and continued.endswith(self.prompt):
-            return continued[: len(continued) - len(self.prompt)]
-        return continued  # rendered without it, or the template writes none after an assistant turn
+        if continued.endswith(self._prompt):
+            return continued[: len(continued) - len(self._prompt)]
+        return continued  # the template writes no generation prompt after an assistant turn
 
 
 def _chars_before_token_start(tokens: Tokens, pos: int) -> int:

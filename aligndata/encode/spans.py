@@ -84,23 +84,25 @@ def render_sft(renderer: ChatRenderer, messages: list[dict], tools: list | None,
             )
         starts.append(len(prefix))
     check_rendered(full, messages, tools)
+    continued, before = _closings(renderer, messages, tools, targets)
+    closings = iter(continued)
     last = len(messages) - 1
-    closing_targets = [i for i in targets if i != last]
+    turns = [Turn(i, start, None if i == last else next(closings)) for i, start in zip(targets, starts)]
+    return RenderedSFT(full, turns, before)
+
+
+def _closings(
+    renderer: ChatRenderer, messages: list[dict], tools: list | None, targets: list[int]
+) -> tuple[list[str], str | None]:
+    """The `continued` renderings of the trained turns that more messages follow, and `before` (RenderedSFT)."""
+    closing = [i for i in targets if i != len(messages) - 1]
     if not renderer.prompt_only_appends:
         try:
             before = renderer.render(messages[: targets[0]], tools, False)
-            continued = [renderer.render(messages[: i + 1], tools, True) for i in closing_targets]
+            return [renderer.render(messages[: i + 1], tools, True) for i in closing], before
         except EncodeError:
             pass  # some templates refuse a generation prompt after an assistant turn: no trailer then
-        else:
-            return RenderedSFT(full, _turns(targets, starts, continued, last), before)
-    continued = [renderer.render(messages[: i + 1], tools, False) for i in closing_targets]
-    return RenderedSFT(full, _turns(targets, starts, continued, last), None)
-
-
-def _turns(targets: list[int], starts: list[int], continued: list[str], last: int) -> list[Turn]:
-    closings = iter(continued)
-    return [Turn(i, start, None if i == last else next(closings)) for i, start in zip(targets, starts)]
+    return [renderer.render(messages[: i + 1], tools, False) for i in closing], None
 
 
 def render_dpo(
