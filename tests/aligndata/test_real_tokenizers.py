@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from aligndata.records import Conversation, Message, PreferencePair
-from aligndata.encode.tokenizer import load_tokenizer
-from aligndata.encode.template import resolve_chat_template
+from aligndata.encode.tokenizer import TemplateError, load_tokenizer
+from aligndata.encode.template import BUILTIN_TEMPLATES, resolve_chat_template
 from aligndata.encode.encoder import Encoder
 from aligndata.encode.results import EncodeError
 from paths import TESTS, SHARED_DATA
@@ -246,14 +246,17 @@ def test_axolotl_vicuna_fixture_is_reproduced_except_its_literal_eos_text():
     assert [t if m else -100 for t, m in zip(enc.input_ids, enc.loss_mask)] == expected_labels
 
 
-def test_gpt_neox_tokenizer_without_bos_eos_and_with_trimmed_offsets_works_with_a_builtin():
+def test_gpt_neox_tokenizer_without_bos_eos_and_with_trimmed_offsets_works_with_a_template_file(tmp_path):
     tok = load_tokenizer(str(TOKENIZERS / "gpt-neox-20b"))  # tokenizer.json alone: no bos/eos/pad, trim_offsets on
     assert (tok.bos_token_id, tok.eos_token_id) == (None, None)
     conv = fastchat_conversations(1)[0]
-    enc = encoder(tok, "chatml").encode_sft(conv)
+    # ChatML from a file: taken as written, though <|im_start|> and <|im_end|> are no tokens of GPT-NeoX
+    chatml = tmp_path / "chatml.jinja"
+    chatml.write_text(BUILTIN_TEMPLATES["chatml"], encoding="utf-8")
+    enc = encoder(tok, str(chatml)).encode_sft(conv)
 
     assert enc.input_ids == tok.apply_chat_template(
-        [m.to_json() for m in conv.messages], chat_template=resolve_chat_template(tok, "chatml").text, return_dict=False
+        [m.to_json() for m in conv.messages], chat_template=BUILTIN_TEMPLATES["chatml"], return_dict=False
     )
     assert [tok.decode(r) for r in trained_runs(enc.input_ids, enc.loss_mask)] == [
         m.content + "<|im_end|>" for m in conv.messages if m.role == "assistant"
@@ -264,6 +267,17 @@ def test_gpt_neox_tokenizer_without_bos_eos_and_with_trimmed_offsets_works_with_
     assert str(err.value).endswith(
         "the hh template ends assistant turns with the tokenizer's eos_token, and this tokenizer has none"
     )
+
+
+@pytest.mark.parametrize("name", ["gpt-neox-20b", "gguf-gpt-2/ggml-vocab-gpt-2.gguf"])
+def test_builtin_chatml_is_refused_for_vocabularies_without_its_markers(name):
+    tok = load_tokenizer(str(TOKENIZERS / name))
+
+    with pytest.raises(TemplateError) as err:
+        resolve_chat_template(tok, "chatml")
+
+    assert str(err.value).startswith("the built-in chat template 'chatml' needs <|im_start|>, <|im_end|> to be "
+                                     "single tokens, but this tokenizer has no such tokens")
 
 
 # ---- templates that close the last turn otherwise (gpt-oss: <|return|> at the very end, <|end|> before) ----
