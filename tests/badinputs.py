@@ -177,6 +177,20 @@ def generate(directory: str | Path, *, write: bool = True) -> list[Case]:
     add("nan-in-message.jsonl", _jsonl(good2) + '{"conversations": [{"from": "human", "value": NaN}]}\n', "sft",
         validate=INVALID, fail=INVALID, skip=OK, message="", field="$.conversations[0].value", **line3)
 
+    # -- lone surrogate escapes: valid JSON, but half a UTF-16 pair is no character and has no UTF-8
+    lone = '{"conversations": [{"from": "human", "value": "Hi \\ud83d"}, {"from": "gpt", "value": "Hello"}]}\n'
+    add("lone-surrogate-in-message.jsonl", _jsonl(good2) + lone, "sft", validate=INVALID, fail=INVALID, skip=OK,
+        message="lone surrogate escape \\ud83d", field="$.conversations[0].value", **line3)
+    lone_pair = '{"prompt": "q", "chosen": "a \\udc00 b", "rejected": "b"}\n'
+    add("lone-surrogate-in-completion.jsonl", _jsonl([TEXT_PREF] * 2) + lone_pair, "dpo", validate=INVALID,
+        fail=INVALID, skip=OK, message="lone surrogate escape \\udc00", field="$.chosen", **line3)
+    emoji = [SHAREGPT, SHAREGPT, _planted(SHAREGPT, ("conversations", 1, "value"), "Hi \U0001f600")]
+    add("surrogate-pair.jsonl", _jsonl(emoji), "sft", validate=OK, fail=OK, skip=OK, message="", records=3)
+    lone_array = json.dumps(emoji).replace("\\ud83d\\ude00", "\\ude00")  # the pair's second half, alone
+    add("lone-surrogate-in-array.json", lone_array, "sft", validate=INVALID, fail=INVALID, skip=OK,
+        message="lone surrogate escape \\ude00", line=1, field="$.conversations[1].value", records=3,
+        lines_mode=False)
+
     # -- semantic problems
     for role in ("robot", "", "HUMAN"):
         rec = _planted(SHAREGPT, ("conversations", 0, "from"), role)

@@ -3,8 +3,8 @@
 Both ends of a trained span must fall on token boundaries, otherwise the record is refused
 ("boundary-mismatch"): a span that starts inside a token would train on a tokenization the model never sees
 at generation time. Whitespace before the end (the newline after ``<|im_end|>``) is not trained; the
-end-of-turn token itself is. The end of a turn needs the tokens too: the trailer that `spans` describes is
-widened to whole tokens here before it is taken off.
+end-of-turn token itself is. The ends of turns need the tokens too: the trailer and the generation prompt
+that `spans` describes start at a whole token, found here.
 """
 
 from __future__ import annotations
@@ -16,11 +16,15 @@ from aligndata.encode.tokens import Tokens
 
 def sft_mask(rendered: RenderedSFT, tokens: Tokens) -> EncodedSFT:
     """The conversation's ids with 1 on the tokens of each trained assistant turn, 0 elsewhere."""
-    trailer = _trailer(tokens, rendered.with_generation_prompt)
+    ending = _Ending(tokens, rendered.turns[0].start, rendered.before)
     mask = [0] * len(tokens.ids)
-    for i, start, upto in rendered.turns:
-        body_end = _turn_end(tokens.text, trailer, upto, i)
-        first, stop = _token_span(tokens, start, body_end, f"assistant message {i}")
+    for turn in rendered.turns:
+        what = f"assistant message {turn.index}"
+        if turn.continued is None:
+            body_end = ending.last_turn_end(tokens.text)
+        else:
+            body_end = _continued_turn_end(tokens.text, ending.without_prompt(turn.continued), what)
+        first, stop = _token_span(tokens, turn.start, body_end, what)
         mask[first:stop] = [1] * (stop - first)
     return EncodedSFT(tokens.ids, mask)
 
@@ -28,10 +32,10 @@ def sft_mask(rendered: RenderedSFT, tokens: Tokens) -> EncodedSFT:
 def dpo_split(rendered: RenderedDPO, chosen: Tokens, rejected: Tokens) -> EncodedDPO:
     """Prompt ids and the two completions' ids; the prompt must tokenize the same before both."""
     cut = rendered.prompt_length
+    ending = _Ending(chosen, cut, rendered.before)
     spans = []
-    for name, tokens, with_prompt in zip(("chosen", "rejected"), (chosen, rejected), rendered.with_generation_prompt):
-        body_end = len(tokens.text) - len(_trailer(tokens, with_prompt))
-        spans.append(_token_span(tokens, cut, body_end, f"the {name} completion"))
+    for name, tokens in (("chosen", chosen), ("rejected", rejected)):
+        spans.append(_token_span(tokens, cut, ending.last_turn_end(tokens.text), f"the {name} completion"))
     (c_first, c_stop), (r_first, r_stop) = spans
     prompt_ids = chosen.ids[:c_first]
     if rejected.ids[:r_first] != prompt_ids:
@@ -41,6 +45,64 @@ def dpo_split(rendered: RenderedDPO, chosen: Tokens, rejected: Tokens) -> Encode
             f"({_first_id_difference(prompt_ids, rejected.ids[:r_first])})",
         )
     return EncodedDPO(prompt_ids, chosen.ids[c_first:c_stop], rejected.ids[r_first:r_stop])
+
+
+class _Ending:
+    """The trailer and the generation prompt of one record's template (see `spans`), from whole tokens on.
+
+    `before` ends with the trailer where the prompt of the first trained turn (`tokens.text[:prompt_end]`)
+    ends with the generation prompt. Where the two begin with the same characters (Phi-3's ``<|endoftext|>``
+    and ``<|assistant|>``), a token that covers them on either side, in the prompt or at the end of the
+    conversation, tells where they start.
+    """
+
+    def __init__(self, tokens: Tokens, prompt_end: int, before: str | None):
+        self._trailer = self._bare_trailer = self._prompt = ""
+        if before is None:  # the template only appends its generation prompt: nothing to tell apart
+            return
+        full = tokens.text
+        prompt = full[:prompt_end]
+        parted = common_prefix_length(before, prompt)
+        shared = _chars_before_token_start(tokens, parted) if parted < len(before) else 0
+        self._bare_trailer = before[parted:]
+        trailer_at = len(full) - len(self._bare_trailer)
+        if self._bare_trailer and full.endswith(self._bare_trailer):
+            at_end = _chars_before_token_start(tokens, trailer_at)
+            if full[trailer_at - at_end:trailer_at] == before[parted - at_end:parted]:
+                shared = max(shared, at_end)
+        self._trailer = before[parted - shared:]
+        self._prompt = prompt[parted - shared:]
+
+    def last_turn_end(self, full: str) -> int:
+        """Char of `full` where its last message ends: before the trailer, else at the very end."""
+        for trailer in (self._trailer, self._bare_trailer):
+            if trailer and full.endswith(trailer):
+                return len(full) - len(trailer)  # a bare trailer that a token straddles fails in _token_span
+        return len(full)
+
+    def without_prompt(self, continued: str) -> str:
+        """`continued` less the generation prompt, where it was rendered with one that the template wrote."""
+        if continued.endswith(self._prompt):
+            return continued[: len(continued) - len(self._prompt)]
+        return continued  # the template writes no generation prompt after an assistant turn
+
+
+def _chars_before_token_start(tokens: Tokens, pos: int) -> int:
+    """How far char `pos` lies inside its token (0 on a boundary or outside any token)."""
+    index = tokens.token_at(pos)
+    return 0 if index is None else max(0, pos - tokens.chars(index)[0])
+
+
+def _continued_turn_end(full: str, body: str, what: str) -> int:
+    """Char of `full` where a turn that more messages follow ends: `body`, its closing as when more follows."""
+    if not full.startswith(body):
+        raise EncodeError(
+            "template-mask",
+            f"{what}: rendered as the last message it differs from its rendering inside the "
+            f"full conversation ({first_difference(body, full)}); the template renders a turn differently once "
+            "later turns exist, so the trained span cannot be located",
+        )
+    return len(body)
 
 
 def _token_span(tokens: Tokens, start: int, body_end: int, what: str) -> tuple[int, int]:
@@ -72,34 +134,6 @@ def _token_span(tokens: Tokens, start: int, body_end: int, what: str) -> tuple[i
     if stop is None:
         raise EncodeError("boundary-mismatch", f"the end of {what} is not a token boundary: {tokens.describe(end)}")
     return first, stop
-
-
-def _trailer(tokens: Tokens, with_generation_prompt: str | None) -> str:
-    """What the template writes only at the end of a conversation (e.g. Phi-3's EOS), in whole tokens."""
-    full = tokens.text
-    if with_generation_prompt is None:
-        return ""
-    common = common_prefix_length(full, with_generation_prompt)
-    if common >= len(full):
-        return ""
-    index = tokens.token_at(common)
-    start = common if index is None else min(common, tokens.chars(index)[0])
-    return full[start:]
-
-
-def _turn_end(full: str, trailer: str, upto: str | None, index: int) -> int:
-    """Char where assistant message `index` ends in `full` (its end-of-turn included, whitespace not stripped)."""
-    if upto is None:  # the last message
-        return len(full) - len(trailer)
-    body = upto[: len(upto) - len(trailer)] if trailer and upto.endswith(trailer) else upto
-    if not full.startswith(body):
-        raise EncodeError(
-            "template-mask",
-            f"assistant message {index}: rendered as the last message it differs from its rendering inside the "
-            f"full conversation ({first_difference(body, full)}); the template renders a turn differently once "
-            "later turns exist, so the trained span cannot be located",
-        )
-    return len(body)
 
 
 def _strip_end(text: str, start: int, end: int) -> int:

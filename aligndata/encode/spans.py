@@ -5,10 +5,20 @@ This works for any template (no ``{% generation %}`` markers needed):
 - start of assistant message i: ``len(render(messages[:i], add_generation_prompt=True))``. That rendering
   must be a textual prefix of the full rendering, otherwise the template renders earlier turns differently
   once later turns exist (e.g. it strips reasoning) and the record is refused ("template-mask").
-- end: ``render(messages[:i+1])`` must equal the full rendering up to that point, apart from a *trailer* the
-  template writes only at the very end of a conversation (Phi-3 appends EOS there). The trailer is found by
-  comparing the full rendering with the same messages rendered with ``add_generation_prompt=True``; it is
-  widened to whole tokens, so the end is settled once the text is tokenized (in `mask`).
+- end of a turn that more messages follow: where the template closes it when the conversation goes on, that
+  is ``render(messages[:i+1], add_generation_prompt=True)`` less the generation prompt (gpt-oss closes it with
+  ``<|end|>`` there but with ``<|return|>`` at the very end). It must be a prefix of the full rendering.
+- end of the last message: the end of the full rendering, less a *trailer*: what the template writes at the
+  very end of any conversation rendered without a generation prompt, in its place. Phi-3 writes its EOS
+  there, after ``<|end|>\n``: not trained. gpt-oss writes nothing there (a conversation that ends with a user
+  turn ends in ``<|end|>``): the ``<|return|>`` of its last assistant turn is that turn's end of turn, trained.
+
+Trailer and generation prompt are told apart on `before`, the conversation up to the first trained turn
+rendered without a generation prompt: with it, the template writes the generation prompt where `before` has
+the trailer. Both start at a whole token, found in `mask` (Phi-3's EOS and ``<|assistant|>`` share their
+first characters). Templates whose last statement only appends the generation prompt (most) need none of
+this: for them ``render(messages[:i+1])`` ends where the turn ends in the full rendering, and there is no
+trailer.
 
 DPO uses the same ends: the prompt is ``render(prompt, add_generation_prompt=True)`` and each completion runs
 from there to its end-of-turn token, so ``prompt_ids + chosen_ids`` is by construction a prefix of the
@@ -19,18 +29,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aligndata.encode.coverage import check_rendered
 from aligndata.encode.results import EncodeError
 from aligndata.encode.template import ChatRenderer
 from aligndata.records import Message
 
+@dataclass
+class Turn:
+    """One trained assistant turn: where it starts, and how the template closes it when more follows."""
+
+    index: int  # of the message
+    start: int  # char of the full rendering where the trained span begins
+    continued: str | None  # messages[:index+1] rendered as when more follows (see RenderedSFT); None if last
+
 
 @dataclass
 class RenderedSFT:
-    """A conversation rendered, with where each trained assistant turn starts."""
+    """A conversation rendered, with where each trained assistant turn starts and what closes it."""
 
     text: str  # the full conversation, rendered without a generation prompt
-    with_generation_prompt: str | None  # the same with one, to find the trailer (None: there is none)
-    turns: list[tuple[int, int, str | None]]  # (message index, start char, rendering up to it; None if last)
+    turns: list[Turn]
+    # None where the template only appends its generation prompt (or refuses one after an assistant turn):
+    # `continued` is then rendered without it. Else `continued` is rendered with it, and this is the
+    # conversation before the first trained turn, rendered without it.
+    before: str | None
 
 
 @dataclass
@@ -39,7 +61,7 @@ class RenderedDPO:
 
     prompt_length: int  # chars of the prompt rendered with the generation prompt
     texts: tuple[str, str]  # prompt+chosen and prompt+rejected, rendered
-    with_generation_prompt: tuple[str | None, str | None]
+    before: str | None  # the prompt rendered without the generation prompt; None as in RenderedSFT
 
 
 def render_sft(renderer: ChatRenderer, messages: list[dict], tools: list | None, train_on: str) -> RenderedSFT:
@@ -50,8 +72,7 @@ def render_sft(renderer: ChatRenderer, messages: list[dict], tools: list | None,
         raise EncodeError("no-trained-tokens", "the conversation has no assistant message to train on")
     if train_on == "last":
         targets = targets[-1:]
-    last = len(messages) - 1
-    turns = []
+    starts = []
     for i in targets:
         prefix = renderer.render(messages[:i], tools, True)
         if not full.startswith(prefix):
@@ -61,9 +82,27 @@ def render_sft(renderer: ChatRenderer, messages: list[dict], tools: list | None,
                 f"is not a prefix of the full rendering ({first_difference(prefix, full)}); the template "
                 "renders earlier turns differently once later turns exist, so the trained span cannot be located",
             )
-        upto = None if i == last else renderer.render(messages[: i + 1], tools, False)
-        turns.append((i, len(prefix), upto))
-    return RenderedSFT(full, _with_generation_prompt(renderer, messages, tools), turns)
+        starts.append(len(prefix))
+    check_rendered(full, messages, tools)
+    continued, before = _closings(renderer, messages, tools, targets)
+    closings = iter(continued)
+    last = len(messages) - 1
+    turns = [Turn(i, start, None if i == last else next(closings)) for i, start in zip(targets, starts)]
+    return RenderedSFT(full, turns, before)
+
+
+def _closings(
+    renderer: ChatRenderer, messages: list[dict], tools: list | None, targets: list[int]
+) -> tuple[list[str], str | None]:
+    """The `continued` renderings of the trained turns that more messages follow, and `before` (RenderedSFT)."""
+    closing = [i for i in targets if i != len(messages) - 1]
+    if not renderer.prompt_only_appends:
+        try:
+            before = renderer.render(messages[: targets[0]], tools, False)
+            return [renderer.render(messages[: i + 1], tools, True) for i in closing], before
+        except EncodeError:
+            pass  # some templates refuse a generation prompt after an assistant turn: no trailer then
+    return [renderer.render(messages[: i + 1], tools, False) for i in closing], None
 
 
 def render_dpo(
@@ -81,9 +120,9 @@ def render_dpo(
                 "completion-role", f"the {name} completion is a {completion[0].role!r} message, not 'assistant'"
             )
     prompt_text = renderer.render(prompt, tools, True)
-    texts, with_prompts = [], []
-    for name, completion in (("chosen", chosen), ("rejected", rejected)):
-        messages = [*prompt, completion[0].to_json()]
+    conversations = [[*prompt, chosen[0].to_json()], [*prompt, rejected[0].to_json()]]
+    texts = []
+    for name, messages in zip(("chosen", "rejected"), conversations):
         full = renderer.render(messages, tools, False)
         if not full.startswith(prompt_text):
             raise EncodeError(
@@ -93,18 +132,15 @@ def render_dpo(
                 "once a completion follows",
             )
         texts.append(full)
-        with_prompts.append(_with_generation_prompt(renderer, messages, tools))
-    return RenderedDPO(len(prompt_text), (texts[0], texts[1]), (with_prompts[0], with_prompts[1]))
-
-
-def _with_generation_prompt(renderer: ChatRenderer, messages: list[dict], tools: list | None) -> str | None:
-    """The comparison rendering that reveals a trailer; None where there cannot be one."""
-    if renderer.prompt_only_appends:
-        return None
-    try:
-        return renderer.render(messages, tools, True)
-    except EncodeError:
-        return None  # some templates refuse a generation prompt after an assistant turn: no trailer then
+    check_rendered(prompt_text, prompt, tools)
+    for text, messages in zip(texts, conversations):
+        check_rendered(text[len(prompt_text):], messages[-1:], None, first=len(prompt))
+    if not renderer.prompt_only_appends:
+        try:
+            return RenderedDPO(len(prompt_text), (texts[0], texts[1]), renderer.render(prompt, tools, False))
+        except EncodeError:
+            pass  # as in render_sft
+    return RenderedDPO(len(prompt_text), (texts[0], texts[1]), None)
 
 
 def common_prefix_length(a: str, b: str) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 _BUILTIN_DIR = Path(__file__).parent / "builtin_templates"
+_MARKER = re.compile(r"<\|[a-z_]+\|>")  # a control string of a built-in template: <|im_start|>, <|eot_id|>
 
 # name -> Jinja text; the files live in aligndata/encode/builtin_templates/ and ship inside the wheel.
 BUILTIN_TEMPLATES: dict[str, str] = {
@@ -50,6 +52,7 @@ def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str
     elif chat_template in BUILTIN_TEMPLATES:
         text = BUILTIN_TEMPLATES[chat_template]
         source = f"builtin:{chat_template}"
+        _require_single_token_markers(tokenizer, chat_template, text)
     else:
         path = Path(chat_template).expanduser()
         if not path.is_file():
@@ -66,6 +69,23 @@ def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str
         where = f" (line {lineno})" if lineno else ""
         raise TemplateError(f"chat template {source} does not compile{where}: {first_line(exc)}") from exc
     return TemplateInfo(source=source, text=text, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+def _require_single_token_markers(tokenizer: PreTrainedTokenizerBase, name: str, text: str) -> None:
+    """TemplateError unless each marker of a built-in template (``<|im_start|>``...) is one token here.
+
+    A tokenizer without them splits each into text pieces: the model would learn a format written in
+    ordinary characters and the end of its turns would be a ``>``. The tokenizer's own template, or a file,
+    is taken as its author wrote it."""
+    markers = sorted(set(_MARKER.findall(text)), key=text.index)
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    missing = [m for m in markers if len(ids := tokenizer.encode(m, add_special_tokens=False)) != 1 or ids[0] == unknown]
+    if missing:
+        raise TemplateError(
+            f"the built-in chat template {name!r} needs {', '.join(missing)} to be single tokens, but this "
+            f"tokenizer has no such tokens (it splits them into text pieces); pass --chat-template with a "
+            "template written for this tokenizer (a .jinja file)"
+        )
 
 
 def _tokenizer_template(tokenizer: PreTrainedTokenizerBase) -> str:

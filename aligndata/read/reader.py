@@ -32,6 +32,9 @@ MAX_RECORD_CHARS = 256 << 20
 _WS = re.compile(r"[ \t\n\r]*")
 # An error this close to the end of the buffer may only mean the record continues in the next chunk.
 _TAIL = 16
+# A \uD800-\uDFFF escape: half of a UTF-16 surrogate pair. Alone it decodes to a str that no UTF-8 writer
+# (tokenizers, hashes, output files) accepts, so records with one are searched for it (validate.py).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 @dataclass
@@ -42,6 +45,7 @@ class RawRecord:
     error: str | None = None  # set when the record is not valid JSON
     text: str | None = None  # the raw text of an unparseable record, for rejects files
     nonfinite: bool = False  # the JSON used NaN / Infinity literals, or a number that overflows to infinity
+    surrogates: bool = False  # the JSON has surrogate escapes (pairs, or lone halves that are no characters)
     fatal: bool = False  # the rest of the file cannot be read after this error
 
 
@@ -97,7 +101,8 @@ class LineParser:
         except RecursionError:
             return RawRecord(index, lineno, error="invalid JSON: nested too deeply", text=text[:200])
         self.parsed_any = True
-        return RawRecord(index, lineno, value=value, nonfinite=flag.seen)
+        return RawRecord(index, lineno, value=value, nonfinite=flag.seen,
+                         surrogates=_SURROGATE_ESCAPE.search(text) is not None)
 
 
 def display_name(path: str) -> str:
@@ -269,7 +274,7 @@ class _DocumentScanner:
     def _fatal(self, message: str) -> RawRecord:
         return RawRecord(self.index + 1, self.line, error=message, fatal=True)
 
-    def _decode_value(self) -> tuple[Any, bool] | RawRecord:
+    def _decode_value(self) -> tuple[Any, bool, bool] | RawRecord:
         """Decode the value at self.pos, reading more input while it is incomplete."""
         want = CHUNK_CHARS
         while True:
@@ -290,8 +295,9 @@ class _DocumentScanner:
             except RecursionError:
                 return self._fatal("invalid JSON: nested too deeply")
             nonfinite = self.flag.seen
+            surrogates = _SURROGATE_ESCAPE.search(self.buf, self.pos, end) is not None
             self._advance(end)
-            return value, nonfinite
+            return value, nonfinite, surrogates
 
     def __iter__(self) -> Iterator[RawRecord]:
         try:
@@ -309,7 +315,7 @@ class _DocumentScanner:
                 yield got
                 return
             self.index = 1
-            yield RawRecord(1, start, value=got[0], nonfinite=got[1])
+            yield RawRecord(1, start, value=got[0], nonfinite=got[1], surrogates=got[2])
             if self._skip_ws():
                 yield self._fatal("extra data after the top-level JSON value")
             return
@@ -324,7 +330,7 @@ class _DocumentScanner:
                     yield got
                     return
                 self.index += 1
-                yield RawRecord(self.index, start, value=got[0], nonfinite=got[1])
+                yield RawRecord(self.index, start, value=got[0], nonfinite=got[1], surrogates=got[2])
                 sep = self._skip_ws()
                 if sep == ",":
                     self._advance(self.pos + 1)

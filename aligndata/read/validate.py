@@ -8,7 +8,9 @@ report it, hands its problem over) and drives the progress bar. `validate_files`
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -25,6 +27,8 @@ from aligndata.read.rules import check_conversation, check_pair
 from aligndata.records import Conversation, Record, Source
 
 MAX_SCHEMA_ERRORS = 20
+# A str character that is half a surrogate pair: json decodes a lone \ud83d escape to one.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -126,6 +130,23 @@ def _nonfinite_paths(value: Any, path: str = "$") -> Iterator[str]:
             yield from _nonfinite_paths(v, f"{path}[{i}]")
 
 
+def _lone_surrogates(value: Any, path: str = "$") -> Iterator[tuple[str, str]]:
+    """(JSONPath, message) for every string (or key) that holds half a surrogate pair, alone."""
+    if isinstance(value, str):
+        lone = _LONE_SURROGATE.search(value)
+        if lone is not None:
+            yield path, (f"lone surrogate escape \\u{ord(lone.group()):04x}: half of a UTF-16 pair, not a "
+                         "character, so this text cannot be encoded as UTF-8 (to tokenize, hash or write it)")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            key = k if _LONE_SURROGATE.search(k) is None else json.dumps(k)[1:-1]
+            yield from _lone_surrogates(k, f"{path}.{key}")
+            yield from _lone_surrogates(v, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _lone_surrogates(v, f"{path}[{i}]")
+
+
 def check_value(raw: RawRecord, fmt: Format, file: str) -> Checked:
     """Schema, then adapter, then semantic rules for one parsed record."""
     src = Source(file, raw.line, raw.index)
@@ -135,6 +156,8 @@ def check_value(raw: RawRecord, fmt: Format, file: str) -> Checked:
     if raw.nonfinite:
         problems += [Problem(file, raw.line, raw.index, p, "NaN and Infinity are not valid JSON", "json")
                      for p in _nonfinite_paths(raw.value)]
+    if raw.surrogates:
+        problems += [Problem(file, raw.line, raw.index, p, m, "lone-surrogate") for p, m in _lone_surrogates(raw.value)]
     if problems:
         return Checked(raw, fmt.name, None, problems)
     issues = Issues()

@@ -45,7 +45,10 @@ def reject_line(checked: Checked, file: str) -> str:
         entry["value"] = raw.value
     else:
         entry["text"] = raw.text
-    return json.dumps(entry, ensure_ascii=False, allow_nan=True)
+    line = json.dumps(entry, ensure_ascii=False, allow_nan=True)
+    if "lone-surrogate" in (p.kind for p in checked.problems):  # no UTF-8 for them: written as \u escapes
+        line = json.dumps(entry, allow_nan=True)
+    return line
 
 
 def iter_inputs(inputs: list[str], input_format: str, progress: FileProgress,

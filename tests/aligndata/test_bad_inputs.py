@@ -27,7 +27,9 @@ SHARD_CASES = ["truncated.jsonl", "array-cut-mid-record.json", "invalid-utf8.jso
                "nan-in-message.jsonl", "unknown-role-robot.jsonl", "empty-conversations.jsonl", "null-record.jsonl",
                "sharegpt-int-at-conversations.1.value.jsonl", "deeply-nested.jsonl", "duplicates.jsonl",
                "mixed-formats.jsonl", "empty.jsonl", "a-directory.jsonl", "missing-file.jsonl",
-               "nan-literal.jsonl", "empty-preference.jsonl", "text-preference-null-at-chosen.jsonl"]
+               "nan-literal.jsonl", "empty-preference.jsonl", "text-preference-null-at-chosen.jsonl",
+               "lone-surrogate-in-message.jsonl", "lone-surrogate-in-completion.jsonl",
+               "lone-surrogate-in-array.json", "surrogate-pair.jsonl"]
 SUMMARY = re.compile(r"read (\d+) = written (\d+) \+ rejected (\d+)")
 SHARD_SUMMARY = re.compile(r"read (\d+) = kept (\d+) \+ rejected (\d+) \+ dropped (\d+)")
 

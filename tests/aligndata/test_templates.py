@@ -41,6 +41,61 @@ def sha(text: str) -> str:
 # ---- built-in templates -------------------------------------------------------------------------
 
 
+def tokenizer_without_markers():
+    """A byte-level BPE like the tiny tokenizer's, without its special tokens (as GPT-2's vocabulary is)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from tiny_tokenizer import CORPUS
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator(CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+@pytest.mark.parametrize("name, missing", [("chatml", "<|im_start|>, <|im_end|>"),
+                                           ("llama3", "<|start_header_id|>, <|end_header_id|>, <|eot_id|>")])
+def test_a_builtin_whose_markers_are_not_single_tokens_is_refused_naming_them(name, missing):
+    with pytest.raises(TemplateError) as err:
+        resolve_chat_template(tokenizer_without_markers(), name)
+
+    assert str(err.value) == (
+        f"the built-in chat template {name!r} needs {missing} to be single tokens, but this tokenizer has no such "
+        "tokens (it splits them into text pieces); pass --chat-template with a template written for this "
+        "tokenizer (a .jinja file)"
+    )
+
+
+def test_convert_with_such_a_builtin_exits_2_naming_the_missing_markers(tmp_path):
+    from typer.testing import CliRunner
+
+    from aligndata.cli import app
+
+    tokenizer_without_markers().save_pretrained(str(tmp_path / "tok"))
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": "Hello"}]}) + "\n")
+
+    result = CliRunner().invoke(app, ["convert", str(chats), "--to", "sft", "-t", str(tmp_path / "tok"),
+                                      "--chat-template", "chatml", "--out", str(tmp_path / "out")])
+
+    assert result.exit_code == 2
+    assert "needs <|im_start|>, <|im_end|> to be single tokens" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_builtin_without_markers_and_a_file_template_are_taken_as_written(tmp_path):
+    tok = tokenizer_without_markers()
+    tok.eos_token = "!"
+    (tmp_path / "chatml.jinja").write_text(BUILTIN_TEMPLATES["chatml"], encoding="utf-8")
+
+    assert resolve_chat_template(tok, "hh").source == "builtin:hh"
+    assert resolve_chat_template(tok, str(tmp_path / "chatml.jinja")).source == "file:chatml.jinja"
+
+
 def test_builtin_templates_are_chatml_hh_and_llama3():
     assert sorted(BUILTIN_TEMPLATES) == ["chatml", "hh", "llama3"]
 

@@ -19,7 +19,7 @@ from aligndata.encode.encoder import Encoder
 from aligndata.encode.results import EncodedDPO, EncodeError
 from tiny_tokenizer import make_tiny_tokenizer, trained_text
 
-EOT, IM_START, IM_END, BOS, NL = 0, 1, 2, 3, 205
+EOT, IM_START, IM_END, BOS, EOT_ID, NL = 0, 1, 2, 3, 6, 205
 
 # Rendered ChatML turns of the conversation below, tokenized.
 SYSTEM_TURN = [IM_START, 372, 374, NL, 352, 413, 278, 415, 82, 333, 20, IM_END, NL]  # system: You are a helpful ...
@@ -188,6 +188,50 @@ def test_dpo_completion_ends_at_end_of_turn_before_a_trailer(tiny_tokenizer):
     enc = encoder(tiny_tokenizer, template(TRAILER_TEMPLATE)).encode_dpo(pair)
 
     assert enc == EncodedDPO(USER_PARIS + ASSISTANT_HEADER, SUNNY + [IM_END], JOKE + [IM_END])
+
+
+# Closes a last assistant turn with another end-of-turn token than a turn that more follows, as gpt-oss does
+# (<|return|> at the very end, <|end|> otherwise); here <|eot_id|> and <|im_end|>.
+LAST_TURN_CLOSED_OTHERWISE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% if m.role == 'assistant' and loop.last and not add_generation_prompt %}<|eot_id|>"
+    "{% else %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_sft_trains_the_end_of_turn_a_template_writes_only_after_the_last_turn(tiny_tokenizer):
+    enc = encoder(tiny_tokenizer, template(LAST_TURN_CLOSED_OTHERWISE)).encode_sft(two_turns())
+
+    assert enc.input_ids[-2:] == [RAINING[-1], EOT_ID]
+    assert trained_text(tiny_tokenizer, enc.input_ids, enc.loss_mask) == [
+        "It is sunny in Paris today.<|im_end|>",
+        "It is raining in London.<|eot_id|>",
+    ]
+
+
+def test_dpo_completions_end_with_the_end_of_turn_a_template_writes_only_after_the_last_turn(tiny_tokenizer):
+    pair = PreferencePair([PARIS], [sunny()], [joke()])
+
+    enc = encoder(tiny_tokenizer, template(LAST_TURN_CLOSED_OTHERWISE)).encode_dpo(pair)
+
+    assert enc == EncodedDPO(USER_PARIS + ASSISTANT_HEADER, SUNNY + [EOT_ID], JOKE + [EOT_ID])
+
+
+# Closes a last assistant turn with plain text whose first characters merge with the end of the content into
+# one token ('"}}' is one token of the tiny tokenizer).
+LAST_TURN_CLOSED_WITH_TEXT = LAST_TURN_CLOSED_OTHERWISE.replace("<|eot_id|>", "}}")
+
+
+def test_content_that_shares_a_token_with_the_last_turns_closing_is_trained_whole(tiny_tokenizer):
+    quote = Message("assistant", 'It is "Paris"')
+    coder = encoder(tiny_tokenizer, template(LAST_TURN_CLOSED_WITH_TEXT))
+
+    sft = coder.encode_sft(Conversation([PARIS, quote]))
+    dpo = coder.encode_dpo(PreferencePair([PARIS], [quote], [joke()]))
+
+    assert trained_text(tiny_tokenizer, sft.input_ids, sft.loss_mask) == ['It is "Paris"}}']
+    assert tiny_tokenizer.decode(dpo.chosen_ids) == 'It is "Paris"}}'
 
 
 # Strips reasoning from assistant turns that are not last, as several reasoning-model templates do.
@@ -567,3 +611,85 @@ def test_encoder_refuses_bad_settings_with_the_same_check_as_convert(tiny_tokeni
         encoder(tiny_tokenizer, **settings)
 
     assert str(err.value) == message
+
+
+# ---- a template that leaves part of the record out of the rendering ---------------------------------------
+
+WEATHER_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}
+TOOL_RESULT = Message("tool", '{"temperature": 21, "unit": "C"}')
+
+
+def tool_conversation() -> Conversation:
+    return Conversation([PARIS, Message("assistant", "", tool_calls=[WEATHER_CALL]), TOOL_RESULT, sunny()])
+
+
+def test_sft_refuses_a_tool_call_the_template_cannot_render(tiny_tokenizer):
+    # The tiny tokenizer's own ChatML template renders each message's content and nothing else.
+    with pytest.raises(EncodeError) as err:
+        encoder(tiny_tokenizer).encode_sft(tool_conversation())
+
+    assert err.value.reason == "template-drops-content"
+    assert str(err.value) == (
+        "message 1 (assistant): the chat template leaves its tool call 0 (get_weather) out of the rendered text "
+        "(it cannot render it), so this record would be trained without it"
+    )
+
+
+SKIPS_TOOL_TURNS = (
+    "{% for m in messages %}{% if m.role != 'tool' %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for call in m.tool_calls or [] %}{{ call.function | tojson }}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_sft_refuses_a_tool_result_the_template_leaves_out(tiny_tokenizer):
+    with pytest.raises(EncodeError) as err:
+        encoder(tiny_tokenizer, template(SKIPS_TOOL_TURNS)).encode_sft(tool_conversation())
+
+    assert err.value.reason == "template-drops-content"
+    assert str(err.value) == (
+        "message 2 (tool): the chat template leaves its content '{\"temperature\": 21, \"unit\": \"C\"}' out of "
+        "the rendered text (it cannot render it), so this record would be trained without it"
+    )
+
+
+def test_sft_refuses_a_tool_list_the_template_leaves_out(tiny_tokenizer):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+    with pytest.raises(EncodeError) as err:
+        encoder(tiny_tokenizer).encode_sft(Conversation([PARIS, sunny()], tools=tools))
+
+    assert err.value.reason == "template-drops-content"
+    assert str(err.value).startswith("tool 'get_weather': the chat template leaves this tool's definition out")
+
+
+# Writes calls as name(key=value) and tool results and content as JSON strings, trimmed: none of it verbatim.
+REWRITES_CALLS = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'tool' %}{{ m.content | trim | tojson }}{% else %}{{ m.content | trim }}{% endif %}"
+    "{% for call in m.tool_calls or [] %}{{ call.function.name }}("
+    "{% for key, value in call.function.arguments | dictsort %}{{ key }}={{ value }}{% if not loop.last %}, "
+    "{% endif %}{% endfor %}){% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tool_calls_and_results_rewritten_by_the_template_are_kept(tiny_tokenizer):
+    conv = tool_conversation()
+    conv.messages[0] = Message("user", '  Is it "sunny"\nin Paris?  ')
+
+    enc = encoder(tiny_tokenizer, template(REWRITES_CALLS)).encode_sft(conv)
+
+    assert trained_text(tiny_tokenizer, enc.input_ids, enc.loss_mask) == [
+        "get_weather(city=Paris, days=2)<|im_end|>", "It is sunny in Paris today.<|im_end|>",
+    ]
+
+
+def test_dpo_refuses_a_completion_whose_tool_call_the_template_cannot_render(tiny_tokenizer):
+    pair = PreferencePair([PARIS], [Message("assistant", "", tool_calls=[WEATHER_CALL])], [joke()])
+
+    with pytest.raises(EncodeError) as err:
+        encoder(tiny_tokenizer).encode_dpo(pair)
+
+    assert err.value.reason == "template-drops-content"
+    assert str(err.value).startswith("message 1 (assistant): the chat template leaves its tool call 0 (get_weather)")

@@ -323,6 +323,17 @@ def test_number_that_overflows_to_infinity_is_reported_so_convert_never_writes_i
         "t.jsonl:1 (record 1) $.messages[1].tool_calls[0].function.arguments.x: NaN and Infinity are not valid JSON"]
 
 
+def test_a_lone_surrogate_escape_is_reported_at_its_path_and_a_surrogate_pair_is_not(tmp_path):
+    record = ('{"messages": [{"role": "user", "content": "Hi \\ud83d\\ude00"}, {"role": "assistant", "content": null, '
+              '"tool_calls": [{"function": {"name": "f", "arguments": {"city": "Paris \\ud83d"}}}]}, '
+              '{"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]}')
+    assert one(tmp_path, "openai", record) == [
+        "t.jsonl:1 (record 1) $.messages[1].tool_calls[0].function.arguments.city: lone surrogate escape \\ud83d: "
+        "half of a UTF-16 pair, not a character, so this text cannot be encoded as UTF-8 (to tokenize, hash or "
+        "write it)"]
+    assert kinds(tmp_path, "openai", json.loads(record)) == ["lone-surrogate"]
+
+
 def test_unparseable_line_is_a_json_problem_and_the_next_lines_are_still_checked(tmp_path):
     assert check(tmp_path, "text-preference", '{"prompt": "q", "chosen": "a"', {"prompt": "q", "chosen": "a",
                                                                                  "rejected": "b"}) == [
