@@ -61,7 +61,8 @@ def _message(e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
     if isinstance(e, InvalidRecordError):
-        return str(e).splitlines()[0] + " (first invalid record of the raw data)"
+        return (str(e).splitlines()[0] + " (first invalid record of the raw data; with on_error: skip such records "
+                "go to a rejects file and training goes on)")
     if isinstance(e, RunStopped):
         return f"{e}; the last good checkpoint is kept"
     if isinstance(e, OSError):  # a full disk while saving: complete checkpoints stay intact
@@ -128,8 +129,10 @@ def train(ctx: typer.Context, config: Path = ConfigArg, resume: bool = ResumeOpt
     from .sources import prepare_shards
 
     cfg = load_config(config, _overrides(ctx))
-    shards, reused = prepare_shards(cfg, progress=err.is_terminal)
+    shards, reused, left_out = prepare_shards(cfg, progress=err.is_terminal)
     err.print(f"{'reusing' if reused else 'converted'} shards: {shards}")
+    if left_out:
+        err.print(left_out, markup=False)
     _train(cfg, shards, resume, as_json)
 
 

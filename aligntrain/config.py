@@ -125,6 +125,7 @@ class Config:
     eval_fraction: float = 0.0  # `aligntrain train`: share of records converted into the eval split
     chat_template: str | None = None  # `aligntrain train`: template for conversion (default: the tokenizer's)
     length_policy: Literal["drop", "truncate"] = "drop"  # `aligntrain train`: records longer than max_length
+    on_error: Literal["fail", "skip"] = "fail"  # `aligntrain train`: an invalid raw record stops, or goes to the rejects file
 
     @property
     def task(self) -> str:

@@ -40,7 +40,7 @@ def conversion_options(cfg: Config, progress: bool = False) -> ConvertOptions:
     return ConvertOptions(task=cfg.task, tokenizer=cfg.tokenizer_path, max_length=cfg.max_length,
                           max_prompt_length=cfg.max_prompt_length if cfg.task == "dpo" else None,
                           length_policy=cfg.length_policy, chat_template=cfg.chat_template,
-                          eval_fraction=cfg.eval_fraction, seed=cfg.seed, progress=progress)
+                          eval_fraction=cfg.eval_fraction, seed=cfg.seed, on_error=cfg.on_error, progress=progress)
 
 
 def shards_cache_dir(options: ConvertOptions, inputs: list[Path]) -> Path:
@@ -49,12 +49,15 @@ def shards_cache_dir(options: ConvertOptions, inputs: list[Path]) -> Path:
            "tokenizer": str(Path(options.tokenizer).resolve()), "max_length": options.max_length,
            "max_prompt_length": options.max_prompt_length, "length_policy": options.length_policy,
            "chat_template": options.chat_template, "eval_fraction": options.eval_fraction, "seed": options.seed}
+    if options.on_error == "skip":  # shards that left records out are not those a failing run would refuse to make
+        key["on_error"] = "skip"
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "shards" / f"{options.task}-{digest}"
 
 
-def prepare_shards(cfg: Config, progress: bool = False) -> tuple[Path, bool]:
-    """Convert the config's datasets (or reuse an earlier conversion). Returns (shards dir, reused)."""
+def prepare_shards(cfg: Config, progress: bool = False) -> tuple[Path, bool, str | None]:
+    """Convert the config's datasets (or reuse an earlier conversion).
+    Returns (shards dir, reused, a line on the records left out, or None)."""
     from aligndata.write.convert import convert_files  # imported here: conversion is only needed by `aligntrain train`
 
     from .modeling import load_tokenizer
@@ -64,4 +67,10 @@ def prepare_shards(cfg: Config, progress: bool = False) -> tuple[Path, bool]:
     options = conversion_options(cfg, progress)
     out_dir = shards_cache_dir(options, inputs)
     result = convert_files([str(p) for p in inputs], out_dir, options)
-    return out_dir, bool(result.skipped)
+    rejected = sum((result.manifest.get("counts") or {}).get("rejected", {}).values())
+    left_out = None
+    if rejected:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(result.manifest["counts"]["rejected"].items()))
+        noun = "record" if rejected == 1 else "records"
+        left_out = f"{rejected} raw {noun} rejected ({reasons}); each with its reasons in {out_dir / 'rejects.jsonl'}"
+    return out_dir, bool(result.skipped), left_out

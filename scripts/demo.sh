@@ -17,8 +17,10 @@ step "validate every sample file (the broken ones are in sample_data/broken/)"
 aligndata validate sample_data/*.json sample_data/*.jsonl
 
 step "convert: SFT shards (pirate chats) and DPO shards (all preference files), SmolLM2's ChatML template"
+# --on-error skip: SmolLM2's template cannot render tool calls, so the two chats that have them are
+# rejected (template-drops-content) into runs/demo/sft-shards/rejects.jsonl instead of trained without them.
 aligndata convert sample_data/sharegpt.json sample_data/openai.jsonl --to sft \
-    --tokenizer "$MODEL" --max-length 256 --out runs/demo/sft-shards
+    --tokenizer "$MODEL" --max-length 256 --on-error skip --out runs/demo/sft-shards
 aligndata convert sample_data/sharegpt_preference.json sample_data/openai_preference.jsonl \
     sample_data/text_preference.jsonl sample_data/hh.jsonl --to dpo \
     --tokenizer "$MODEL" --max-length 256 --max-prompt-length 128 --length-policy truncate \

@@ -13,7 +13,6 @@ from aligntrain.cli import main
 from paths import REPO
 
 
-
 def run(capsys, *args):
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
@@ -82,11 +81,32 @@ def test_seed_style_train_converts_caches_and_trains(tmp_path, capsys, tiny_mode
     code, out, err = run(capsys, "train", seed_config, "--json", "--overrides", *overrides)
     assert code == 0, err
     assert "converted shards: " + str(tmp_path / "cache" / "aligntools" / "shards") in err
+    # on_error: skip in the sample config: the two tool-call chats the tiny ChatML template cannot render
+    assert "2 raw records rejected (template-drops-content: 2); each with its reasons in " in err
     assert json.loads(out)["steps"] >= 1
     overrides[1] = f"output_dir={tmp_path / 'run2'}"
     code, _, err = run(capsys, "train", seed_config, "--json", "--overrides", *overrides)
     assert code == 0 and "reusing shards: " in err
     assert len(list((tmp_path / "cache" / "aligntools" / "shards").iterdir())) == 1
+
+
+def test_seed_style_train_stops_at_an_invalid_raw_record_and_names_the_key_that_skips_it(tmp_path, capsys,
+                                                                                       tiny_model, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    chat = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello there."}]}
+    empty = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": " "}]}
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in [chat] * 8 + [empty] + [chat] * 7))
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(yaml.safe_dump({**base_config(tiny_model, tmp_path / "run", loss={"name": "sft"}),
+                                   "datasets": [{"type": "custom_dataset", "path": str(raw)}]}))
+    code, _, err = run(capsys, "train", cfg)
+    assert code == 1
+    assert err.startswith(f"error: {raw}:9 (record 9) ")
+    assert err.rstrip().endswith("with on_error: skip such records go to a rejects file and training goes on)")
+    code, _, err = run(capsys, "train", cfg, "--overrides", "on_error=skip")
+    assert code == 0, err
+    assert "1 raw record rejected (empty-content: 1); each with its reasons in " in err
 
 
 def test_seed_style_train_refuses_hub_datasets(tmp_path, capsys, tiny_model):
