@@ -17,8 +17,8 @@ step "validate every sample file (the broken ones are in sample_data/broken/)"
 aligndata validate sample_data/*.json sample_data/*.jsonl
 
 step "convert: SFT shards (pirate chats) and DPO shards (all preference files), SmolLM2's ChatML template"
-# --on-error skip: SmolLM2's template cannot render tool calls, so the records that have them (two chats,
-# one preference pair) are rejected (template-drops-content) into OUT/rejects.jsonl, not trained without them.
+# --on-error skip: SmolLM2's template cannot render tool calls or tool lists, so the records that have them
+# (4 chats, 1 preference pair) are rejected (template-drops-content) into OUT/rejects.jsonl, not trained without them.
 aligndata convert sample_data/sharegpt.json sample_data/openai.jsonl --to sft \
     --tokenizer "$MODEL" --max-length 256 --on-error skip --out runs/demo/sft-shards
 aligndata convert sample_data/sharegpt_preference.json sample_data/openai_preference.jsonl \
