@@ -310,6 +310,18 @@ def test_every_schema_problem_of_a_record_is_reported_in_document_order_up_to_tw
     assert got[-1].startswith("t.jsonl:1 (record 1) $.messages[19].content:")
 
 
+def test_a_reply_labelled_undesirable_is_not_sft_data(tmp_path):
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]
+    assert one(tmp_path, "openai", {"messages": chat, "label": False}) == [
+        "t.jsonl:1 (record 1) $.label: label is false: the reply is marked undesirable (KTO-style unpaired data), "
+        "so it is not SFT data; drop such records, or train them with an unpaired-preference method"]
+    assert kinds(tmp_path, "openai", {"messages": chat, "label": False}) == ["undesirable-label"]
+    assert kinds(tmp_path, "sharegpt", {"conversations": [{"from": "human", "value": "Hi"},
+                                                          {"from": "gpt", "value": "Go away."}], "label": False}) == \
+        ["undesirable-label"]
+    assert one(tmp_path, "openai", {"messages": chat, "label": True}) == []
+
+
 def test_nan_is_reported_as_a_json_problem_at_its_path(tmp_path):
     assert one(tmp_path, "text-preference", '{"prompt": "q", "chosen": "a", "rejected": "b", "score": NaN}') == [
         "t.jsonl:1 (record 1) $.score: NaN and Infinity are not valid JSON"]
@@ -480,7 +492,7 @@ def test_valid_records_carry_their_source(tmp_path):
 REAL_EXPECTED = {
     "llamafactory/dpo_en_demo.json": ("sharegpt-preference", 300, 0),
     "llamafactory/dpo_zh_demo.json": ("sharegpt-preference", 300, 0),
-    "llamafactory/kto_en_demo.json": ("openai", 300, 0),
+    "llamafactory/kto_en_demo.json": ("openai", 300, 150),  # label: false, 150 of them (undesirable-label)
     "llamafactory/glaive_toolcall_en_demo.json": ("sharegpt", 300, 0),
     "llamafactory/glaive_toolcall_zh_demo.json": ("sharegpt", 300, 2),
     "llamafactory/v1_sft_demo.jsonl": ("openai", 500, 500),

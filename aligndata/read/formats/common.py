@@ -20,6 +20,15 @@ class Issues:
         return bool(self.items)
 
 
+def refuse_undesirable(value: Any, issues: Issues) -> None:
+    """A conversation whose `label` is false (LLaMA-Factory's KTO layout: messages + label) marks its reply
+    as one the model should NOT give: trained as SFT it would teach exactly that reply, so it is refused."""
+    if isinstance(value, dict) and value.get("label") is False:
+        issues.add("$.label", "label is false: the reply is marked undesirable (KTO-style unpaired data), so it is "
+                   "not SFT data; drop such records, or train them with an unpaired-preference method",
+                   "undesirable-label")
+
+
 def loads_text(text: str) -> tuple[Any, str | None]:
     """json.loads for JSON held inside a string field: (value, None), or (None, why it failed).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aligndata.records import Conversation, Message, PreferencePair
-from aligndata.read.formats.common import Issues, normalize_arguments, normalize_tools, tool_call
+from aligndata.read.formats.common import Issues, normalize_arguments, normalize_tools, refuse_undesirable, tool_call
 
 
 def _content(content: Any, path: str, issues: Issues) -> str:
@@ -54,6 +54,7 @@ def to_messages(items: list[dict[str, Any]], path: str, issues: Issues) -> list[
 
 
 def adapt_openai(value: Any, issues: Issues) -> Conversation:
+    refuse_undesirable(value, issues)
     if isinstance(value, list):
         return Conversation(to_messages(value, "$", issues))
     return Conversation(to_messages(value["messages"], "$.messages", issues),

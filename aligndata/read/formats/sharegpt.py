@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from aligndata.records import Conversation, Message, PreferencePair
-from aligndata.read.formats.common import Issues, loads_text, normalize_arguments, normalize_tools, tool_call
+from aligndata.read.formats.common import (Issues, loads_text, normalize_arguments, normalize_tools, refuse_undesirable,
+                                           tool_call)
 
 # Every accepted speaker name, mapped explicitly; anything else is a schema error.
 ROLE_MAP = {
@@ -56,6 +57,7 @@ def _head(value: dict[str, Any], issues: Issues) -> list[Message]:
 
 
 def adapt_sharegpt(value: dict[str, Any], issues: Issues) -> Conversation:
+    refuse_undesirable(value, issues)
     msgs = _head(value, issues)
     msgs += [turn_to_message(t, f"$.conversations[{i}]", issues) for i, t in enumerate(value["conversations"])]
     return Conversation(msgs, normalize_tools(value.get("tools"), "$.tools", issues))
