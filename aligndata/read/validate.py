@@ -119,32 +119,32 @@ def schema_problems(fmt: Format, value: Any, where: Source) -> list[Problem]:
     return out
 
 
-def _nonfinite_paths(value: Any, path: str = "$") -> Iterator[str]:
-    if isinstance(value, float) and not math.isfinite(value):
-        yield path
-    elif isinstance(value, dict):
+def _scalars(value: Any, path: str = "$") -> Iterator[tuple[str, Any]]:
+    """(JSONPath, value) of every scalar in a record, and of every object key (at its value's path).
+    A key that holds a lone surrogate is written JSON-escaped in the path, which must stay printable."""
+    if isinstance(value, dict):
         for k, v in value.items():
-            yield from _nonfinite_paths(v, f"{path}.{k}")
+            key = k if _LONE_SURROGATE.search(k) is None else json.dumps(k)[1:-1]
+            yield f"{path}.{key}", k
+            yield from _scalars(v, f"{path}.{key}")
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            yield from _nonfinite_paths(v, f"{path}[{i}]")
+            yield from _scalars(v, f"{path}[{i}]")
+    else:
+        yield path, value
 
 
-def _lone_surrogates(value: Any, path: str = "$") -> Iterator[tuple[str, str]]:
+def _nonfinite_paths(value: Any) -> Iterator[str]:
+    return (path for path, v in _scalars(value) if isinstance(v, float) and not math.isfinite(v))
+
+
+def _lone_surrogates(value: Any) -> Iterator[tuple[str, str]]:
     """(JSONPath, message) for every string (or key) that holds half a surrogate pair, alone."""
-    if isinstance(value, str):
-        lone = _LONE_SURROGATE.search(value)
+    for path, v in _scalars(value):
+        lone = _LONE_SURROGATE.search(v) if isinstance(v, str) else None
         if lone is not None:
             yield path, (f"lone surrogate escape \\u{ord(lone.group()):04x}: half of a UTF-16 pair, not a "
                          "character, so this text cannot be encoded as UTF-8 (to tokenize, hash or write it)")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            key = k if _LONE_SURROGATE.search(k) is None else json.dumps(k)[1:-1]
-            yield from _lone_surrogates(k, f"{path}.{key}")
-            yield from _lone_surrogates(v, f"{path}.{key}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _lone_surrogates(v, f"{path}[{i}]")
 
 
 def check_value(raw: RawRecord, fmt: Format, file: str) -> Checked:
