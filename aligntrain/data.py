@@ -37,16 +37,16 @@ def check_shards(shards: str | Path, cfg: Config, tokenizer: Any, task: str) -> 
     verify_shards(shards, manifest)
     if manifest["task"] != task:
         raise ShardMismatch(f"{shards}: shards were converted for task {manifest['task']!r}, but loss.name "
-                         f"{cfg.loss.name!r} trains on {task!r} shards; convert with --to {task}")
+                            f"{cfg.loss.name!r} trains on {task!r} shards; convert with --to {task}")
     settings = manifest.get("settings", {})
     if settings.get("max_length") != cfg.max_length:
-        raise ShardMismatch(f"{shards}: shards were converted with max_length={settings.get('max_length')} but the config "
-                         f"says max_length={cfg.max_length}; re-convert with --max-length {cfg.max_length} "
-                         f"or set max_length: {settings.get('max_length')}")
+        raise ShardMismatch(f"{shards}: shards were converted with max_length={settings.get('max_length')} but the "
+                            f"config says max_length={cfg.max_length}; re-convert with --max-length {cfg.max_length} "
+                            f"or set max_length: {settings.get('max_length')}")
     differences = tokenizer_differences(manifest.get("tokenizer", {}), tokenizer)
     if differences:
         raise ShardMismatch(f"{shards}: shards were made with another tokenizer than {cfg.tokenizer_path!r}: "
-                         + "; ".join(differences))
+                            + "; ".join(differences))
     return manifest
 
 
