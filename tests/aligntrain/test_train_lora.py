@@ -287,3 +287,25 @@ def test_fsdp_units_never_mix_the_frozen_base_dtype_with_float32_adapters(tmp_pa
         owned |= params.keys()
     assert any(p.dtype == torch.bfloat16 for p in policy.parameters())
     assert {id(p) for p in policy.parameters()} == owned
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_training_reference_equals_a_separately_loaded_reference_model(tmp_path, tiny_model, dpo_shards, dtype):
+    from aligntrain.lora import AdapterOffReference, lora_policy
+    from aligntrain.modeling import Reference
+    from aligntrain.trainer import make_accelerator
+
+    cfg = cfg_for(tmp_path, tiny_model, model={"policy_dtype": dtype, "reference_dtype": dtype})
+    policy = lora_policy(cfg, None)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # adapters that change the model: switched off, they must leave no trace
+    accelerator = make_accelerator(cfg, policy)
+    model = accelerator.prepare(SequenceLogps(policy))
+    batch = eval_batch(dpo_shards)
+    args = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    separate = Reference(cfg, torch.device("cpu"))(*args)
+    assert torch.equal(AdapterOffReference(model, policy)(*args), separate)
+    with torch.no_grad():
+        assert not torch.allclose(model(*args)[0], separate)
