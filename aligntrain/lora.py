@@ -106,7 +106,10 @@ def merge_adapter_into(model, adapter_dir: Path) -> None:
     from peft import PeftModel
 
     require_peft(f"{adapter_dir}: a LoRA adapter")
+    trainable = [p.requires_grad for p in model.parameters()]
     PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    for p, flag in zip(model.parameters(), trainable):  # peft froze them; a full-weight policy trains them
+        p.requires_grad_(flag)
 
 
 def adapter_base(adapter_dir: Path) -> tuple[str, str | None]:

@@ -171,7 +171,6 @@ def disable_dropout(model: nn.Module) -> None:
 def resolve_model_dir(path: str | Path) -> Path:
     """A model or LoRA adapter directory, or a run directory / checkpoints directory of ours -> its latest checkpoint."""
     from .checkpoint import latest_checkpoint
-
     from .lora import is_adapter_dir
 
     path = Path(path)

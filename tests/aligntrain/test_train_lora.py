@@ -23,7 +23,7 @@ LORA = {"r": 4, "alpha": 8}
 def cfg_for(tmp_path, model_dir, name="cfg", lora=LORA, **changes):
     changes.setdefault("loss", {"name": "dpo"})
     changes.setdefault("n_examples", 16)
-    model = {**changes.pop("model", {}), "lora": lora}
+    model = {**changes.pop("model", {}), **({"lora": lora} if lora is not None else {})}
     path = tmp_path / f"{name}.yml"
     path.write_text(yaml.safe_dump(base_config(model_dir, tmp_path / f"run-{name}", model=model, lr=1e-2, **changes)))
     return load_config(path)
@@ -201,6 +201,9 @@ def test_a_lora_sft_run_as_archive_is_merged_into_policy_and_reference(tmp_path,
     sft = train(cfg_for(tmp_path, tiny_model, "sft", loss={"name": "sft"}), sft_shards)
     dpo = train(cfg_for(tmp_path, tiny_model, "dpo", model={"archive": str(sft.run_dir)}), dpo_shards)
     assert dpo.history[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # reference = SFT model = policy
+    full = train(cfg_for(tmp_path, tiny_model, "full", lora=None, model={"archive": str(sft.run_dir)}), dpo_shards)
+    assert full.history[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    assert losses(full)[1] < losses(full)[0]  # the merged weights are trained in full, not left frozen
     from aligntrain.modeling import load_archive
 
     merged = load_causal_lm(tiny_model, "float32")
@@ -309,3 +312,15 @@ def test_the_training_reference_equals_a_separately_loaded_reference_model(tmp_p
     assert torch.equal(AdapterOffReference(model, policy)(*args), separate)
     with torch.no_grad():
         assert not torch.allclose(model(*args)[0], separate)
+
+
+def test_export_of_a_full_weight_run_is_its_hugging_face_model(tmp_path, tiny_model, sft_shards, capsys):
+    from transformers import AutoModelForCausalLM
+
+    run = train(cfg_for(tmp_path, tiny_model, lora=None, loss={"name": "sft"}, n_examples=8), sft_shards)
+    assert main(["export", str(run.run_dir), str(tmp_path / "model"), "--merge", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "model"
+    names = {p.name for p in (tmp_path / "model").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert not names & {"optimizer.pt", "scheduler.pt", "rng_state_0.pt", "trainer_state.json", "config.yaml"}
+    AutoModelForCausalLM.from_pretrained(tmp_path / "model")
