@@ -2,6 +2,7 @@
 
     RUN/checkpoints/step-0000040/
         config.json, model.safetensors, generation_config.json   from_pretrained / inference servers
+          (model.lora: adapter_config.json, adapter_model.safetensors instead, peft's layout)
         tokenizer files                                          the directory is self-contained
         optimizer.pt, scheduler.pt                               (optimizer.pt unless save_optimizer: false)
         rng_state_<rank>.pt                                      python, numpy, torch (and CUDA) RNGs

@@ -165,7 +165,7 @@ def precompute_ref(ctx: typer.Context, shards: Path = ShardsArg, config: Path = 
 
 @app.command()
 @reported
-def generate(model_dirs: List[Path] = typer.Argument(..., exists=True, metavar="MODEL_DIR", help="Model dirs, checkpoints or run dirs."),
+def generate(model_dirs: List[Path] = typer.Argument(..., exists=True, metavar="MODEL_DIR", help="Model dirs, checkpoints (LoRA ones too) or run dirs."),
              prompt: List[str] = typer.Option(..., "--prompt", "-p", help="A user message (repeatable)."),
              system: Optional[str] = typer.Option(None, "--system", help="A system message before each prompt."),
              max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
@@ -188,6 +188,27 @@ def generate(model_dirs: List[Path] = typer.Argument(..., exists=True, metavar="
         out.print(f"\n>>> {p}")
         for d, r in replies.items():
             out.print(f"[{d}]\n{r[i]}", markup=False)
+
+
+@app.command()
+@reported
+def export(source: Path = typer.Argument(..., exists=True, file_okay=False, metavar="RUN_OR_CHECKPOINT",
+                                          help="A run dir (its latest checkpoint), a checkpoint or a model dir."),
+           target: Path = typer.Argument(..., metavar="OUT", help="The directory to write (must not exist, or be empty)."),
+           merge: bool = typer.Option(False, "--merge", help="LoRA: merge the adapter into its base model (no peft needed to load)."),
+           as_json: bool = JsonOpt) -> None:
+    """Write a checkpoint as a model directory: the model, the LoRA adapter, or (--merge) the merged model.
+
+    \b
+    aligntrain export runs/dpo-lora merged/ --merge
+    """
+    from .export import export_model
+
+    summary = export_model(source, target, merge=merge)
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        out.print(f"{summary['kind']} of {summary['source']} written to {summary['out']}", markup=False)
 
 
 @app.command("config", context_settings=EXTRA)

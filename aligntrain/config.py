@@ -58,6 +58,16 @@ class DatasetConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft): the base weights stay frozen; only the adapters (and modules_to_save) train."""
+    r: int = 16  # the adapters' rank
+    alpha: float = 32.0  # scale: the update is B @ A * alpha / r
+    dropout: float = 0.0  # on the adapters' input (the base model's own dropout stays off)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # module names (q_proj, ...) or every linear layer but the head
+    modules_to_save: list[str] = field(default_factory=list)  # modules trained in full, e.g. [embed_tokens, lm_head]
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = ""  # a local Hugging Face model directory (nothing is downloaded)
     tokenizer_name_or_path: str | None = None  # defaults to name_or_path
@@ -66,6 +76,7 @@ class ModelConfig:
     reference_dtype: DtypeName = "float32"  # the frozen reference's weights
     fsdp_policy_mp: DtypeName | None = None  # seed key: FSDP param dtype
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    lora: LoraConfig | None = None  # train LoRA adapters instead of the full weights (needs peft)
 
 
 @dataclass
@@ -195,11 +206,14 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    out = dataclasses.asdict(cfg)
+    if cfg.model.lora is None:  # a config without LoRA is saved exactly as before the section existed
+        del out["model"]["lora"]
+    return out
 
 
 # -- validation beyond types ------------------------------------------------------------------
@@ -258,6 +272,28 @@ def validate(cfg: Config, where: str = "config") -> None:
     for i, ds in enumerate(cfg.datasets):
         if ds.type == "custom_dataset" and not ds.path:
             raise ConfigError(f"{where}: key 'datasets[{i}].path' is required for type custom_dataset")
+    if cfg.model.lora is not None:
+        _validate_lora(cfg.model.lora, bad, where)
+
+
+def _validate_lora(lora: LoraConfig, bad, where: str) -> None:
+    if lora.r <= 0:
+        raise bad("model.lora.r", f"must be a positive integer, got {lora.r}")
+    if lora.alpha <= 0:
+        raise bad("model.lora.alpha", f"must be > 0, got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise bad("model.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    if isinstance(lora.target_modules, list) and not (lora.target_modules and all(lora.target_modules)):
+        raise bad("model.lora.target_modules", "must be 'all-linear' or a non-empty list of module names")
+    require_peft(f"{where}: key 'model.lora'")
+
+
+def require_peft(what: str) -> None:
+    """`what` needs peft, an optional extra: say how to install it rather than fail on the import."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise ConfigError(f"{what} needs the peft package: pip install 'aligntools[lora]' (or pip install 'peft>=0.13')")
 
 
 # -- the generic typed builder --------------------------------------------------------------------
@@ -280,7 +316,14 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
+        options = [a for a in args if a is not type(None)]
+        if len(options) > 1:  # list[str] | Literal[...]: a YAML list is read as the list, anything else as the literal
+            (literal,) = [a for a in options if get_origin(a) is Literal]
+            if not isinstance(value, list) and value not in get_args(literal):
+                raise ConfigError(f"{where}: key {key!r} must be a list or {' or '.join(map(repr, get_args(literal)))}, "
+                                  f"got {_show(value)}")
+            options = [a for a in options if (a is literal) != isinstance(value, list)]
+        (inner,) = options
         return _coerce(inner, value, where, key)
     if value is None:
         raise ConfigError(f"{where}: key {key!r} must not be null")
@@ -335,8 +378,9 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         keys.append(prefix + f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys.extend(_all_keys(hints[f.name], prefix + f.name + "."))
+        group = next((a for a in (hints[f.name], *get_args(hints[f.name])) if dataclasses.is_dataclass(a)), None)
+        if group is not None:  # a section, optional (model.lora) or not
+            keys.extend(_all_keys(group, prefix + f.name + "."))
     return keys
 
 

@@ -1,4 +1,4 @@
-"""`aligntrain generate`: replies of one or more models to the same prompts (before/after training)."""
+"""`aligntrain generate`: replies of one or more models (or LoRA adapters) to the same prompts (before/after training)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .data import pad_token_id
+from .lora import is_adapter_dir, load_adapter_model
 from .modeling import load_causal_lm, load_tokenizer, resolve_model_dir
 
 
@@ -17,7 +18,10 @@ def generate_replies(model_dir: str | Path, prompts: list[str], *, system: str |
     reply: greedy when temperature is 0, sampled (seeded) otherwise."""
     model_dir = resolve_model_dir(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
-    model = load_causal_lm(model_dir, "float32", trainable=False)
+    if is_adapter_dir(model_dir):  # a LoRA checkpoint: its base model with the adapter applied
+        model = load_adapter_model(model_dir)
+    else:
+        model = load_causal_lm(model_dir, "float32", trainable=False)
     replies = []
     for prompt in prompts:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

@@ -56,13 +56,20 @@ class SequenceLogps(nn.Module):
         # Heads that rescale logits in their own forward: we cannot apply their lm_head alone.
         self.plain_head = not any(getattr(config, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling"))
 
+    def causal_lm(self) -> nn.Module:
+        """The transformers model, also under a peft wrapper (whose `base_model` is peft's tuner, not the
+        decoder); peft injects its adapter layers into this very model, so they run."""
+        get_base_model = getattr(self.lm, "get_base_model", None)
+        return get_base_model() if get_base_model is not None else self.lm
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor):
         predict = trained_positions(loss_mask, attention_mask)  # [B, T-1]
         targets = input_ids[:, 1:][predict]  # [N], row by row
         if self.plain_head:
-            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+            lm = self.causal_lm()
+            hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
             hidden = hidden[:, :-1][predict]  # [N, H]
-            token_logps = chunked_token_logps(hidden, targets, self.lm.get_output_embeddings(), self.chunk_tokens, self.softcap)
+            token_logps = chunked_token_logps(hidden, targets, lm.get_output_embeddings(), self.chunk_tokens, self.softcap)
         else:
             logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             token_logps = gathered_token_logps(logits[:, :-1][predict], targets, self.chunk_tokens)
@@ -125,7 +132,7 @@ def load_causal_lm(path: str | Path, dtype: str, attn_implementation: str = "sdp
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype),
                                                      attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.name_or_path: cannot load a causal LM from {str(path)!r}: {_first_line(e)}") from None
+        raise ConfigError(f"model.name_or_path: cannot load a causal LM from {str(path)!r}: {first_line(e)}") from None
     disable_dropout(model)
     model.config.use_cache = False
     if not trainable:
@@ -162,11 +169,12 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A model directory, or a run directory / checkpoints directory of ours -> its latest checkpoint."""
+    """A model or LoRA adapter directory, or a run directory / checkpoints directory of ours -> its latest checkpoint."""
     from .checkpoint import latest_checkpoint
+    from .lora import is_adapter_dir
 
     path = Path(path)
-    if (path / "config.json").exists():
+    if (path / "config.json").exists() or is_adapter_dir(path):
         return path
     for candidate in (path, path / "checkpoints"):
         latest = latest_checkpoint(candidate) if candidate.is_dir() else None
@@ -177,17 +185,24 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 def load_archive(model: nn.Module, archive: str | Path) -> None:
     """Load archive weights into `model`: the seed's `policy.pt` ({"state": state_dict, ...}, read with
-    weights_only=True), a bare state-dict `.pt`, or a model/checkpoint/run directory of ours."""
+    weights_only=True), a bare state-dict `.pt`, or a model/checkpoint/run directory of ours (a LoRA
+    checkpoint's adapter is merged into `model`, which must then be its base)."""
     archive = Path(archive)
     if not archive.exists():
         raise ConfigError(f"model.archive: {archive} does not exist")
     if archive.is_dir():
-        state = _read_safetensors_dir(resolve_model_dir(archive))
+        from .lora import is_adapter_dir, merge_adapter_into
+
+        model_dir = resolve_model_dir(archive)
+        if is_adapter_dir(model_dir):  # a LoRA run: its base is model.name_or_path, its update the adapter
+            merge_adapter_into(model, model_dir)
+            return
+        state = _read_safetensors_dir(model_dir)
     else:
         try:
             obj = torch.load(archive, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle errors come in many types; all mean "not a weights-only archive"
-            raise ConfigError(f"model.archive: {archive} is not a weights-only torch archive ({_first_line(e)})") from None
+            raise ConfigError(f"model.archive: {archive} is not a weights-only torch archive ({first_line(e)})") from None
         state = obj["state"] if isinstance(obj, dict) and isinstance(obj.get("state"), dict) else obj
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ConfigError(f"model.archive: {archive} holds no state dict (expected {{'state': state_dict, ...}})")
@@ -227,6 +242,7 @@ def _is_tied(model: nn.Module, key: str) -> bool:
     return any(p.data_ptr() == ptr for k, p in params.items() if k != key)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (library errors run on for pages)."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__

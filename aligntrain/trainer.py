@@ -28,6 +28,7 @@ from .checkpoint import CHECKPOINTS, latest_checkpoint, load_training_state, sav
 from .config import MIXED_PRECISION, Config, ConfigError, to_yaml
 from .data import (ShardSplit, check_shards, collate, eval_batches, micro_batches, pad_token_id, process_share,
                    step_indices, total_steps)
+from .lora import AdapterOffReference, fsdp_wrap_policy, lora_policy
 from .losses import PREFERENCE_LOSSES, PairLogps, preference_rewards, sft_loss
 from .metrics import MetricsLogger
 from .modeling import Reference, SequenceLogps, load_archive, load_causal_lm, load_tokenizer, torch_dtype, trained_positions
@@ -71,9 +72,12 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
     resume_from = latest if resume else None
 
     # float32 master weights; policy_dtype bfloat16/float16 is the autocast compute dtype
-    policy = load_causal_lm(resume_from or cfg.model.name_or_path, "float32", cfg.model.attn_implementation)
-    if cfg.model.archive and resume_from is None:
-        load_archive(policy, cfg.model.archive)
+    if cfg.model.lora is not None:
+        policy = lora_policy(cfg, resume_from)  # frozen base (+ archive) in reference_dtype, float32 adapters
+    else:
+        policy = load_causal_lm(resume_from or cfg.model.name_or_path, "float32", cfg.model.attn_implementation)
+        if cfg.model.archive and resume_from is None:
+            load_archive(policy, cfg.model.archive)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(policy)
     use_shard_reference = _use_shard_reference(cfg, manifest, train_split, eval_split)
@@ -86,7 +90,7 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
     model, optimizer = accelerator.prepare(SequenceLogps(policy, cfg.logprob_chunk_tokens), optimizer)
     reference = None
     if cfg.task == "dpo" and not cfg.loss.reference_free and not use_shard_reference:
-        reference = Reference(cfg, accelerator.device)
+        reference = AdapterOffReference(model, policy) if cfg.model.lora else Reference(cfg, accelerator.device)
     objective = Objective(cfg, reference, accelerator)
 
     start = 0
@@ -274,7 +278,10 @@ def make_accelerator(cfg: Config, policy):
             transformer_cls_names_to_wrap=list(getattr(policy, "_no_split_modules", None) or []),
             state_dict_type="FULL_STATE_DICT", use_orig_params=True, sync_module_states=True,
             mixed_precision_policy={k: torch_dtype(mp) for k in ("param_dtype", "reduce_dtype", "buffer_dtype")} if mp else None)
-    return Accelerator(mixed_precision=precision, **kwargs)
+    accelerator = Accelerator(mixed_precision=precision, **kwargs)
+    if cfg.model.lora is not None and getattr(accelerator.state, "fsdp_plugin", None) is not None:  # ours or the launcher's
+        accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_wrap_policy(policy)
+    return accelerator
 
 
 def _world_size() -> int:

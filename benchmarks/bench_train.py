@@ -10,6 +10,11 @@ are not timed; peak GPU memory is read over the timed steps.
   python benchmarks/bench_train.py --mode dpo --shape qwen0.5b --bs 16 --steps 20
   python benchmarks/bench_train.py --mode sft --shape qwen0.5b --bs 8 --steps 30
   python benchmarks/bench_train.py --shape tiny --steps 4 --warm 1 --skip-trl     # a CPU smoke run
+  python benchmarks/bench_train.py --mode dpo --shape llama1b --bs 16 --lora r=16,alpha=32,targets=all-linear
+
+With `--lora`, both sides train LoRA adapters of the same peft config on a frozen bf16 base and take
+the reference from the base with adapters disabled; the TRL side is `trl_lora.py` (TRL's DPOTrainer
+with `peft_config`, the anchor's data and timing), as the anchor has no peft option.
 
 What differs by design: TRL trains the bf16 weights directly; aligntrain keeps float32 master weights
 and AdamW state and computes in bf16 under autocast (policy_dtype: bfloat16), which costs memory and
@@ -32,13 +37,17 @@ from childrun import child_result
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHOR = REPO.parent / "shared" / "bench" / "trl_anchor.py"
+TRL_LORA = Path(__file__).resolve().parent / "trl_lora.py"
 
-# Model shapes by their published configurations (Qwen2.5-0.5B, Llama-3.2-1B) and a toy one for CPU.
+# Model shapes by their published configurations (Qwen2.5-0.5B, Llama-3.2-1B, Llama-3.1-8B) and a toy
+# one for CPU; the embeddings are tied unless the shape says otherwise (Llama-3.1-8B's are not).
 SHAPES = {
     "qwen0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                                num_key_value_heads=2, vocab_size=151936, rope_theta=1e6)),
     "llama1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                               num_key_value_heads=8, vocab_size=128256, rope_theta=5e5)),
+    "llama8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                              num_key_value_heads=8, vocab_size=128256, rope_theta=5e5, tie_word_embeddings=False)),
     "tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=1000)),
 }
@@ -55,23 +64,45 @@ def build_model_dir(shape: str, out: Path, tokenizer_out: Path) -> int:
     front of the word vocabulary (every word then maps to nothing)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    kind, dims = SHAPES[shape]
-    vocab_size = dims["vocab_size"]
+    vocab_size = SHAPES[shape][1]["vocab_size"]
     words = {f"w{i}": i for i in range(vocab_size - 3)}
     words.update({"<pad>": vocab_size - 3, "<eos>": vocab_size - 2, "<unk>": vocab_size - 1})
     backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     tok.chat_template = TEMPLATE
-    config = AutoConfig.for_model(kind, max_position_embeddings=4096, tie_word_embeddings=True,
-                                  eos_token_id=vocab_size - 2, pad_token_id=vocab_size - 3, **dims)
+    config = model_config(shape, eos_token_id=vocab_size - 2, pad_token_id=vocab_size - 3)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # an 8B init takes minutes on CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     tok.save_pretrained(tokenizer_out)
-    return sum(p.numel() for p in model.parameters())
+    return params
+
+
+def model_config(shape: str, **extra):
+    """The transformers config of `shape` (also what trl_lora.py builds for TRL)."""
+    from transformers import AutoConfig
+
+    kind, dims = SHAPES[shape]
+    return AutoConfig.for_model(kind, **{"max_position_embeddings": 4096, "tie_word_embeddings": True, **extra, **dims})
+
+
+def parse_lora(spec: str) -> dict:
+    """`r=16,alpha=32,targets=all-linear` (targets: all-linear or names joined by '+') -> our model.lora."""
+    fields = dict(part.split("=", 1) for part in spec.split(","))
+    unknown = set(fields) - {"r", "alpha", "targets"}
+    if unknown:
+        raise SystemExit(f"--lora: unknown field(s) {sorted(unknown)}; use r=16,alpha=32,targets=all-linear")
+    targets = fields.get("targets", "all-linear")
+    return {"r": int(fields.get("r", 16)), "alpha": float(fields.get("alpha", 32)),
+            "target_modules": targets if targets == "all-linear" else targets.split("+")}
 
 
 def write_rows(path: Path, n: int, vocab_size: int, mode: str, seed: int = 1) -> None:
@@ -124,7 +155,8 @@ def run_ours(args: argparse.Namespace) -> dict:
         "max_prompt_length": args.max_length // 2 if args.mode == "dpo" else None,
         "n_examples": args.bs * args.steps, "activation_checkpointing": bool(args.gc),
         "model": {"name_or_path": str(work / "model"), "tokenizer_name_or_path": str(work / "tokenizer"),
-                  "policy_dtype": dtype, "reference_dtype": dtype},
+                  "policy_dtype": dtype, "reference_dtype": dtype,
+                  **({"lora": parse_lora(args.lora)} if args.lora else {})},
         "loss": {"name": args.mode, "beta": 0.1}, "output_dir": str(work / "run"), "log_every_steps": 10 ** 6,
     }))
     cfg = load_config(cfg_path)
@@ -164,12 +196,18 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=5, help="first steps not timed")
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--gc", type=int, default=0, help="activation checkpointing, both sides")
+    ap.add_argument("--lora", default=None, metavar="SPEC",
+                    help="LoRA on both sides, e.g. r=16,alpha=32,targets=all-linear (targets: q_proj+v_proj, ...)")
     ap.add_argument("--anchor", default=str(ANCHOR), help="path of trl_anchor.py")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.warm < 1 or args.warm >= args.steps:
         ap.error("--warm must be at least 1 and below --steps")
+    if args.lora:
+        parse_lora(args.lora)  # refuse a bad spec before anything runs
+        if args.mode != "dpo" and not args.skip_trl:
+            ap.error("--lora compares DPO only (trl_lora.py runs TRL's DPOTrainer); add --skip-trl for SFT")
     if args.child:
         print("RESULT " + json.dumps(run_ours(args)), flush=True)
         return
@@ -177,22 +215,27 @@ def main() -> None:
     shared = ["--mode", args.mode, "--shape", args.shape, "--bs", str(args.bs), "--steps", str(args.steps),
               "--warm", str(args.warm), "--gc", str(args.gc)]
     results = {}
-    ours = child_result([sys.executable, __file__, "--child", "--max-length", str(args.max_length)] + shared,
+    lora = ["--lora", args.lora] if args.lora else []
+    what = args.mode + (" LoRA" if args.lora else "")
+    ours = child_result([sys.executable, __file__, "--child", "--max-length", str(args.max_length)] + shared + lora,
                         "aligntrain run")
     if ours:
-        results["aligntrain " + args.mode] = ours
+        results["aligntrain " + what] = ours
     if not args.skip_trl:
         if not Path(args.anchor).is_file():
             print(f"no anchor at {args.anchor}: pass --anchor PATH or --skip-trl", file=sys.stderr)
         else:
-            trl = child_result([sys.executable, args.anchor, "--max_length", str(args.max_length)] + shared,
-                               "TRL anchor")
+            if args.lora:
+                command = [sys.executable, str(TRL_LORA), "--anchor", args.anchor] + lora
+            else:
+                command = [sys.executable, args.anchor]
+            trl = child_result(command + ["--max_length", str(args.max_length)] + shared, "TRL anchor")
             if trl:
-                results[f"TRL 1.16 {args.mode}"] = trl
+                results[f"TRL 1.16 {what}"] = trl
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"\n{args.mode}, shape {args.shape}, {args.bs} per step, {args.steps} steps ({args.warm} not timed), "
+    print(f"\n{what}, shape {args.shape}, {args.bs} per step, {args.steps} steps ({args.warm} not timed), "
           f"max_length {args.max_length}, activation checkpointing {'on' if args.gc else 'off'}, {device}\n")
     print("| run | items/s | tokens/s | mean tokens/item | peak GiB | timed s |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -16,7 +16,7 @@ python -m pip install -q --disable-pip-version-check --upgrade pip
 if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
 fi
-python -m pip install -q --disable-pip-version-check -e ".[test,gguf,tensorboard,plot]"
+python -m pip install -q --disable-pip-version-check -e ".[test,gguf,tensorboard,plot,lora]"
 # TRL only for the test that compares our DPO/IPO/hinge losses with TRL's on identical log-probs
 # (its own dependencies are ours already; --no-deps keeps it from changing them).
 python -m pip install -q --disable-pip-version-check --no-deps "trl==1.16.0"

@@ -101,3 +101,26 @@ def test_completion_log_probs_need_far_less_memory_than_full_logits():
     theirs = peak(naive)
     print(f"peak memory: chunked {ours / 2**30:.2f} GiB, full logits {theirs / 2**30:.2f} GiB")
     assert ours < theirs / 3
+
+
+def test_lora_dpo_in_bfloat16_on_cuda_trains_against_the_base_as_reference(tmp_path, tiny_model, dpo_shards):
+    lora = {"policy_dtype": "bfloat16", "reference_dtype": "bfloat16", "lora": {"r": 4}}
+    cfg, _ = cfg_for(tmp_path, tiny_model, n_epochs=2, lr=1e-2, activation_checkpointing=True,
+                     loss={"name": "dpo"}, model=lora)
+    losses = [h["loss"] for h in train(cfg, dpo_shards).history]
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # adapters start at zero: policy == reference
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_lora_under_fsdp_over_two_gpus_matches_one_process(tmp_path, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    shards = make_shards("sft", tmp_path / "shards", tiny_model)
+    lora = {"policy_dtype": "bfloat16", "reference_dtype": "bfloat16", "lora": {"r": 4, "modules_to_save": ["lm_head"]}}
+    _, cfg_path = cfg_for(tmp_path, tiny_model, n_examples=24, save_every_steps=1, model=lora)
+    one, _ = _launch(tmp_path, shards, cfg_path, "one", 1)
+    fsdp, summary = _launch(tmp_path, shards, cfg_path, "fsdp", 2, "trainer=FSDPTrainer")
+    assert fsdp == pytest.approx(one, rel=1e-2)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), summary["checkpoint"])
