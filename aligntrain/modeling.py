@@ -48,7 +48,7 @@ class SequenceLogps(nn.Module):
     Accelerate wraps this module (not the bare LM), so autocast and FSDP see one root forward.
     """
 
-    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, cudnn_attention: bool = True):
+    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, cudnn_attention: bool = False):
         super().__init__()
         self.lm = lm
         self.chunk_tokens = chunk_tokens

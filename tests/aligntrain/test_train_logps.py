@@ -73,6 +73,6 @@ def test_the_cudnn_switch_changes_nothing_on_cpu(tiny_model):
     lm = load_causal_lm(tiny_model, "float32")
     ids, attention, mask = batch()
     with torch.no_grad():
-        on, _ = SequenceLogps(lm)(ids, attention, mask)
-        off, _ = SequenceLogps(lm, cudnn_attention=False)(ids, attention, mask)
+        on, _ = SequenceLogps(lm, cudnn_attention=True)(ids, attention, mask)
+        off, _ = SequenceLogps(lm)(ids, attention, mask)
     assert torch.equal(on, off)
