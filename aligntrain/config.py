@@ -76,6 +76,7 @@ class ModelConfig:
     reference_dtype: DtypeName = "float32"  # the frozen reference's weights
     fsdp_policy_mp: DtypeName | None = None  # seed key: FSDP param dtype
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    cudnn_attention: bool = False  # true lets SDPA pick cuDNN's kernel on CUDA (slower here: a host-side plan per padded shape)
     lora: LoraConfig | None = None  # train LoRA adapters instead of the full weights (needs peft)
 
 

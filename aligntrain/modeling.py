@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .config import Config, ConfigError
@@ -47,10 +48,11 @@ class SequenceLogps(nn.Module):
     Accelerate wraps this module (not the bare LM), so autocast and FSDP see one root forward.
     """
 
-    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024):
+    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, cudnn_attention: bool = False):
         super().__init__()
         self.lm = lm
         self.chunk_tokens = chunk_tokens
+        self.cudnn_attention = cudnn_attention
         config = lm.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
         # Heads that rescale logits in their own forward: we cannot apply their lm_head alone.
@@ -63,6 +65,13 @@ class SequenceLogps(nn.Module):
         return get_base_model() if get_base_model is not None else self.lm
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor):
+        if self.cudnn_attention or not input_ids.is_cuda:
+            return self._forward(input_ids, attention_mask, loss_mask)
+        # SDPA's backward runs the kernel its forward chose, so the choice made here holds for both
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return self._forward(input_ids, attention_mask, loss_mask)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor):
         predict = trained_positions(loss_mask, attention_mask)  # [B, T-1]
         targets = input_ids[:, 1:][predict]  # [N], row by row
         if self.plain_head:
@@ -151,7 +160,7 @@ class Reference:
                             trainable=False)
         if cfg.model.archive:
             load_archive(lm, cfg.model.archive)
-        self.model = SequenceLogps(lm, cfg.logprob_chunk_tokens).to(device)
+        self.model = SequenceLogps(lm, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention).to(device)
         self.policy_dtype = cfg.model.policy_dtype
         self.device = device
 

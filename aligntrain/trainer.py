@@ -87,7 +87,7 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
     check_batch_geometry(cfg, world)
     optimizer = build_optimizer(cfg, policy)
     scheduler = build_scheduler(cfg, optimizer, steps)
-    model, optimizer = accelerator.prepare(SequenceLogps(policy, cfg.logprob_chunk_tokens), optimizer)
+    model, optimizer = accelerator.prepare(SequenceLogps(policy, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention), optimizer)
     reference = None
     if cfg.task == "dpo" and not cfg.loss.reference_free and not use_shard_reference:
         reference = AdapterOffReference(model, policy) if cfg.model.lora else Reference(cfg, accelerator.device)

@@ -159,7 +159,7 @@ def run_ours(args: argparse.Namespace) -> dict:
                   **({"lora": parse_lora(args.lora)} if args.lora else {})},
         "loss": {"name": args.mode, "beta": 0.1}, "output_dir": str(work / "run"), "log_every_steps": 10 ** 6,
     }))
-    cfg = load_config(cfg_path)
+    cfg = load_config(cfg_path, overrides=args.overrides or None)
 
     def sync() -> None:
         if torch.cuda.is_available():
@@ -198,6 +198,9 @@ def main() -> None:
     ap.add_argument("--gc", type=int, default=0, help="activation checkpointing, both sides")
     ap.add_argument("--lora", default=None, metavar="SPEC",
                     help="LoRA on both sides, e.g. r=16,alpha=32,targets=all-linear (targets: q_proj+v_proj, ...)")
+    ap.add_argument("--also", action="append", default=[], metavar="K=V[,K=V]",
+                    help="one more aligntrain run with these config overrides (repeatable), e.g. model.cudnn_attention=false")
+    ap.add_argument("--overrides", nargs="*", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--anchor", default=str(ANCHOR), help="path of trl_anchor.py")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -221,6 +224,11 @@ def main() -> None:
                         "aligntrain run")
     if ours:
         results["aligntrain " + what] = ours
+    for spec in args.also:
+        extra = child_result([sys.executable, __file__, "--child", "--max-length", str(args.max_length)] + shared + lora
+                             + ["--overrides", *spec.split(",")], f"aligntrain run ({spec})")
+        if extra:
+            results[f"aligntrain {what} ({spec})"] = extra
     if not args.skip_trl:
         if not Path(args.anchor).is_file():
             print(f"no anchor at {args.anchor}: pass --anchor PATH or --skip-trl", file=sys.stderr)
@@ -242,10 +250,11 @@ def main() -> None:
     for name, r in results.items():
         print(f"| {name} | {r['items_per_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['mean_tokens_per_item']:.0f} | "
               f"{r.get('peak_gib') if r.get('peak_gib') is not None else '-'} | {r['secs']:.2f} |")
-    if len(results) == 2:
-        a, b = results.values()
-        print(f"\naligntrain / TRL: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
-              f"{a['items_per_s'] / b['items_per_s']:.2f}x items/s")
+    trl = next((r for name, r in results.items() if name.startswith("TRL")), None)
+    for name, r in results.items():
+        if trl is not None and r is not trl:
+            print(f"{name} / TRL: {r['tokens_per_s'] / trl['tokens_per_s']:.2f}x tokens/s, "
+                  f"{r['items_per_s'] / trl['items_per_s']:.2f}x items/s")
 
 
 if __name__ == "__main__":

@@ -66,3 +66,13 @@ def test_bf16_autocast_stays_close_to_float32(tiny_model):
             low, _ = SequenceLogps(lm)(ids, attention, mask)
     assert low.dtype == torch.float32
     assert torch.allclose(low, exact, rtol=2e-2, atol=0.2)
+
+
+def test_the_cudnn_switch_changes_nothing_on_cpu(tiny_model):
+    """model.cudnn_attention only narrows SDPA's kernels on CUDA; elsewhere the forward is the same call."""
+    lm = load_causal_lm(tiny_model, "float32")
+    ids, attention, mask = batch()
+    with torch.no_grad():
+        on, _ = SequenceLogps(lm, cudnn_attention=True)(ids, attention, mask)
+        off, _ = SequenceLogps(lm)(ids, attention, mask)
+    assert torch.equal(on, off)
