@@ -465,65 +465,66 @@ def _resolve_references(raw: dict[str, Any], where: str) -> tuple[dict[str, Any]
 
     Each key is resolved once (chains that double at every step stay linear); chains deeper than
     MAX_REFERENCE_DEPTH and values longer than MAX_VALUE_CHARS are refused."""
-    resolved: dict[str, tuple[Any, bool]] = {}  # dotted key -> (value, read the environment)
+    resolved: dict[str, tuple[Any, bool, int]] = {}  # dotted key -> (value, read the environment, chain depth)
     written: dict[tuple, str] = {}
 
-    def lookup(dotted: str, seen: tuple[str, ...]) -> tuple[Any, bool]:
+    def lookup(dotted: str, seen: tuple[str, ...]) -> tuple[Any, bool, int]:
         if dotted.startswith("oc.env:"):
             name, _, default = dotted[len("oc.env:"):].partition(",")
             value = os.environ.get(name.strip()) or default.strip() or None
             if value is None:
                 raise ConfigError(f"{where}: ${{{dotted}}}: environment variable {name.strip()} is not set")
-            return value, True
+            return value, True, 1
         if dotted in seen:
             raise ConfigError(f"{where}: ${{{dotted}}} refers to itself")
-        if len(seen) >= MAX_REFERENCE_DEPTH:
-            raise ConfigError(f"{where}: ${{{dotted}}}: references nested more than {MAX_REFERENCE_DEPTH} deep "
-                              f"({' -> '.join(seen[:3])} -> ...)")
         if dotted not in resolved:
             node: Any = raw
             for part in dotted.split("."):
                 if not isinstance(node, dict) or part not in node:
                     raise ConfigError(f"{where}: ${{{dotted}}} refers to a key that is not set")
                 node = node[part]
-            resolved[dotted] = resolve(node, seen + (dotted,))
+            value, env, depth = resolve(node, seen + (dotted,))
+            if depth >= MAX_REFERENCE_DEPTH:
+                raise ConfigError(f"{where}: ${{{dotted}}}: references nested more than {MAX_REFERENCE_DEPTH} deep")
+            resolved[dotted] = value, env, depth + 1
         return resolved[dotted]
 
-    def resolve(node: Any, seen: tuple[str, ...], path: tuple | None = None) -> tuple[Any, bool]:
+    def resolve(node: Any, seen: tuple[str, ...], path: tuple | None = None) -> tuple[Any, bool, int]:
         """`path`: where `node` sits in the file, for the values written as they were; None inside a lookup."""
         if isinstance(node, (dict, list)):
             items = node.items() if isinstance(node, dict) else enumerate(node)
             done = {k: resolve(v, seen, None if path is None else path + (k,)) for k, v in items}
-            values = {k: v for k, (v, _) in done.items()}
-            return (values if isinstance(node, dict) else list(values.values())), any(e for _, e in done.values())
+            values = {k: v for k, (v, _, _) in done.items()}
+            return ((values if isinstance(node, dict) else list(values.values())),
+                    any(env for _, env, _ in done.values()), max((d for _, _, d in done.values()), default=0))
         if not isinstance(node, str) or "${" not in node:
-            return node, False
+            return node, False, 0
         whole = _REF.fullmatch(node)
         if whole:
-            value, env = lookup(whole.group(1), seen)
+            value, env, depth = lookup(whole.group(1), seen)
         else:
-            value, env = _substitute(node, lambda ref: lookup(ref, seen), where)
+            value, env, depth = _substitute(node, lambda ref: lookup(ref, seen), where)
         if env and path is not None:
             written[path] = node
-        return value, env
+        return value, env, depth
 
     if "output_dir" not in raw and "exp_name" in raw:
         raw = {**raw, "output_dir": Config.output_dir}
     return resolve(raw, (), ())[0], written
 
 
-def _substitute(text: str, lookup, where: str) -> tuple[str, bool]:
+def _substitute(text: str, lookup, where: str) -> tuple[str, bool, int]:
     """Each `${ref}` in `text` by str(its value), stopping as soon as the result passes MAX_VALUE_CHARS."""
-    parts, size, env, last = [], 0, False, 0
+    parts, size, env, depth, last = [], 0, False, 0, 0
     for m in _REF.finditer(text):
-        value, from_env = lookup(m.group(1))
+        value, from_env, ref_depth = lookup(m.group(1))
         parts += [text[last:m.start()], str(value)]
         size += m.start() - last + len(parts[-1])
-        env, last = env or from_env, m.end()
+        env, depth, last = env or from_env, max(depth, ref_depth), m.end()
         if size > MAX_VALUE_CHARS:
             raise ConfigError(f"{where}: {text[:40]!r}...: its references expand past {MAX_VALUE_CHARS} characters")
     parts.append(text[last:])
-    return "".join(parts), env
+    return "".join(parts), env, depth
 
 
 def _suggest(key: str, choices: list[str], lower: bool = False) -> str:
