@@ -59,7 +59,7 @@ def _message(e: BaseException) -> str:
     from aligndata.errors import InvalidRecordError, RunStopped, os_error_message
 
     if isinstance(e, KeyboardInterrupt):
-        return "interrupted"
+        return str(e) or "interrupted"  # training's Interrupted names the last checkpoint
     if isinstance(e, InvalidRecordError):
         return (str(e).splitlines()[0] + " (first invalid record of the raw data; with on_error: skip such records "
                 "go to a rejects file and training goes on)")

@@ -118,7 +118,7 @@ def _describe(changes: dict[str, tuple[Any, Any]]) -> str:
 
 
 def _show_shards(identity: dict[str, Any]) -> str:
-    rows = ", ".join(f"{split} {n} rows" for split, n in identity["rows"].items())
+    rows = ", ".join(f"{split} {n} rows" for split, n in sorted(identity["rows"].items()))
     return f"{identity['task']} shards ({rows}; settings {str(identity['settings_sha256'])[:12]})"
 
 
