@@ -39,7 +39,8 @@ def resume_changes(checkpoint: Path, cfg: Config, manifest: dict[str, Any]) -> d
     listing every difference when one of them may not change on resume."""
     before = _flat(yaml.safe_load((checkpoint / "config.yaml").read_text(encoding="utf-8")) or {})
     now = _flat(yaml.safe_load(to_yaml(cfg)))  # as saved: references to the environment compare as written
-    changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
+    keys = sorted((set(before) | set(now)) - {"output_dir"})  # a run directory may be moved and resumed
+    changed = {k: (before.get(k), now.get(k)) for k in keys if before.get(k) != now.get(k)}
     state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     if "shards" in state and state["shards"] != shards_identity(manifest):
         changed["shards"] = (_show_shards(state["shards"]), _show_shards(shards_identity(manifest)))

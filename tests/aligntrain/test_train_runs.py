@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import torch
 import yaml
 from faults import wait_for
 from rich.console import Console
-from trainer_fixtures import base_config, make_sft_shards, write_config
+from trainer_fixtures import make_sft_shards, write_config
 
 import aligntrain.trainer as trainer_module
 from aligndata.encode.template import BUILTIN_TEMPLATES, resolve_chat_template
@@ -44,16 +45,22 @@ def losses(result) -> list[float]:
     return [h["loss"] for h in result.history]
 
 
-def run_to_step_2_of_4(tmp_path, tiny_model, sft_shards, **changes):
+@pytest.fixture(scope="module")
+def run_at_step_2(tmp_path_factory, tiny_model, sft_shards):
     """A run whose latest checkpoint is step 2 of 4 (step 4's was lost) and whose metrics.jsonl logged steps
-    1-4, as after a kill during step 4's save. Returns (config path, straight result of 4 steps)."""
-    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", n_examples=32, save_every_steps=2,
-                       **changes)
+    1-4, as after a kill during step 4's save; and the losses of its 4 steps. Trained once, copied per test."""
+    root = tmp_path_factory.mktemp("step-2-of-4")
+    cfg = write_config(root / "cfg.yml", tiny_model, root / "run", n_examples=32, save_every_steps=2)
     straight = train(load_config(cfg), sft_shards, console=Console(file=io.StringIO()))
-    for path in (tmp_path / "run" / CHECKPOINTS / "step-0000004").iterdir():
-        path.unlink()
-    (tmp_path / "run" / CHECKPOINTS / "step-0000004").rmdir()
-    return cfg, straight
+    shutil.rmtree(root / "run" / CHECKPOINTS / "step-0000004")
+    return root / "run", losses(straight)
+
+
+def copy_of(run_at_step_2, tmp_path, tiny_model, **changes):
+    """The run at step 2 copied to tmp_path/run, with its config (plus `changes`) in tmp_path/cfg.yml."""
+    shutil.copytree(run_at_step_2[0], tmp_path / "run")
+    return write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", n_examples=32, save_every_steps=2,
+                        **changes)
 
 
 def trainer_calls_at(monkeypatch, step: int, action) -> None:
@@ -105,8 +112,9 @@ def test_a_failed_start_leaves_no_run_directory(tmp_path, capsys, tiny_model, sf
 
 # -- --resume with changed settings ----------------------------------------------------------------------
 
-def test_resume_refuses_a_changed_seed_or_batch_size_listing_the_differences(tmp_path, capsys, tiny_model, sft_shards):
-    cfg, _ = run_to_step_2_of_4(tmp_path, tiny_model, sft_shards)
+def test_resume_refuses_a_changed_seed_or_batch_size_listing_the_differences(tmp_path, capsys, tiny_model, sft_shards,
+                                                                             run_at_step_2):
+    cfg = copy_of(run_at_step_2, tmp_path, tiny_model)
     code, err = aligntrain(capsys, "sft", sft_shards, cfg, "--resume", "--overrides", "seed=3", "total_batch_size=4")
     checkpoint = tmp_path / "run" / CHECKPOINTS / "step-0000002"
     assert (code, err) == (1, f"error: --resume: {checkpoint} was trained with other settings that a resumed run "
@@ -114,8 +122,8 @@ def test_resume_refuses_a_changed_seed_or_batch_size_listing_the_differences(tmp
                               "run in another output_dir\n")
 
 
-def test_resume_refuses_other_shards(tmp_path, capsys, tiny_model, sft_shards):
-    cfg, _ = run_to_step_2_of_4(tmp_path, tiny_model, sft_shards)
+def test_resume_refuses_other_shards(tmp_path, capsys, tiny_model, run_at_step_2):
+    cfg = copy_of(run_at_step_2, tmp_path, tiny_model)
     other = make_sft_shards(tmp_path / "other", tiny_model, n_train=40)
     code, err = aligntrain(capsys, "sft", other, cfg, "--resume")
     assert code == 1
@@ -123,8 +131,10 @@ def test_resume_refuses_other_shards(tmp_path, capsys, tiny_model, sft_shards):
             "train 40 rows; settings 000000000000))") in err
 
 
-def test_resume_with_a_new_lr_trains_with_it_and_records_the_change(tmp_path, capsys, tiny_model, sft_shards):
-    cfg, straight = run_to_step_2_of_4(tmp_path, tiny_model, sft_shards, lr=1e-3, gradient_accumulation_steps=2)
+def test_resume_with_a_new_lr_trains_with_it_and_records_the_change(tmp_path, capsys, tiny_model, sft_shards,
+                                                                    run_at_step_2):
+    cfg = copy_of(run_at_step_2, tmp_path, tiny_model, lr=1e-3, gradient_accumulation_steps=2)
+    straight = run_at_step_2[1]
     code, err = aligntrain(capsys, "sft", sft_shards, cfg, "--resume", "--overrides", "lr=2e-3",
                            "gradient_accumulation_steps=4")
     assert code == 0
@@ -137,14 +147,14 @@ def test_resume_with_a_new_lr_trains_with_it_and_records_the_change(tmp_path, ca
     assert records[2]["changed"] == {"gradient_accumulation_steps": {"before": 2, "now": 4},
                                      "lr": {"before": 0.001, "now": 0.002}}
     assert [r["lr"] for r in records if r["split"] == "train"] == [1e-3, 1e-3, 2e-3, 2e-3]
-    assert records[3]["loss"] == pytest.approx(straight.history[2]["loss"], rel=1e-5)  # step 3 ran with the old weights
-    assert records[4]["loss"] != pytest.approx(straight.history[3]["loss"], rel=1e-5)  # step 4 with lr 2e-3
+    assert records[3]["loss"] == pytest.approx(straight[2], rel=1e-5)  # step 3 starts from step 2's weights
+    assert records[4]["loss"] != pytest.approx(straight[3], rel=1e-5)  # after a step with lr 2e-3
     saved = (run / "config.yaml").read_text()
     assert yaml.safe_load(saved)["lr"] == 2e-3 and saved.endswith(f"# {change}\n")
 
 
-def test_resume_tolerates_a_torn_last_line_in_metrics(tmp_path, capsys, tiny_model, sft_shards):
-    cfg, straight = run_to_step_2_of_4(tmp_path, tiny_model, sft_shards)
+def test_resume_tolerates_a_torn_last_line_in_metrics(tmp_path, capsys, tiny_model, sft_shards, run_at_step_2):
+    cfg = copy_of(run_at_step_2, tmp_path, tiny_model)
     metrics = tmp_path / "run" / "metrics.jsonl"
     with open(metrics, "a") as f:
         f.write('{"step": 5, "split": "tra')  # killed mid-write
@@ -153,15 +163,15 @@ def test_resume_tolerates_a_torn_last_line_in_metrics(tmp_path, capsys, tiny_mod
     assert f"{metrics}: dropped line 5, not complete JSON (written when the run was killed?)" in err.splitlines()
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert [r["loss"] for r in records] == losses(straight)
+    assert [r["loss"] for r in records] == run_at_step_2[1]
 
 
 # -- damaged checkpoints --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["truncate optimizer.pt", "delete optimizer.pt", "truncate scheduler.pt",
                                     "delete model.safetensors", "truncate model.safetensors"])
-def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, capsys, tiny_model, sft_shards, damage):
-    cfg, _ = run_to_step_2_of_4(tmp_path, tiny_model, sft_shards)
+def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, capsys, tiny_model, sft_shards, run_at_step_2, damage):
+    cfg = copy_of(run_at_step_2, tmp_path, tiny_model)
     checkpoint = tmp_path / "run" / CHECKPOINTS / "step-0000002"
     how, name = damage.split()
     path = checkpoint / name
@@ -181,10 +191,13 @@ def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, capsys, tiny_model, s
         assert err.startswith(f"error: {path}: cannot be read (")
 
 
-def test_a_checkpoint_saved_without_optimizer_state_says_so(tmp_path, capsys, tiny_model, sft_shards):
-    cfg, _ = run_to_step_2_of_4(tmp_path, tiny_model, sft_shards, save_optimizer=False)
-    code, err = aligntrain(capsys, "sft", sft_shards, cfg, "--resume")
+def test_a_checkpoint_saved_without_optimizer_state_says_so(tmp_path, capsys, tiny_model, sft_shards, run_at_step_2):
+    cfg = copy_of(run_at_step_2, tmp_path, tiny_model)
     checkpoint = tmp_path / "run" / CHECKPOINTS / "step-0000002"
+    (checkpoint / "optimizer.pt").unlink()
+    saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump({**saved, "save_optimizer": False}))
+    code, err = aligntrain(capsys, "sft", sft_shards, cfg, "--resume")
     assert (code, err) == (1, f"error: {checkpoint}: no optimizer state (saved with save_optimizer: false); "
                               "cannot resume exactly\n")
 
@@ -223,9 +236,7 @@ def test_a_full_disk_in_the_final_save_names_the_file(tmp_path, capsys, tiny_mod
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_stop_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, capsys, tiny_model, sft_shards,
-                                                                        monkeypatch, sig):
-    straight = train(load_config(write_config(tmp_path / "straight.yml", tiny_model, tmp_path / "straight",
-                                              n_examples=32)), sft_shards)
+                                                                        run_at_step_2, monkeypatch, sig):
     cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", n_examples=32)
     trainer_calls_at(monkeypatch, 2, lambda: os.kill(os.getpid(), sig))  # arrives during step 2
     monkeypatch.setattr(sys, "argv", ["aligntrain", "sft", str(sft_shards), str(cfg)])
@@ -238,7 +249,7 @@ def test_a_stop_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, 
     assert signal.getsignal(sig) is signal.SIG_DFL  # the handlers are put back
     monkeypatch.undo()
     resumed = train(load_config(cfg), sft_shards, resume=True)
-    assert losses(resumed) == losses(straight)[2:]
+    assert losses(resumed) == run_at_step_2[1][2:]  # as if never stopped
 
 
 def test_ctrl_c_names_the_last_complete_checkpoint(tmp_path, capsys, tiny_model, sft_shards, monkeypatch):
