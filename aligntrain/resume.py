@@ -24,7 +24,7 @@ from .config import Config, ConfigError, to_yaml
 
 FIXED_ON_RESUME = ("seed", "total_batch_size", "optimizer", "trainer", "max_length", "model.name_or_path",
                    "model.tokenizer_name_or_path", "model.archive", "loss.name", "loss.reference_free")
-HISTORY_MARK = "# resumed at step "  # config.yaml's history lines: "# " + record_changes(...)
+RESUMED = "resumed at step "  # starts record_changes' line, which config.yaml keeps as a "# " comment
 
 
 def shards_identity(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -54,10 +54,10 @@ def resume_changes(checkpoint: Path, cfg: Config, manifest: dict[str, Any]) -> d
 def record_changes(run_dir: Path, step: int, changed: dict[str, tuple[Any, Any]]) -> str:
     """Append the change to metrics.jsonl; return the line the console shows (and config.yaml, as a comment)."""
     record = {"step": step, "split": "resume", "time": round(time.time(), 3),
-              "changed": {k: {"before": a, "now": b} for k, a, b in ((k, *v) for k, v in changed.items())}}
+              "changed": {k: {"before": a, "now": b} for k, (a, b) in changed.items()}}
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
-    return f"{HISTORY_MARK[2:]}{step} with changed settings: {_describe(changed)}"
+    return f"{RESUMED}{step} with changed settings: {_describe(changed)}"
 
 
 def config_text(cfg: Config, run_dir: Path, start: int) -> str:
@@ -67,7 +67,7 @@ def config_text(cfg: Config, run_dir: Path, start: int) -> str:
     history = []
     if start and old.exists():
         history = [line for line in old.read_text(encoding="utf-8").splitlines()
-                   if line.startswith(HISTORY_MARK) and _history_step(line) <= start]
+                   if line.startswith("# " + RESUMED) and _history_step(line) <= start]
     return to_yaml(cfg) + "".join(line + "\n" for line in history)
 
 
@@ -75,12 +75,11 @@ def trim_metrics(run_dir: Path, start: int) -> str | None:
     """Keep metrics.jsonl records of steps <= start (those after it are redone). A torn line (the
     process was killed while writing it) is dropped; the returned note says so."""
     path = run_dir / "metrics.jsonl"
-    if not path.exists() or not start:
-        if path.exists():
-            path.write_text("", encoding="utf-8")
+    if not path.exists():
         return None
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if start else []
     kept, torn = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line) if line.strip() else None
         except json.JSONDecodeError:
@@ -124,5 +123,5 @@ def _show_shards(identity: dict[str, Any]) -> str:
 
 
 def _history_step(line: str) -> int:
-    digits = line[len(HISTORY_MARK):].split(" ", 1)[0]
+    digits = line[len("# " + RESUMED):].split(" ", 1)[0]
     return int(digits) if digits.isdigit() else 0
