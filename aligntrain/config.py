@@ -186,9 +186,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     try:
         value = read_yaml(text, "--overrides") if text.strip() else ""
     except ConfigError as e:
-        if not isinstance(e.__cause__, yaml.YAMLError):
+        if not isinstance(e.__cause__, yaml.YAMLError):  # an alias bomb is refused here too
             raise
-        value = text
+        value = text  # not YAML: the text itself, as the seed's `--overrides exp_name=a:b` meant
     known = _all_keys(Config)
     canonical = _canonical_key(key)
     if canonical not in known and not any(k.startswith(canonical + ".") for k in known):
