@@ -5,7 +5,7 @@
         tokenizer files                                          the directory is self-contained
         optimizer.pt, scheduler.pt                               (optimizer.pt unless save_optimizer: false)
         rng_state_<rank>.pt                                      python, numpy, torch (and CUDA) RNGs
-        config.yaml                                              the resolved run config
+        config.yaml                                              the run config (${oc.env:...} values as written)
         trainer_state.json                                       step, position, last metrics: written last
 
 A checkpoint is written into `.tmp-step-...` and renamed when complete, so `latest_checkpoint`
