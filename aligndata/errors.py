@@ -8,7 +8,8 @@ Exit codes, the same for `aligndata` and `aligntrain` (documented in the README)
        shards missing, incomplete or damaged, a tokenizer or chat template that cannot be loaded or
        used, a full disk
   3    a training run stopped itself (a NaN/Inf loss; the last good checkpoint is kept)
-  130  interrupted
+  130  interrupted (Ctrl-C)
+  143  a training run stopped on SIGTERM or SIGUSR1 after saving a checkpoint (resume it with --resume)
 `exit_code` is the one table from an exception to its code.
 """
 
@@ -21,6 +22,7 @@ EXIT_INVALID = 1
 EXIT_INPUT = 2
 EXIT_STOPPED = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process killed by it
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ class RunStopped(Exception):
     """A run stopped itself to protect what it made, e.g. on a non-finite loss (exit code 3)."""
 
 
+class Terminated(Exception):
+    """A training run stopped on a scheduler's signal after saving a checkpoint (exit code 143)."""
+
+
 class InvalidRecordError(InvalidDataError):
     """Raised with --on-error fail at the first invalid record (exit code 1)."""
 
@@ -81,6 +87,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (InvalidDataError, EXIT_INVALID),
     (InputError, EXIT_INPUT),
     (RunStopped, EXIT_STOPPED),
+    (Terminated, EXIT_TERMINATED),
     (KeyboardInterrupt, EXIT_INTERRUPTED),
     (OSError, EXIT_INPUT),  # disk full, quota, read-only output: an I/O error, not a traceback
 )

@@ -6,7 +6,7 @@
         tokenizer files                                          the directory is self-contained
         optimizer.pt, scheduler.pt                               (optimizer.pt unless save_optimizer: false)
         rng_state_<rank>.pt                                      python, numpy, torch (and CUDA) RNGs
-        config.yaml                                              the resolved run config
+        config.yaml                                              the run config (${oc.env:...} values as written)
         trainer_state.json                                       step, position, last metrics: written last
 
 A checkpoint is written into `.tmp-step-...` and renamed when complete, so `latest_checkpoint`
@@ -16,6 +16,7 @@ next save of the same step.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -27,8 +28,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors import SafetensorError
 
+from aligndata.errors import InputError
 from aligndata.write.atomic import atomic_write_text, fsync_dir
 
 from .config import Config, ConfigError, to_yaml
@@ -69,11 +72,14 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
         lm = accelerator.unwrap_model(model).lm
         weights = {k[len("lm."):]: v for k, v in full_state.items() if k.startswith("lm.")}
         try:
-            lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            with _naming(tmp):
+                lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         except SafetensorError as e:  # a full disk, reported by the Rust writer
             raise OSError(errno.EIO, f"write failed, disk full? ({e})", str(tmp / "model.safetensors")) from None
-        tokenizer.save_pretrained(tmp)
-        (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+        with _naming(tmp):
+            tokenizer.save_pretrained(tmp)
+        with _naming(tmp / "config.yaml"):
+            (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         if cfg.save_optimizer and not fsdp:
             _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -85,7 +91,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        atomic_write_text(tmp / STATE, json.dumps({**state, "step": step}, indent=2, sort_keys=True) + "\n")
+        with _naming(tmp / STATE):
+            atomic_write_text(tmp / STATE, json.dumps({**state, "step": step}, indent=2, sort_keys=True) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -105,23 +112,58 @@ def _torch_save(obj: Any, path: Path) -> None:
 
 
 def load_training_state(checkpoint: Path, accelerator, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore optimizer, scheduler and this process's RNGs (the weights were loaded with the model)."""
+    """Restore optimizer, scheduler and this process's RNGs (the weights were loaded with the model).
+    A missing or unreadable file is an InputError naming it."""
     if _is_fsdp(accelerator):
         if not any(checkpoint.glob("optimizer*.bin")):
-            raise ConfigError(f"{checkpoint}: no optimizer state (saved with save_optimizer: false); cannot resume exactly")
+            raise _no_optimizer_state(checkpoint, checkpoint / "optimizer*.bin")
         from accelerate.utils import load_fsdp_optimizer
 
         load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(checkpoint))
     else:
         path = checkpoint / "optimizer.pt"
         if not path.exists():
-            raise ConfigError(f"{checkpoint}: no optimizer state (saved with save_optimizer: false); cannot resume exactly")
-        optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+            raise _no_optimizer_state(checkpoint, path)
+        optimizer.load_state_dict(_torch_load(checkpoint, path))
+    scheduler.load_state_dict(_torch_load(checkpoint, checkpoint / "scheduler.pt"))
     rng_path = checkpoint / f"rng_state_{accelerator.process_index}.pt"
     if rng_path.exists():
-        set_rng_state(torch.load(rng_path, weights_only=True))
+        set_rng_state(_torch_load(checkpoint, rng_path))
     return json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
+
+
+def damaged_checkpoint(checkpoint: Path, path: Path, why: str) -> InputError:
+    return InputError(f"{path}: {why}; the checkpoint is damaged: move {checkpoint} away to resume from the one "
+                      "before it")
+
+
+def _torch_load(checkpoint: Path, path: Path) -> Any:
+    if not path.exists():
+        raise damaged_checkpoint(checkpoint, path, "missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a bad pickle: torch raises several types for the same "unreadable"
+        raise damaged_checkpoint(checkpoint, path, f"cannot be read ({str(e).strip().splitlines()[0]})") from None
+
+
+def _no_optimizer_state(checkpoint: Path, path: Path) -> Exception:
+    """Saved without it on purpose (a config choice), or lost since (a damaged checkpoint)."""
+    saved = yaml.safe_load((checkpoint / "config.yaml").read_text(encoding="utf-8")) or {}
+    if saved.get("save_optimizer") is False:
+        return ConfigError(f"{checkpoint}: no optimizer state (saved with save_optimizer: false); cannot resume exactly")
+    return damaged_checkpoint(checkpoint, path, "missing, though the run saved its optimizer state (deleted or moved?); "
+                                                "cannot resume exactly")
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """An OSError that names no file (a full disk inside a library's writer) names `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

@@ -4,7 +4,8 @@ Exit codes (aligndata/errors.py, the same table as aligndata's): 0 done; 1 bad c
 unknown/missing/mistyped key, a model or tokenizer path in it that cannot be loaded, shards that do not
 match the config or tokenizer, invalid raw records); 2 usage or I/O (unknown option, missing file or
 directory argument, shards missing or damaged, a full disk while writing a checkpoint); 3 training
-stopped on a NaN/Inf loss (the last good checkpoint is kept); 130 interrupted.
+stopped on a NaN/Inf loss (the last good checkpoint is kept); 130 interrupted; 143 stopped on SIGTERM or
+SIGUSR1 after saving a checkpoint.
 
 Overrides follow the seed project: `--overrides lr=2e-5 loss.beta=0.1 model.policy_dtype=bfloat16`.
 """
@@ -59,7 +60,7 @@ def _message(e: BaseException) -> str:
     from aligndata.errors import InvalidRecordError, RunStopped, os_error_message
 
     if isinstance(e, KeyboardInterrupt):
-        return "interrupted"
+        return str(e) or "interrupted"  # training's Interrupted names the last checkpoint
     if isinstance(e, InvalidRecordError):
         return (str(e).splitlines()[0] + " (first invalid record of the raw data; with on_error: skip such records "
                 "go to a rejects file and training goes on)")

@@ -156,11 +156,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None, defaults: 
     path = Path(path)
     where = path.name
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"), where)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML ({_one_line(e)})") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -172,8 +170,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None, defaults: 
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(raw, _canonical_key(key), value)
-    raw = _resolve_references(raw, where)
+    _check_keys(Config, raw, where, prefix="")  # a typo is named before any reference is resolved
+    raw, from_environment = _resolve_references(raw, where)
     cfg = _build(Config, raw, where, prefix="")
+    cfg._written = from_environment
     _expand_home(cfg)
     validate(cfg, where)
     return cfg
@@ -196,9 +196,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, text = item.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
+        value = read_yaml(text, "--overrides") if text.strip() else ""
+    except ConfigError as e:
+        if not isinstance(e.__cause__, yaml.YAMLError):  # an alias bomb is refused here too
+            raise
+        value = text  # not YAML: the text itself, as the seed's `--overrides exp_name=a:b` meant
     known = _all_keys(Config)
     canonical = _canonical_key(key)
     if canonical not in known and not any(k.startswith(canonical + ".") for k in known):
@@ -211,10 +213,62 @@ def to_yaml(cfg: Config) -> str:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as saved (config.yaml, checkpoints, wandb): a value that read an environment variable is
+    written as the reference it was written as (`${oc.env:WANDB_KEY}`), never resolved; a secret passed
+    through the environment stays out of the run's files."""
     out = dataclasses.asdict(cfg)
+    for keys, text in getattr(cfg, "_written", {}).items():
+        node = out
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = text
     if cfg.model.lora is None:  # a config without LoRA is saved exactly as before the section existed
         del out["model"]["lora"]
     return out
+
+
+# -- limits on what a config may make us do -------------------------------------------------------
+
+MAX_YAML_NODES = 10_000  # a config has about 60 values; aliases expanding past this are an "alias bomb"
+MAX_REFERENCE_DEPTH = 16  # ${a} -> ${b} -> ... chains
+MAX_VALUE_CHARS = 65_536  # one value after its references are substituted
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, refusing documents whose aliases expand past MAX_YAML_NODES nodes (counted on the
+    composed graph, before anything is built) and nesting too deep for the parser."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            size = _expanded_size(node, {})
+            if size > MAX_YAML_NODES:
+                raise ConfigError(f"{where}: the YAML expands to more than {MAX_YAML_NODES} values through its "
+                                  "aliases (*name); write the values out")
+        return loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({_one_line(e)})") from e
+    except RecursionError:
+        raise ConfigError(f"{where}: the YAML is nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Nodes of the document once every alias is expanded; each shared node is counted once per use
+    but measured once. A node that contains itself (`&a [*a]`) would be infinite."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = MAX_YAML_NODES + 1  # seen again before it is measured: it contains itself
+    children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else (
+        node.value if isinstance(node, yaml.SequenceNode) else [])
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes)
+        if total > MAX_YAML_NODES:
+            break
+    sizes[id(node)] = total
+    return total
 
 
 # -- validation beyond types ------------------------------------------------------------------
@@ -238,6 +292,10 @@ def validate(cfg: Config, where: str = "config") -> None:
         value = getattr(cfg, key)
         if value is not None and value <= 0:
             raise bad(key, f"must be a positive integer, got {value}")
+    run_dir = Path(cfg.output_dir).resolve()
+    if run_dir == Path(run_dir.anchor) or run_dir == Path.home().resolve():
+        what = "the filesystem root" if run_dir == Path(run_dir.anchor) else "the home directory itself"
+        raise bad("output_dir", f"is {run_dir}, {what}; a run needs a directory of its own (e.g. runs/NAME)")
     if cfg.warmup_steps < 0:
         raise bad("warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
     if cfg.lr <= 0:
@@ -304,12 +362,32 @@ def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
         raise ConfigError(f"{where}: key {prefix.rstrip('.') or 'config'!r} must be a mapping, got {_show(raw)}")
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    _refuse_unknown(names, raw, where, prefix)
+    values = {name: _coerce(hints[name], raw[name], where, prefix + name) for name in names if name in raw}
+    return cls(**values)
+
+
+def _refuse_unknown(names: list[str], raw: dict[str, Any], where: str, prefix: str) -> None:
     for key in raw:
         if key not in names:
             choices = [prefix + n for n in names] + [prefix + a for a in SEED_ALIASES if not prefix]
             raise ConfigError(f"{where}: unknown key {prefix + str(key)!r}{_suggest(prefix + str(key), choices)}")
-    values = {name: _coerce(hints[name], raw[name], where, prefix + name) for name in names if name in raw}
-    return cls(**values)
+
+
+def _check_keys(cls: type, raw: Any, where: str, prefix: str) -> None:
+    """Unknown keys anywhere in the raw tree (nested groups, list items); values are checked later."""
+    if not isinstance(raw, dict):
+        return  # a reference, or a wrong type that _build names
+    hints = get_type_hints(cls)
+    _refuse_unknown(list(hints), raw, where, prefix)
+    for name, value in raw.items():
+        tp = hints[name]
+        inner = [a for a in get_args(tp) if dataclasses.is_dataclass(a)]
+        if dataclasses.is_dataclass(tp):
+            _check_keys(tp, value, where, f"{prefix}{name}.")
+        elif get_origin(tp) is list and inner and isinstance(value, list):
+            for i, item in enumerate(value):
+                _check_keys(inner[0], item, where, f"{prefix}{name}[{i}].")
 
 
 def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
@@ -424,41 +502,73 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 _REF = re.compile(r"\$\{([^}]*)\}")
 
 
-def _resolve_references(raw: dict[str, Any], where: str) -> dict[str, Any]:
+def _resolve_references(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[tuple, str]]:
     """Replace `${key}` and `${oc.env:NAME,default}` as OmegaConf does (the seed's configs use
-    `output_dirs: ./outputs/${exp_name}`)."""
+    `output_dirs: ./outputs/${exp_name}`). Returns the resolved tree and, for each value that read the
+    environment, its key path and the text it was written as (what `to_dict` saves).
 
-    def lookup(dotted: str, seen: tuple[str, ...]) -> Any:
+    Each key is resolved once (chains that double at every step stay linear); chains deeper than
+    MAX_REFERENCE_DEPTH and values longer than MAX_VALUE_CHARS are refused."""
+    resolved: dict[str, tuple[Any, bool, int]] = {}  # dotted key -> (value, read the environment, chain depth)
+    written: dict[tuple, str] = {}
+
+    def lookup(dotted: str, seen: tuple[str, ...]) -> tuple[Any, bool, int]:
         if dotted.startswith("oc.env:"):
             name, _, default = dotted[len("oc.env:"):].partition(",")
             value = os.environ.get(name.strip()) or default.strip() or None
             if value is None:
                 raise ConfigError(f"{where}: ${{{dotted}}}: environment variable {name.strip()} is not set")
-            return value
-        node: Any = raw
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"{where}: ${{{dotted}}} refers to a key that is not set")
-            node = node[part]
+            return value, True, 1
         if dotted in seen:
             raise ConfigError(f"{where}: ${{{dotted}}} refers to itself")
-        return resolve(node, seen + (dotted,))
+        if dotted not in resolved:
+            node: Any = raw
+            for part in dotted.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise ConfigError(f"{where}: ${{{dotted}}} refers to a key that is not set")
+                node = node[part]
+            value, env, depth = resolve(node, seen + (dotted,))
+            if depth >= MAX_REFERENCE_DEPTH:
+                raise ConfigError(f"{where}: ${{{dotted}}}: references nested more than {MAX_REFERENCE_DEPTH} deep")
+            resolved[dotted] = value, env, depth + 1
+        return resolved[dotted]
 
-    def resolve(node: Any, seen: tuple[str, ...] = ()) -> Any:
-        if isinstance(node, dict):
-            return {k: resolve(v, seen) for k, v in node.items()}
-        if isinstance(node, list):
-            return [resolve(v, seen) for v in node]
-        if isinstance(node, str):
-            whole = _REF.fullmatch(node)
-            if whole:
-                return lookup(whole.group(1), seen)
-            return _REF.sub(lambda m: str(lookup(m.group(1), seen)), node)
-        return node
+    def resolve(node: Any, seen: tuple[str, ...], path: tuple | None = None) -> tuple[Any, bool, int]:
+        """`path`: where `node` sits in the file, for the values written as they were; None inside a lookup."""
+        if isinstance(node, (dict, list)):
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            done = {k: resolve(v, seen, None if path is None else path + (k,)) for k, v in items}
+            values = {k: v for k, (v, _, _) in done.items()}
+            return ((values if isinstance(node, dict) else list(values.values())),
+                    any(env for _, env, _ in done.values()), max((d for _, _, d in done.values()), default=0))
+        if not isinstance(node, str) or "${" not in node:
+            return node, False, 0
+        whole = _REF.fullmatch(node)
+        if whole:
+            value, env, depth = lookup(whole.group(1), seen)
+        else:
+            value, env, depth = _substitute(node, lambda ref: lookup(ref, seen), where)
+        if env and path is not None:
+            written[path] = node
+        return value, env, depth
 
     if "output_dir" not in raw and "exp_name" in raw:
         raw = {**raw, "output_dir": Config.output_dir}
-    return resolve(raw)
+    return resolve(raw, (), ())[0], written
+
+
+def _substitute(text: str, lookup, where: str) -> tuple[str, bool, int]:
+    """Each `${ref}` in `text` by str(its value), stopping as soon as the result passes MAX_VALUE_CHARS."""
+    parts, size, env, depth, last = [], 0, False, 0, 0
+    for m in _REF.finditer(text):
+        value, from_env, ref_depth = lookup(m.group(1))
+        parts += [text[last:m.start()], str(value)]
+        size += m.start() - last + len(parts[-1])
+        env, depth, last = env or from_env, max(depth, ref_depth), m.end()
+        if size > MAX_VALUE_CHARS:
+            raise ConfigError(f"{where}: {text[:40]!r}...: its references expand past {MAX_VALUE_CHARS} characters")
+    parts.append(text[last:])
+    return "".join(parts), env, depth
 
 
 def _suggest(key: str, choices: list[str], lower: bool = False) -> str:

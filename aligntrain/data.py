@@ -25,7 +25,7 @@ import torch
 from aligndata.write.shards import REF_COLUMNS, ShardMismatch, open_split, read_manifest, verify_shards
 from aligndata.encode.tokenizer import tokenizer_identity
 
-from .config import Config
+from .config import Config, ConfigError
 
 
 # -- checking the shards against the config and the tokenizer --------------------------------------
@@ -48,6 +48,42 @@ def check_shards(shards: str | Path, cfg: Config, tokenizer: Any, task: str) -> 
         raise ShardMismatch(f"{shards}: shards were made with another tokenizer than {cfg.tokenizer_path!r}: "
                             + "; ".join(differences))
     return manifest
+
+
+def shards_chat_template(shards: Path, manifest: dict[str, Any], tokenizer: Any, cfg: Config) -> str | None:
+    """The text of the chat template the shards were rendered with, found by the manifest's sha256 among
+    the config's `chat_template` (a built-in name or a file), the manifest's built-in and the tokenizer's
+    own. Checkpoints ship it, so that generation uses the format training saw. The manifest records
+    only the hash: when none of these has it, ShardMismatch says how to provide the template."""
+    from aligndata.encode.template import resolve_chat_template
+    from aligndata.encode.tokenizer import TemplateError
+
+    recorded = manifest.get("chat_template") or {}
+    own = getattr(tokenizer, "chat_template", None)
+    if "sha256" not in recorded:  # written before the manifest recorded a template
+        return own
+    source = str(recorded.get("source", ""))
+    candidates = [cfg.chat_template] if cfg.chat_template else []  # names for resolve_chat_template
+    if source.startswith("builtin:"):
+        candidates.append(source.split(":", 1)[1])
+    if own:
+        candidates.append(None)  # the tokenizer's own
+    tried = []
+    for name in dict.fromkeys(candidates):
+        try:
+            template = resolve_chat_template(tokenizer, name)
+        except TemplateError as e:
+            if name is not None and name == cfg.chat_template:
+                raise ConfigError(f"chat_template: {e}") from None
+            tried.append(str(e))
+            continue
+        if template.sha256 == recorded["sha256"]:
+            return template.text
+        tried.append(f"{template.source} has sha256 {template.sha256[:12]}")
+    raise ShardMismatch(f"{shards}: the shards were rendered with chat template {source or 'unknown'} (sha256 "
+                        f"{recorded['sha256'][:12]}), which is not available here ({'; '.join(tried) or 'nothing to compare'}); "
+                        "set chat_template: to that template (a built-in name or its .jinja file) so that checkpoints "
+                        "ship the format the model is trained on, or re-convert the shards with the tokenizer's template")
 
 
 def tokenizer_differences(recorded: dict[str, Any], tokenizer: Any) -> list[str]:

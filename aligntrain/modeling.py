@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
@@ -132,15 +133,22 @@ def load_tokenizer(path: str):
         raise ConfigError(str(e)) from None  # it names the path
 
 
-def load_causal_lm(path: str | Path, dtype: str, attn_implementation: str = "sdpa", *, trainable: bool = True):
+def load_causal_lm(path: str | Path, dtype: str, attn_implementation: str = "sdpa", *, trainable: bool = True,
+                   from_checkpoint: bool = False):
     """A local Hugging Face causal LM in `dtype`, dropout off (as the seed does: DPO's log-ratios
-    must not be noisy), `use_cache` off. The frozen reference gets `trainable=False`."""
+    must not be noisy), `use_cache` off. The frozen reference gets `trainable=False`. A model that cannot
+    be loaded is a ConfigError naming model.name_or_path, or, `from_checkpoint`, an InputError (exit 2)
+    naming the checkpoint: a damaged checkpoint is not a config mistake."""
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype),
                                                      attn_implementation=attn_implementation)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # missing, unreadable or truncated weights
+        if from_checkpoint:
+            from .checkpoint import damaged_checkpoint
+
+            raise damaged_checkpoint(Path(path), Path(path), f"cannot load its model ({first_line(e)})") from None
         raise ConfigError(f"model.name_or_path: cannot load a causal LM from {str(path)!r}: {first_line(e)}") from None
     disable_dropout(model)
     model.config.use_cache = False
@@ -215,6 +223,12 @@ def load_archive(model: nn.Module, archive: str | Path) -> None:
         state = obj["state"] if isinstance(obj, dict) and isinstance(obj.get("state"), dict) else obj
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ConfigError(f"model.archive: {archive} holds no state dict (expected {{'state': state_dict, ...}})")
+    own = model.state_dict()
+    reshaped = [f"{k} is {list(v.shape)}, the model's {list(own[k].shape)}" for k, v in state.items()
+                if k in own and v.shape != own[k].shape]
+    if reshaped:  # load_state_dict would raise with every mismatch on its own line
+        raise ConfigError(f"model.archive: {archive} does not match model.name_or_path ({len(reshaped)} tensors of "
+                          f"another shape, e.g. {'; '.join(reshaped[:2])})")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not _is_tied(model, k)]
     if missing or unexpected:

@@ -11,7 +11,6 @@ gradient average, is exactly the gradient of the mean over the whole accumulated
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -25,14 +24,17 @@ from aligndata.errors import RunStopped
 from aligndata.write.shards import ShardMismatch
 
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_training_state, save_checkpoint
-from .config import MIXED_PRECISION, Config, ConfigError, to_yaml
+from .config import MIXED_PRECISION, Config, ConfigError
 from .data import (ShardSplit, check_shards, collate, eval_batches, micro_batches, pad_token_id, process_share,
-                   step_indices, total_steps)
+                   shards_chat_template, step_indices, total_steps)
 from .lora import AdapterOffReference, fsdp_wrap_policy, lora_policy
 from .losses import PREFERENCE_LOSSES, PairLogps, preference_rewards, sft_loss
 from .metrics import MetricsLogger
 from .modeling import Reference, SequenceLogps, load_archive, load_causal_lm, load_tokenizer, torch_dtype, trained_positions
 from .precompute import reference_identity
+from .resume import config_text, record_changes, resume_changes, shards_identity, take_current_hyperparameters, trim_metrics
+from .runlock import hold_run_lock
+from .signals import Interrupted, StopRequest, terminated
 
 PREFERENCE_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                    "logps/chosen", "logps/rejected", "pairs", "input_tokens")
@@ -54,6 +56,14 @@ class TrainResult:
 
 
 def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None) -> TrainResult:
+    """Train with the run directory locked (one training per output_dir; the main process holds it)
+    and SIGTERM/SIGUSR1 turned into a checkpoint and a clean stop."""
+    lock = hold_run_lock(cfg.output_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    with lock, StopRequest() as stop:
+        return _train(cfg, shards, resume, console, stop)
+
+
+def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopRequest) -> TrainResult:
     # -- build -------------------------------------------------------------------------------------
     from transformers.utils import logging as hf_logging
 
@@ -61,6 +71,7 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
     shards = Path(shards)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     manifest = check_shards(shards, cfg, tokenizer, cfg.task)
+    tokenizer.chat_template = shards_chat_template(shards, manifest, tokenizer, cfg)  # what checkpoints ship
     train_split = ShardSplit(shards, "train", manifest)
     eval_split = ShardSplit(shards, "eval", manifest) if "eval" in manifest["splits"] else train_split
     steps = total_steps(len(train_split), cfg)
@@ -70,12 +81,16 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
         raise ConfigError(f"{run_dir}: this run already has checkpoints; pass --resume to continue it, "
                           "or choose another output_dir")
     resume_from = latest if resume else None
+    changed = resume_changes(resume_from, cfg, manifest) if resume_from is not None else {}
 
     # float32 master weights; policy_dtype bfloat16/float16 is the autocast compute dtype
     if cfg.model.lora is not None:
         policy = lora_policy(cfg, resume_from)  # frozen base (+ archive) in reference_dtype, float32 adapters
     else:
-        policy = load_causal_lm(resume_from or cfg.model.name_or_path, "float32", cfg.model.attn_implementation)
+        if resume_from is not None:
+            policy = load_causal_lm(resume_from, "float32", cfg.model.attn_implementation, from_checkpoint=True)
+        else:
+            policy = load_causal_lm(cfg.model.name_or_path, "float32", cfg.model.attn_implementation)
         if cfg.model.archive and resume_from is None:
             load_archive(policy, cfg.model.archive)
     if cfg.activation_checkpointing:
@@ -95,12 +110,16 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
 
     start = 0
     if resume_from is not None:
+        weight_decays = [g["weight_decay"] for g in optimizer.param_groups]  # the current config's
         start = load_training_state(resume_from, accelerator, model, optimizer, scheduler)["step"]
-    _prepare_run_dir(run_dir, cfg, start, accelerator)
+        take_current_hyperparameters(cfg, optimizer, scheduler, weight_decays)
+    notes = _prepare_run_dir(run_dir, cfg, start, changed, accelerator)
     log = MetricsLogger(cfg, run_dir, steps, start, enabled=accelerator.is_main_process, console=console)
     if resume:
         log.note(f"resuming from {resume_from} (step {start} of {steps})" if resume_from is not None
                  else f"--resume: no checkpoint in {run_dir / CHECKPOINTS} yet; starting at step 0")
+    for note in notes:
+        log.note(note)
     if eval_split is train_split and (cfg.do_first_eval or cfg.eval_every_steps):
         log.note("no eval split in the shards: evaluating on the first rows of the train split")
     if use_shard_reference:
@@ -124,11 +143,17 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
             if _due(step + 1, cfg.eval_every_steps, steps):
                 result.eval_metrics = evaluate(model, objective, eval_split, cfg, accelerator, pad_token_id(tokenizer))
                 log.log(step + 1, "eval", result.eval_metrics)
-            if not cfg.debug and (step + 1 == steps or _due(step + 1, cfg.save_every_steps, steps)):
+            stopping = step + 1 < steps and stop.requested(accelerator)
+            if not cfg.debug and (step + 1 == steps or _due(step + 1, cfg.save_every_steps, steps) or stopping):
                 state = {"total_steps": steps, "examples_seen": (step + 1) * cfg.total_batch_size,
-                         "world_size": world, "train_metrics": metrics, "eval_metrics": result.eval_metrics}
+                         "world_size": world, "train_metrics": metrics, "eval_metrics": result.eval_metrics,
+                         "shards": shards_identity(manifest)}
                 result.checkpoint = save_checkpoint(accelerator, run_dir, step + 1, model, optimizer, scheduler,
                                                     tokenizer, cfg, state)
+            if stopping:
+                raise terminated(stop.signal, step + 1, None if cfg.debug else result.checkpoint)
+    except KeyboardInterrupt:
+        raise Interrupted(latest_checkpoint(run_dir / CHECKPOINTS)) from None
     finally:
         log.close()
     accelerator.end_training()
@@ -353,17 +378,21 @@ def _use_shard_reference(cfg: Config, manifest: dict[str, Any], train_split: Sha
     return True
 
 
-def _prepare_run_dir(run_dir: Path, cfg: Config, start: int, accelerator) -> None:
-    """Create the run dir, save the resolved config; on resume drop metrics logged after the checkpoint."""
+def _prepare_run_dir(run_dir: Path, cfg: Config, start: int, changed: dict[str, tuple[Any, Any]],
+                     accelerator) -> list[str]:
+    """Create the run dir, save the config; on resume drop metrics logged after the checkpoint and record
+    the settings that changed. Returns notes for the console."""
+    notes = []
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists():
-            kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start] if start else []
-            metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        text = config_text(cfg, run_dir, start)
+        notes = [n for n in [trim_metrics(run_dir, start)] if n]
+        if changed:
+            notes.append(record_changes(run_dir, start, changed))
+            text += f"# {notes[-1]}\n"
+        (run_dir / "config.yaml").write_text(text, encoding="utf-8")
     accelerator.wait_for_everyone()
+    return notes
 
 
 def _all_reduce(sums: dict[str, torch.Tensor], accelerator) -> dict[str, float]:

@@ -22,6 +22,7 @@ import yaml
 from tiny_tokenizer import make_tiny_tokenizer
 
 from aligndata.write.shards import ShardWriter, finish_output, prepare_output
+from aligndata.encode.template import resolve_chat_template
 from aligndata.encode.tokenizer import load_tokenizer, tokenizer_identity
 
 QUESTIONS = ["What is the weather in Paris?", "Thanks, and in London?", "Tell me a joke.", "What is two plus two?",
@@ -95,7 +96,7 @@ def write_shards(out_dir: Path, model_dir: Path, task: str, rows: dict[str, list
     manifest = {
         "format_version": 1, "task": task, "created_by": "tests/trainer_fixtures.py",
         "tokenizer": tokenizer_identity(tokenizer, str(model_dir)),
-        "chat_template": {"source": "tokenizer", "sha256": "0" * 64},
+        "chat_template": {"source": "tokenizer", "sha256": resolve_chat_template(tokenizer, None).sha256},
         "settings": {"max_length": max_length, "max_prompt_length": max_length // 2, "length_policy": "drop",
                      "train_on": "all" if task == "sft" else None, "eval_fraction": 0.0, "eval_file": False,
                      "seed": 0, "shard_rows": shard_rows, "input_format": "auto"},
