@@ -7,8 +7,9 @@ takes one whenever each worker has two unanswered; see workers.py); JSON Lines t
 as raw line bytes and results come back as one flat array per column per chunk. Results are consumed
 in input order, so the shards are byte-identical for any `num_proc`. Everything is written into a
 staging directory next to the output and moved into place only after the manifest is written: a failed
-or killed run leaves the previous output untouched plus a `.NAME.partial` directory that the next run
-removes.
+or interrupted run leaves the previous output untouched and removes its `.NAME.partial` directory (a
+killed one leaves it, and the next run removes it and says so). Where it may write is checked first
+(targets.py), and the output is locked for the run (lock.py).
 """
 
 from __future__ import annotations
