@@ -111,7 +111,8 @@ def _convert_locked(out_dir: Path, options: ConvertOptions, tok: Any, template: 
         rejects_path = Path(options.rejects) if options.rejects else out_dir / "rejects.jsonl"
         staged_rejects = Path(options.rejects) if options.rejects else staging / "rejects.jsonl"
         encoder = ChunkEncoder(options, Encoder(tok, template, **options.encoder_arguments()))
-        with Conversion(staging, options, encoder, staged_rejects) as conversion:
+        with Conversion(staging, options, encoder, staged_rejects,
+                        reasons_if_nothing_kept=out_dir.with_name(f"{out_dir.name}.rejects.jsonl")) as conversion:
             identity = conversion.later(ChunkEncoder.tokenizer_identity) if hash_later else None
             for src_i, ((path, role), real) in enumerate(zip(roles, real_paths)):
                 conversion.convert_source(src_i, path, real, role, sources[src_i])
@@ -150,7 +151,8 @@ class Conversion:
     the statistics and the counts. Use it as a context manager: an error leaves no rejects file and no
     worker behind."""
 
-    def __init__(self, staging: Path, options: ConvertOptions, encoder: ChunkEncoder, rejects: Path):
+    def __init__(self, staging: Path, options: ConvertOptions, encoder: ChunkEncoder, rejects: Path, *,
+                 reasons_if_nothing_kept: Path | None = None):
         self.options = options
         self.encoder = encoder
         self.workers = _start_workers(options.num_proc, encoder) if options.num_proc > 1 else None
@@ -166,6 +168,8 @@ class Conversion:
         self.counts = _Counts()
         self.overlap = _EvalOverlap(options.eval_file is not None)
         self.files: list[str] = []
+        # Where a staged rejects file goes when nothing is kept: the staging directory goes with the failed run.
+        self.reasons_if_nothing_kept = reasons_if_nothing_kept
 
     def __enter__(self) -> Conversion:
         return self
@@ -279,7 +283,13 @@ class Conversion:
             self.rejects.commit()
         if not manifest["splits"]:
             # Name the inputs and where the reasons went: the summary table is never printed on this path.
-            reasons = f"; the reasons are in {self.rejects_path}" if self.rejects is not None else ""
+            reasons = ""
+            if self.rejects is not None:
+                where = self.rejects_path
+                if self.reasons_if_nothing_kept is not None and where.parent == self.writer.out_dir:
+                    os.replace(where, self.reasons_if_nothing_kept)
+                    where = self.reasons_if_nothing_kept
+                reasons = f"; the reasons are in {where}"
             c = self.counts
             raise InputError(f"{', '.join(self.files)}: no records were kept, nothing to write (read {c.read}, "
                              f"rejected {sum(c.rejected.values())}, dropped {sum(c.dropped.values())}){reasons}")
