@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -263,3 +264,17 @@ def test_convert_holds_the_lock_while_it_runs(work, tiny_tokenizer_dir, monkeypa
     monkeypatch.setattr(module, "_commit", commit)
     convert([str(src)], out, "sft", str(tiny_tokenizer_dir))
     assert seen == [True] and (out / MANIFEST).exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_convert_removes_its_staging_directory(work, tiny_tokenizer_dir):
+    src = write_chats(work / "in.jsonl", 20_000)
+    staging = work / ".out.partial"
+    proc = subprocess.Popen([sys.executable, "-m", "aligndata", "convert", "-q", str(src), "--to", "sft",
+                             "--tokenizer", str(tiny_tokenizer_dir), "--out", str(work / "out"), "--shard-rows", "500"],
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(list(staging.glob("train/*.arrow"))) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr == "error: interrupted\n"
+    assert listing(work) == ["in.jsonl"]
