@@ -418,7 +418,7 @@ class _EvalOverlap:
 def _refuse_unusable_output(inputs: list[str], out_dir: Path, options: ConvertOptions) -> None:
     if not inputs:
         raise InputError("no input files")
-    refuse_overlaps(inputs, out_dir, True, options.rejects, eval_file=options.eval_file)
+    refuse_overlaps(inputs, out_dir=out_dir, rejects=options.rejects, eval_file=options.eval_file)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists() \

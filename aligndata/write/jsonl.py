@@ -76,11 +76,10 @@ def normalize(inputs: list[str], out: str, to: str, *, on_error: str = "fail", r
         if out == "-":
             raise InputError("--on-error skip with --out - needs --rejects PATH (rejected records are never dropped silently)")
         rejects = f"{out}.rejects.jsonl"
+    refuse_overlaps(inputs, out_file=out, rejects=rejects if on_error == "skip" else None)
     if out == "-":
-        refuse_overlaps(inputs, Path(out), False, rejects if on_error == "skip" else None)
         return _normalize(inputs, out, to, on_error, rejects, input_format, progress)
     real = Path(os.path.realpath(out))
-    refuse_overlaps(inputs, real, False, rejects if on_error == "skip" else None)
     if not overwrite and real.is_file() and real.stat().st_size:
         raise InputError(f"{out}: exists; pass --overwrite to replace it, or choose another --out")
     if special_file(real, out):  # written in place, nothing to lock beside: /dev/stdout, a FIFO

@@ -36,17 +36,12 @@ def shard_output(out: str) -> Path:
     return real if Path(out).is_symlink() else Path(out)
 
 
-def refuse_overlaps(inputs: list[str], out: Path, out_is_dir: bool, rejects: str | None,
-                    eval_file: str | None = None) -> None:
-    """InputError (exit 2) when the output, the rejects file or the eval file is the same file as another
-    of them or as an input, or when one of them lies inside the shard directory `out`."""
-    files = [(f"input {p}", p) for p in inputs if p != "-"]
-    if eval_file is not None and eval_file != "-":
-        files.append((f"--eval-file {eval_file}", eval_file))
-    if not out_is_dir:
-        files.append((f"--out {out}", str(out)))
-    if rejects is not None:
-        files.append((f"--rejects {rejects}", rejects))
+def refuse_overlaps(inputs: list[str], *, out_dir: Path | None = None, out_file: str | None = None,
+                    rejects: str | None = None, eval_file: str | None = None) -> None:
+    """InputError (exit 2) when the output file, the rejects file or the eval file is the same file as
+    another of them or as an input, or when one of them or an input lies inside the shard directory `out_dir`."""
+    named = [("input", p) for p in inputs] + [("--eval-file", eval_file), ("--out", out_file), ("--rejects", rejects)]
+    files = [(f"{what} {p}", p) for what, p in named if p is not None and p != "-"]
     seen: dict[tuple[int, int] | str, str] = {}
     for label, path in files:
         key = _identity(path)
@@ -56,8 +51,8 @@ def refuse_overlaps(inputs: list[str], out: Path, out_is_dir: bool, rejects: str
         if earlier != label and not (earlier.startswith("input ") and label.startswith("input ")):
             raise InputError(f"{earlier} and {label} are the same file; the output, the rejects file and the "
                              "eval file must each be a file of its own")
-        if out_is_dir and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(out)):
-            raise InputError(f"{label} is inside the output directory {out}, which a conversion replaces as a "
+        if out_dir is not None and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(out_dir)):
+            raise InputError(f"{label} is inside the output directory {out_dir}, which a conversion replaces as a "
                              "whole; put it elsewhere")
 
 
