@@ -44,6 +44,9 @@ def refuse_overlaps(inputs: list[str], *, out_dir: Path | None = None, out_file:
     files = [(f"{what} {p}", p) for what, p in named if p is not None and p != "-"]
     seen: dict[tuple[int, int] | str, str] = {}
     for label, path in files:
+        if out_dir is not None and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(out_dir)):
+            raise InputError(f"{label} is inside the output directory {out_dir}, which a conversion replaces as a "
+                             "whole; put it elsewhere")
         key = _identity(path)
         if key is None:
             continue
@@ -51,9 +54,6 @@ def refuse_overlaps(inputs: list[str], *, out_dir: Path | None = None, out_file:
         if earlier != label and not (earlier.startswith("input ") and label.startswith("input ")):
             raise InputError(f"{earlier} and {label} are the same file; the output, the rejects file and the "
                              "eval file must each be a file of its own")
-        if out_dir is not None and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(out_dir)):
-            raise InputError(f"{label} is inside the output directory {out_dir}, which a conversion replaces as a "
-                             "whole; put it elsewhere")
 
 
 def _identity(path: str) -> tuple[int, int] | str | None:

@@ -117,6 +117,15 @@ def test_rejects_inside_the_shard_directory_is_a_usage_error(work, tiny_tokenize
     verify_shards(out)
 
 
+def test_rejects_naming_the_shard_directory_itself_is_a_usage_error(work, tiny_tokenizer_dir):
+    src = with_bad_record(work / "in.jsonl")
+    out = work / "out"
+    assert shards(src, out, tiny_tokenizer_dir, "--on-error", "skip")[0] == 0
+    code, output = shards(src, out, tiny_tokenizer_dir, "--on-error", "skip", "--rejects", out, "--overwrite")
+    assert code == 2 and f"--rejects {out} is inside the output directory" in output
+    verify_shards(out)
+
+
 def test_input_inside_the_shard_directory_is_a_usage_error(work, tiny_tokenizer_dir):
     out = work / "out"
     assert shards(write_chats(work / "in.jsonl", 3), out, tiny_tokenizer_dir)[0] == 0
