@@ -144,7 +144,7 @@ def convert(
     shard_rows: int = typer.Option(ConvertOptions.shard_rows, "--shard-rows", help="Rows per Arrow shard file."),
     num_proc: int = typer.Option(ConvertOptions.num_proc, "--num-proc", help="Processes that validate and tokenize, this one included (output is identical for any value)."),
     seed: int = typer.Option(ConvertOptions.seed, "--seed", help="Seed of the eval split."),
-    overwrite: bool = typer.Option(ConvertOptions.overwrite, "--overwrite", help="Replace an existing output made with different settings."),
+    overwrite: bool = typer.Option(ConvertOptions.overwrite, "--overwrite", help="Replace an existing output: shards made with different settings, or an existing .jsonl file (only files aligndata writes are ever removed)."),
     trust_remote_code: bool = typer.Option(ConvertOptions.trust_remote_code, "--trust-remote-code", help="Allow tokenizer code from the model repo (off by default)."),
     fast_tokenize: bool = typer.Option(ConvertOptions.fast_tokenize, "--fast-tokenize/--no-fast-tokenize", help="sft/dpo: byte-level BPE tokenizers go through a spot-checked piece cache (same tokens, 3-4x faster); --no-fast-tokenize uses the tokenizers library for every text."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -165,7 +165,7 @@ def convert(
 
         def run() -> int:
             counts = normalize(files, out_path, to, on_error=on_error, rejects=rejects, input_format=format,
-                               progress=not quiet)
+                               progress=not quiet, overwrite=overwrite)
             msg = f"read {counts.read} = written {counts.written} + rejected {counts.rejected}"
             if counts.rejected:
                 msg += f" ({', '.join(f'{k}: {v}' for k, v in counts.reasons.most_common())})"

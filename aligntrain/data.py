@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from aligndata.write.shards import REF_COLUMNS, ShardMismatch, open_split, read_manifest, verify_shards
+from aligndata.write.shards import (REF_COLUMNS, ShardMismatch, check_contents, open_split, read_manifest,
+                                    verify_shards)
 from aligndata.encode.tokenizer import tokenizer_identity
 
 from .config import Config, ConfigError
@@ -35,6 +36,7 @@ def check_shards(shards: str | Path, cfg: Config, tokenizer: Any, task: str) -> 
     shards = Path(shards)
     manifest = read_manifest(shards)
     verify_shards(shards, manifest)
+    check_contents(shards, manifest)
     if manifest["task"] != task:
         raise ShardMismatch(f"{shards}: shards were converted for task {manifest['task']!r}, but loss.name "
                             f"{cfg.loss.name!r} trains on {task!r} shards; convert with --to {task}")

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from aligndata.encode.length import fit_dpo, fit_sft
+from aligndata.encode.limits import CharBudget, RenderClock, is_panic, per_record, tokenizer_error
 from aligndata.encode.mask import dpo_split, sft_mask
 from aligndata.encode.results import EncodedDPO, EncodedSFT, EncodeError
 from aligndata.encode.spans import RenderedDPO, RenderedSFT, render_dpo, render_sft
@@ -61,6 +62,7 @@ class Encoder:
             self._pieces = piece_tokenizer(self._backend)
             self._backend = self._pieces or self._backend
         self._split_ids = prompt_split_ids(self._backend)
+        self._budget = CharBudget(tokenizer, max_length, length_policy)
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -80,26 +82,32 @@ class Encoder:
         return _raise_or_return(self.encode_dpo_batch([pair])[0])
 
     def encode_sft_batch(self, convs: Sequence[Conversation]) -> list[EncodedSFT | EncodeError]:
-        """Encode many conversations with one batched tokenizer call; errors are returned, not raised."""
+        """Encode many conversations with one batched tokenizer call; errors are returned, not raised.
+        Each record's work is bounded (limits.py)."""
         messages = [_as_dicts(conv.messages) for conv in convs]
-        rendered = [_attempt(render_sft, self._renderer, m, conv.tools or None, self.train_on)
-                    for m, conv in zip(messages, convs)]
-        texts = [r.text for r in rendered if not isinstance(r, EncodeError)]
-        tokens = iter(tokenize(self._backend, texts, self._bos))
+        with RenderClock(self.template.source) as clock:
+            rendered = [self._budget.check(clock.render(render_sft, self._renderer, m, conv.tools or None,
+                                                        self.train_on)) for m, conv in zip(messages, convs)]
+        valid = [r for r in rendered if not isinstance(r, EncodeError)]
+        tokens = iter(per_record(lambda batch: tokenize(self._backend, [r.text for r in batch], self._bos), valid))
         return [r if isinstance(r, EncodeError) else _attempt(self._finish_sft, r, next(tokens), m, conv.tools or None)
                 for r, m, conv in zip(rendered, messages, convs)]
 
     def encode_dpo_batch(self, pairs: Sequence[PreferencePair]) -> list[EncodedDPO | EncodeError]:
         """Encode many pairs; prompt+chosen and prompt+rejected of all pairs go through one tokenizer call."""
         prompts = [_as_dicts(pair.prompt) for pair in pairs]
-        rendered = [_attempt(render_dpo, self._renderer, prompt, pair.chosen, pair.rejected, pair.tools or None)
-                    for prompt, pair in zip(prompts, pairs)]
+        with RenderClock(self.template.source) as clock:
+            rendered = [self._budget.check(clock.render(render_dpo, self._renderer, prompt, pair.chosen,
+                                                        pair.rejected, pair.tools or None))
+                        for prompt, pair in zip(prompts, pairs)]
         valid = [r for r in rendered if not isinstance(r, EncodeError)]
-        chosen = tokenize(self._backend, [r.texts[0] for r in valid], self._bos)
-        rejected = tokenize_sharing_prompt(self._backend, self._split_ids, self._bos, valid, chosen)
-        tokens = iter(zip(chosen, rejected))
-        return [r if isinstance(r, EncodeError) else _attempt(self._finish_dpo, r, *next(tokens), prompt, pair)
+        tokens = iter(per_record(self._tokenize_pairs, valid))
+        return [r if isinstance(r, EncodeError) else _attempt(self._finish_dpo, r, next(tokens), prompt, pair)
                 for r, prompt, pair in zip(rendered, prompts, pairs)]
+
+    def _tokenize_pairs(self, rendered: list[RenderedDPO]) -> list[tuple[Tokens, Tokens]]:
+        chosen = tokenize(self._backend, [r.texts[0] for r in rendered], self._bos)
+        return list(zip(chosen, tokenize_sharing_prompt(self._backend, self._split_ids, self._bos, rendered, chosen)))
 
     # ---- one record, after the batch's tokenizer call ---------------------------------------
 
@@ -110,10 +118,10 @@ class Encoder:
                        max_length=self.max_length, length_policy=self.length_policy)
 
     def _finish_dpo(
-        self, rendered: RenderedDPO, chosen: Tokens, rejected: Tokens, prompt: list[dict], pair: PreferencePair
+        self, rendered: RenderedDPO, tokens: tuple[Tokens, Tokens], prompt: list[dict], pair: PreferencePair
     ) -> EncodedDPO:
         tools = pair.tools or None
-        return fit_dpo(dpo_split(rendered, chosen, rejected), prompt,
+        return fit_dpo(dpo_split(rendered, *tokens), prompt,
                        lambda shorter: self._encode_dpo(shorter, pair.chosen, pair.rejected, tools),
                        max_length=self.max_length, max_prompt_length=self.max_prompt_length,
                        length_policy=self.length_policy)
@@ -132,11 +140,19 @@ class Encoder:
 
 
 def _attempt(step, *args):
-    """step(*args), or the EncodeError it raised: a record that fails is that record's result, not the batch's."""
+    """step(*args), or the EncodeError it raised (or that an argument already is, such as a failed
+    tokenization), or a tokenizer panic as one: a record that fails is that record's result, not the batch's."""
+    failed = next((a for a in args if isinstance(a, EncodeError)), None)
+    if failed is not None:
+        return failed
     try:
         return step(*args)
     except EncodeError as exc:
         return exc
+    except BaseException as exc:
+        if is_panic(exc):  # the length policy's re-encoding tokenizes too
+            return tokenizer_error(exc)
+        raise
 
 
 def _as_dicts(messages: list[Message]) -> list[dict]:

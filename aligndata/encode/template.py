@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from jinja2.runtime import new_context
 
+from aligndata.encode.limits import join_bounded
 from aligndata.encode.results import EncodeError
 from aligndata.encode.tokenizer import TemplateError, first_line
 
@@ -160,7 +161,7 @@ class ChatRenderer:
                 context["add_generation_prompt"] = add_generation_prompt
                 template = self._compiled
                 state = new_context(template.environment, template.name, template.blocks, context, True, self._globals)
-                return "".join(template.root_render_func(state))
+                return join_bounded(template.root_render_func(state), self.template.source)
             return self.tokenizer.apply_chat_template(
                 messages,
                 tools=tools,
@@ -168,6 +169,8 @@ class ChatRenderer:
                 add_generation_prompt=add_generation_prompt,
                 tokenize=False,
             )
+        except EncodeError:
+            raise
         except Exception as exc:  # the template is a program: anything it raises is about this record
             raise EncodeError("template-error", f"the chat template failed on this record: {exc}") from exc
 

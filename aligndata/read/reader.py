@@ -70,6 +70,16 @@ class _ConstantFlag:
         return value
 
 
+class TooLong(bytes):
+    """The first bytes of a JSON Lines record longer than MAX_RECORD_CHARS bytes (the rest was never kept)."""
+
+
+def too_long_message() -> str:
+    """The one message for a record over the size cap, in a JSON array or in JSON Lines."""
+    cap = MAX_RECORD_CHARS
+    return f"record larger than {cap >> 20} MiB" if cap % (1 << 20) == 0 else f"record larger than {cap} bytes"
+
+
 class LineParser:
     """One JSON Lines record from its raw bytes: UTF-8 and JSON errors become RawRecords with `error` set.
 
@@ -84,6 +94,8 @@ class LineParser:
         self.parsed_any = False
 
     def __call__(self, index: int, lineno: int, raw_line: bytes) -> RawRecord:
+        if isinstance(raw_line, TooLong):
+            return RawRecord(index, lineno, error=too_long_message(), text=raw_line.decode("utf-8", "replace") + "...")
         try:
             # Without its line break, so a syntax error at the end of the line gets that line's column.
             text = raw_line.decode("utf-8").rstrip("\r\n")
@@ -196,10 +208,18 @@ class RecordStream:
             raise InputError(f"{self.name}: read error after record {self.records_read}: {e}") from None
 
     def _lines(self) -> Iterator[tuple[int, int, bytes]]:
-        for lineno, raw_line in enumerate(self._binary, start=1):
+        """Lines up to MAX_RECORD_CHARS bytes; a longer one is skipped unread (in bounded memory) and comes
+        out as its first bytes marked `TooLong`, for LineParser to report."""
+        lineno = 0
+        while raw_line := self._binary.readline(MAX_RECORD_CHARS + 1):
+            lineno += 1
             if lineno == 1 and raw_line.startswith(b"\xef\xbb\xbf"):
                 raw_line = raw_line[3:]
-            if not raw_line.strip():
+            if len(raw_line) > MAX_RECORD_CHARS and not raw_line.endswith(b"\n"):
+                while (rest := self._binary.readline(CHUNK_CHARS)) and not rest.endswith(b"\n"):
+                    pass
+                raw_line = TooLong(raw_line[:200])
+            elif not raw_line.strip():
                 continue
             self.records_read += 1
             yield self.records_read, lineno, raw_line
@@ -285,7 +305,7 @@ class _DocumentScanner:
                 near_end = e.pos >= len(self.buf) - _TAIL or e.msg.startswith("Unterminated string")
                 if near_end and not self.eof:
                     if len(self.buf) - self.pos > MAX_RECORD_CHARS:
-                        return self._fatal(f"record larger than {MAX_RECORD_CHARS >> 20} MiB (or an unterminated string)")
+                        return self._fatal(f"{too_long_message()} (or an unterminated string)")
                     self._fill(want)
                     want = min(want * 2, 64 * CHUNK_CHARS)
                     continue

@@ -25,8 +25,8 @@ from aligndata.errors import InputError
 from aligndata.report.findings import Finding
 from aligndata.report.shard_checks import RowLocator, ShardChecks, shard_findings
 from aligndata.report.stats import first_trained, nice_histogram, packed_share, padded_share, percentiles
-from aligndata.write.shards import (SCHEMAS, SPLITS, ShardError, count_tokens, dpo_trained_tokens, open_split,
-                                    read_manifest)
+from aligndata.write.shards import (SCHEMAS, SPLITS, ShardError, check_contents, count_tokens, dpo_trained_tokens,
+                                    open_split, read_manifest, verify_shards)
 
 if TYPE_CHECKING:
     from aligndata.report.token_view import ShownRecord
@@ -112,6 +112,8 @@ def inspect_shards(path: str | Path, *, batch_size: int = DEFAULT_BATCH_SIZE, to
         raise InputError(f"--batch-size {batch_size}: must be at least 1")
     path = Path(path)
     manifest = read_manifest(path)
+    verify_shards(path, manifest)  # what aligntrain verifies before it trains
+    check_contents(path, manifest)
     notes: list[str] = []
     tok = load_shard_tokenizer(manifest, tokenizer, notes, verify_tokenizer)
     eot = end_of_turn(manifest, tok, notes)

@@ -7,8 +7,9 @@ takes one whenever each worker has two unanswered; see workers.py); JSON Lines t
 as raw line bytes and results come back as one flat array per column per chunk. Results are consumed
 in input order, so the shards are byte-identical for any `num_proc`. Everything is written into a
 staging directory next to the output and moved into place only after the manifest is written: a failed
-or killed run leaves the previous output untouched plus a `.NAME.partial` directory that the next run
-removes.
+or interrupted run leaves the previous output untouched and removes its `.NAME.partial` directory (a
+killed one leaves it, and the next run removes it and says so). Where it may write is checked first
+(targets.py), and the output is locked for the run (lock.py).
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ from aligndata.errors import InputError, InvalidRecordError
 from aligndata.options import ConvertOptions
 from aligndata.progress import FileProgress
 from aligndata.read.reader import RawRecord, RecordStream, display_name, require_file
+from aligndata.report.shard_checks import row_hashes
 from aligndata.report.stats import first_trained, percentiles
 from aligndata.read.detect import materialized, refuse_if_mixed, require_task, start_format
 from aligndata.write.atomic import AtomicOutput
+from aligndata.write.lock import hold_lock, lock_path_for
+from aligndata.write.targets import refuse_foreign_files, refuse_overlaps, shard_output
 from aligndata.write.chunks import ChunkEncoder, ChunkJob, ChunkResult, LineChunk, single_threaded_tokenizers
 from aligndata.write.shards import (FORMAT_VERSION, INCOMPLETE, MANIFEST, ShardError, ShardWriter, dpo_trained_tokens,
                                     finish_output, prepare_output, read_manifest, sha256_file, verify_shards)
@@ -52,6 +56,7 @@ class ConvertResult:
     skipped: bool
     out_dir: Path
     rejects_path: Path | None = None
+    notes: list[str] = field(default_factory=list)  # said after the summary: what the run found on the way
 
 
 def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, **options: Any) -> ConvertResult:
@@ -60,9 +65,11 @@ def convert(inputs: list[str], out_dir: Path, task: str, tokenizer: str, **optio
 
 
 def convert_files(inputs: list[str], out_dir: Path, options: ConvertOptions) -> ConvertResult:
-    """Convert raw files into shards in `out_dir` (see docs/SHARDS.md). Library entry point of the CLI."""
-    out_dir = Path(out_dir)
-    _refuse_unusable_output(inputs, out_dir)
+    """Convert raw files into shards in `out_dir` (see docs/SHARDS.md). Library entry point of the CLI.
+
+    One run at a time per output: a second run on the same output is refused (LockHeld, exit 2)."""
+    out_dir = shard_output(str(out_dir))
+    _refuse_unusable_output(inputs, out_dir, options)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tok = load_tokenizer(options.tokenizer, trust_remote_code=options.trust_remote_code)
     template = resolve_chat_template(tok, options.chat_template)
@@ -73,21 +80,39 @@ def convert_files(inputs: list[str], out_dir: Path, options: ConvertOptions) -> 
         real_paths = [inputs_open.enter_context(materialized(p)) for p, _ in roles]
         sources = [{"path": display_name(p), "sha256": _source_sha256(real, display_name(p)), "role": role}
                    for (p, role), real in zip(roles, real_paths)]
-        earlier = (out_dir / MANIFEST).exists() and not options.overwrite  # an output to compare the settings with
-        # Nothing to compare with and workers to come: one of them hashes the tokenizer (its first job,
-        # ~0.2 s for a 150k vocabulary) while this process starts on the records.
-        hash_later = options.num_proc > 1 and not earlier
-        manifest = _new_manifest(options, None if hash_later else tokenizer_identity(tok, options.tokenizer),
-                                 template, sources)
-        if earlier:
-            done = _earlier_output(out_dir, manifest)
-            if done is not None:
-                return done
-        staging = _fresh_staging(out_dir)
+        made = _make_parents(out_dir)
+        try:
+            with hold_lock(lock_path_for(out_dir), f"the output {out_dir}"):
+                return _convert_locked(out_dir, options, tok, template, roles, real_paths, sources)
+        except BaseException:
+            for d in made:  # a failed run leaves no directory it made behind (they are empty by now)
+                _rmdir_if_empty(d)
+            raise
+
+
+def _convert_locked(out_dir: Path, options: ConvertOptions, tok: Any, template: TemplateInfo,
+                    roles: list[tuple[str, str]], real_paths: list[str], sources: list[dict[str, Any]]) -> ConvertResult:
+    """The conversion proper, holding the output's lock: compare with an earlier output, convert into
+    the staging directory, swap it in. The staging directory never outlives a failed run."""
+    earlier = (out_dir / MANIFEST).exists() and not options.overwrite  # an output to compare the settings with
+    # Nothing to compare with and workers to come: one of them hashes the tokenizer (its first job,
+    # ~0.2 s for a 150k vocabulary) while this process starts on the records.
+    hash_later = options.num_proc > 1 and not earlier
+    manifest = _new_manifest(options, None if hash_later else tokenizer_identity(tok, options.tokenizer),
+                             template, sources)
+    if earlier:
+        done = _earlier_output(out_dir, manifest)
+        if done is not None:
+            return done
+    if out_dir.is_dir():
+        refuse_foreign_files(out_dir)
+    staging, notes = _fresh_staging(out_dir)
+    try:
         rejects_path = Path(options.rejects) if options.rejects else out_dir / "rejects.jsonl"
         staged_rejects = Path(options.rejects) if options.rejects else staging / "rejects.jsonl"
         encoder = ChunkEncoder(options, Encoder(tok, template, **options.encoder_arguments()))
-        with Conversion(staging, options, encoder, staged_rejects) as conversion:
+        with Conversion(staging, options, encoder, staged_rejects,
+                        reasons_if_nothing_kept=out_dir.with_name(f"{out_dir.name}.rejects.jsonl")) as conversion:
             identity = conversion.later(ChunkEncoder.tokenizer_identity) if hash_later else None
             for src_i, ((path, role), real) in enumerate(zip(roles, real_paths)):
                 conversion.convert_source(src_i, path, real, role, sources[src_i])
@@ -95,9 +120,13 @@ def convert_files(inputs: list[str], out_dir: Path, options: ConvertOptions) -> 
                 manifest["tokenizer"] = identity.get()
                 _settings_sha256(manifest)
             conversion.finish(manifest)
-    finish_output(staging, manifest)
-    _commit(staging, out_dir)
-    return ConvertResult(manifest, False, out_dir, rejects_path if options.on_error == "skip" else None)
+        finish_output(staging, manifest)
+        _commit(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    notes += conversion.overlap.notes(options.eval_file)
+    return ConvertResult(manifest, False, out_dir, rejects_path if options.on_error == "skip" else None, notes)
 
 
 # -- one run -------------------------------------------------------------------------------------
@@ -122,7 +151,8 @@ class Conversion:
     the statistics and the counts. Use it as a context manager: an error leaves no rejects file and no
     worker behind."""
 
-    def __init__(self, staging: Path, options: ConvertOptions, encoder: ChunkEncoder, rejects: Path):
+    def __init__(self, staging: Path, options: ConvertOptions, encoder: ChunkEncoder, rejects: Path, *,
+                 reasons_if_nothing_kept: Path | None = None):
         self.options = options
         self.encoder = encoder
         self.workers = _start_workers(options.num_proc, encoder) if options.num_proc > 1 else None
@@ -136,7 +166,10 @@ class Conversion:
         self.bar = FileProgress(options.progress)
         self.stats = _Stats(options.task)
         self.counts = _Counts()
+        self.overlap = _EvalOverlap(options.eval_file is not None)
         self.files: list[str] = []
+        # Where a staged rejects file goes when nothing is kept: the staging directory goes with the failed run.
+        self.reasons_if_nothing_kept = reasons_if_nothing_kept
 
     def __enter__(self) -> Conversion:
         return self
@@ -237,6 +270,7 @@ class Conversion:
                 else:
                     columns[col] = (np.concatenate([values[off[i]:off[i + 1]] for i in rows]), lengths[rows])
             self.stats.add(split, columns)
+            self.overlap.add(role, columns)
             columns["source"] = np.full(len(rows), src_i, dtype=np.int64)
             columns["source_index"] = res.index[rows]
             self.writer.write_columns(split, columns, len(rows))
@@ -249,7 +283,13 @@ class Conversion:
             self.rejects.commit()
         if not manifest["splits"]:
             # Name the inputs and where the reasons went: the summary table is never printed on this path.
-            reasons = f"; the reasons are in {self.rejects_path}" if self.rejects is not None else ""
+            reasons = ""
+            if self.rejects is not None:
+                where = self.rejects_path
+                if self.reasons_if_nothing_kept is not None and where.parent == self.writer.out_dir:
+                    os.replace(where, self.reasons_if_nothing_kept)
+                    where = self.reasons_if_nothing_kept
+                reasons = f"; the reasons are in {where}"
             c = self.counts
             raise InputError(f"{', '.join(self.files)}: no records were kept, nothing to write (read {c.read}, "
                              f"rejected {sum(c.rejected.values())}, dropped {sum(c.dropped.values())}){reasons}")
@@ -344,11 +384,41 @@ class _Stats:
         return out
 
 
+class _EvalOverlap:
+    """Rows of the eval file identical, token for token, to a training row: counted for the summary
+    (the eval file comes after the training inputs, so its rows are compared with all of theirs)."""
+
+    def __init__(self, active: bool):
+        self.active = active
+        self.seen: dict[str, list[np.ndarray]] = {"train": [], "eval": []}
+
+    def add(self, role: str, columns: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        if not self.active:
+            return
+        combined = None
+        for values, lengths in columns.values():  # one fingerprint over every id column of the row
+            offsets = np.concatenate(([0], np.cumsum(lengths)))
+            h = row_hashes(values, offsets)
+            combined = h if combined is None else combined * np.uint64(0x100000001B3) ^ h
+        self.seen[role].append(combined)
+
+    def notes(self, eval_file: str | None) -> list[str]:
+        if not self.active or not self.seen["eval"]:
+            return []
+        train, held_out = (np.concatenate(v) if v else np.zeros(0, np.uint64) for v in self.seen.values())
+        same = int(np.isin(held_out, train).sum())
+        if not same:
+            return []
+        return [f"--eval-file {eval_file}: {same} of its {len(held_out)} kept records are identical to training "
+                "records (after tokenization); the eval loss on them measures memorization"]
+
+
 # -- the output directory and its manifest -------------------------------------------------------------
 
-def _refuse_unusable_output(inputs: list[str], out_dir: Path) -> None:
+def _refuse_unusable_output(inputs: list[str], out_dir: Path, options: ConvertOptions) -> None:
     if not inputs:
         raise InputError("no input files")
+    refuse_overlaps(inputs, out_dir=out_dir, rejects=options.rejects, eval_file=options.eval_file)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists() \
@@ -428,27 +498,50 @@ def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(diffs) or "settings hash"
 
 
-def _fresh_staging(out_dir: Path) -> Path:
-    """The empty staging directory `.OUT.partial` beside OUT, marked incomplete (an unfinished run's is removed)."""
+def _fresh_staging(out_dir: Path) -> tuple[Path, list[str]]:
+    """The empty staging directory `.OUT.partial` beside OUT, marked incomplete, and a note naming the
+    unfinished run's staging directory when one was removed (its process is gone: we hold the lock)."""
     staging = out_dir.parent / f".{out_dir.name}.partial"
-    if staging.exists():
-        if not (staging / INCOMPLETE).exists():
+    notes = []
+    if staging.exists() or staging.is_symlink():
+        if staging.is_symlink() or not (staging / INCOMPLETE).exists():
             raise InputError(f"{staging}: exists and is not an unfinished aligndata output; remove it")
         shutil.rmtree(staging)
+        notes.append(f"removed {staging}, left by an interrupted run")
     prepare_output(staging)
-    return staging
+    return staging, notes
 
 
 def _commit(staging: Path, out_dir: Path) -> None:
     """Swap the finished staging directory into place; the old output is removed only afterwards."""
     trash = out_dir.parent / f".{out_dir.name}.old"
-    if trash.exists():
-        shutil.rmtree(trash)
+    _remove(trash)
     if out_dir.exists():
         os.rename(out_dir, trash)
     os.rename(staging, out_dir)
-    if trash.exists():
-        shutil.rmtree(trash)
+    _remove(trash)
+
+
+def _remove(path: Path) -> None:
+    """Remove what an earlier run left at `path`: our old output, or a link an older version left there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def _make_parents(out_dir: Path) -> list[Path]:
+    """Create the missing parents of `out_dir` (the lock file goes beside it); the ones made, deepest first."""
+    made = [p for p in out_dir.parents if not p.exists()]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
 
 
 def print_summary(result: ConvertResult, console: Any) -> None:
@@ -475,3 +568,5 @@ def print_summary(result: ConvertResult, console: Any) -> None:
     if result.rejects_path is not None and rejected:
         line += f" (rejects: {result.rejects_path})"
     console.print(line, markup=False)
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False)

@@ -9,7 +9,9 @@ killed run leaves the previous output untouched.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -19,7 +21,9 @@ from aligndata.options import check_on_error
 from aligndata.progress import FileProgress
 from aligndata.read.detect import require_task
 from aligndata.read.validate import Checked, FileCheck, read_records
-from aligndata.write.atomic import AtomicOutput
+from aligndata.write.atomic import AtomicOutput, special_file
+from aligndata.write.lock import hold_lock, lock_path_for
+from aligndata.write.targets import refuse_overlaps
 
 TARGET_TASK = {"openai": "sft", "preference": "dpo"}
 
@@ -62,7 +66,9 @@ def iter_inputs(inputs: list[str], input_format: str, progress: FileProgress,
 
 
 def normalize(inputs: list[str], out: str, to: str, *, on_error: str = "fail", rejects: str | None = None,
-              input_format: str = "auto", progress: bool = True) -> Counts:
+              input_format: str = "auto", progress: bool = True, overwrite: bool = False) -> Counts:
+    """Write the inputs' records as canonical JSON Lines to `out` (`-`: standard output). An existing
+    output file is replaced only with `overwrite`, as shards are; one run at a time per output."""
     if to not in TARGET_TASK:
         raise InputError(f"--to {to!r}: choose openai or preference (or sft/dpo with --tokenizer)")
     check_on_error(on_error)
@@ -70,6 +76,21 @@ def normalize(inputs: list[str], out: str, to: str, *, on_error: str = "fail", r
         if out == "-":
             raise InputError("--on-error skip with --out - needs --rejects PATH (rejected records are never dropped silently)")
         rejects = f"{out}.rejects.jsonl"
+    refuse_overlaps(inputs, out_file=out, rejects=rejects if on_error == "skip" else None)
+    if out == "-":
+        return _normalize(inputs, out, to, on_error, rejects, input_format, progress)
+    real = Path(os.path.realpath(out))
+    if not overwrite and real.is_file() and real.stat().st_size:
+        raise InputError(f"{out}: exists; pass --overwrite to replace it, or choose another --out")
+    if special_file(real, out):  # written in place, nothing to lock beside: /dev/stdout, a FIFO
+        return _normalize(inputs, out, to, on_error, rejects, input_format, progress)
+    real.parent.mkdir(parents=True, exist_ok=True)
+    with hold_lock(lock_path_for(real), f"the output {out}"):
+        return _normalize(inputs, out, to, on_error, rejects, input_format, progress)
+
+
+def _normalize(inputs: list[str], out: str, to: str, on_error: str, rejects: str | None, input_format: str,
+               progress: bool) -> Counts:
     counts = Counts()
     bar = FileProgress(progress)
     sink = AtomicOutput(out) if out != "-" else None

@@ -360,10 +360,38 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
         raise ShardError(f"{path}: unsupported shard format version {manifest.get('format_version') if isinstance(manifest, dict) else None!r} (expected {FORMAT_VERSION})")
     if manifest.get("task") not in SCHEMAS:
         raise ShardError(f"{path}: unknown task {manifest.get('task')!r}")
+    listed: set[str] = set()
     for split, info in manifest.get("splits", {}).items():
         for f in info.get("files", []):
             shard_path(out_dir, f["path"])  # validates containment
+            if f["path"] in listed:
+                raise ShardError(f"{path}: shard {f['path']} is listed twice (its rows would be read twice); "
+                                 "the manifest was edited or damaged: re-run `aligndata convert`")
+            listed.add(f["path"])
+    _check_counts(path, manifest)
     return manifest
+
+
+def _check_counts(path: Path, manifest: dict[str, Any]) -> None:
+    """The manifest's numbers must add up: each split's rows are its shards' rows, the kept records are the
+    rows of all splits, and read = kept + rejected + dropped (that the shards hold them: `check_contents`)."""
+    def refuse(what: str) -> None:
+        raise ShardError(f"{path}: {what}; the manifest was edited or damaged: re-run `aligndata convert`")
+
+    rows = 0
+    for split, info in manifest.get("splits", {}).items():
+        listed = sum(f.get("rows", 0) for f in info.get("files", []))
+        if info.get("rows") != listed:
+            refuse(f"the {split} split has {info.get('rows')} rows but its shards are listed with {listed}")
+        rows += listed
+    counts = manifest.get("counts")
+    if not isinstance(counts, dict) or "kept" not in counts:
+        return
+    if counts["kept"] != rows:
+        refuse(f"counts.kept is {counts['kept']} but the splits hold {rows} rows")
+    others = sum(sum(counts.get(group, {}).values()) for group in ("rejected", "dropped"))
+    if counts.get("read") != counts["kept"] + others:
+        refuse(f"counts.read is {counts.get('read')}, not kept {counts['kept']} + rejected and dropped {others}")
 
 
 def shard_path(out_dir: Path, rel: str) -> Path:
@@ -388,6 +416,96 @@ def verify_shards(out_dir: str | Path, manifest: dict[str, Any] | None = None) -
                 raise ShardError(f"{path}: shard listed in the manifest is missing")
             if sha256_file(path) != f["sha256"]:
                 raise ShardError(f"{path}: checksum mismatch (file corrupted or modified after conversion); re-run `aligndata convert`")
+
+
+def check_contents(out_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Check that every shard holds what the writer writes and the manifest says, in one vectorised pass
+    over the memory-mapped columns: rows and tokens as listed; token ids within the recorded vocabulary;
+    SFT masks as long as their ids, of 0s and 1s, training at least one token; no empty sequence; no row
+    past the manifest's max_length. ShardError naming the shard and its row (0-based) otherwise.
+
+    The checksums (`verify_shards`) only say that files were not changed after being written; this says
+    that what was written can be trained on (a shard made by other code, or a manifest edited by hand)."""
+    out_dir = Path(out_dir)
+    task = manifest["task"]
+    limits = {"vocab": (manifest.get("tokenizer") or {}).get("vocab_size"),
+              "max_length": (manifest.get("settings") or {}).get("max_length")}
+    for info in manifest.get("splits", {}).values():
+        for f in info["files"]:
+            path = shard_path(out_dir, f["path"])
+            rows = tokens = 0
+            for batch in _batches(path):
+                columns = {name: _list_values(path, rows, batch, name) for name in list_columns(SCHEMAS[task])}
+                problem = _first_bad_row(task, columns, limits)
+                if problem is not None:
+                    raise ShardError(f"{path}: row {rows + problem[0]}: {problem[1]}; the shard does not hold what "
+                                     "aligndata writes: re-run `aligndata convert`")
+                rows += batch.num_rows
+                tokens += count_tokens(task, {name: int(off[-1]) for name, (_, off) in columns.items()})
+            if (rows, tokens) != (f["rows"], f["tokens"]):
+                raise ShardError(f"{path}: holds {rows} rows and {tokens} tokens, the manifest lists {f['rows']} and "
+                                 f"{f['tokens']}; the manifest was edited or damaged: re-run `aligndata convert`")
+
+
+def _batches(path: Path) -> Iterable[pa.RecordBatch]:
+    try:
+        yield from pa.ipc.open_stream(pa.memory_map(str(path), "r"))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ShardError(f"{path}: not a readable Arrow shard ({e})") from None
+
+
+def _list_values(path: Path, first_row: int, batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(flat values, offsets from 0) of an id-list column of a batch, without copying."""
+    if name not in batch.schema.names or not pa.types.is_list(batch.schema.field(name).type):
+        raise ShardError(f"{path}: no list column {name!r}; not a shard aligndata writes")
+    arr = batch.column(name)
+    if arr.null_count:
+        row = first_row + int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise ShardError(f"{path}: row {row}: {name} is null; the shard does not hold what aligndata writes")
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+    return values, offsets - offsets[0]
+
+
+def _first_bad_row(task: str, columns: dict[str, tuple[np.ndarray, np.ndarray]],
+                   limits: dict[str, int | None]) -> tuple[int, str] | None:
+    """(row, what is wrong) of the first bad row of a batch, checked one rule at a time; None if all are good."""
+    found: list[tuple[int, str]] = []
+
+    def rows_where(bad_rows: np.ndarray, what: str) -> None:
+        if bad_rows.any():
+            found.append((int(np.argmax(bad_rows)), what))
+
+    def values_where(name: str, bad_values: np.ndarray, what: str) -> None:
+        if bad_values.any():
+            index = int(np.argmax(bad_values))
+            row = int(np.searchsorted(columns[name][1], index, side="right")) - 1
+            found.append((row, what.format(value=columns[name][0][index])))
+
+    vocab = limits["vocab"]
+    for name, (values, _) in columns.items():
+        if name.endswith("_ids"):
+            bad = (values < 0) | (values >= vocab) if vocab else values < 0
+            values_where(name, bad, f"{name} holds token id {{value}}, outside the vocabulary "
+                                    f"(0 to {vocab - 1 if vocab else 'its size'})")
+    lengths = {name: np.diff(off) for name, (_, off) in columns.items()}
+    if task == "sft":
+        rows_where(lengths["input_ids"] == 0, "input_ids is empty")
+        rows_where(lengths["loss_mask"] != lengths["input_ids"], "loss_mask is not as long as input_ids")
+        mask, offsets = columns["loss_mask"]
+        values_where("loss_mask", (mask != 0) & (mask != 1), "loss_mask holds {value}, not 0 or 1")
+        trained = np.concatenate(([0], np.cumsum(mask != 0)))
+        rows_where((lengths["loss_mask"] > 0) & (trained[offsets[1:]] == trained[offsets[:-1]]),
+                   "no token is trained (the loss mask is all 0)")
+        total = lengths["input_ids"]
+    else:
+        for name in ("chosen_ids", "rejected_ids"):
+            rows_where(lengths[name] == 0, f"{name} is empty")
+        total = lengths["prompt_ids"] + np.maximum(lengths["chosen_ids"], lengths["rejected_ids"])
+    max_length = limits["max_length"]
+    if max_length is not None:
+        rows_where(total > max_length, f"longer than the manifest's max_length {max_length}")
+    return min(found) if found else None
 
 
 def open_split(out_dir: str | Path, split: str, manifest: dict[str, Any] | None = None) -> pa.Table:

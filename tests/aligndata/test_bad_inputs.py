@@ -206,8 +206,8 @@ def test_convert_to_shards_with_every_record_rejected_names_the_input_and_keeps_
     out = tmp_path / "shards"
     result = invoke("convert", "-q", src, "--to", "sft", "-t", tiny_tokenizer_dir, "--out", out, "--on-error", "skip")
     assert result.exit_code == INPUT
-    staged = tmp_path / ".shards.partial" / "rejects.jsonl"
+    staged = tmp_path / "shards.rejects.jsonl"  # beside the output: the failed run's staging directory is gone
     assert f"error: {src}: no records were kept, nothing to write (read 2, rejected 2, dropped 0); " \
            f"the reasons are in {staged}" in result.output
     assert [r["line"] for r in jsonl_lines(staged)] == [1, 2]
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / ".shards.partial").exists()

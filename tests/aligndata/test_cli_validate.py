@@ -318,7 +318,8 @@ def test_convert_every_preference_sample_to_canonical_pairs(workdir, name):
 
 def test_convert_fail_stops_at_the_first_invalid_record_and_leaves_the_old_output_untouched(workdir):
     (workdir / "out.jsonl").write_text("previous run\n")
-    code, stderr = convert(str(BROKEN / "hh.broken.jsonl"), "--to", "preference", "--out", "out.jsonl")
+    code, stderr = convert(str(BROKEN / "hh.broken.jsonl"), "--to", "preference", "--out", "out.jsonl",
+                           "--overwrite")
     assert code == 1
     assert stderr == (
         f"error: {BROKEN / 'hh.broken.jsonl'}:2 (record 2) $.chosen: no '\\n\\nHuman:' / '\\n\\nAssistant:' turns found\n"

@@ -190,7 +190,7 @@ def test_invalid_record_fails_and_leaves_previous_output(tmp_path, sft_file, tin
         convert([str(bad)], out, "sft", str(tiny_tokenizer_dir), overwrite=True)
     assert str(e.value.problems[0]) == f"{bad}:3 (record 3) $.conversations[0]: conversation has no assistant turn to train on"
     assert (out / "manifest.json").read_text() == before
-    assert (tmp_path / ".out.partial" / INCOMPLETE).exists()
+    assert not (tmp_path / ".out.partial").exists()  # a failed run's staging directory goes with it
     m = convert([str(sft_file)], out, "sft", str(tiny_tokenizer_dir), max_length=99, overwrite=True).manifest
     assert m["counts"]["kept"] == 40 and not (tmp_path / ".out.partial").exists()
 

@@ -57,12 +57,13 @@ def test_convert_to_jsonl_killed_midway_keeps_the_old_output_and_a_rerun_complet
     assert first.exit_code == 0
     old = out.read_bytes()
     proc = subprocess.Popen([sys.executable, "-m", "aligndata", "convert", "-q", str(big), "--to", "openai",
-                             "--out", str(out), "--on-error", "skip"], stderr=subprocess.DEVNULL)
+                             "--out", str(out), "--on-error", "skip", "--overwrite"], stderr=subprocess.DEVNULL)
     partial = tmp_path / f".out.jsonl.partial-{proc.pid}"
     wait_for(lambda: partial.exists() and partial.stat().st_size > random.Random(3).randint(1, 4) << 20, proc)
     sigkill(proc)
     assert out.read_bytes() == old and not (tmp_path / "out.jsonl.rejects.jsonl").exists()
-    again = CliRunner().invoke(aligndata_app, ["convert", "-q", str(big), "--to", "openai", "--out", str(out)])
+    again = CliRunner().invoke(aligndata_app, ["convert", "-q", str(big), "--to", "openai", "--out", str(out),
+                                               "--overwrite"])
     assert again.exit_code == 0 and "read 60000 = written 60000 + rejected 0" in again.output
     assert len(out.read_text().splitlines()) == 60_000
     assert not partial.exists()  # the killed run's temporary file was cleaned up by the next run

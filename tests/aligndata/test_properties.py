@@ -205,7 +205,7 @@ def test_conversations_survive_convert_to_openai_and_reread(scratch, convs, shar
     fmt = "sharegpt" if sharegpt else "openai"
     src = write_records(scratch / "conv.jsonl", [as_sharegpt(m) if sharegpt else {"messages": m} for m in convs])
     before = reread(src, fmt)
-    counts = normalize([str(src)], str(scratch / "conv.out.jsonl"), "openai", progress=False)
+    counts = normalize([str(src)], str(scratch / "conv.out.jsonl"), "openai", progress=False, overwrite=True)
     assert (counts.read, counts.written, counts.rejected) == (len(convs), len(convs), 0)
     assert reread(scratch / "conv.out.jsonl", "openai") == before
     assert [c["messages"] for c in before] == convs
@@ -233,7 +233,7 @@ def test_preference_pairs_survive_convert_to_preference_and_reread(scratch, case
     fmt, record = case
     src = write_records(scratch / "pair.jsonl", [record])
     before = reread(src, fmt)
-    counts = normalize([str(src)], str(scratch / "pair.out.jsonl"), "preference", progress=False)
+    counts = normalize([str(src)], str(scratch / "pair.out.jsonl"), "preference", progress=False, overwrite=True)
     assert (counts.read, counts.written, counts.rejected) == (1, 1, 0)
     assert reread(scratch / "pair.out.jsonl", "openai-preference") == before
 
@@ -260,7 +260,7 @@ def test_normalized_conversations_convert_to_shards_keeping_every_message(scratc
     from tiny_tokenizer import make_tiny_tokenizer, trained_text
 
     src = write_records(scratch / "conv.jsonl", [{"messages": m} for m in convs])
-    normalize([str(src)], str(scratch / "norm.jsonl"), "openai", progress=False)
+    normalize([str(src)], str(scratch / "norm.jsonl"), "openai", progress=False, overwrite=True)
     out = scratch / "shards"
     m = convert([str(scratch / "norm.jsonl")], out, "sft", str(tiny_tokenizer_dir), overwrite=True,
                 chat_template="chatml").manifest

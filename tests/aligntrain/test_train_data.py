@@ -9,7 +9,7 @@ import yaml
 from tiny_tokenizer import make_tiny_tokenizer
 from trainer_fixtures import base_config
 
-from aligndata.write.shards import ShardError
+from aligndata.write.shards import ShardError, ShardWriter
 from aligntrain.config import load_config
 from aligntrain.data import (ShardSplit, check_shards, collate, eval_batches, micro_batches, process_share,
                              step_indices, total_steps)
@@ -61,6 +61,24 @@ def test_a_modified_shard_is_refused(tmp_path, tiny_model, sft_shards):
     shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(ShardError, match="checksum mismatch"):
         check_shards(copy, config(tmp_path, tiny_model), load_tokenizer(str(tiny_model)), "sft")
+
+
+def test_shard_rows_outside_the_vocabulary_are_refused_at_train_start(tmp_path, tiny_model, sft_shards):
+    copy = tmp_path / "copy"
+    shutil.copytree(sft_shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    vocab = manifest["tokenizer"]["vocab_size"]
+    shutil.rmtree(copy / "train")
+    writer = ShardWriter(copy, "sft")  # the project's own writer: the checksums are right
+    writer.write("train", {"input_ids": [1, vocab, 2], "loss_mask": [0, 1, 1], "source": 0, "source_index": 0})
+    manifest["splits"] = writer.close()
+    manifest["counts"].update(read=1, kept=1, rejected={}, dropped={})
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError) as e:
+        check_shards(copy, config(tmp_path, tiny_model), load_tokenizer(str(tiny_model)), "sft")
+    assert str(e.value) == (f"{copy / 'train' / 'shard-00000.arrow'}: row 0: input_ids holds token id {vocab}, outside "
+                            f"the vocabulary (0 to {vocab - 1}); the shard does not hold what aligndata writes: "
+                            "re-run `aligndata convert`")
 
 
 def test_steps_walk_each_epoch_permutation_once_and_are_reproducible():
