@@ -6,7 +6,7 @@
 The lock is `fcntl.flock` on the lock file: the kernel releases it when the process exits, however it
 exits (a crash or SIGKILL included), so a stale lock never blocks the next run. The file holds who took
 the lock (pid, host, start time) for the refusal message, and is removed on release. Used by `aligndata
-convert` for its output; the API is general so that a training run can lock its run directory the same way.
+convert` for its output and by `aligntrain` for its run directory.
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ def lock_path_for(target: Path) -> Path:
 
 
 @contextmanager
-def hold_lock(path: Path, what: str) -> Iterator[None]:
+def hold_lock(path: Path, what: str, advice: str = "wait for it to finish, or write elsewhere") -> Iterator[None]:
     """Hold an exclusive lock on the file `path` (created if missing) for the duration of the block.
 
-    Raises LockHeld at once, naming `what` and the holder, when another process has it: waiting would hide
-    that two runs were started on the same target, which is usually a mistake. The parent directory must exist.
+    Raises LockHeld at once, naming `what`, the holder and `advice`, when another process has it: waiting
+    would hide that two runs were started on the same target, which is usually a mistake. The parent
+    directory must exist.
     """
-    fd = _acquire(Path(path), what)
+    fd = _acquire(Path(path), what, advice)
     try:
         yield
     finally:
@@ -50,7 +51,7 @@ def hold_lock(path: Path, what: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _acquire(path: Path, what: str) -> int:
+def _acquire(path: Path, what: str, advice: str) -> int:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -58,8 +59,7 @@ def _acquire(path: Path, what: str) -> int:
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
-            raise LockHeld(f"{what} is being written by another run ({holder}); wait for it to finish, "
-                           f"or write elsewhere") from None
+            raise LockHeld(f"{what} is being written by another run ({holder}); {advice}") from None
         except BaseException:
             os.close(fd)
             raise

@@ -84,7 +84,7 @@ def test_a_second_training_into_a_locked_run_directory_exits_2_naming_the_holder
         code, err = aligntrain(capsys, "sft", sft_shards, cfg)
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_FILE]  # nothing written
     assert code == 2
-    assert err.startswith(f"error: {tmp_path / 'run'}: another training is writing into this run directory "
+    assert err.startswith(f"error: {tmp_path / 'run'}: this run directory is being written by another run "
                           f"(pid {os.getpid()} on {socket.gethostname()}, started ")
     assert err.endswith("); wait for it to end or choose another output_dir\n")
     assert aligntrain(capsys, "sft", sft_shards, cfg)[0] == 0  # released with the block
