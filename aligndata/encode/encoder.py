@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from aligndata.encode.length import fit_dpo, fit_sft
 from aligndata.encode.mask import dpo_split, sft_mask
+from aligndata.encode.reasoning import reasoning_prompt
 from aligndata.encode.results import EncodedDPO, EncodedSFT, EncodeError
 from aligndata.encode.spans import RenderedDPO, RenderedSFT, render_dpo, render_sft
 from aligndata.encode.template import ChatRenderer, TemplateInfo
@@ -42,9 +43,10 @@ class Encoder:
         max_prompt_length: int | None,
         length_policy: str = "drop",
         train_on: str = "all",
+        reasoning: str = "keep",
         fast_tokenize: bool = True,
     ):
-        check_encoding(max_length, max_prompt_length, length_policy, train_on)
+        check_encoding(max_length, max_prompt_length, length_policy, train_on, reasoning)
         self.tokenizer = tokenizer
         self.template = template
         self.max_length = max_length
@@ -52,6 +54,7 @@ class Encoder:
         self.length_policy = length_policy
         self.train_on = train_on
         self._renderer = ChatRenderer(tokenizer, template)
+        self._reasoning = reasoning_prompt(self._renderer, reasoning)
         self._bos = bos_to_prepend(tokenizer)
         self._backend: TokenizerBackend = offsets_backend(tokenizer)
         self._pieces: PieceTokenizer | None = None
@@ -82,7 +85,8 @@ class Encoder:
     def encode_sft_batch(self, convs: Sequence[Conversation]) -> list[EncodedSFT | EncodeError]:
         """Encode many conversations with one batched tokenizer call; errors are returned, not raised."""
         messages = [_as_dicts(conv.messages) for conv in convs]
-        rendered = [_attempt(render_sft, self._renderer, m, conv.tools or None, self.train_on)
+        rendered = [_attempt(render_sft, self._renderer, m, conv.tools or None, self.train_on,
+                             self._reasoning)
                     for m, conv in zip(messages, convs)]
         texts = [r.text for r in rendered if not isinstance(r, EncodeError)]
         tokens = iter(tokenize(self._backend, texts, self._bos))
@@ -92,7 +96,8 @@ class Encoder:
     def encode_dpo_batch(self, pairs: Sequence[PreferencePair]) -> list[EncodedDPO | EncodeError]:
         """Encode many pairs; prompt+chosen and prompt+rejected of all pairs go through one tokenizer call."""
         prompts = [_as_dicts(pair.prompt) for pair in pairs]
-        rendered = [_attempt(render_dpo, self._renderer, prompt, pair.chosen, pair.rejected, pair.tools or None)
+        rendered = [_attempt(render_dpo, self._renderer, prompt, pair.chosen, pair.rejected, pair.tools or None,
+                             self._reasoning)
                     for prompt, pair in zip(prompts, pairs)]
         valid = [r for r in rendered if not isinstance(r, EncodeError)]
         chosen = tokenize(self._backend, [r.texts[0] for r in valid], self._bos)
@@ -121,13 +126,13 @@ class Encoder:
     # ---- one record alone: the shorter versions the length policy tries ----------------------
 
     def _encode_sft(self, messages: list[dict], tools: list | None) -> EncodedSFT:
-        rendered = render_sft(self._renderer, messages, tools, self.train_on)
+        rendered = render_sft(self._renderer, messages, tools, self.train_on, self._reasoning)
         return sft_mask(rendered, tokenize(self._backend, [rendered.text], self._bos)[0])
 
     def _encode_dpo(
         self, prompt: list[dict], chosen: list[Message], rejected: list[Message], tools: list | None
     ) -> EncodedDPO:
-        rendered = render_dpo(self._renderer, prompt, chosen, rejected, tools)
+        rendered = render_dpo(self._renderer, prompt, chosen, rejected, tools, self._reasoning)
         return dpo_split(rendered, *tokenize(self._backend, list(rendered.texts), self._bos))
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aligndata.encode.coverage import check_rendered
+from aligndata.encode.reasoning import ReasoningPrompt
 from aligndata.encode.results import EncodeError
 from aligndata.encode.template import ChatRenderer
 from aligndata.records import Message
@@ -53,6 +54,9 @@ class RenderedSFT:
     # `continued` is then rendered without it. Else `continued` is rendered with it, and this is the
     # conversation before the first trained turn, rendered without it.
     before: str | None
+    # The generation prompt's reasoning opener where the first trained turn starts before it (reasoning.py):
+    # the rest of that prompt, which `continued` renderings end with.
+    opener: str = ""
 
 
 @dataclass
@@ -64,7 +68,10 @@ class RenderedDPO:
     before: str | None  # the prompt rendered without the generation prompt; None as in RenderedSFT
 
 
-def render_sft(renderer: ChatRenderer, messages: list[dict], tools: list | None, train_on: str) -> RenderedSFT:
+def render_sft(
+    renderer: ChatRenderer, messages: list[dict], tools: list | None, train_on: str,
+    reasoning: ReasoningPrompt | None = None,
+) -> RenderedSFT:
     """Render a conversation and locate the start of each assistant turn trained under `train_on`."""
     full = renderer.render(messages, tools, False)
     targets = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -72,23 +79,33 @@ def render_sft(renderer: ChatRenderer, messages: list[dict], tools: list | None,
         raise EncodeError("no-trained-tokens", "the conversation has no assistant message to train on")
     if train_on == "last":
         targets = targets[-1:]
-    starts = []
+    last = len(messages) - 1
+    text, starts, opener = full, [], ""
     for i in targets:
-        prefix = renderer.render(messages[:i], tools, True)
-        if not full.startswith(prefix):
+        prompt = renderer.render(messages[:i], tools, True)
+        if reasoning is not None and reasoning.applies(prompt, full):
+            if i == last:
+                text = reasoning.continue_prompt(prompt, full, messages[i])
+                starts.append(len(prompt))
+                continue
+            head = reasoning.header_end(prompt, full)
+            if head is not None:  # trained as the conversation renders it, from the end of its header
+                starts.append(head)
+                opener = reasoning.opener if i == targets[0] else opener
+                continue
+        if not full.startswith(prompt):
             raise EncodeError(
                 "template-mask",
                 f"assistant message {i}: the conversation before it, rendered with the generation prompt, "
-                f"is not a prefix of the full rendering ({first_difference(prefix, full)}); the template "
+                f"is not a prefix of the full rendering ({first_difference(prompt, full)}); the template "
                 "renders earlier turns differently once later turns exist, so the trained span cannot be located",
             )
-        starts.append(len(prefix))
+        starts.append(len(prompt))
     check_rendered(full, messages, tools)
     continued, before = _closings(renderer, messages, tools, targets)
     closings = iter(continued)
-    last = len(messages) - 1
     turns = [Turn(i, start, None if i == last else next(closings)) for i, start in zip(targets, starts)]
-    return RenderedSFT(full, turns, before)
+    return RenderedSFT(text, turns, before, opener)
 
 
 def _closings(
@@ -106,7 +123,8 @@ def _closings(
 
 
 def render_dpo(
-    renderer: ChatRenderer, prompt: list[dict], chosen: list[Message], rejected: list[Message], tools: list | None
+    renderer: ChatRenderer, prompt: list[dict], chosen: list[Message], rejected: list[Message], tools: list | None,
+    reasoning: ReasoningPrompt | None = None,
 ) -> RenderedDPO:
     """Render prompt+chosen and prompt+rejected; the rendered prompt must be a prefix of both."""
     for name, completion in (("chosen", chosen), ("rejected", rejected)):
@@ -124,7 +142,9 @@ def render_dpo(
     texts = []
     for name, messages in zip(("chosen", "rejected"), conversations):
         full = renderer.render(messages, tools, False)
-        if not full.startswith(prompt_text):
+        if reasoning is not None and reasoning.applies(prompt_text, full):
+            full = reasoning.continue_prompt(prompt_text, full, messages[-1])
+        elif not full.startswith(prompt_text):
             raise EncodeError(
                 "boundary-mismatch",
                 f"the rendered prompt is not a prefix of the rendered prompt+{name} conversation "

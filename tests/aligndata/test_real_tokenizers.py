@@ -158,16 +158,15 @@ def test_minimind_chatml_template_leaves_its_empty_think_block_untrained(minimin
         assert_sft_matches(minimind, conv, coder, expected)
 
 
-def test_minimind_template_moving_reasoning_out_of_earlier_turns_is_refused(minimind):
+def test_minimind_earlier_turn_with_reasoning_is_trained_as_rendered_from_its_header(minimind):
+    """minimind's generation prompt writes an empty block, an earlier turn with reasoning its own: that turn
+    is trained as the conversation renders it, block included (it was refused as template-mask)."""
     conv = Conversation([
         Message("user", "2+2?"), Message("assistant", "<think>\nadd\n</think>\n\n4"),
         Message("user", "3+3?"), Message("assistant", "6"),
     ])
 
-    with pytest.raises(EncodeError) as err:
-        encoder(minimind).encode_sft(conv)
-
-    assert err.value.reason == "template-mask"
+    assert_sft_matches(minimind, conv, encoder(minimind), ["<think>\nadd\n</think>\n\n4<|im_end|>", "6<|im_end|>"])
 
 
 def test_qwen_dpo_prompt_plus_completion_equals_the_full_tokenization(qwen):

@@ -1,0 +1,180 @@
+"""Reasoning templates: every assistant turn of Qwen3's template trained (item 7), and templates whose
+generation prompt opens a reasoning block converted by the rule of encode/reasoning.py (item 8).
+
+The expected ids are derived independently: the template's own rendering of the prompt with its generation
+prompt, plus the continuation the rule writes, spelled out here by hand, through the tokenizer.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from aligndata.encode.encoder import Encoder
+from aligndata.encode.results import EncodeError
+from aligndata.encode.template import TemplateInfo, resolve_chat_template
+from aligndata.records import Conversation, Message, PreferencePair
+from paths import SHARED_DATA
+from tiny_tokenizer import trained_text
+
+TEMPLATES = SHARED_DATA / "chat_templates" / "llama.cpp"
+QWEN_VOCAB = SHARED_DATA / "tokenizers" / "qwen2.5"
+QWEN3_CONFIG = SHARED_DATA / "chat_templates" / "onnxruntime-extensions" / "qwen3_tokenizer_config.json"
+
+HI, BYE = Message("user", "Hi"), Message("user", "Bye")
+CHAT = Conversation([HI, Message("assistant", "Hello there."), BYE, Message("assistant", "Bye!")])
+
+
+def encoder(tok, template: TemplateInfo | str | None = None, **settings) -> Encoder:
+    if not isinstance(template, TemplateInfo):
+        template = resolve_chat_template(tok, template)
+    return Encoder(tok, template, max_length=None, max_prompt_length=None, **settings)
+
+
+def tiny_template(text: str) -> TemplateInfo:
+    return TemplateInfo("test", text, "0")
+
+
+# ---- minimal in-repo cases (tiny tokenizer) ----------------------------------------------------------------
+
+# R1's way: reasoning stripped from every assistant turn, a generation prompt that opens a block.
+OPENS_BLOCK = (
+    "{% for m in messages %}{% set c = m.content.split('</think>')[-1] %}"
+    "<|im_start|>{{ m.role }}\n{{ c }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+# QwQ's as llama.cpp ships it (enable_thinking unset): the generation prompt closes an empty block itself.
+CLOSES_BLOCK = OPENS_BLOCK.replace("<think>\n{% endif %}", "<think>\n</think>{% endif %}")
+
+
+def test_last_turn_after_an_opened_block_gets_an_explicit_empty_block(tiny_tokenizer):
+    enc = encoder(tiny_tokenizer, tiny_template(OPENS_BLOCK)).encode_sft(CHAT)
+
+    prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello there.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+    text = prompt + "<|im_start|>assistant\n<think>\n</think>\n\nBye!<|im_end|>\n"
+    assert enc.input_ids == tiny_tokenizer.encode(text, add_special_tokens=False)
+    assert trained_text(tiny_tokenizer, enc.input_ids, enc.loss_mask) == [
+        "Hello there.<|im_end|>", "</think>\n\nBye!<|im_end|>"]
+
+
+def test_reasoning_keep_writes_the_datas_reasoning_and_empty_drops_it(tiny_tokenizer):
+    reply = Message("assistant", "<think>\nsay bye\n</think>\n\nBye!")
+    pair = PreferencePair([BYE], [reply], [Message("assistant", "No.")])
+
+    kept = encoder(tiny_tokenizer, tiny_template(OPENS_BLOCK)).encode_dpo(pair)
+    field = encoder(tiny_tokenizer, tiny_template(OPENS_BLOCK)).encode_dpo(
+        PreferencePair([BYE], [Message("assistant", "Bye!", reasoning="say bye")], [Message("assistant", "No.")]))
+    empty = encoder(tiny_tokenizer, tiny_template(OPENS_BLOCK), reasoning="empty").encode_dpo(pair)
+
+    assert tiny_tokenizer.decode(kept.prompt_ids) == "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    assert tiny_tokenizer.decode(kept.chosen_ids) == "say bye\n</think>\n\nBye!<|im_end|>"
+    assert field.chosen_ids == kept.chosen_ids
+    assert tiny_tokenizer.decode(empty.chosen_ids) == "</think>\n\nBye!<|im_end|>"
+    assert tiny_tokenizer.decode(kept.rejected_ids) == "</think>\n\nNo.<|im_end|>"
+
+
+def test_a_prompt_that_closes_the_block_is_followed_by_the_reply_and_refuses_reasoning_to_keep(tiny_tokenizer):
+    coder = encoder(tiny_tokenizer, tiny_template(CLOSES_BLOCK))
+
+    enc = coder.encode_sft(CHAT)
+    with pytest.raises(EncodeError) as err:
+        coder.encode_sft(Conversation([BYE, Message("assistant", "Bye!", reasoning="say bye")]))
+
+    assert trained_text(tiny_tokenizer, enc.input_ids, enc.loss_mask) == ["Hello there.<|im_end|>", "Bye!<|im_end|>"]
+    assert tiny_tokenizer.decode(enc.input_ids).endswith("<|im_start|>assistant\n<think>\n</think>Bye!<|im_end|>\n")
+    assert err.value.reason == "template-drops-content"
+    assert "pass --reasoning empty" in str(err.value)
+
+
+# ---- real templates with the Qwen vocabulary (Qwen3's config: <think> and </think> are tokens) -------------
+
+def needs_qwen3(test):
+    absent = not (QWEN_VOCAB.is_dir() and QWEN3_CONFIG.is_file())
+    return pytest.mark.shared_data(pytest.mark.skipif(absent, reason=f"no Qwen3 tokenizer in {SHARED_DATA}")(test))
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    from aligndata.encode.tokenizer import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("qwen3")  # SOURCES.md: Qwen3's config over the Qwen2 vocabulary
+    for name in ("vocab.json", "merges.txt"):
+        (folder / name).symlink_to(QWEN_VOCAB / name)
+    (folder / "tokenizer_config.json").symlink_to(QWEN3_CONFIG)
+    return load_tokenizer(str(folder))
+
+
+def reference(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+def prompt_text(tok, template: str, messages: list[Message]) -> str:
+    return tok.apply_chat_template([m.to_json() for m in messages], chat_template=template, tokenize=False,
+                                   add_generation_prompt=True)
+
+
+@needs_qwen3
+def test_qwen3_trains_every_turn_and_matches_its_own_rendering(qwen3):
+    convs = [CHAT] + _fastchat(20)
+    coder = encoder(qwen3)
+    for conv in convs:
+        enc = coder.encode_sft(conv)
+        full = qwen3.apply_chat_template([m.to_json() for m in conv.messages], tokenize=False)
+        assert enc.input_ids == reference(qwen3, full)
+        replies = [m.content for m in conv.messages if m.role == "assistant"]
+        expected = [r + "<|im_end|>" for r in replies[:-1]] + ["<think>\n\n</think>\n\n" + replies[-1] + "<|im_end|>"]
+        assert trained_text(qwen3, enc.input_ids, enc.loss_mask) == expected
+
+
+REASONING_TEMPLATES = {
+    # file: (what the rule writes after the generation prompt for an empty block, the end of turn)
+    "Qwen3.5-4B.jinja": ("</think>\n\n", "<|im_end|>\n"),
+    "stepfun-ai-Step-3.5-Flash.jinja": ("</think>\n", "<|im_end|>\n"),
+    "Qwen-QwQ-32B.jinja": ("", "<|im_end|>\n"),  # its prompt closes the block: <think>\n</think>
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja": ("", "<｜end▁of▁sentence｜>"),
+    "llama-cpp-deepseek-r1.jinja": ("</think>\n\n", "<｜end▁of▁sentence｜>"),
+}
+
+
+@needs_qwen3
+@pytest.mark.parametrize("name", sorted(REASONING_TEMPLATES))
+def test_reasoning_template_sft_and_dpo_continue_the_generation_prompt(qwen3, name):
+    path = TEMPLATES / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    template = path.read_text(encoding="utf-8")
+    block, end = REASONING_TEMPLATES[name]
+    coder = encoder(qwen3, str(path))
+    single = Conversation([HI, Message("assistant", "Hello there.")])
+
+    enc = coder.encode_sft(single)
+    dpo = coder.encode_dpo(PreferencePair([HI], [Message("assistant", "Go away!")], [Message("assistant", "Hello.")]))
+
+    prompt = prompt_text(qwen3, template, [HI])
+    assert enc.input_ids == reference(qwen3, prompt + block + "Hello there." + end)
+    assert qwen3.decode([t for t, m in zip(enc.input_ids, enc.loss_mask) if m]) == block + "Hello there." + end.strip()
+    assert dpo.prompt_ids == reference(qwen3, prompt)
+    assert dpo.prompt_ids + dpo.chosen_ids == reference(qwen3, prompt + block + "Go away!" + end.strip())
+    assert qwen3.decode(dpo.rejected_ids) == block + "Hello." + end.strip()
+
+
+@needs_qwen3
+def test_qwen35_keeps_reasoning_given_in_a_field_as_its_template_renders_it(qwen3):
+    path = TEMPLATES / "Qwen3.5-4B.jinja"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    reply = Message("assistant", "Hello there.", reasoning="A greeting.")
+
+    enc = encoder(qwen3, str(path)).encode_sft(Conversation([HI, reply]))
+
+    rendered = qwen3.apply_chat_template([HI.to_json(), reply.to_json()], chat_template=path.read_text(encoding="utf-8"),
+                                         tokenize=False)
+    assert rendered.endswith("<think>\nA greeting.\n</think>\n\nHello there.<|im_end|>\n")
+    assert enc.input_ids == reference(qwen3, rendered)
+
+
+def _fastchat(limit: int) -> list[Conversation]:
+    import json
+
+    records = json.loads((SHARED_DATA / "fastchat" / "dummy_conversation.json").read_text(encoding="utf-8"))
+    roles = {"human": "user", "gpt": "assistant"}
+    return [Conversation([Message(roles[t["from"]], t["value"]) for t in r["conversations"]]) for r in records[:limit]]
