@@ -18,6 +18,7 @@ Task = Literal["sft", "dpo"]
 LengthPolicy = Literal["drop", "truncate"]  # drop: records over max_length are dropped (counted); truncate: cut them
 TrainOn = Literal["all", "last"]  # sft: train every assistant turn, or only the last one
 Reasoning = Literal["keep", "empty"]  # after a generation prompt that opens <think>: the data's reasoning, or none
+ControlStrings = Literal["refuse", "allow"]  # a special token's text inside a message: reject the record, or encode it
 OnError = Literal["fail", "skip"]  # fail: stop at the first invalid record; skip: write it to the rejects file
 
 
@@ -32,6 +33,7 @@ class ConvertOptions:
     length_policy: LengthPolicy = "drop"
     train_on: TrainOn = "all"
     reasoning: Reasoning = "keep"  # see encode/reasoning.py
+    control_strings: ControlStrings = "refuse"  # see encode/control.py
     chat_template: str | None = None  # a Jinja file or a built-in name; None: the tokenizer's own
     eval_fraction: float = 0.0  # share of records held out as the eval split (seeded, per record)
     eval_file: str | None = None  # a raw file converted as the eval split instead
@@ -57,7 +59,8 @@ class ConvertOptions:
             raise InputError("--eval-fraction and --eval-file exclude each other: pick one way to make the eval split")
         if self.num_proc < 1 or self.shard_rows < 1:
             raise InputError("--num-proc and --shard-rows must be at least 1")
-        check_encoding(self.max_length, self.max_prompt_length, self.length_policy, self.train_on, self.reasoning)
+        check_encoding(self.max_length, self.max_prompt_length, self.length_policy, self.train_on, self.reasoning,
+                       self.control_strings)
         if self.max_prompt_length is not None and self.task != "dpo":
             raise InputError("--max-prompt-length applies to --to dpo only")
         if self.length_policy == "truncate" and self.max_length is None:
@@ -75,21 +78,23 @@ class ConvertOptions:
     def _changed_defaults(self) -> dict[str, Any]:
         """Settings added after the manifest's first version, recorded only where they differ from their
         default: an output made with the defaults keeps the manifest (and settings hash) it had before."""
-        return {"reasoning": self.reasoning} if self.reasoning != "keep" else {}
+        changed = {"reasoning": (self.reasoning, "keep"), "control_strings": (self.control_strings, "refuse")}
+        return {key: value for key, (value, default) in changed.items() if value != default}
 
     def encoder_arguments(self) -> dict[str, Any]:
         """Keyword arguments of `Encoder` beside the tokenizer and template."""
         return {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
                 "length_policy": self.length_policy, "train_on": self.train_on, "reasoning": self.reasoning,
-                "fast_tokenize": self.fast_tokenize}
+                "control_strings": self.control_strings, "fast_tokenize": self.fast_tokenize}
 
 
 def check_encoding(max_length: int | None, max_prompt_length: int | None, length_policy: str, train_on: str,
-                   reasoning: str = "keep") -> None:
+                   reasoning: str = "keep", control_strings: str = "refuse") -> None:
     """The options the encoder itself takes: the one check behind ConvertOptions and `Encoder`."""
     _choose("--length-policy", length_policy, LengthPolicy)
     _choose("--train-on", train_on, TrainOn)
     _choose("--reasoning", reasoning, Reasoning)
+    _choose("--control-strings", control_strings, ControlStrings)
     if max_length is not None and max_length < 2:
         raise InputError(f"--max-length {max_length}: must be at least 2")
     if max_prompt_length is not None:

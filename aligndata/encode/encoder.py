@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from aligndata.encode.length import fit_dpo, fit_sft
+from aligndata.encode.control import ControlStringCheck
 from aligndata.encode.mask import dpo_split, sft_mask
 from aligndata.encode.reasoning import reasoning_prompt
 from aligndata.encode.results import EncodedDPO, EncodedSFT, EncodeError
@@ -44,9 +45,10 @@ class Encoder:
         length_policy: str = "drop",
         train_on: str = "all",
         reasoning: str = "keep",
+        control_strings: str = "refuse",
         fast_tokenize: bool = True,
     ):
-        check_encoding(max_length, max_prompt_length, length_policy, train_on, reasoning)
+        check_encoding(max_length, max_prompt_length, length_policy, train_on, reasoning, control_strings)
         self.tokenizer = tokenizer
         self.template = template
         self.max_length = max_length
@@ -64,6 +66,7 @@ class Encoder:
             self._pieces = piece_tokenizer(self._backend)
             self._backend = self._pieces or self._backend
         self._split_ids = prompt_split_ids(self._backend)
+        self._control = ControlStringCheck.for_backend(self._backend) if control_strings == "refuse" else None
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -85,9 +88,7 @@ class Encoder:
     def encode_sft_batch(self, convs: Sequence[Conversation]) -> list[EncodedSFT | EncodeError]:
         """Encode many conversations with one batched tokenizer call; errors are returned, not raised."""
         messages = [_as_dicts(conv.messages) for conv in convs]
-        rendered = [_attempt(render_sft, self._renderer, m, conv.tools or None, self.train_on,
-                             self._reasoning)
-                    for m, conv in zip(messages, convs)]
+        rendered = [_attempt(self._render_sft, conv.messages, m, conv.tools or None) for m, conv in zip(messages, convs)]
         texts = [r.text for r in rendered if not isinstance(r, EncodeError)]
         tokens = iter(tokenize(self._backend, texts, self._bos))
         return [r if isinstance(r, EncodeError) else _attempt(self._finish_sft, r, next(tokens), m, conv.tools or None)
@@ -96,9 +97,7 @@ class Encoder:
     def encode_dpo_batch(self, pairs: Sequence[PreferencePair]) -> list[EncodedDPO | EncodeError]:
         """Encode many pairs; prompt+chosen and prompt+rejected of all pairs go through one tokenizer call."""
         prompts = [_as_dicts(pair.prompt) for pair in pairs]
-        rendered = [_attempt(render_dpo, self._renderer, prompt, pair.chosen, pair.rejected, pair.tools or None,
-                             self._reasoning)
-                    for prompt, pair in zip(prompts, pairs)]
+        rendered = [_attempt(self._render_dpo, pair, prompt) for prompt, pair in zip(prompts, pairs)]
         valid = [r for r in rendered if not isinstance(r, EncodeError)]
         chosen = tokenize(self._backend, [r.texts[0] for r in valid], self._bos)
         rejected = tokenize_sharing_prompt(self._backend, self._split_ids, self._bos, valid, chosen)
@@ -106,7 +105,18 @@ class Encoder:
         return [r if isinstance(r, EncodeError) else _attempt(self._finish_dpo, r, *next(tokens), prompt, pair)
                 for r, prompt, pair in zip(rendered, prompts, pairs)]
 
-    # ---- one record, after the batch's tokenizer call ---------------------------------------
+    # ---- one record, before and after the batch's tokenizer call ----------------------------
+
+    def _render_sft(self, originals: list[Message], messages: list[dict], tools: list | None) -> RenderedSFT:
+        if self._control is not None:
+            self._control.refuse(originals)
+        return render_sft(self._renderer, messages, tools, self.train_on, self._reasoning)
+
+    def _render_dpo(self, pair: PreferencePair, prompt: list[dict]) -> RenderedDPO:
+        if self._control is not None:
+            self._control.refuse([*pair.prompt, *pair.chosen, *pair.rejected])
+        return render_dpo(self._renderer, prompt, pair.chosen, pair.rejected, pair.tools or None, self._reasoning)
+
 
     def _finish_sft(
         self, rendered: RenderedSFT, tokens: Tokens, messages: list[dict], tools: list | None
