@@ -145,6 +145,7 @@ def render_dpo(
         if reasoning is not None and reasoning.applies(prompt_text, full):
             full = reasoning.continue_prompt(prompt_text, full, messages[-1])
         elif not full.startswith(prompt_text):
+            _refuse_moved_prompt(full, prompt, tools, name)
             raise EncodeError(
                 "boundary-mismatch",
                 f"the rendered prompt is not a prefix of the rendered prompt+{name} conversation "
@@ -161,6 +162,23 @@ def render_dpo(
         except EncodeError:
             pass  # as in render_sft
     return RenderedDPO(len(prompt_text), (texts[0], texts[1]), None)
+
+
+def _refuse_moved_prompt(full: str, prompt: list[dict], tools: list | None, name: str) -> None:
+    """EncodeError("template-moves-prompt") where the prompt+completion rendering lacks part of the prompt.
+
+    Mistral-Nemo writes the system prompt into the last user turn only when that turn ends the
+    conversation: the prompt the model sees at generation time has it, the rendering with a completion
+    has none, and no split of that rendering is the prompt the model was given."""
+    try:
+        check_rendered(full, prompt, tools)
+    except EncodeError as exc:
+        raise EncodeError(
+            "template-moves-prompt",
+            f"the chat template renders part of the prompt only while the prompt ends the conversation: in the "
+            f"prompt+{name} rendering {exc.message.split(':', 1)[0]} is missing; no split of that rendering is "
+            "the prompt the model sees at generation time",
+        ) from exc
 
 
 def common_prefix_length(a: str, b: str) -> int:

@@ -178,3 +178,48 @@ def _fastchat(limit: int) -> list[Conversation]:
     records = json.loads((SHARED_DATA / "fastchat" / "dummy_conversation.json").read_text(encoding="utf-8"))
     roles = {"human": "user", "gpt": "assistant"}
     return [Conversation([Message(roles[t["from"]], t["value"]) for t in r["conversations"]]) for r in records[:limit]]
+
+
+# ---- templates that move the system prompt (item 9) ---------------------------------------------------------
+
+# Mistral-Nemo's way: the system prompt goes into the last user turn, only while that turn ends the conversation.
+MOVES_SYSTEM = (
+    "{% set sys = messages[0].content if messages[0].role == 'system' else '' %}"
+    "{% for m in messages if m.role != 'system' %}{% if m.role == 'user' %}"
+    "{% if loop.last and sys %}[INST]{{ sys }}\n\n{{ m.content }}[/INST]{% else %}[INST]{{ m.content }}[/INST]{% endif %}"
+    "{% else %}{{ m.content }}<|endoftext|>{% endif %}{% endfor %}"
+)
+SYSTEM_PAIR = PreferencePair([Message("system", "Be brief."), HI], [Message("assistant", "Hello.")],
+                             [Message("assistant", "No.")])
+
+
+def test_dpo_with_a_template_that_moves_the_system_prompt_says_so(tiny_tokenizer):
+    with pytest.raises(EncodeError) as err:
+        encoder(tiny_tokenizer, tiny_template(MOVES_SYSTEM)).encode_dpo(SYSTEM_PAIR)
+
+    assert err.value.reason == "template-moves-prompt"
+    assert str(err.value) == (
+        "the chat template renders part of the prompt only while the prompt ends the conversation: in the "
+        "prompt+chosen rendering message 0 (system) is missing; no split of that rendering is the prompt the "
+        "model sees at generation time")
+
+
+def test_mistral_nemo_refuses_exactly_the_dpo_en_pairs_with_a_system_prompt_as_moved(tmp_path):
+    import json
+
+    from aligndata.encode.tokenizer import load_tokenizer
+
+    vocab = SHARED_DATA / "tokenizers" / "gguf-llama-spm" / "ggml-vocab-llama-spm.gguf"
+    path = TEMPLATES / "mistralai-Mistral-Nemo-Instruct-2407.jinja"
+    if not (vocab.is_file() and path.is_file()):
+        pytest.skip("no Mistral-Nemo template or Llama SPM vocabulary")
+    records = json.loads((SHARED_DATA / "llamafactory" / "dpo_en_demo.json").read_text(encoding="utf-8"))[:60]
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    pairs = [PreferencePair([Message(roles[t["from"]], t["value"]) for t in r["conversations"]],
+                            [Message("assistant", r["chosen"]["value"])], [Message("assistant", r["rejected"]["value"])])
+             for r in records]
+
+    results = encoder(load_tokenizer(str(vocab)), str(path)).encode_dpo_batch(pairs)
+
+    moved = [getattr(r, "reason", None) == "template-moves-prompt" for r in results]
+    assert sum(moved) >= 10 and moved == [p.prompt[0].role == "system" for p in pairs]
