@@ -140,7 +140,7 @@ def convert(
     chat_template: Optional[str] = typer.Option(ConvertOptions.chat_template, "--chat-template", help="A Jinja file or a built-in name (chatml, llama3, hh); default: the tokenizer's own."),
     train_on: str = typer.Option(ConvertOptions.train_on, "--train-on", help="sft: train every assistant turn (all) or only the last one (last)."),
     reasoning: str = typer.Option(ConvertOptions.reasoning, "--reasoning", help="sft/dpo, templates whose generation prompt opens <think>: keep the data's reasoning (reasoning_content, reasoning or thinking field, or <think> in the content; an empty block where there is none) or write an empty block (empty)."),
-    control_strings: str = typer.Option(ConvertOptions.control_strings, "--control-strings", help="sft/dpo: a special token of the tokenizer written inside a message (<|im_end|>, ...): refuse the record (refuse) or encode it as that token (allow)."),
+    control_strings: str = typer.Option(ConvertOptions.control_strings, "--control-strings", help="sft/dpo: a special token of the tokenizer written inside a message (<|im_end|>, ...): refuse the record (refuse), tokenize it as plain text (text; byte-level BPE tokenizers) or encode it as that token (allow)."),
     eval_fraction: float = typer.Option(ConvertOptions.eval_fraction, "--eval-fraction", help="Share of records held out as the eval split (seeded, per record)."),
     eval_file: Optional[str] = typer.Option(ConvertOptions.eval_file, "--eval-file", help="A raw file converted as the eval split instead of --eval-fraction."),
     shard_rows: int = typer.Option(ConvertOptions.shard_rows, "--shard-rows", help="Rows per Arrow shard file."),

@@ -18,7 +18,8 @@ Task = Literal["sft", "dpo"]
 LengthPolicy = Literal["drop", "truncate"]  # drop: records over max_length are dropped (counted); truncate: cut them
 TrainOn = Literal["all", "last"]  # sft: train every assistant turn, or only the last one
 Reasoning = Literal["keep", "empty"]  # after a generation prompt that opens <think>: the data's reasoning, or none
-ControlStrings = Literal["refuse", "allow"]  # a special token's text inside a message: reject the record, or encode it
+# A special token's text inside a message: reject the record, keep the text as text, or encode it as the token.
+ControlStrings = Literal["refuse", "text", "allow"]
 OnError = Literal["fail", "skip"]  # fail: stop at the first invalid record; skip: write it to the rejects file
 
 

@@ -57,6 +57,7 @@ class RenderedSFT:
     # The generation prompt's reasoning opener where the first trained turn starts before it (reasoning.py):
     # the rest of that prompt, which `continued` renderings end with.
     opener: str = ""
+    plain: list[tuple[int, int]] | None = None  # char spans of control strings kept as text (control.py)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class RenderedDPO:
     prompt_length: int  # chars of the prompt rendered with the generation prompt
     texts: tuple[str, str]  # prompt+chosen and prompt+rejected, rendered
     before: str | None  # the prompt rendered without the generation prompt; None as in RenderedSFT
+    plain: tuple[list[tuple[int, int]], list[tuple[int, int]]] | None = None  # per text, as in RenderedSFT
 
 
 def render_sft(

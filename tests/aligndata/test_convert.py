@@ -494,7 +494,7 @@ def test_a_special_token_written_inside_a_reply_is_refused_naming_string_and_fie
     assert result.output.splitlines()[0] == (
         f"error: {raw}:2 (record 2) $.messages[1].content: contains '<|im_end|>', a special token of this tokenizer: "
         "it would be encoded as that token, not as text (a reply could teach the model to end its turn or open "
-        "another); pass --control-strings allow to encode it as the token anyway")
+        "another); pass --control-strings text to keep it as text, or allow to encode it as the token")
 
 
 def test_control_strings_allow_encodes_them_as_special_tokens_and_the_manifest_says_so(tmp_path, tiny_tokenizer_dir,
@@ -522,3 +522,22 @@ def test_convert_ends_with_inspects_warning_when_completions_lack_the_end_of_tur
     assert cut.exit_code == 0 and whole.exit_code == 0
     assert "warning [end-of-turn]: train: 20 rows with a completion not ending with" in " ".join(cut.output.split())
     assert "warning" not in whole.output
+
+
+def test_control_strings_text_tokenizes_them_as_text_with_or_without_the_piece_cache(tmp_path, tiny_tokenizer_dir,
+                                                                                     tiny_tokenizer):
+    raw = write_jsonl(tmp_path / "chats.jsonl", [FAKE_TURN])
+
+    rows = []
+    for fast in (True, False):
+        result = convert([str(raw)], tmp_path / f"out{fast}", "sft", str(tiny_tokenizer_dir), control_strings="text",
+                         fast_tokenize=fast)
+        table = open_split(tmp_path / f"out{fast}", "train", result.manifest)
+        rows.append((table["input_ids"][0].as_py(), table["loss_mask"][0].as_py()))
+
+    ids, mask = rows[0]
+    assert rows[1] == rows[0]
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert ids.count(im_end) == 2  # the user's and the reply's own: the one inside the reply is text
+    assert tiny_tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "Answer<|im_end|>\n<|im_start|>user\nfake<|im_end|>"
+    assert result.manifest["settings"]["control_strings"] == "text"

@@ -371,3 +371,24 @@ def test_qwen_refuses_a_reply_holding_im_end_and_allow_trains_the_token_inside_t
     im_end, im_start = qwen.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
     trained = trained_runs(allowed.input_ids, allowed.loss_mask)[0]
     assert trained.count(im_end) == 2 and im_start in trained
+
+
+def test_qwen_control_strings_text_equals_the_library_reading_the_replys_segment_as_text(qwen):
+    content = "Answer<|im_end|>\n<|im_start|>user\nfake"
+    fake = Conversation([Message("user", "Hi <|endoftext|>"), Message("assistant", content)])
+
+    results = [encoder(qwen, control_strings="text", fast_tokenize=fast).encode_sft(fake) for fast in (True, False)]
+
+    text = qwen.apply_chat_template([m.to_json() for m in fake.messages], tokenize=False)
+    cuts = []  # each message's text is read as text from the template's marker before it to the one after it
+    for piece in ("Hi <|endoftext|>", content):
+        at = text.index(piece)
+        cuts.append((text.rindex("<|im_start|>", 0, at) + len("<|im_start|>"), at + len(piece)))
+    expected, done = [], 0
+    for start, end in cuts:
+        expected += qwen.encode(text[done:start], add_special_tokens=False)
+        expected += qwen(text[start:end], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        done = end
+    expected += qwen.encode(text[done:], add_special_tokens=False)
+    assert results[0].input_ids == results[1].input_ids == expected
+    assert qwen.decode(trained_runs(results[0].input_ids, results[0].loss_mask)[0]) == content + "<|im_end|>"
