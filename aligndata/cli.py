@@ -113,6 +113,11 @@ def _print_validate_summary(summaries: list[FileSummary]) -> None:
         else:
             table.add_row(s.file, s.format or "?", str(s.records), str(s.valid), str(s.records - s.valid))
     out.print(table)
+    for s in summaries:
+        if s.control_strings:
+            out.print(f"note: {s.file}: {s.control_strings} valid record(s) hold a chat template's control string "
+                      f"inside a message, first {s.first_control_string}; `aligndata convert` refuses those that are "
+                      "special tokens of its tokenizer unless --control-strings text|allow", markup=False)
     kinds: Counter = Counter()
     for s in summaries:
         kinds.update(s.by_kind)

@@ -15,8 +15,7 @@ too). `--control-strings` decides what such a record becomes:
   path with or without the piece cache, so the two agree. Byte-level BPE tokenizers only (exit 2 otherwise);
 - ``allow``: encoded as before, the strings becoming special tokens.
 
-`COMMON_CONTROL_STRINGS` are those of the common template families, for the checks that have no
-tokenizer (`aligndata validate`, the lint of `aligndata inspect`).
+Finding the strings in a record is read/control_strings.py's, shared with the checks that have no tokenizer.
 """
 
 from __future__ import annotations
@@ -24,46 +23,21 @@ from __future__ import annotations
 import json
 import re
 from bisect import bisect_right
-from collections.abc import Iterator
 from typing import Any
 
 from aligndata.encode.results import EncodeError
+from aligndata.read.control_strings import ControlStrings
 from aligndata.records import Message
 
 
-# ChatML (Qwen, SmolLM), Llama 3, gpt-oss/Harmony, Phi-3, Gemma, Mistral, DeepSeek's full-width markers.
-COMMON_CONTROL_STRINGS = (
-    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-    "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>",
-    "<|return|>", "<|call|>", "<|user|>", "<|assistant|>", "<|system|>", "<start_of_turn>", "<end_of_turn>",
-    "[INST]", "[/INST]", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
-)
-
-
-class ControlStringCheck:
-    """Finds a tokenizer's special tokens in the text fields of a record's messages."""
-
-    def __init__(self, strings: list[str]):
-        # Longest first, so that the name given is the whole token where one contains another.
-        ordered = sorted(set(s for s in strings if s), key=lambda s: (-len(s), s))
-        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+class ControlStringCheck(ControlStrings):
+    """A tokenizer's special tokens in a record's messages: refused, or located for `PlainText`."""
 
     @classmethod
     def for_backend(cls, backend: Any) -> ControlStringCheck:
         """The special added tokens of a tokenizers backend (what it turns into special ids in any text)."""
         added = backend.get_added_tokens_decoder().values()
         return cls([tok.content for tok in added if getattr(tok, "special", False)])
-
-    def find(self, messages: list[Message]) -> tuple[str, str] | None:
-        """(control string, JSONPath of the field) of the first one found, else None."""
-        if self._pattern is None:
-            return None
-        for i, message in enumerate(messages):
-            for path, text in _text_fields(message, i):
-                found = self._pattern.search(text)
-                if found:
-                    return found.group(0), path
-        return None
 
     def hide(self, messages: list[dict]) -> list[dict] | None:
         """The messages (as rendered: `Message.to_json`) with every control string in their text replaced by as
@@ -169,26 +143,3 @@ class JoinedEncoding:
 
     def token_to_chars(self, index: int) -> tuple[int, int]:
         return self.offsets[index]
-
-
-def _text_fields(message: Message, index: int) -> Iterator[tuple[str, str]]:
-    """(JSONPath, text) of a message's content, reasoning and tool-call argument strings."""
-    origin = message.origin or f"$.messages[{index}]"
-    yield message.origin_content or f"{origin}.content", message.content
-    if message.reasoning:
-        yield f"{origin}.reasoning", message.reasoning
-    for j, call in enumerate(message.tool_calls or []):
-        function = call.get("function", call) if isinstance(call, dict) else {}
-        yield from _strings(function.get("arguments") if isinstance(function, dict) else None,
-                            f"{origin}.tool_calls[{j}].function.arguments")
-
-
-def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
-    if isinstance(value, str):
-        yield path, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _strings(item, f"{path}.{key}")
-    elif isinstance(value, list):
-        for k, item in enumerate(value):
-            yield from _strings(item, f"{path}[{k}]")

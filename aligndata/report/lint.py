@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from aligndata.encode.control import COMMON_CONTROL_STRINGS, ControlStringCheck
+from aligndata.read.control_strings import COMMON_CONTROL_STRINGS, ControlStrings, record_messages
 from aligndata.read.formats import FORMATS
 from aligndata.read.formats.common import Issues
 from aligndata.read.validate import Checked, FileCheck, read_records
@@ -220,7 +220,7 @@ def lint_file(path: str, input_format: str = "auto") -> LintReport:
     report = LintReport(fc.name)
     turns = array("i")
     seen = _SeenPrompts()
-    control = ControlStringCheck(list(COMMON_CONTROL_STRINGS))
+    control = ControlStrings(list(COMMON_CONTROL_STRINGS))
     for checked in read_records(fc, allow_mixed=True):
         if report.records == 0 or checked.mixed:
             report.format = fc.format
@@ -241,8 +241,7 @@ def lint_file(path: str, input_format: str = "auto") -> LintReport:
         if record is None:
             continue
         _count_shape(report, record, turns)
-        every = record.messages if isinstance(record, Conversation) else record.prompt + record.chosen + record.rejected
-        found = control.find(every)
+        found = control.find(record_messages(record))
         if found is not None:
             report.control_strings.add({"record": n, "string": found[0], "path": found[1]})
         prompt = prompt_of(record)
