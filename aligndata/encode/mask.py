@@ -23,7 +23,8 @@ def sft_mask(rendered: RenderedSFT, tokens: Tokens) -> EncodedSFT:
         if turn.continued is None:
             body_end = ending.last_turn_end(tokens.text)
         else:
-            body_end = _continued_turn_end(tokens.text, ending.without_prompt(turn.continued), turn.start, what)
+            body_end = _continued_turn_end(tokens.text, ending.without_prompt(turn.continued), turn.start,
+                                           turn.own_start, what)
         first, stop = _token_span(tokens, turn.start, body_end, what)
         mask[first:stop] = [1] * (stop - first)
     return EncodedSFT(tokens.ids, mask)
@@ -93,16 +94,18 @@ def _chars_before_token_start(tokens: Tokens, pos: int) -> int:
     return 0 if index is None else max(0, pos - tokens.chars(index)[0])
 
 
-def _continued_turn_end(full: str, body: str, start: int, what: str) -> int:
+def _continued_turn_end(full: str, body: str, start: int, own_start: int, what: str) -> int:
     """Char of `full` where a turn that more messages follow ends: `body`, its closing as when more follows.
 
     Where the template renders the turn otherwise as the last message (Qwen3 gives only the last turn its
     ``<think>`` block), the turn as the full conversation renders it is the longest tail of that rendering
-    found at the turn's start: what the template adds to a last turn comes before its reply."""
-    if full.startswith(body):
+    found at the turn's start: what the template adds to a last turn comes before its reply. `own_start`, where
+    the turn starts in `body` when the turns before it are rendered otherwise there (spans._located_start)."""
+    if full.startswith(body) and own_start < 0:
         return len(body)
-    tail, probe = body[start:], full[start:start + 1]
-    at = tail.find(probe) if probe and full.startswith(body[:start]) else -1
+    shared = own_start < 0 and full.startswith(body[:start])
+    tail, probe = body[own_start if own_start >= 0 else start:], full[start:start + 1]
+    at = tail.find(probe) if probe and (shared or own_start >= 0) else -1
     while at >= 0:
         if full.startswith(tail[at:], start):
             return start + len(tail) - at

@@ -42,6 +42,7 @@ class Turn:
     index: int  # of the message
     start: int  # char of the full rendering where the trained span begins
     continued: str | None  # messages[:index+1] rendered as when more follows (see RenderedSFT); None if last
+    own_start: int = -1  # char of `continued` where the span begins (-1: `start`, the history rendered alike)
 
 
 @dataclass
@@ -88,26 +89,52 @@ def render_sft(
         if reasoning is not None and reasoning.applies(prompt, full):
             if i == last:
                 text = reasoning.continue_prompt(prompt, full, messages[i])
-                starts.append(len(prompt))
+                starts.append((len(prompt), -1))
                 continue
             head = reasoning.header_end(prompt, full)
             if head is not None:  # trained as the conversation renders it, from the end of its header
-                starts.append(head)
+                starts.append((head, -1))
                 opener = reasoning.opener if i == targets[0] else opener
                 continue
-        if not full.startswith(prompt):
+        if full.startswith(prompt):
+            starts.append((len(prompt), -1))
+            continue
+        own = len(prompt) - len(reasoning.opener) if reasoning and prompt.endswith(reasoning.opener) else len(prompt)
+        at = _located_start(prompt[:own], full) if i != last else None
+        if at is None:
             raise EncodeError(
                 "template-mask",
                 f"assistant message {i}: the conversation before it, rendered with the generation prompt, "
                 f"is not a prefix of the full rendering ({first_difference(prompt, full)}); the template "
                 "renders earlier turns differently once later turns exist, so the trained span cannot be located",
             )
-        starts.append(len(prompt))
+        starts.append((at, own))
     check_rendered(full, messages, tools)
     continued, before = _closings(renderer, messages, tools, targets)
     closings = iter(continued)
-    turns = [Turn(i, start, None if i == last else next(closings)) for i, start in zip(targets, starts)]
+    turns = [Turn(i, start, None if i == last else next(closings), own) for i, (start, own) in zip(targets, starts)]
     return RenderedSFT(text, turns, before, opener)
+
+
+def _located_start(head: str, full: str) -> int | None:
+    """Where a turn starts in `full` when the template renders the turns before it otherwise once the
+    conversation goes on (Qwen3.5 gives every turn after the last user message a <think> block): after the
+    one place in `full` that holds the longest tail of `head`, its prompt up to the end of its header (the
+    messages just before it and the header, rendered alike). None where that place is not unique."""
+    parted = common_prefix_length(head, full)
+    tail = head[parted:]
+    low, high = 0, len(tail)  # the last `low` chars of tail occur in full after `parted`
+    while low < high:
+        mid = (low + high + 1) // 2
+        if full.find(tail[len(tail) - mid:], parted) >= 0:
+            low = mid
+        else:
+            high = mid - 1
+    piece = tail[len(tail) - low:]
+    at = full.find(piece, parted) if low else -1
+    if at < 0 or full.find(piece, at + 1) >= 0:
+        return None
+    return at + low
 
 
 def _closings(

@@ -204,6 +204,8 @@ def test_dpo_with_a_template_that_moves_the_system_prompt_says_so(tiny_tokenizer
         "model sees at generation time")
 
 
+@pytest.mark.slow
+@pytest.mark.shared_data
 def test_mistral_nemo_refuses_exactly_the_dpo_en_pairs_with_a_system_prompt_as_moved(tmp_path):
     import json
 
@@ -223,3 +225,69 @@ def test_mistral_nemo_refuses_exactly_the_dpo_en_pairs_with_a_system_prompt_as_m
 
     moved = [getattr(r, "reason", None) == "template-moves-prompt" for r in results]
     assert sum(moved) >= 10 and moved == [p.prompt[0].role == "system" for p in pairs]
+
+
+# ---- a history rendered otherwise once the conversation goes on (Qwen3.5, StepFun-3.5) ----------------------
+
+# Every assistant turn after the last user message gets a block: with the conversation cut before B, turn A
+# is one of them; in the whole conversation it is not.
+THINKS_AFTER_LAST_QUERY = (
+    "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m.role == 'user' %}{% set ns.last = loop.index0 %}"
+    "{% endif %}{% endfor %}{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and loop.index0 > ns.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_turn_whose_history_renders_otherwise_is_found_in_the_full_rendering(tiny_tokenizer):
+    conv = Conversation([HI, Message("assistant", "Hello there."), Message("tool", "Paris"),
+                         Message("assistant", "It is sunny."), BYE, Message("assistant", "Bye!")])
+
+    enc = encoder(tiny_tokenizer, tiny_template(THINKS_AFTER_LAST_QUERY)).encode_sft(conv)
+
+    assert tiny_tokenizer.decode(enc.input_ids).count("<think>") == 1
+    assert trained_text(tiny_tokenizer, enc.input_ids, enc.loss_mask) == [
+        "Hello there.<|im_end|>", "It is sunny.<|im_end|>", "<think>\n\n</think>\n\nBye!<|im_end|>"]
+
+
+@needs_qwen3
+@pytest.mark.parametrize("name", ["Qwen3.5-4B.jinja", "stepfun-ai-Step-3.5-Flash.jinja"])
+def test_qwen35_and_stepfun_keep_every_glaive_conversation_token_exactly(qwen3, name):
+    import json
+
+    path = TEMPLATES / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    template = path.read_text(encoding="utf-8")
+    records = json.loads((SHARED_DATA / "llamafactory" / "glaive_toolcall_en_demo.json").read_text(encoding="utf-8"))
+    roles = {"human": "user", "gpt": "assistant", "observation": "tool"}
+    convs = []
+    for record in records[:60]:
+        messages = [Message("assistant", "", tool_calls=[{"type": "function", "function": json.loads(t["value"])}])
+                    if t["from"] == "function_call" else Message(roles[t["from"]], t["value"])
+                    for t in record["conversations"]]
+        tools = [{"type": "function", "function": f} for f in json.loads(record["tools"] or "[]")] or None
+        convs.append(Conversation(messages, tools=tools))
+
+    results = encoder(qwen3, str(path)).encode_sft_batch(convs)
+
+    im_end = qwen3.convert_tokens_to_ids("<|im_end|>")
+    for conv, enc in zip(convs, results):
+        full = qwen3.apply_chat_template([m.to_json() for m in conv.messages], tools=conv.tools,
+                                         chat_template=template, tokenize=False)
+        at = full.rindex("<think>\n\n</think>")  # the rule's empty block after the generation prompt
+        assert enc.input_ids == reference(qwen3, full[:at] + "<think>\n</think>" + full[at + len("<think>\n\n</think>"):])
+        runs = [r for r in _runs(enc.input_ids, enc.loss_mask)]
+        assert len(runs) == sum(m.role == "assistant" for m in conv.messages)
+        assert all(run[-1] == im_end for run in runs)
+
+
+def _runs(ids: list[int], mask: list[int]) -> list[list[int]]:
+    runs, current = [], []
+    for token, bit in zip(ids, mask):
+        if bit:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
