@@ -2,12 +2,17 @@
 
 This works for any template (no ``{% generation %}`` markers needed):
 
-- start of assistant message i: ``len(render(messages[:i], add_generation_prompt=True))``. That rendering
-  must be a textual prefix of the full rendering, otherwise the template renders earlier turns differently
-  once later turns exist (e.g. it strips reasoning) and the record is refused ("template-mask").
+- start of assistant message i: ``len(render(messages[:i], add_generation_prompt=True))``, where that rendering
+  is a textual prefix of the full rendering. Where it is not, the template renders earlier turns differently
+  once later turns exist (Qwen3.5's <think> blocks): the turn starts after the one place in the full rendering
+  that holds the longest tail of that prompt (`_located_start`), else the record is refused ("template-mask").
+  A generation prompt that opens a reasoning block has its own rule (reasoning.py): the last turn is written
+  after that prompt, earlier turns start at the end of their header.
 - end of a turn that more messages follow: where the template closes it when the conversation goes on, that
   is ``render(messages[:i+1], add_generation_prompt=True)`` less the generation prompt (gpt-oss closes it with
-  ``<|end|>`` there but with ``<|return|>`` at the very end). It must be a prefix of the full rendering.
+  ``<|end|>`` there but with ``<|return|>`` at the very end), a prefix of the full rendering; where the
+  template renders a last turn otherwise (Qwen3's block in front of it), the longest tail of that rendering
+  found at the turn's start (mask._continued_turn_end).
 - end of the last message: the end of the full rendering, less a *trailer*: what the template writes at the
   very end of any conversation rendered without a generation prompt, in its place. Phi-3 writes its EOS
   there, after ``<|end|>\n``: not trained. gpt-oss writes nothing there (a conversation that ends with a user
