@@ -113,6 +113,11 @@ def _print_validate_summary(summaries: list[FileSummary]) -> None:
         else:
             table.add_row(s.file, s.format or "?", str(s.records), str(s.valid), str(s.records - s.valid))
     out.print(table)
+    for s in summaries:
+        if s.control_strings:
+            out.print(f"note: {s.file}: {s.control_strings} valid record(s) hold a chat template's control string "
+                      f"inside a message, first {s.first_control_string}; `aligndata convert` refuses those that are "
+                      "special tokens of its tokenizer unless --control-strings text|allow", markup=False)
     kinds: Counter = Counter()
     for s in summaries:
         kinds.update(s.by_kind)
@@ -139,6 +144,8 @@ def convert(
     length_policy: str = typer.Option(ConvertOptions.length_policy, "--length-policy", help="drop: records over --max-length are dropped (counted); truncate: cut old prompt turns, then completions."),
     chat_template: Optional[str] = typer.Option(ConvertOptions.chat_template, "--chat-template", help="A Jinja file or a built-in name (chatml, llama3, hh); default: the tokenizer's own."),
     train_on: str = typer.Option(ConvertOptions.train_on, "--train-on", help="sft: train every assistant turn (all) or only the last one (last)."),
+    reasoning: str = typer.Option(ConvertOptions.reasoning, "--reasoning", help="sft/dpo, templates whose generation prompt opens <think>: keep the data's reasoning (reasoning_content, reasoning or thinking field, or <think> in the content; an empty block where there is none) or write an empty block (empty)."),
+    control_strings: str = typer.Option(ConvertOptions.control_strings, "--control-strings", help="sft/dpo: a special token of the tokenizer written inside a message (<|im_end|>, ...): refuse the record (refuse), tokenize it as plain text (text; byte-level BPE tokenizers) or encode it as that token (allow)."),
     eval_fraction: float = typer.Option(ConvertOptions.eval_fraction, "--eval-fraction", help="Share of records held out as the eval split (seeded, per record)."),
     eval_file: Optional[str] = typer.Option(ConvertOptions.eval_file, "--eval-file", help="A raw file converted as the eval split instead of --eval-fraction."),
     shard_rows: int = typer.Option(ConvertOptions.shard_rows, "--shard-rows", help="Rows per Arrow shard file."),
@@ -179,14 +186,22 @@ def convert(
     def run_shards() -> int:
         options = ConvertOptions(
             task=to, tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-            length_policy=length_policy, train_on=train_on, chat_template=chat_template, eval_fraction=eval_fraction,
+            length_policy=length_policy, train_on=train_on, reasoning=reasoning, control_strings=control_strings,
+            chat_template=chat_template, eval_fraction=eval_fraction,
             eval_file=eval_file, seed=seed, shard_rows=shard_rows, input_format=format, on_error=on_error,
             rejects=rejects, num_proc=num_proc, overwrite=overwrite, progress=not quiet,
             trust_remote_code=trust_remote_code, fast_tokenize=fast_tokenize,
         )
+        from aligndata.report.render import print_warnings
+        from aligndata.report.shard_stats import inspect_shards
         from aligndata.write.convert import convert_files, print_summary
 
-        print_summary(convert_files(files, Path(out_path), options), err)
+        result = convert_files(files, Path(out_path), options)
+        print_summary(result, err)
+        # The one check of `aligndata inspect` that says the run trained the wrong thing: said here too.
+        ends = [w for w in inspect_shards(result.out_dir).warnings if w.kind == "end-of-turn"]
+        if ends:
+            print_warnings(ends, err, "")
         return EXIT_OK
 
     raise typer.Exit(handle_errors(run_shards, writing=out_path))

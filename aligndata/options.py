@@ -17,6 +17,9 @@ from aligndata.read.formats import check_format_option
 Task = Literal["sft", "dpo"]
 LengthPolicy = Literal["drop", "truncate"]  # drop: records over max_length are dropped (counted); truncate: cut them
 TrainOn = Literal["all", "last"]  # sft: train every assistant turn, or only the last one
+Reasoning = Literal["keep", "empty"]  # after a generation prompt that opens <think>: the data's reasoning, or none
+# A special token's text inside a message: reject the record, keep the text as text, or encode it as the token.
+ControlStrings = Literal["refuse", "text", "allow"]
 OnError = Literal["fail", "skip"]  # fail: stop at the first invalid record; skip: write it to the rejects file
 
 
@@ -30,6 +33,8 @@ class ConvertOptions:
     max_prompt_length: int | None = None  # dpo: the prompt's budget when truncating
     length_policy: LengthPolicy = "drop"
     train_on: TrainOn = "all"
+    reasoning: Reasoning = "keep"  # see encode/reasoning.py
+    control_strings: ControlStrings = "refuse"  # see encode/control.py
     chat_template: str | None = None  # a Jinja file or a built-in name; None: the tokenizer's own
     eval_fraction: float = 0.0  # share of records held out as the eval split (seeded, per record)
     eval_file: str | None = None  # a raw file converted as the eval split instead
@@ -55,7 +60,8 @@ class ConvertOptions:
             raise InputError("--eval-fraction and --eval-file exclude each other: pick one way to make the eval split")
         if self.num_proc < 1 or self.shard_rows < 1:
             raise InputError("--num-proc and --shard-rows must be at least 1")
-        check_encoding(self.max_length, self.max_prompt_length, self.length_policy, self.train_on)
+        check_encoding(self.max_length, self.max_prompt_length, self.length_policy, self.train_on, self.reasoning,
+                       self.control_strings)
         if self.max_prompt_length is not None and self.task != "dpo":
             raise InputError("--max-prompt-length applies to --to dpo only")
         if self.length_policy == "truncate" and self.max_length is None:
@@ -68,18 +74,28 @@ class ConvertOptions:
         return {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
                 "length_policy": self.length_policy, "train_on": self.train_on if self.task == "sft" else None,
                 "eval_fraction": self.eval_fraction, "eval_file": self.eval_file is not None, "seed": self.seed,
-                "shard_rows": self.shard_rows, "input_format": self.input_format}
+                "shard_rows": self.shard_rows, "input_format": self.input_format, **self._changed_defaults()}
+
+    def _changed_defaults(self) -> dict[str, Any]:
+        """Settings added after the manifest's first version, recorded only where they differ from their
+        default: an output made with the defaults keeps the manifest (and settings hash) it had before."""
+        changed = {"reasoning": (self.reasoning, "keep"), "control_strings": (self.control_strings, "refuse")}
+        return {key: value for key, (value, default) in changed.items() if value != default}
 
     def encoder_arguments(self) -> dict[str, Any]:
         """Keyword arguments of `Encoder` beside the tokenizer and template."""
         return {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
-                "length_policy": self.length_policy, "train_on": self.train_on, "fast_tokenize": self.fast_tokenize}
+                "length_policy": self.length_policy, "train_on": self.train_on, "reasoning": self.reasoning,
+                "control_strings": self.control_strings, "fast_tokenize": self.fast_tokenize}
 
 
-def check_encoding(max_length: int | None, max_prompt_length: int | None, length_policy: str, train_on: str) -> None:
+def check_encoding(max_length: int | None, max_prompt_length: int | None, length_policy: str, train_on: str,
+                   reasoning: str = "keep", control_strings: str = "refuse") -> None:
     """The options the encoder itself takes: the one check behind ConvertOptions and `Encoder`."""
     _choose("--length-policy", length_policy, LengthPolicy)
     _choose("--train-on", train_on, TrainOn)
+    _choose("--reasoning", reasoning, Reasoning)
+    _choose("--control-strings", control_strings, ControlStrings)
     if max_length is not None and max_length < 2:
         raise InputError(f"--max-length {max_length}: must be at least 2")
     if max_prompt_length is not None:

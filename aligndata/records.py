@@ -33,6 +33,7 @@ class Message:
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    reasoning: str | None = None  # an assistant turn's reasoning, given apart from its content
     # JSONPath of the message in its source record and of its text field, for error messages.
     origin: str | None = field(default=None, compare=False, repr=False)
     origin_content: str | None = field(default=None, compare=False, repr=False)
@@ -45,6 +46,8 @@ class Message:
             out["tool_calls"] = self.tool_calls
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.reasoning is not None:
+            out["reasoning_content"] = self.reasoning  # the name reasoning templates read (Qwen3, DeepSeek)
         return out
 
 

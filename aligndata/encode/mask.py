@@ -16,14 +16,15 @@ from aligndata.encode.tokens import Tokens
 
 def sft_mask(rendered: RenderedSFT, tokens: Tokens) -> EncodedSFT:
     """The conversation's ids with 1 on the tokens of each trained assistant turn, 0 elsewhere."""
-    ending = _Ending(tokens, rendered.turns[0].start, rendered.before)
+    ending = _Ending(tokens, rendered.turns[0].start, rendered.before, rendered.opener)
     mask = [0] * len(tokens.ids)
     for turn in rendered.turns:
         what = f"assistant message {turn.index}"
         if turn.continued is None:
             body_end = ending.last_turn_end(tokens.text)
         else:
-            body_end = _continued_turn_end(tokens.text, ending.without_prompt(turn.continued), what)
+            body_end = _continued_turn_end(tokens.text, ending.without_prompt(turn.continued), turn.start,
+                                           turn.own_start, what)
         first, stop = _token_span(tokens, turn.start, body_end, what)
         mask[first:stop] = [1] * (stop - first)
     return EncodedSFT(tokens.ids, mask)
@@ -56,7 +57,7 @@ class _Ending:
     conversation, tells where they start.
     """
 
-    def __init__(self, tokens: Tokens, prompt_end: int, before: str | None):
+    def __init__(self, tokens: Tokens, prompt_end: int, before: str | None, opener: str = ""):
         self._trailer = self._bare_trailer = self._prompt = ""
         if before is None:  # the template only appends its generation prompt: nothing to tell apart
             return
@@ -71,7 +72,7 @@ class _Ending:
             if full[trailer_at - at_end:trailer_at] == before[parted - at_end:parted]:
                 shared = max(shared, at_end)
         self._trailer = before[parted - shared:]
-        self._prompt = prompt[parted - shared:]
+        self._prompt = prompt[parted - shared:] + opener
 
     def last_turn_end(self, full: str) -> int:
         """Char of `full` where its last message ends: before the trailer, else at the very end."""
@@ -93,16 +94,28 @@ def _chars_before_token_start(tokens: Tokens, pos: int) -> int:
     return 0 if index is None else max(0, pos - tokens.chars(index)[0])
 
 
-def _continued_turn_end(full: str, body: str, what: str) -> int:
-    """Char of `full` where a turn that more messages follow ends: `body`, its closing as when more follows."""
-    if not full.startswith(body):
-        raise EncodeError(
-            "template-mask",
-            f"{what}: rendered as the last message it differs from its rendering inside the "
-            f"full conversation ({first_difference(body, full)}); the template renders a turn differently once "
-            "later turns exist, so the trained span cannot be located",
-        )
-    return len(body)
+def _continued_turn_end(full: str, body: str, start: int, own_start: int, what: str) -> int:
+    """Char of `full` where a turn that more messages follow ends: `body`, its closing as when more follows.
+
+    Where the template renders the turn otherwise as the last message (Qwen3 gives only the last turn its
+    ``<think>`` block), the turn as the full conversation renders it is the longest tail of that rendering
+    found at the turn's start: what the template adds to a last turn comes before its reply. `own_start`, where
+    the turn starts in `body` when the turns before it are rendered otherwise there (spans._located_start)."""
+    if full.startswith(body) and own_start < 0:
+        return len(body)
+    shared = own_start < 0 and full.startswith(body[:start])
+    tail, probe = body[own_start if own_start >= 0 else start:], full[start:start + 1]
+    at = tail.find(probe) if probe and (shared or own_start >= 0) else -1
+    while at >= 0:
+        if full.startswith(tail[at:], start):
+            return start + len(tail) - at
+        at = tail.find(probe, at + 1)
+    raise EncodeError(
+        "template-mask",
+        f"{what}: rendered as the last message it differs from its rendering inside the "
+        f"full conversation ({first_difference(body, full)}); the template renders a turn differently once "
+        "later turns exist, so the trained span cannot be located",
+    )
 
 
 def _token_span(tokens: Tokens, start: int, body_end: int, what: str) -> tuple[int, int]:

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 class EncodeError(Exception):
     """One record cannot be encoded. `reason` is a short kebab-case key that summaries count by."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, path: str = "$"):
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.path = path  # JSONPath of the field at fault, where one is
 
-    def __reduce__(self):  # keeps both arguments when a worker process sends the error back
-        return (type(self), (self.reason, self.message))
+    def __reduce__(self):  # keeps the arguments when a worker process sends the error back
+        return (type(self), (self.reason, self.message, self.path))
 
 
 @dataclass

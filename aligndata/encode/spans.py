@@ -2,12 +2,17 @@
 
 This works for any template (no ``{% generation %}`` markers needed):
 
-- start of assistant message i: ``len(render(messages[:i], add_generation_prompt=True))``. That rendering
-  must be a textual prefix of the full rendering, otherwise the template renders earlier turns differently
-  once later turns exist (e.g. it strips reasoning) and the record is refused ("template-mask").
+- start of assistant message i: ``len(render(messages[:i], add_generation_prompt=True))``, where that rendering
+  is a textual prefix of the full rendering. Where it is not, the template renders earlier turns differently
+  once later turns exist (Qwen3.5's <think> blocks): the turn starts after the one place in the full rendering
+  that holds the longest tail of that prompt (`_located_start`), else the record is refused ("template-mask").
+  A generation prompt that opens a reasoning block has its own rule (reasoning.py): the last turn is written
+  after that prompt, earlier turns start at the end of their header.
 - end of a turn that more messages follow: where the template closes it when the conversation goes on, that
   is ``render(messages[:i+1], add_generation_prompt=True)`` less the generation prompt (gpt-oss closes it with
-  ``<|end|>`` there but with ``<|return|>`` at the very end). It must be a prefix of the full rendering.
+  ``<|end|>`` there but with ``<|return|>`` at the very end), a prefix of the full rendering; where the
+  template renders a last turn otherwise (Qwen3's block in front of it), the longest tail of that rendering
+  found at the turn's start (mask._continued_turn_end).
 - end of the last message: the end of the full rendering, less a *trailer*: what the template writes at the
   very end of any conversation rendered without a generation prompt, in its place. Phi-3 writes its EOS
   there, after ``<|end|>\n``: not trained. gpt-oss writes nothing there (a conversation that ends with a user
@@ -30,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aligndata.encode.coverage import check_rendered
+from aligndata.encode.reasoning import ReasoningPrompt
 from aligndata.encode.results import EncodeError
 from aligndata.encode.template import ChatRenderer
 from aligndata.records import Message
@@ -41,6 +47,7 @@ class Turn:
     index: int  # of the message
     start: int  # char of the full rendering where the trained span begins
     continued: str | None  # messages[:index+1] rendered as when more follows (see RenderedSFT); None if last
+    own_start: int = -1  # char of `continued` where the span begins (-1: `start`, the history rendered alike)
 
 
 @dataclass
@@ -53,6 +60,10 @@ class RenderedSFT:
     # `continued` is then rendered without it. Else `continued` is rendered with it, and this is the
     # conversation before the first trained turn, rendered without it.
     before: str | None
+    # The generation prompt's reasoning opener where the first trained turn starts before it (reasoning.py):
+    # the rest of that prompt, which `continued` renderings end with.
+    opener: str = ""
+    plain: list[tuple[int, int]] | None = None  # char spans of control strings kept as text (control.py)
 
 
 @dataclass
@@ -62,9 +73,13 @@ class RenderedDPO:
     prompt_length: int  # chars of the prompt rendered with the generation prompt
     texts: tuple[str, str]  # prompt+chosen and prompt+rejected, rendered
     before: str | None  # the prompt rendered without the generation prompt; None as in RenderedSFT
+    plain: tuple[list[tuple[int, int]], list[tuple[int, int]]] | None = None  # per text, as in RenderedSFT
 
 
-def render_sft(renderer: ChatRenderer, messages: list[dict], tools: list | None, train_on: str) -> RenderedSFT:
+def render_sft(
+    renderer: ChatRenderer, messages: list[dict], tools: list | None, train_on: str,
+    reasoning: ReasoningPrompt | None = None,
+) -> RenderedSFT:
     """Render a conversation and locate the start of each assistant turn trained under `train_on`."""
     full = renderer.render(messages, tools, False)
     targets = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -72,23 +87,59 @@ def render_sft(renderer: ChatRenderer, messages: list[dict], tools: list | None,
         raise EncodeError("no-trained-tokens", "the conversation has no assistant message to train on")
     if train_on == "last":
         targets = targets[-1:]
-    starts = []
+    last = len(messages) - 1
+    text, starts, opener = full, [], ""
     for i in targets:
-        prefix = renderer.render(messages[:i], tools, True)
-        if not full.startswith(prefix):
+        prompt = renderer.render(messages[:i], tools, True)
+        if reasoning is not None and reasoning.applies(prompt, full):
+            if i == last:
+                text = reasoning.continue_prompt(prompt, full, messages[i])
+                starts.append((len(prompt), -1))
+                continue
+            head = reasoning.header_end(prompt, full)
+            if head is not None:  # trained as the conversation renders it, from the end of its header
+                starts.append((head, -1))
+                opener = reasoning.opener if i == targets[0] else opener
+                continue
+        if full.startswith(prompt):
+            starts.append((len(prompt), -1))
+            continue
+        own = len(prompt) - len(reasoning.opener) if reasoning and prompt.endswith(reasoning.opener) else len(prompt)
+        at = _located_start(prompt[:own], full) if i != last else None
+        if at is None:
             raise EncodeError(
                 "template-mask",
                 f"assistant message {i}: the conversation before it, rendered with the generation prompt, "
-                f"is not a prefix of the full rendering ({first_difference(prefix, full)}); the template "
+                f"is not a prefix of the full rendering ({first_difference(prompt, full)}); the template "
                 "renders earlier turns differently once later turns exist, so the trained span cannot be located",
             )
-        starts.append(len(prefix))
+        starts.append((at, own))
     check_rendered(full, messages, tools)
     continued, before = _closings(renderer, messages, tools, targets)
     closings = iter(continued)
-    last = len(messages) - 1
-    turns = [Turn(i, start, None if i == last else next(closings)) for i, start in zip(targets, starts)]
-    return RenderedSFT(full, turns, before)
+    turns = [Turn(i, start, None if i == last else next(closings), own) for i, (start, own) in zip(targets, starts)]
+    return RenderedSFT(text, turns, before, opener)
+
+
+def _located_start(head: str, full: str) -> int | None:
+    """Where a turn starts in `full` when the template renders the turns before it otherwise once the
+    conversation goes on (Qwen3.5 gives every turn after the last user message a <think> block): after the
+    one place in `full` that holds the longest tail of `head`, its prompt up to the end of its header (the
+    messages just before it and the header, rendered alike). None where that place is not unique."""
+    parted = common_prefix_length(head, full)
+    tail = head[parted:]
+    low, high = 0, len(tail)  # the last `low` chars of tail occur in full after `parted`
+    while low < high:
+        mid = (low + high + 1) // 2
+        if full.find(tail[len(tail) - mid:], parted) >= 0:
+            low = mid
+        else:
+            high = mid - 1
+    piece = tail[len(tail) - low:]
+    at = full.find(piece, parted) if low else -1
+    if at < 0 or full.find(piece, at + 1) >= 0:
+        return None
+    return at + low
 
 
 def _closings(
@@ -106,7 +157,8 @@ def _closings(
 
 
 def render_dpo(
-    renderer: ChatRenderer, prompt: list[dict], chosen: list[Message], rejected: list[Message], tools: list | None
+    renderer: ChatRenderer, prompt: list[dict], chosen: list[Message], rejected: list[Message], tools: list | None,
+    reasoning: ReasoningPrompt | None = None,
 ) -> RenderedDPO:
     """Render prompt+chosen and prompt+rejected; the rendered prompt must be a prefix of both."""
     for name, completion in (("chosen", chosen), ("rejected", rejected)):
@@ -124,7 +176,10 @@ def render_dpo(
     texts = []
     for name, messages in zip(("chosen", "rejected"), conversations):
         full = renderer.render(messages, tools, False)
-        if not full.startswith(prompt_text):
+        if reasoning is not None and reasoning.applies(prompt_text, full):
+            full = reasoning.continue_prompt(prompt_text, full, messages[-1])
+        elif not full.startswith(prompt_text):
+            _refuse_moved_prompt(full, prompt, tools, name)
             raise EncodeError(
                 "boundary-mismatch",
                 f"the rendered prompt is not a prefix of the rendered prompt+{name} conversation "
@@ -141,6 +196,23 @@ def render_dpo(
         except EncodeError:
             pass  # as in render_sft
     return RenderedDPO(len(prompt_text), (texts[0], texts[1]), None)
+
+
+def _refuse_moved_prompt(full: str, prompt: list[dict], tools: list | None, name: str) -> None:
+    """EncodeError("template-moves-prompt") where the prompt+completion rendering lacks part of the prompt.
+
+    Mistral-Nemo writes the system prompt into the last user turn only when that turn ends the
+    conversation: the prompt the model sees at generation time has it, the rendering with a completion
+    has none, and no split of that rendering is the prompt the model was given."""
+    try:
+        check_rendered(full, prompt, tools)
+    except EncodeError as exc:
+        raise EncodeError(
+            "template-moves-prompt",
+            f"the chat template renders part of the prompt only while the prompt ends the conversation: in the "
+            f"prompt+{name} rendering {exc.message.split(':', 1)[0]} is missing; no split of that rendering is "
+            "the prompt the model sees at generation time",
+        ) from exc
 
 
 def common_prefix_length(a: str, b: str) -> int:

@@ -6,8 +6,13 @@ did not render it) and its character offsets; `mask` turns character spans into 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aligndata.encode.spans import RenderedDPO
 from aligndata.encode.tokenizer import Encoding, TokenizerBackend
+
+if TYPE_CHECKING:
+    from aligndata.encode.control import PlainText
 
 Bos = tuple[int | None, str | None]  # (id, text) from tokenizer.bos_to_prepend
 
@@ -85,6 +90,16 @@ def tokenize(backend: TokenizerBackend, texts: list[str], bos: Bos) -> list[Toke
         return []
     encodings = backend.encode_batch(texts, add_special_tokens=False)
     return [Tokens(text, enc, _bos_for(text, bos)) for text, enc in zip(texts, encodings)]
+
+
+def tokenize_keeping_text(
+    backend: TokenizerBackend, plain_text: PlainText, texts: list[str], plain: list[list[tuple[int, int]] | None],
+    bos: Bos,
+) -> list[Tokens]:
+    """As `tokenize`; a text with `plain` spans (a data's control strings kept as text) through `plain_text`."""
+    ordinary = iter(tokenize(backend, [text for text, spans in zip(texts, plain) if not spans], bos))
+    return [Tokens(text, plain_text.encode(text, spans), _bos_for(text, bos)) if spans else next(ordinary)
+            for text, spans in zip(texts, plain)]
 
 
 def tokenize_sharing_prompt(

@@ -19,6 +19,7 @@ from jsonschema.exceptions import ValidationError
 
 from aligndata.errors import EXIT_INPUT, EXIT_INVALID, EXIT_OK, InputError, InvalidRecordError, Problem
 from aligndata.progress import FileProgress
+from aligndata.read.control_strings import COMMON_CONTROL_STRINGS, ControlStrings, record_messages
 from aligndata.read.detect import Detection, decide_format, materialized, mixed_problem, refuse_if_mixed, start_format
 from aligndata.read.formats import FORMATS, Format, check_format_option, detect_shape
 from aligndata.read.formats.common import Issues
@@ -260,10 +261,14 @@ class FileSummary:
     valid: int = 0
     by_kind: Counter = field(default_factory=Counter)
     error: str | None = None
+    # Valid records with a common template's control string inside a message (not a problem: convert decides).
+    control_strings: int = 0
+    first_control_string: str | None = None  # where the first one is, as a problem would name it
 
     def to_json(self) -> dict:
         return {"file": self.file, "format": self.format, "records": self.records, "valid": self.valid,
-                "invalid": self.records - self.valid, "problems_by_kind": dict(self.by_kind), "error": self.error}
+                "invalid": self.records - self.valid, "problems_by_kind": dict(self.by_kind), "error": self.error,
+                "control_strings": {"records": self.control_strings, "first": self.first_control_string}}
 
 
 @dataclass
@@ -287,6 +292,17 @@ class Validation:
                 "problems_shown": len(self.problems), "problems_total": self.total}
 
 
+def _note_control_string(summary: FileSummary, checked: Checked, control: ControlStrings) -> None:
+    if not checked.ok:
+        return
+    hit = control.find(record_messages(checked.record))
+    if hit is not None:
+        summary.control_strings += 1
+        if summary.first_control_string is None:
+            raw = checked.raw
+            summary.first_control_string = f"{summary.file}:{raw.line} (record {raw.index}) {hit[1]}: {hit[0]!r}"
+
+
 def validate_files(paths: list[str], input_format: str = "auto", *, max_errors: int = 50, progress: bool = False,
                    on_problem: Callable[[Problem], None] | None = None,
                    on_error: Callable[[str], None] | None = None) -> Validation:
@@ -306,6 +322,7 @@ def validate_files(paths: list[str], input_format: str = "auto", *, max_errors: 
         result.total += 1
 
     bar = FileProgress(progress)
+    control = ControlStrings(list(COMMON_CONTROL_STRINGS))
     try:
         for path in paths:
             fc = FileCheck(path, input_format)
@@ -319,6 +336,7 @@ def validate_files(paths: list[str], input_format: str = "auto", *, max_errors: 
                     for p in ([checked.mixed] if checked.mixed else []) + checked.problems:
                         s.by_kind[p.kind] += 1
                         found(p)
+                    _note_control_string(s, checked, control)
             except InputError as e:
                 s.error = str(e)
                 if on_error is not None:

@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from aligndata.read.control_strings import COMMON_CONTROL_STRINGS, ControlStrings, record_messages
 from aligndata.read.formats import FORMATS
 from aligndata.read.formats.common import Issues
 from aligndata.read.validate import Checked, FileCheck, read_records
@@ -164,6 +165,7 @@ class LintReport:
     with_system: int = 0
     with_tools: int = 0
     empty_system: Examples = field(default_factory=Examples)  # record numbers
+    control_strings: Examples = field(default_factory=Examples)  # {"record", "string", "path"}
     duplicates: RepeatedPrompts = field(default_factory=RepeatedPrompts)
     pairs: PairStats = field(default_factory=PairStats)
     warnings: list[Finding] = field(default_factory=list)
@@ -184,6 +186,7 @@ class LintReport:
             "with_system": {"records": self.with_system, "share": self.share(self.with_system)},
             "with_tools": {"records": self.with_tools, "share": self.share(self.with_tools)},
             "empty_system": {"records": self.empty_system.count, "examples": self.empty_system.examples},
+            "control_strings": {"records": self.control_strings.count, "examples": self.control_strings.examples},
             "duplicate_prompts": self.duplicates.to_json(),
             "pairs": self.pairs.to_json() if self.task == "dpo" else None,
             "warnings": [w.to_json() for w in self.warnings],
@@ -217,6 +220,7 @@ def lint_file(path: str, input_format: str = "auto") -> LintReport:
     report = LintReport(fc.name)
     turns = array("i")
     seen = _SeenPrompts()
+    control = ControlStrings(list(COMMON_CONTROL_STRINGS))
     for checked in read_records(fc, allow_mixed=True):
         if report.records == 0 or checked.mixed:
             report.format = fc.format
@@ -237,6 +241,9 @@ def lint_file(path: str, input_format: str = "auto") -> LintReport:
         if record is None:
             continue
         _count_shape(report, record, turns)
+        found = control.find(record_messages(record))
+        if found is not None:
+            report.control_strings.add({"record": n, "string": found[0], "path": found[1]})
         prompt = prompt_of(record)
         seen.add(prompt_key(prompt), n, prompt)
         if isinstance(record, PreferencePair):
@@ -297,6 +304,14 @@ def _warnings(r: LintReport) -> list[Finding]:
     if empty.count:
         out.append(Finding("empty-system", f"{plural(empty.count, 'record')} with an empty system prompt: "
                                             f"records {record_list(empty.examples, empty.count)}"))
+    control = r.control_strings
+    if control.count:
+        first = control.examples[0]
+        out.append(Finding("control-string", f"{plural(control.count, 'record')} with a chat template's control "
+                                              f"string inside a message, e.g. record {first['record']} "
+                                              f"{first['path']}: {first['string']!r}; `aligndata convert` refuses "
+                                              "them where the string is a special token of the tokenizer "
+                                              "(--control-strings)"))
     same = r.pairs.identical
     if same.count:
         out.append(Finding("identical-pair", f"{plural(same.count, 'pair')} with the same chosen and rejected "

@@ -122,7 +122,7 @@ class ChunkEncoder:
                 enc = next(encoded)
                 if isinstance(enc, EncodeError):
                     kind = "drop" if enc.reason in DROP_REASONS else "reject"
-                    problems = [Problem(job.file, raw.line, raw.index, "$", str(enc.message), enc.reason)]
+                    problems = [Problem(job.file, raw.line, raw.index, enc.path, str(enc.message), enc.reason)]
                     not_kept.append(NotKept(len(kept), kind, enc.reason, problems))
                     if kind == "reject" and skip:
                         not_kept[-1].reject_line = reject_line(Checked(raw, job.format, None, problems), job.file)

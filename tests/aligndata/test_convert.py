@@ -475,3 +475,69 @@ def test_writing_columns_in_blocks_gives_the_files_of_writing_rows_one_by_one(tm
         assert (tmp_path / "one" / "train" / name).read_bytes() == (tmp_path / "blocks" / "train" / name).read_bytes()
     assert open_split(tmp_path / "blocks", "train", {"splits": {"train": {"files": one.files["train"]}}}) \
         .column("chosen_ids").to_pylist() == [r["chosen_ids"] for r in rows]
+
+
+# ---- control strings inside messages, and the end-of-turn warning at the end of the run ---------------------
+
+FAKE_TURN = {"messages": [{"role": "user", "content": "Tell me a joke."},
+                          {"role": "assistant", "content": "Answer<|im_end|>\n<|im_start|>user\nfake"}]}
+
+
+def test_a_special_token_written_inside_a_reply_is_refused_naming_string_and_field(tmp_path, tiny_tokenizer_dir):
+    raw = write_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
+                                                               {"role": "assistant", "content": "Hello"}]}, FAKE_TURN])
+
+    result = runner.invoke(app, ["convert", str(raw), "--to", "sft", "-t", str(tiny_tokenizer_dir),
+                                 "--out", str(tmp_path / "out"), "-q"])
+
+    assert result.exit_code == 1
+    assert result.output.splitlines()[0] == (
+        f"error: {raw}:2 (record 2) $.messages[1].content: contains '<|im_end|>', a special token of this tokenizer: "
+        "it would be encoded as that token, not as text (a reply could teach the model to end its turn or open "
+        "another); pass --control-strings text to keep it as text, or allow to encode it as the token")
+
+
+def test_control_strings_allow_encodes_them_as_special_tokens_and_the_manifest_says_so(tmp_path, tiny_tokenizer_dir,
+                                                                                    tiny_tokenizer):
+    raw = write_jsonl(tmp_path / "chats.jsonl", [FAKE_TURN])
+
+    result = convert([str(raw)], tmp_path / "out", "sft", str(tiny_tokenizer_dir), control_strings="allow")
+
+    ids = open_split(tmp_path / "out", "train", result.manifest)["input_ids"][0].as_py()
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert ids.count(im_end) == 3  # the user's, the reply's own, and the one written inside the reply
+    assert result.manifest["settings"]["control_strings"] == "allow"
+    default = convert([str(write_jsonl(tmp_path / "ok.jsonl", SFT))], tmp_path / "ok", "sft", str(tiny_tokenizer_dir))
+    assert "control_strings" not in default.manifest["settings"]  # a default leaves the manifest as it was
+
+
+def test_convert_ends_with_inspects_warning_when_completions_lack_the_end_of_turn(tmp_path, pair_file,
+                                                                                 tiny_tokenizer_dir):
+    args = ["convert", str(pair_file), "--to", "dpo", "-t", str(tiny_tokenizer_dir), "-q"]
+
+    cut = runner.invoke(app, [*args, "--out", str(tmp_path / "cut"), "--max-length", "24",
+                              "--length-policy", "truncate"])
+    whole = runner.invoke(app, [*args, "--out", str(tmp_path / "whole")])
+
+    assert cut.exit_code == 0 and whole.exit_code == 0
+    assert "warning [end-of-turn]: train: 20 rows with a completion not ending with" in " ".join(cut.output.split())
+    assert "warning" not in whole.output
+
+
+def test_control_strings_text_tokenizes_them_as_text_with_or_without_the_piece_cache(tmp_path, tiny_tokenizer_dir,
+                                                                                     tiny_tokenizer):
+    raw = write_jsonl(tmp_path / "chats.jsonl", [FAKE_TURN])
+
+    rows = []
+    for fast in (True, False):
+        result = convert([str(raw)], tmp_path / f"out{fast}", "sft", str(tiny_tokenizer_dir), control_strings="text",
+                         fast_tokenize=fast)
+        table = open_split(tmp_path / f"out{fast}", "train", result.manifest)
+        rows.append((table["input_ids"][0].as_py(), table["loss_mask"][0].as_py()))
+
+    ids, mask = rows[0]
+    assert rows[1] == rows[0]
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert ids.count(im_end) == 2  # the user's and the reply's own: the one inside the reply is text
+    assert tiny_tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "Answer<|im_end|>\n<|im_start|>user\nfake<|im_end|>"
+    assert result.manifest["settings"]["control_strings"] == "text"

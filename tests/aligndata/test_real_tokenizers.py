@@ -158,16 +158,15 @@ def test_minimind_chatml_template_leaves_its_empty_think_block_untrained(minimin
         assert_sft_matches(minimind, conv, coder, expected)
 
 
-def test_minimind_template_moving_reasoning_out_of_earlier_turns_is_refused(minimind):
+def test_minimind_earlier_turn_with_reasoning_is_trained_as_rendered_from_its_header(minimind):
+    """minimind's generation prompt writes an empty block, an earlier turn with reasoning its own: that turn
+    is trained as the conversation renders it, block included (it was refused as template-mask)."""
     conv = Conversation([
         Message("user", "2+2?"), Message("assistant", "<think>\nadd\n</think>\n\n4"),
         Message("user", "3+3?"), Message("assistant", "6"),
     ])
 
-    with pytest.raises(EncodeError) as err:
-        encoder(minimind).encode_sft(conv)
-
-    assert err.value.reason == "template-mask"
+    assert_sft_matches(minimind, conv, encoder(minimind), ["<think>\nadd\n</think>\n\n4<|im_end|>", "6<|im_end|>"])
 
 
 def test_qwen_dpo_prompt_plus_completion_equals_the_full_tokenization(qwen):
@@ -355,3 +354,41 @@ def test_phi3_refuses_every_glaive_record_whose_tool_calls_it_cannot_render(phi3
 
 def test_qwen_renders_every_glaive_tool_call_and_keeps_every_record(qwen):
     assert [r for r in encoder(qwen).encode_sft_batch(glaive_conversations(300)) if isinstance(r, EncodeError)] == []
+
+
+# ---- control strings written inside a message (Qwen: <|im_end|> is 151645) --------------------------------
+
+
+def test_qwen_refuses_a_reply_holding_im_end_and_allow_trains_the_token_inside_the_span(qwen):
+    fake = Conversation([Message("user", "Hi", origin="$.messages[0]"),
+                         Message("assistant", "Answer<|im_end|>\n<|im_start|>user\nfake", origin="$.messages[1]")])
+
+    with pytest.raises(EncodeError) as err:
+        encoder(qwen).encode_sft(fake)
+    allowed = encoder(qwen, control_strings="allow").encode_sft(fake)
+
+    assert (err.value.reason, err.value.path) == ("control-string-in-content", "$.messages[1].content")
+    im_end, im_start = qwen.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
+    trained = trained_runs(allowed.input_ids, allowed.loss_mask)[0]
+    assert trained.count(im_end) == 2 and im_start in trained
+
+
+def test_qwen_control_strings_text_equals_the_library_reading_the_replys_segment_as_text(qwen):
+    content = "Answer<|im_end|>\n<|im_start|>user\nfake"
+    fake = Conversation([Message("user", "Hi <|endoftext|>"), Message("assistant", content)])
+
+    results = [encoder(qwen, control_strings="text", fast_tokenize=fast).encode_sft(fake) for fast in (True, False)]
+
+    text = qwen.apply_chat_template([m.to_json() for m in fake.messages], tokenize=False)
+    cuts = []  # each message's text is read as text from the template's marker before it to the one after it
+    for piece in ("Hi <|endoftext|>", content):
+        at = text.index(piece)
+        cuts.append((text.rindex("<|im_start|>", 0, at) + len("<|im_start|>"), at + len(piece)))
+    expected, done = [], 0
+    for start, end in cuts:
+        expected += qwen.encode(text[done:start], add_special_tokens=False)
+        expected += qwen(text[start:end], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        done = end
+    expected += qwen.encode(text[done:], add_special_tokens=False)
+    assert results[0].input_ids == results[1].input_ids == expected
+    assert qwen.decode(trained_runs(results[0].input_ids, results[0].loss_mask)[0]) == content + "<|im_end|>"

@@ -243,18 +243,57 @@ STRIPS_REASONING = (
 )
 
 
-def test_sft_refuses_a_template_that_renders_earlier_turns_differently(tiny_tokenizer):
+def test_sft_trains_an_earlier_turn_as_the_full_rendering_shows_it_without_its_reasoning(tiny_tokenizer):
     conv = Conversation([PARIS, Message("assistant", "<think>hmm</think>It is sunny."), LONDON, raining()])
 
+    enc = encoder(tiny_tokenizer, template(STRIPS_REASONING)).encode_sft(conv)
+
+    assert enc.input_ids == tiny_tokenizer.encode(STRIPPED_RENDERING, add_special_tokens=False)
+    assert trained_text(tiny_tokenizer, enc.input_ids, enc.loss_mask) == [
+        "It is sunny.<|im_end|>", "It is raining in London.<|im_end|>"]
+
+
+STRIPPED_RENDERING = (
+    "<|im_start|>user\nWhat is the weather in Paris?<|im_end|>\n<|im_start|>assistant\nIt is sunny.<|im_end|>\n"
+    "<|im_start|>user\nThanks, and in London?<|im_end|>\n<|im_start|>assistant\nIt is raining in London.<|im_end|>\n"
+)
+
+# Qwen3's way: only the last assistant turn gets an (empty) reasoning block in front of its reply.
+THINKS_LAST = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_sft_trains_every_turn_of_a_template_that_gives_only_the_last_turn_a_reasoning_block(tiny_tokenizer):
+    conv = Conversation([PARIS, Message("assistant", "It is sunny."), LONDON, raining()])
+
+    enc = encoder(tiny_tokenizer, template(THINKS_LAST)).encode_sft(conv)
+
+    assert trained_text(tiny_tokenizer, enc.input_ids, enc.loss_mask) == [
+        "It is sunny.<|im_end|>", "<think>\n\n</think>\n\nIt is raining in London.<|im_end|>"]
+
+
+# Writes a marker after the reply of the last turn only: an earlier turn then has no tail in common.
+MARKS_LAST = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% if m.role == 'assistant' and loop.last %} (end){% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_sft_refuses_a_template_that_renders_an_earlier_turns_reply_differently(tiny_tokenizer):
+    conv = Conversation([PARIS, Message("assistant", "It is sunny."), LONDON, raining()])
+
     with pytest.raises(EncodeError) as err:
-        encoder(tiny_tokenizer, template(STRIPS_REASONING)).encode_sft(conv)
+        encoder(tiny_tokenizer, template(MARKS_LAST)).encode_sft(conv)
 
     assert err.value.reason == "template-mask"
     assert str(err.value) == (
         "assistant message 1: rendered as the last message it differs from its rendering inside the full "
-        "conversation (first difference at char 79: '<think>hmm</think>It is sunny.<|im_end|>' vs "
-        "'It is sunny.<|im_end|>\\n<|im_start|>user\\n'); the template renders a turn differently once later "
-        "turns exist, so the trained span cannot be located"
+        "conversation (first difference at char 91: ' (end)<|im_end|>\\n' vs '<|im_end|>\\n<|im_start|>user\\nThanks, and '); "
+        "the template renders a turn differently once later turns exist, so the trained span cannot be located"
     )
 
 

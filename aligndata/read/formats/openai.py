@@ -8,6 +8,9 @@ from aligndata.records import Conversation, Message, PreferencePair
 from aligndata.read.formats.common import Issues, normalize_arguments, normalize_tools, refuse_undesirable, tool_call
 
 
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")  # as vLLM, OpenRouter and Anthropic name it
+
+
 def _content(content: Any, path: str, issues: Issues) -> str:
     if content is None:
         return ""
@@ -35,6 +38,7 @@ def to_message(obj: dict[str, Any], path: str, issues: Issues) -> Message:
         msg.name = obj["name"]
     if obj.get("tool_call_id") is not None:
         msg.tool_call_id = obj["tool_call_id"]
+    msg.reasoning = next((obj[key] for key in REASONING_FIELDS if isinstance(obj.get(key), str)), None)
     calls = obj.get("tool_calls")
     if calls:
         if role != "assistant":
