@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import signal
 import threading
-from contextlib import contextmanager
 from itertools import islice
 from typing import Any, Callable, Iterable, TypeVar
 
