@@ -20,6 +20,7 @@ from rich.table import Table
 from aligndata import __version__
 from aligndata.errors import EXIT_INPUT, EXIT_OK, InputError, InvalidRecordError, exit_code, os_error_message
 from aligndata.options import ConvertOptions
+from aligndata.usage import Command
 from aligndata.read.formats import FORMATS, schema_dir
 from aligndata.read.validate import FileSummary, validate_files
 
@@ -68,7 +69,7 @@ def handle_errors(fn: Callable[[], int], writing: str | None = None) -> int:
     return EXIT_OK
 
 
-@app.command()
+@app.command(cls=Command)
 def validate(
     files: List[str] = typer.Argument(..., help="Input files (.json, .jsonl, .ndjson, optionally .gz), or - for stdin."),
     format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
@@ -125,7 +126,7 @@ def _print_validate_summary(summaries: list[FileSummary]) -> None:
         out.print(kt)
 
 
-@app.command()
+@app.command(cls=Command)
 def convert(
     files: List[str] = typer.Argument(..., help="Input files, or - for stdin."),
     to: str = typer.Option(..., "--to", help="openai | preference (canonical JSONL) or sft | dpo (tokenized Arrow shards)."),
@@ -134,11 +135,11 @@ def convert(
     on_error: str = typer.Option(ConvertOptions.on_error, "--on-error", help="fail: stop at the first invalid record; skip: write it to the rejects file and go on."),
     rejects: Optional[str] = typer.Option(ConvertOptions.rejects, "--rejects", help="Rejects file for --on-error skip (default: OUT.rejects.jsonl, or OUT/rejects.jsonl for shards)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="sft/dpo: tokenizer directory, .gguf file, or hub name."),
-    max_length: Optional[int] = typer.Option(ConvertOptions.max_length, "--max-length", help="sft/dpo: longest sequence in tokens (prompt + completion)."),
-    max_prompt_length: Optional[int] = typer.Option(ConvertOptions.max_prompt_length, "--max-prompt-length", help="dpo with --length-policy truncate: prompt budget in tokens."),
+    max_length: Optional[int] = typer.Option(ConvertOptions.max_length, "--max-length", help="sft/dpo: longest sequence in tokens (prompt + completion); default: no limit."),
+    max_prompt_length: Optional[int] = typer.Option(ConvertOptions.max_prompt_length, "--max-prompt-length", help="dpo with --length-policy truncate only: prompt budget in tokens."),
     length_policy: str = typer.Option(ConvertOptions.length_policy, "--length-policy", help="drop: records over --max-length are dropped (counted); truncate: cut old prompt turns, then completions."),
     chat_template: Optional[str] = typer.Option(ConvertOptions.chat_template, "--chat-template", help="A Jinja file or a built-in name (chatml, llama3, hh); default: the tokenizer's own."),
-    train_on: str = typer.Option(ConvertOptions.train_on, "--train-on", help="sft: train every assistant turn (all) or only the last one (last)."),
+    train_on: str = typer.Option(ConvertOptions.train_on, "--train-on", help="sft only: train every assistant turn (all) or only the last one (last)."),
     eval_fraction: float = typer.Option(ConvertOptions.eval_fraction, "--eval-fraction", help="Share of records held out as the eval split (seeded, per record)."),
     eval_file: Optional[str] = typer.Option(ConvertOptions.eval_file, "--eval-file", help="A raw file converted as the eval split instead of --eval-fraction."),
     shard_rows: int = typer.Option(ConvertOptions.shard_rows, "--shard-rows", help="Rows per Arrow shard file."),
@@ -152,7 +153,12 @@ def convert(
     """Convert raw records to canonical JSONL (--to openai|preference) or to shards (--to sft|dpo).
 
     Every record read is either written or (with --on-error skip) rejected with its reasons;
-    the summary prints read = written + rejected.
+    the summary prints read = written + rejected. Without --max-length nothing is dropped or cut
+    for its length.
+
+    Refused (exit 2): --max-prompt-length without --length-policy truncate or with --to sft;
+    --length-policy truncate without --max-length; --train-on last with --to dpo;
+    --eval-fraction with --eval-file.
 
     \b
     Examples:
@@ -192,7 +198,7 @@ def convert(
     raise typer.Exit(handle_errors(run_shards, writing=out_path))
 
 
-@app.command()
+@app.command(cls=Command)
 def inspect(
     path: str = typer.Argument(..., help="A shard directory (aligndata convert --to sft|dpo), or a raw file to lint."),
     show: int = typer.Option(0, "--show", help="Shards: render N records token by token, trained vs masked."),
@@ -271,7 +277,7 @@ def inspect(
     raise typer.Exit(handle_errors(run))
 
 
-@app.command()
+@app.command(cls=Command)
 def formats() -> None:
     """List the supported input formats and where their JSON Schemas are."""
     table = Table(title="input formats", title_justify="left")

@@ -58,6 +58,12 @@ class ConvertOptions:
         check_encoding(self.max_length, self.max_prompt_length, self.length_policy, self.train_on)
         if self.max_prompt_length is not None and self.task != "dpo":
             raise InputError("--max-prompt-length applies to --to dpo only")
+        if self.max_prompt_length is not None and self.length_policy != "truncate":
+            raise InputError("--max-prompt-length applies with --length-policy truncate only (drop keeps or drops "
+                             "whole pairs, it never cuts a prompt); add --length-policy truncate or leave it out")
+        if self.train_on != "all" and self.task != "sft":
+            raise InputError(f"--train-on {self.train_on} applies to --to sft only (DPO trains the chosen and rejected "
+                             "replies, never the prompt's turns)")
         if self.length_policy == "truncate" and self.max_length is None:
             raise InputError("--length-policy truncate needs --max-length")
         check_format_option(self.input_format)

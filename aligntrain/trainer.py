@@ -25,7 +25,7 @@ from aligndata.errors import RunStopped
 from aligndata.write.shards import ShardMismatch
 
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_training_state, save_checkpoint
-from .config import MIXED_PRECISION, Config, ConfigError, to_yaml
+from .config import MIXED_PRECISION, Config, ConfigError, defaults_note, to_yaml
 from .data import (ShardSplit, check_shards, collate, eval_batches, micro_batches, pad_token_id, process_share,
                    step_indices, total_steps)
 from .losses import PREFERENCE_LOSSES, PairLogps, preference_rewards, sft_loss
@@ -48,6 +48,7 @@ class TrainResult:
     checkpoint: Path | None
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    first_eval_metrics: dict[str, float] = field(default_factory=dict)  # do_first_eval: before the first step
     history: list[dict[str, float]] = field(default_factory=list)  # per-step train metrics of this invocation
     is_main: bool = True
 
@@ -94,6 +95,8 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
         start = load_training_state(resume_from, accelerator, model, optimizer, scheduler)["step"]
     _prepare_run_dir(run_dir, cfg, start, accelerator)
     log = MetricsLogger(cfg, run_dir, steps, start, enabled=accelerator.is_main_process, console=console)
+    if defaults_note(cfg):
+        log.note(defaults_note(cfg))
     if resume:
         log.note(f"resuming from {resume_from} (step {start} of {steps})" if resume_from is not None
                  else f"--resume: no checkpoint in {run_dir / CHECKPOINTS} yet; starting at step 0")
@@ -107,6 +110,7 @@ def train(cfg: Config, shards: str | Path, *, resume: bool = False, console=None
     try:
         if start == 0 and cfg.do_first_eval:
             result.eval_metrics = evaluate(model, objective, eval_split, cfg, accelerator, pad_token_id(tokenizer))
+            result.first_eval_metrics = result.eval_metrics
             log.log(0, "eval", result.eval_metrics)
         for step in range(start, steps):
             rows = process_share(step_indices(step, len(train_split), cfg.total_batch_size, cfg.seed), rank, world)

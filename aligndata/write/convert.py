@@ -475,3 +475,6 @@ def print_summary(result: ConvertResult, console: Any) -> None:
     if result.rejects_path is not None and rejected:
         line += f" (rejects: {result.rejects_path})"
     console.print(line, markup=False)
+    if m["settings"]["max_length"] is None:
+        longest = max(split["lengths"]["total"]["max"] for split in m["stats"].values())
+        console.print(f"no --max-length: no length limit (the longest sequence has {longest} tokens)", markup=False)

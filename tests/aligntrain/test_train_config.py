@@ -116,7 +116,8 @@ def test_max_prompt_length_is_checked_and_defaulted_only_for_preference_losses(t
     sft = "exp_name: s\nmodel: {name_or_path: m}\nloss: {name: sft}\nmax_length: 256\n"
     assert load_config(write(tmp_path, sft)).max_prompt_length is None  # SFT never reads it
     assert load_config(write(tmp_path, MINIMAL + "max_length: 256\n")).max_prompt_length == 128  # half, as the seed's 256/512
-    assert load_config(write(tmp_path, MINIMAL)).max_prompt_length == 256
+    assert load_config(write(tmp_path, MINIMAL), defaults={"max_length": 512}).max_prompt_length == 256  # `train`
+    assert load_config(write(tmp_path, MINIMAL)).max_prompt_length is None  # max_length follows the shards
     assert load_config(write(tmp_path, MINIMAL + "max_prompt_length: 100\n")).max_prompt_length == 100
 
 
