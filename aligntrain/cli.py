@@ -184,6 +184,10 @@ def generate(model_dirs: List[Path] = typer.Argument(..., exists=True, metavar="
     """
     from .generate import generate_replies
 
+    if not err.is_terminal:  # a log file or a pipe gets no "Loading weights" bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     replies = {str(d): generate_replies(d, prompt, system=system, max_new_tokens=max_new_tokens,
                                         temperature=temperature) for d in model_dirs}
     if as_json:

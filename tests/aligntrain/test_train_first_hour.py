@@ -5,6 +5,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import yaml
 from rich.console import Console
@@ -104,3 +106,10 @@ def test_progress_at_80_columns_shows_step_total_and_eta_before_the_metrics(tmp_
     line = [line for line in lines if "3/12" in line][-1]
     assert len(line) <= 80
     assert re.match(r"step +3/12 \d:\d\d:\d\d ETA \S+ .*loss 0.6931 ", line)  # the metrics last, cut at the right
+
+
+def test_generate_into_a_pipe_prints_no_loading_bars(tiny_model):
+    result = subprocess.run([sys.executable, "-m", "aligntrain", "generate", str(tiny_model), "-p", "Hi",
+                             "--max-new-tokens", "2"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "Loading weights" not in result.stderr and "it/s]" not in result.stderr
