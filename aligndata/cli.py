@@ -146,6 +146,7 @@ def convert(
     num_proc: int = typer.Option(ConvertOptions.num_proc, "--num-proc", help="Processes that validate and tokenize, this one included (output is identical for any value)."),
     seed: int = typer.Option(ConvertOptions.seed, "--seed", help="Seed of the eval split."),
     overwrite: bool = typer.Option(ConvertOptions.overwrite, "--overwrite", help="Replace an existing output made with different settings."),
+    eos_token: Optional[str] = typer.Option(ConvertOptions.eos_token, "--eos-token", help="sft/dpo: the end-of-sequence token (one token of the vocabulary), for a tokenizer that defines none, such as a bare tokenizer.json."),
     trust_remote_code: bool = typer.Option(ConvertOptions.trust_remote_code, "--trust-remote-code", help="Allow tokenizer code from the model repo (off by default)."),
     fast_tokenize: bool = typer.Option(ConvertOptions.fast_tokenize, "--fast-tokenize/--no-fast-tokenize", help="sft/dpo: byte-level BPE tokenizers go through a spot-checked piece cache (same tokens, 3-4x faster); --no-fast-tokenize uses the tokenizers library for every text."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -188,7 +189,7 @@ def convert(
             length_policy=length_policy, train_on=train_on, chat_template=chat_template, eval_fraction=eval_fraction,
             eval_file=eval_file, seed=seed, shard_rows=shard_rows, input_format=format, on_error=on_error,
             rejects=rejects, num_proc=num_proc, overwrite=overwrite, progress=not quiet,
-            trust_remote_code=trust_remote_code, fast_tokenize=fast_tokenize,
+            trust_remote_code=trust_remote_code, fast_tokenize=fast_tokenize, eos_token=eos_token,
         )
         from aligndata.write.convert import convert_files, print_summary
 

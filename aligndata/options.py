@@ -42,6 +42,7 @@ class ConvertOptions:
     overwrite: bool = False  # replace an existing output made with different settings
     progress: bool = False
     trust_remote_code: bool = False
+    eos_token: str | None = None  # the end-of-sequence token, where the tokenizer defines none
     fast_tokenize: bool = True  # byte-level BPE through the piece cache (same tokens, faster)
 
     def __post_init__(self) -> None:

@@ -163,6 +163,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, defaults: 
     raw = _apply_aliases(raw, where)
     for item in overrides or []:
         key, value = parse_override(item)
+        _check_override_type(_canonical_key(key), value, item)
         _set_dotted(raw, _canonical_key(key), value)
     defaulted = _unset_keys(raw)
     for key, value in (defaults or {}).items():
@@ -201,6 +202,18 @@ def parse_override(item: str) -> tuple[str, Any]:
     if canonical not in known and not any(k.startswith(canonical + ".") for k in known):
         raise ConfigError(f"--overrides: unknown key {key!r}{_suggest(key, known)}")
     return key, value
+
+
+def _check_override_type(key: str, value: Any, item: str) -> None:
+    """A value of the wrong type is the override's error, not the file's: `--overrides lr=fast: key 'lr' ...`."""
+    cls: Any = Config
+    *groups, name = key.split(".")
+    for group in groups:
+        cls = get_type_hints(cls)[group]
+    tp = get_type_hints(cls).get(name)
+    if tp is None or dataclasses.is_dataclass(tp) or (isinstance(value, str) and "${" in value):
+        return  # a whole group, or a reference resolved later: checked with the file
+    _coerce(tp, value, f"--overrides {item}", key)
 
 
 def defaults_note(cfg: Config, width: int = 100) -> str | None:
@@ -456,7 +469,21 @@ def _resolve_references(raw: dict[str, Any], where: str) -> dict[str, Any]:
     return resolve(raw)
 
 
+# Other trainers' names for our keys (transformers, TRL, torchtune): suggested by meaning, not by spelling,
+# where difflib would offer the closest string (learning_rate -> print_log_step).
+MEANT = {"learning_rate": "lr", "epochs": "n_epochs", "num_epochs": "n_epochs", "num_train_epochs": "n_epochs",
+         "warmup": "warmup_steps", "num_warmup_steps": "warmup_steps", "train_batch_size": "total_batch_size",
+         "global_batch_size": "total_batch_size", "max_seq_length": "max_length", "max_seq_len": "max_length",
+         "seq_len": "max_length", "gradient_accumulation": "gradient_accumulation_steps",
+         "gradient_checkpointing": "activation_checkpointing", "lr_scheduler_type": "scheduler",
+         "lr_scheduler": "scheduler", "logging_steps": "log_every_steps", "save_steps": "save_every_steps",
+         "eval_steps": "eval_every_steps", "model_name_or_path": "model.name_or_path", "model_name": "model.name_or_path",
+         "beta": "loss.beta", "loss_type": "loss.name", "output_path": "output_dir"}
+
+
 def _suggest(key: str, choices: list[str], lower: bool = False) -> str:
+    if key.rpartition(".")[2] in MEANT and not lower:
+        return f" (did you mean {MEANT[key.rpartition('.')[2]]!r}?)"
     if lower:
         by_lower = {c.lower(): c for c in choices}
         match = difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.5)

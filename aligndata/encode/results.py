@@ -8,13 +8,14 @@ from dataclasses import dataclass
 class EncodeError(Exception):
     """One record cannot be encoded. `reason` is a short kebab-case key that summaries count by."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, length: int | None = None):
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.length = length  # "too-long": the record's length in tokens, for the summary of what was dropped
 
-    def __reduce__(self):  # keeps both arguments when a worker process sends the error back
-        return (type(self), (self.reason, self.message))
+    def __reduce__(self):  # keeps every argument when a worker process sends the error back
+        return (type(self), (self.reason, self.message, self.length))
 
 
 @dataclass

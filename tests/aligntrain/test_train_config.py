@@ -84,7 +84,7 @@ def test_override_of_a_key_that_does_not_exist_fails(tmp_path):
 
 def test_override_value_is_type_checked(tmp_path):
     assert error_of(tmp_path, MINIMAL, ["model.policy_dtype=float64"]) == \
-        ("cfg.yml: key 'model.policy_dtype' must be one of float32, bfloat16, float16; "
+        ("--overrides model.policy_dtype=float64: key 'model.policy_dtype' must be one of float32, bfloat16, float16; "
                             "got 'float64' (did you mean 'float16'?)")
 
 
