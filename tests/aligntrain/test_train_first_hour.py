@@ -113,3 +113,20 @@ def test_generate_into_a_pipe_prints_no_loading_bars(tiny_model):
                              "--max-new-tokens", "2"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "Loading weights" not in result.stderr and "it/s]" not in result.stderr
+
+
+def test_keys_of_other_trainers_get_suggestions_by_meaning(tmp_path, capsys):
+    for key, meant in [("learning_rate", "lr"), ("epochs", "n_epochs"), ("num_epochs", "n_epochs"),
+                       ("warmup", "warmup_steps"), ("max_seq_length", "max_length")]:
+        cfg = tmp_path / "cfg.yml"
+        cfg.write_text(f"exp_name: x\nmodel: {{name_or_path: m}}\n{key}: 1\n")
+        assert run(capsys, "config", cfg)[::2] == (1, f"error: cfg.yml: unknown key {key!r} (did you mean {meant!r}?)\n")
+    assert run(capsys, "config", cfg, "--overrides", "learning_rate=1")[2] == \
+        "error: --overrides: unknown key 'learning_rate' (did you mean 'lr'?)\n"
+
+
+def test_an_override_of_the_wrong_type_is_the_overrides_error(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text("exp_name: x\nmodel: {name_or_path: m}\n")
+    assert run(capsys, "config", cfg, "--overrides", "lr=fast")[::2] == \
+        (1, "error: --overrides lr=fast: key 'lr' must be a number, got 'fast' (str)\n")
