@@ -10,6 +10,11 @@ then checks every key before anything heavy is imported or loaded:
     missing key        config.yml: missing required key 'model.name_or_path'
     wrong type         config.yml: key 'lr' must be a number, got 'fast' (str)
     bad override       --overrides: unknown key 'model.polcy_dtype' (did you mean 'model.policy_dtype'?)
+                       --overrides lr=fast: key 'lr' must be a number, got 'fast' (str)
+
+Keys that other trainers spell differently get a suggestion by meaning (`learning_rate` -> `lr`). A config
+needs `exp_name` and `model.name_or_path` (and `loss.name` under `aligntrain train`); every other key has a
+default, and `defaults_note` names the ones a run took from there.
 
 Some seed keys were renamed; the seed spellings are still read and mean the same thing:
 `output_dirs` -> `output_dir`, `save_model_step` -> `save_every_steps`, `print_log_step` ->
@@ -252,8 +257,8 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise bad("exp_name", f"{cfg.exp_name!r} must stay inside the runs directory (no absolute path, no '..')")
     positive = ["total_batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every_steps",
                 "logprob_chunk_tokens"]
-    optional_positive = ["max_length", "max_prompt_length", "n_epochs", "n_examples", "eval_every_steps", "n_eval_examples",
-                         "save_every_steps", "tokens_per_batch", "keep_checkpoints"]
+    optional_positive = ["max_length", "max_prompt_length", "n_epochs", "n_examples", "eval_every_steps",
+                         "n_eval_examples", "save_every_steps", "tokens_per_batch", "keep_checkpoints"]
     for key in positive + optional_positive:
         value = getattr(cfg, key)
         if value is not None and value <= 0:
