@@ -20,6 +20,7 @@ from rich.table import Table
 from aligndata import __version__
 from aligndata.errors import EXIT_INPUT, EXIT_OK, InputError, InvalidRecordError, exit_code, os_error_message
 from aligndata.options import ConvertOptions
+from aligndata.usage import Command
 from aligndata.read.formats import FORMATS, schema_dir
 from aligndata.read.validate import FileSummary, validate_files
 
@@ -68,7 +69,7 @@ def handle_errors(fn: Callable[[], int], writing: str | None = None) -> int:
     return EXIT_OK
 
 
-@app.command()
+@app.command(cls=Command)
 def validate(
     files: List[str] = typer.Argument(..., help="Input files (.json, .jsonl, .ndjson, optionally .gz), or - for stdin."),
     format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
@@ -130,7 +131,7 @@ def _print_validate_summary(summaries: list[FileSummary]) -> None:
         out.print(kt)
 
 
-@app.command()
+@app.command(cls=Command)
 def convert(
     files: List[str] = typer.Argument(..., help="Input files, or - for stdin."),
     to: str = typer.Option(..., "--to", help="openai | preference (canonical JSONL) or sft | dpo (tokenized Arrow shards)."),
@@ -139,11 +140,11 @@ def convert(
     on_error: str = typer.Option(ConvertOptions.on_error, "--on-error", help="fail: stop at the first invalid record; skip: write it to the rejects file and go on."),
     rejects: Optional[str] = typer.Option(ConvertOptions.rejects, "--rejects", help="Rejects file for --on-error skip (default: OUT.rejects.jsonl, or OUT/rejects.jsonl for shards)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="sft/dpo: tokenizer directory, .gguf file, or hub name."),
-    max_length: Optional[int] = typer.Option(ConvertOptions.max_length, "--max-length", help="sft/dpo: longest sequence in tokens (prompt + completion)."),
-    max_prompt_length: Optional[int] = typer.Option(ConvertOptions.max_prompt_length, "--max-prompt-length", help="dpo with --length-policy truncate: prompt budget in tokens."),
+    max_length: Optional[int] = typer.Option(ConvertOptions.max_length, "--max-length", help="sft/dpo: longest sequence in tokens (prompt + completion); default: no limit."),
+    max_prompt_length: Optional[int] = typer.Option(ConvertOptions.max_prompt_length, "--max-prompt-length", help="dpo with --length-policy truncate only: prompt budget in tokens."),
     length_policy: str = typer.Option(ConvertOptions.length_policy, "--length-policy", help="drop: records over --max-length are dropped (counted); truncate: cut old prompt turns, then completions."),
     chat_template: Optional[str] = typer.Option(ConvertOptions.chat_template, "--chat-template", help="A Jinja file or a built-in name (chatml, llama3, hh); default: the tokenizer's own."),
-    train_on: str = typer.Option(ConvertOptions.train_on, "--train-on", help="sft: train every assistant turn (all) or only the last one (last)."),
+    train_on: str = typer.Option(ConvertOptions.train_on, "--train-on", help="sft only: train every assistant turn (all) or only the last one (last)."),
     reasoning: str = typer.Option(ConvertOptions.reasoning, "--reasoning", help="sft/dpo, templates whose generation prompt opens <think>: keep the data's reasoning (reasoning_content, reasoning or thinking field, or <think> in the content; an empty block where there is none) or write an empty block (empty)."),
     control_strings: str = typer.Option(ConvertOptions.control_strings, "--control-strings", help="sft/dpo: a special token of the tokenizer written inside a message (<|im_end|>, ...): refuse the record (refuse), tokenize it as plain text (text; byte-level BPE tokenizers) or encode it as that token (allow)."),
     eval_fraction: float = typer.Option(ConvertOptions.eval_fraction, "--eval-fraction", help="Share of records held out as the eval split (seeded, per record)."),
@@ -152,6 +153,7 @@ def convert(
     num_proc: int = typer.Option(ConvertOptions.num_proc, "--num-proc", help="Processes that validate and tokenize, this one included (output is identical for any value)."),
     seed: int = typer.Option(ConvertOptions.seed, "--seed", help="Seed of the eval split."),
     overwrite: bool = typer.Option(ConvertOptions.overwrite, "--overwrite", help="Replace an existing output: shards made with different settings, or an existing .jsonl file (only files aligndata writes are ever removed)."),
+    eos_token: Optional[str] = typer.Option(ConvertOptions.eos_token, "--eos-token", help="sft/dpo: the end-of-sequence token (one token of the vocabulary), for a tokenizer that defines none, such as a bare tokenizer.json."),
     trust_remote_code: bool = typer.Option(ConvertOptions.trust_remote_code, "--trust-remote-code", help="Allow tokenizer code from the model repo (off by default)."),
     fast_tokenize: bool = typer.Option(ConvertOptions.fast_tokenize, "--fast-tokenize/--no-fast-tokenize", help="sft/dpo: byte-level BPE tokenizers go through a spot-checked piece cache (same tokens, 3-4x faster); --no-fast-tokenize uses the tokenizers library for every text."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -159,7 +161,12 @@ def convert(
     """Convert raw records to canonical JSONL (--to openai|preference) or to shards (--to sft|dpo).
 
     Every record read is either written or (with --on-error skip) rejected with its reasons;
-    the summary prints read = written + rejected.
+    the summary prints read = written + rejected. Without --max-length nothing is dropped or cut
+    for its length.
+
+    Refused (exit 2): --max-prompt-length without --length-policy truncate or with --to sft;
+    --length-policy truncate without --max-length; --train-on last with --to dpo;
+    --eval-fraction with --eval-file.
 
     \b
     Examples:
@@ -190,7 +197,7 @@ def convert(
             chat_template=chat_template, eval_fraction=eval_fraction,
             eval_file=eval_file, seed=seed, shard_rows=shard_rows, input_format=format, on_error=on_error,
             rejects=rejects, num_proc=num_proc, overwrite=overwrite, progress=not quiet,
-            trust_remote_code=trust_remote_code, fast_tokenize=fast_tokenize,
+            trust_remote_code=trust_remote_code, fast_tokenize=fast_tokenize, eos_token=eos_token,
         )
         from aligndata.report.render import print_warnings
         from aligndata.report.shard_stats import inspect_shards
@@ -207,7 +214,7 @@ def convert(
     raise typer.Exit(handle_errors(run_shards, writing=out_path))
 
 
-@app.command()
+@app.command(cls=Command)
 def inspect(
     path: str = typer.Argument(..., help="A shard directory (aligndata convert --to sft|dpo), or a raw file to lint."),
     show: int = typer.Option(0, "--show", help="Shards: render N records token by token, trained vs masked."),
@@ -286,7 +293,7 @@ def inspect(
     raise typer.Exit(handle_errors(run))
 
 
-@app.command()
+@app.command(cls=Command)
 def formats() -> None:
     """List the supported input formats and where their JSON Schemas are."""
     table = Table(title="input formats", title_justify="left")

@@ -47,6 +47,7 @@ class ConvertOptions:
     overwrite: bool = False  # replace an existing output made with different settings
     progress: bool = False
     trust_remote_code: bool = False
+    eos_token: str | None = None  # the end-of-sequence token, where the tokenizer defines none
     fast_tokenize: bool = True  # byte-level BPE through the piece cache (same tokens, faster)
 
     def __post_init__(self) -> None:
@@ -64,6 +65,12 @@ class ConvertOptions:
                        self.control_strings)
         if self.max_prompt_length is not None and self.task != "dpo":
             raise InputError("--max-prompt-length applies to --to dpo only")
+        if self.max_prompt_length is not None and self.length_policy != "truncate":
+            raise InputError("--max-prompt-length applies with --length-policy truncate only (drop keeps or drops "
+                             "whole pairs, it never cuts a prompt); add --length-policy truncate or leave it out")
+        if self.train_on != "all" and self.task != "sft":
+            raise InputError(f"--train-on {self.train_on} applies to --to sft only (DPO trains the chosen and rejected "
+                             "replies, never the prompt's turns)")
         if self.length_policy == "truncate" and self.max_length is None:
             raise InputError("--length-policy truncate needs --max-length")
         check_format_option(self.input_format)

@@ -22,8 +22,9 @@ from rich.console import Console
 from rich.table import Table
 
 from aligndata.errors import EXIT_INPUT, EXIT_OK
+from aligndata.usage import Command, command_class
 
-from .config import ConfigError, load_config
+from .config import TASK_OF_LOSS, TRAIN_MAX_LENGTH, ConfigError, load_config
 
 
 app = typer.Typer(name="aligntrain", help="Train SFT / DPO on aligndata shards (seed-project configs work unchanged).",
@@ -34,6 +35,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 # `--overrides k=v k=v` is the seed's variadic flag; click has no such option type, so the command
 # accepts extra arguments and `_overrides` reads them.
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+WithOverrides = command_class(("--overrides KEY=VALUE ...", "Change config keys (dotted for nested ones), e.g. "
+                               "--overrides lr=2e-5 model.policy_dtype=bfloat16; values are read as YAML."))
 ShardsArg = typer.Argument(..., exists=True, file_okay=False, metavar="SHARDS", help="A shard directory written by `aligndata convert`.")
 ConfigArg = typer.Argument(..., exists=True, dir_okay=False, metavar="CONFIG", help="YAML config (the seed project's keys).")
 ResumeOpt = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint (exactly).")
@@ -90,7 +93,7 @@ def reported(command: Callable) -> Callable:
     return run
 
 
-@app.command(context_settings=EXTRA)
+@app.command(cls=WithOverrides, context_settings=EXTRA)
 @reported
 def sft(ctx: typer.Context, shards: Path = ShardsArg, config: Path = ConfigArg, resume: bool = ResumeOpt,
         as_json: bool = JsonOpt) -> None:
@@ -103,7 +106,7 @@ def sft(ctx: typer.Context, shards: Path = ShardsArg, config: Path = ConfigArg, 
     _train(_task_config(ctx, config, "sft"), shards, resume, as_json)
 
 
-@app.command(context_settings=EXTRA)
+@app.command(cls=WithOverrides, context_settings=EXTRA)
 @reported
 def dpo(ctx: typer.Context, shards: Path = ShardsArg, config: Path = ConfigArg, resume: bool = ResumeOpt,
         as_json: bool = JsonOpt) -> None:
@@ -116,7 +119,7 @@ def dpo(ctx: typer.Context, shards: Path = ShardsArg, config: Path = ConfigArg, 
     _train(_task_config(ctx, config, "dpo"), shards, resume, as_json)
 
 
-@app.command(context_settings=EXTRA)
+@app.command(cls=WithOverrides, context_settings=EXTRA)
 @reported
 def train(ctx: typer.Context, config: Path = ConfigArg, resume: bool = ResumeOpt, as_json: bool = JsonOpt) -> None:
     """The seed project's way: `loss.name` picks the task, `datasets` lists raw files.
@@ -129,7 +132,10 @@ def train(ctx: typer.Context, config: Path = ConfigArg, resume: bool = ResumeOpt
     """
     from .sources import prepare_shards
 
-    cfg = load_config(config, _overrides(ctx))
+    cfg = load_config(config, _overrides(ctx), defaults={"max_length": TRAIN_MAX_LENGTH})
+    if "loss.name" in cfg.defaulted:  # SFT by default would train a DPO config's data the wrong way without a word
+        raise ConfigError(f"{config.name}: missing required key 'loss.name' (`aligntrain train` trains what it names: "
+                          f"{', '.join(TASK_OF_LOSS)})")
     shards, reused, left_out = prepare_shards(cfg, progress=err.is_terminal)
     err.print(f"{'reusing' if reused else 'converted'} shards: {shards}")
     if left_out:
@@ -137,7 +143,7 @@ def train(ctx: typer.Context, config: Path = ConfigArg, resume: bool = ResumeOpt
     _train(cfg, shards, resume, as_json)
 
 
-@app.command("precompute-ref", context_settings=EXTRA)
+@app.command("precompute-ref", cls=WithOverrides, context_settings=EXTRA)
 @reported
 def precompute_ref(ctx: typer.Context, shards: Path = ShardsArg, config: Path = ConfigArg,
                    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
@@ -164,10 +170,10 @@ def precompute_ref(ctx: typer.Context, shards: Path = ShardsArg, config: Path = 
                   f"stored in {shards} ({', '.join(f'{k}: {v} rows' for k, v in summary['rows'].items())})")
 
 
-@app.command()
+@app.command(cls=Command)
 @reported
 def generate(model_dirs: List[Path] = typer.Argument(..., exists=True, metavar="MODEL_DIR", help="Model dirs, checkpoints (LoRA ones too) or run dirs."),
-             prompt: List[str] = typer.Option(..., "--prompt", "-p", help="A user message (repeatable)."),
+             prompt: List[str] = typer.Option(..., "--prompt", "-p", metavar="TEXT", help="A user message (repeatable)."),
              system: Optional[str] = typer.Option(None, "--system", help="A system message before each prompt."),
              max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
              temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
@@ -179,6 +185,10 @@ def generate(model_dirs: List[Path] = typer.Argument(..., exists=True, metavar="
     """
     from .generate import generate_replies
 
+    if not err.is_terminal:  # a log file or a pipe gets no "Loading weights" bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     replies = {str(d): generate_replies(d, prompt, system=system, max_new_tokens=max_new_tokens,
                                         temperature=temperature) for d in model_dirs}
     if as_json:
@@ -191,7 +201,7 @@ def generate(model_dirs: List[Path] = typer.Argument(..., exists=True, metavar="
             out.print(f"[{d}]\n{r[i]}", markup=False)
 
 
-@app.command()
+@app.command(cls=Command)
 @reported
 def export(source: Path = typer.Argument(..., exists=True, file_okay=False, metavar="RUN_OR_CHECKPOINT",
                                           help="A run dir (its latest checkpoint), a checkpoint or a model dir."),
@@ -212,7 +222,7 @@ def export(source: Path = typer.Argument(..., exists=True, file_okay=False, meta
         out.print(f"{summary['kind']} of {summary['source']} written to {summary['out']}", markup=False)
 
 
-@app.command("config", context_settings=EXTRA)
+@app.command("config", cls=WithOverrides, context_settings=EXTRA)
 @reported
 def show_config(ctx: typer.Context, config: Path = ConfigArg) -> None:
     """Validate a config (with overrides) and print it resolved; loads nothing else.
@@ -243,18 +253,36 @@ def _train(cfg, shards: Path, resume: bool, as_json: bool) -> None:
     summary = {"run_dir": str(result.run_dir), "steps": result.steps,
                "checkpoint": str(result.checkpoint) if result.checkpoint else None,
                "train": result.train_metrics, "eval": result.eval_metrics}
+    if result.first_eval_metrics:
+        summary["eval_before_training"] = result.first_eval_metrics
     if as_json:
         out.print_json(json.dumps(summary))
         return
+    columns = {"train (last step)": result.train_metrics, "eval (last)": result.eval_metrics}
+    if result.first_eval_metrics:  # before and after, side by side
+        columns = {"train (last step)": result.train_metrics, "eval (step 0)": result.first_eval_metrics,
+                   f"eval (step {result.steps})": result.eval_metrics}
     table = Table(title=f"{cfg.exp_name}: {result.steps} steps", show_header=True)
     table.add_column("metric")
-    table.add_column("train (last step)", justify="right")
-    table.add_column("eval (last)", justify="right")
-    for name in dict.fromkeys([*result.train_metrics, *result.eval_metrics]):
-        fmt = lambda d: f"{d[name]:.4g}" if name in d else ""
-        table.add_row(name, fmt(result.train_metrics), fmt(result.eval_metrics))
+    for title in columns:
+        table.add_column(title, justify="right")
+    for name in dict.fromkeys(name for metrics in columns.values() for name in metrics):
+        table.add_row(name, *(f"{d[name]:.4g}" if name in d else "" for d in columns.values()))
     out.print(table)
     out.print(f"run dir: {result.run_dir}\ncheckpoint: {summary['checkpoint']}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"aligntrain {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.")) -> None:
+    pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,11 @@ then checks every key before anything heavy is imported or loaded:
     missing key        config.yml: missing required key 'model.name_or_path'
     wrong type         config.yml: key 'lr' must be a number, got 'fast' (str)
     bad override       --overrides: unknown key 'model.polcy_dtype' (did you mean 'model.policy_dtype'?)
+                       --overrides lr=fast: key 'lr' must be a number, got 'fast' (str)
+
+Keys that other trainers spell differently get a suggestion by meaning (`learning_rate` -> `lr`). A config
+needs `exp_name` and `model.name_or_path` (and `loss.name` under `aligntrain train`); every other key has a
+default, and `defaults_note` names the ones a run took from there.
 
 Some seed keys were renamed; the seed spellings are still read and mean the same thing:
 `output_dirs` -> `output_dir`, `save_model_step` -> `save_every_steps`, `print_log_step` ->
@@ -21,8 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import re
+import textwrap
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +51,7 @@ LossName = Literal[tuple(TASK_OF_LOSS)]
 SEED_ALIASES = {"output_dirs": "output_dir", "save_model_step": "save_every_steps", "print_log_step": "log_every_steps",
                 "batch_size": "total_batch_size"}
 REQUIRED = ("exp_name", "model.name_or_path", "loss.name")
+TRAIN_MAX_LENGTH = 512  # what `aligntrain train` converts with when the config sets no max_length (the seed's default)
 
 
 class ConfigError(InvalidDataError):
@@ -109,7 +117,7 @@ class Config:
     total_batch_size: int = 8  # examples per optimizer step, over all processes and micro-batches
     gradient_accumulation_steps: int = 1  # micro-batches per step (unless tokens_per_batch is set)
     eval_batch_size: int = 8
-    max_length: int = 512  # must equal the shards' max_length
+    max_length: int | None = None  # must equal the shards' max_length; null: the shards' (`train`: TRAIN_MAX_LENGTH)
     max_prompt_length: int | None = None  # preference losses: the prompt's budget; null: half of max_length
     n_epochs: int | None = 1
     n_examples: int | None = None  # if set, train on this many examples (wins over n_epochs)
@@ -139,6 +147,10 @@ class Config:
     length_policy: Literal["drop", "truncate"] = "drop"  # `aligntrain train`: records longer than max_length
     on_error: Literal["fail", "skip"] = "fail"  # `aligntrain train`: an invalid raw record stops, or goes to the rejects file
 
+    # Not a config key: the keys neither the file nor --overrides set, in order (set by load_config), so that a run
+    # can say which values it took from the defaults.
+    defaulted = ()
+
     @property
     def task(self) -> str:
         return TASK_OF_LOSS[self.loss.name]
@@ -164,16 +176,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None, defaults: 
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(raw).__name__}")
     raw = _apply_aliases(raw, where)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _check_override_type(_canonical_key(key), value, item)
+        _set_dotted(raw, _canonical_key(key), value)
+    defaulted = _unset_keys(raw)
     for key, value in (defaults or {}).items():
         if _get_dotted(raw, key) is None:
             _set_dotted(raw, key, value)
-    for item in overrides or []:
-        key, value = parse_override(item)
-        _set_dotted(raw, _canonical_key(key), value)
     _check_keys(Config, raw, where, prefix="")  # a typo is named before any reference is resolved
     raw, from_environment = _resolve_references(raw, where)
     cfg = _build(Config, raw, where, prefix="")
     cfg._written = from_environment
+    cfg.defaulted = defaulted
     _expand_home(cfg)
     validate(cfg, where)
     return cfg
@@ -206,6 +221,31 @@ def parse_override(item: str) -> tuple[str, Any]:
     if canonical not in known and not any(k.startswith(canonical + ".") for k in known):
         raise ConfigError(f"--overrides: unknown key {key!r}{_suggest(key, known)}")
     return key, value
+
+
+def _check_override_type(key: str, value: Any, item: str) -> None:
+    """A value of the wrong type is the override's error, not the file's: `--overrides lr=fast: key 'lr' ...`."""
+    cls: Any = Config
+    *groups, name = key.split(".")
+    for group in groups:
+        cls = get_type_hints(cls)[group]
+    tp = get_type_hints(cls).get(name)
+    if tp is None or dataclasses.is_dataclass(tp) or (isinstance(value, str) and "${" in value):
+        return  # a whole group, or a reference resolved later: checked with the file
+    _coerce(tp, value, f"--overrides {item}", key)
+
+
+def defaults_note(cfg: Config, width: int = 100) -> str | None:
+    """One block naming every value a run took from the defaults (the keys neither file nor overrides set)."""
+    if not cfg.defaulted:
+        return None
+    values = []
+    for key in cfg.defaulted:
+        group, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, group) if group else cfg, name)
+        values.append(f"{key}={value if isinstance(value, str) else json.dumps(value)}")
+    return textwrap.fill("defaults (not set in the config): " + ", ".join(values), width=width,
+                         subsequent_indent="  ", break_on_hyphens=False)
 
 
 def to_yaml(cfg: Config) -> str:
@@ -284,10 +324,10 @@ def validate(cfg: Config, where: str = "config") -> None:
             raise ConfigError(f"{where}: missing required key {key!r}")
     if Path(cfg.exp_name).is_absolute() or ".." in Path(cfg.exp_name).parts:
         raise bad("exp_name", f"{cfg.exp_name!r} must stay inside the runs directory (no absolute path, no '..')")
-    positive = ["total_batch_size", "gradient_accumulation_steps", "eval_batch_size", "max_length",
-                "log_every_steps", "logprob_chunk_tokens"]
-    optional_positive = ["max_prompt_length", "n_epochs", "n_examples", "eval_every_steps", "n_eval_examples",
-                         "save_every_steps", "tokens_per_batch", "keep_checkpoints"]
+    positive = ["total_batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every_steps",
+                "logprob_chunk_tokens"]
+    optional_positive = ["max_length", "max_prompt_length", "n_epochs", "n_examples", "eval_every_steps",
+                         "n_eval_examples", "save_every_steps", "tokens_per_batch", "keep_checkpoints"]
     for key in positive + optional_positive:
         value = getattr(cfg, key)
         if value is not None and value <= 0:
@@ -310,7 +350,7 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise bad("eval_fraction", f"must be in [0, 1), got {cfg.eval_fraction}")
     if cfg.n_epochs is None and cfg.n_examples is None:
         raise ConfigError(f"{where}: set n_epochs or n_examples (both are null)")
-    if cfg.task == "dpo":  # SFT never reads it: neither its value nor its default can be wrong there
+    if cfg.task == "dpo" and cfg.max_length is not None:  # SFT never reads it, nor does training from shards
         if cfg.max_prompt_length is None:
             cfg.max_prompt_length = cfg.max_length // 2  # the seed's 256 of 512; the saved config says what ran
         elif cfg.max_prompt_length >= cfg.max_length:
@@ -463,6 +503,24 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+def _unset_keys(raw: dict[str, Any]) -> tuple[str, ...]:
+    """The config's keys (groups left out) that `raw` does not mention; `key: null` counts as set."""
+    keys = _all_keys(Config)
+    unset = []
+    for key in keys:
+        if any(k.startswith(key + ".") for k in keys):
+            continue
+        node: Any = raw
+        for part in key.split("."):
+            node = node.get(part, _UNSET) if isinstance(node, dict) else _UNSET
+        if node is _UNSET:
+            unset.append(key)
+    return tuple(unset)
+
+
+_UNSET = object()
+
+
 def _canonical_key(key: str) -> str:
     head, dot, rest = key.partition(".")
     return SEED_ALIASES.get(head, head) + dot + rest
@@ -571,7 +629,21 @@ def _substitute(text: str, lookup, where: str) -> tuple[str, bool, int]:
     return "".join(parts), env, depth
 
 
+# Other trainers' names for our keys (transformers, TRL, torchtune): suggested by meaning, not by spelling,
+# where difflib would offer the closest string (learning_rate -> print_log_step).
+MEANT = {"learning_rate": "lr", "epochs": "n_epochs", "num_epochs": "n_epochs", "num_train_epochs": "n_epochs",
+         "warmup": "warmup_steps", "num_warmup_steps": "warmup_steps", "train_batch_size": "total_batch_size",
+         "global_batch_size": "total_batch_size", "max_seq_length": "max_length", "max_seq_len": "max_length",
+         "seq_len": "max_length", "gradient_accumulation": "gradient_accumulation_steps",
+         "gradient_checkpointing": "activation_checkpointing", "lr_scheduler_type": "scheduler",
+         "lr_scheduler": "scheduler", "logging_steps": "log_every_steps", "save_steps": "save_every_steps",
+         "eval_steps": "eval_every_steps", "model_name_or_path": "model.name_or_path", "model_name": "model.name_or_path",
+         "beta": "loss.beta", "loss_type": "loss.name", "output_path": "output_dir"}
+
+
 def _suggest(key: str, choices: list[str], lower: bool = False) -> str:
+    if key.rpartition(".")[2] in MEANT and not lower:
+        return f" (did you mean {MEANT[key.rpartition('.')[2]]!r}?)"
     if lower:
         by_lower = {c.lower(): c for c in choices}
         match = difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.5)

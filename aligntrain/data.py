@@ -41,10 +41,14 @@ def check_shards(shards: str | Path, cfg: Config, tokenizer: Any, task: str) -> 
         raise ShardMismatch(f"{shards}: shards were converted for task {manifest['task']!r}, but loss.name "
                             f"{cfg.loss.name!r} trains on {task!r} shards; convert with --to {task}")
     settings = manifest.get("settings", {})
-    if settings.get("max_length") != cfg.max_length:
-        raise ShardMismatch(f"{shards}: shards were converted with max_length={settings.get('max_length')} but the "
-                            f"config says max_length={cfg.max_length}; re-convert with --max-length {cfg.max_length} "
-                            f"or set max_length: {settings.get('max_length')}")
+    if cfg.max_length is None:  # the config leaves it to the shards; the saved config then says what ran
+        cfg.max_length = settings.get("max_length")
+    elif settings.get("max_length") != cfg.max_length:
+        theirs = settings.get("max_length")
+        fix = (f"set max_length: {theirs}" if theirs is not None else
+               "remove max_length from the config (it then follows the shards, converted without a limit)")
+        raise ShardMismatch(f"{shards}: shards were converted with max_length={theirs} but the config says "
+                            f"max_length={cfg.max_length}; re-convert with --max-length {cfg.max_length} or {fix}")
     differences = tokenizer_differences(manifest.get("tokenizer", {}), tokenizer)
     if differences:
         raise ShardMismatch(f"{shards}: shards were made with another tokenizer than {cfg.tokenizer_path!r}: "

@@ -12,6 +12,7 @@ import secrets
 import time
 from pathlib import Path
 from rich.console import Console
+from rich.table import Column
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .config import Config, cache_dir, to_dict
@@ -37,9 +38,13 @@ class MetricsLogger:
         if cfg.wandb.enabled and not cfg.debug:
             self._wandb = _start_wandb(cfg, Path(run_dir))
         if self.console.is_terminal:
-            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                                      console=self.console)
+            # Where the line is narrow, what a user watches comes first and the metrics are cut at the right:
+            # step/total, elapsed and ETA keep their width, the bar is short, the metrics take what is left.
+            self._progress = Progress(TextColumn("step"), MofNCompleteColumn(), TimeElapsedColumn(),
+                                      TextColumn("ETA"), TimeRemainingColumn(), BarColumn(bar_width=12),
+                                      TextColumn("{task.fields[status]}",
+                                                 table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+                                      console=self.console, expand=True)
             self._task = self._progress.add_task(cfg.exp_name, total=total_steps, completed=start_step, status="")
             self._progress.start()
 

@@ -37,8 +37,9 @@ def raw_inputs(cfg: Config) -> list[Path]:
 
 def conversion_options(cfg: Config, progress: bool = False) -> ConvertOptions:
     """What `aligndata convert` is told for the config's datasets (the rest keeps its defaults)."""
+    cuts_prompts = cfg.task == "dpo" and cfg.length_policy == "truncate"  # the only case max_prompt_length acts in
     return ConvertOptions(task=cfg.task, tokenizer=cfg.tokenizer_path, max_length=cfg.max_length,
-                          max_prompt_length=cfg.max_prompt_length if cfg.task == "dpo" else None,
+                          max_prompt_length=cfg.max_prompt_length if cuts_prompts else None,
                           length_policy=cfg.length_policy, chat_template=cfg.chat_template,
                           eval_fraction=cfg.eval_fraction, seed=cfg.seed, on_error=cfg.on_error, progress=progress)
 

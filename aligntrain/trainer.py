@@ -24,7 +24,7 @@ from aligndata.errors import RunStopped
 from aligndata.write.shards import ShardMismatch
 
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_training_state, save_checkpoint
-from .config import MIXED_PRECISION, Config, ConfigError
+from .config import MIXED_PRECISION, Config, ConfigError, defaults_note
 from .data import (ShardSplit, check_shards, collate, eval_batches, micro_batches, pad_token_id, process_share,
                    shards_chat_template, step_indices, total_steps)
 from .lora import AdapterOffReference, fsdp_wrap_policy, lora_policy
@@ -51,6 +51,7 @@ class TrainResult:
     checkpoint: Path | None
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    first_eval_metrics: dict[str, float] = field(default_factory=dict)  # do_first_eval: before the first step
     history: list[dict[str, float]] = field(default_factory=list)  # per-step train metrics of this invocation
     is_main: bool = True
 
@@ -115,6 +116,8 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
         take_current_hyperparameters(cfg, optimizer, scheduler, weight_decays)
     notes = _prepare_run_dir(run_dir, cfg, start, changed, accelerator)
     log = MetricsLogger(cfg, run_dir, steps, start, enabled=accelerator.is_main_process, console=console)
+    if defaults_note(cfg):
+        log.note(defaults_note(cfg))
     if resume:
         log.note(f"resuming from {resume_from} (step {start} of {steps})" if resume_from is not None
                  else f"--resume: no checkpoint in {run_dir / CHECKPOINTS} yet; starting at step 0")
@@ -130,6 +133,7 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
     try:
         if start == 0 and cfg.do_first_eval:
             result.eval_metrics = evaluate(model, objective, eval_split, cfg, accelerator, pad_token_id(tokenizer))
+            result.first_eval_metrics = result.eval_metrics
             log.log(0, "eval", result.eval_metrics)
         for step in range(start, steps):
             rows = process_share(step_indices(step, len(train_split), cfg.total_batch_size, cfg.seed), rank, world)

@@ -2,7 +2,8 @@
 # The whole pipeline on sample_data/, on a CPU, in a few minutes:
 #   install -> SmolLM2-135M-Instruct as safetensors (once) -> validate -> convert (SFT + DPO shards)
 #   -> inspect -> SFT (aligntrain sft) -> DPO (seed-style config through aligntrain train) -> generate
-# Everything lands in runs/ (and the model in ${XDG_CACHE_HOME:-~/.cache}/aligntools/).
+# Everything lands in runs/ (one checkpoint per run, without optimizer state; the model in
+# ${XDG_CACHE_HOME:-~/.cache}/aligntools/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -41,8 +42,28 @@ step "SFT on the shards (config in the seed project's format)"
 aligntrain sft runs/demo/sft-shards sample_data/seed_config.yml --overrides n_epochs=2
 
 step "DPO the seed project's way: raw files in the config, converted and cached by aligntrain train"
+# 11 of the 54 pairs are held out (eval_fraction: 0.25); the table at the end puts their numbers before the
+# first step (eval (step 0)) beside those after the last: reward accuracy and margin, chosen/rejected log-probs.
 aligntrain train sample_data/seed_config_dpo.yml
 
-step "before / after"
-aligntrain generate "$MODEL" runs/dpo_smollm2_pirate \
-    -p "What is the largest planet in our solar system?" -p "How many days are in a week?"
+step "generations on held-out prompts: the model as shipped, after SFT, after SFT + DPO"
+# Both prompts belong to held-out pairs (sharegpt_preference.json record 1, text_preference.jsonl record 1):
+# no stage trained on them.
+aligntrain generate "$MODEL" runs/sft_smollm2_pirate runs/dpo_smollm2_pirate \
+    -p "What is the capital of Australia?" -p "What's the longest river in the world?"
+
+step "what this shows"
+cat <<'TEXT'
+How to read the DPO table: the eval columns are the 11 held-out pairs, never trained on. At step 0 the policy
+is the reference (both are the SFT model), so rewards and margins are 0 and accuracy is 0 (a tie is no
+preference). After DPO, rewards/accuracies is the share of held-out pairs whose chosen reply the policy now
+prefers more than the reference does, and rewards/margins by how much (beta times the log-ratio difference);
+logps/chosen and logps/rejected are the summed log-probs of the two replies, which DPO pushes apart. With 11
+pairs, one pair is 9 points of accuracy.
+
+What 20 CPU steps do to a 135M model: SFT (10 steps on 47 chats) teaches a style that it then uses on prompts
+it never saw ("Arr!", "matey"). DPO (10 steps at lr 5e-6) moves log-probs by fractions of a nat: enough to
+measure on held-out pairs, far too little to change a greedy reply, so the SFT and DPO replies above are
+usually the same. Neither stage teaches facts: what the model got wrong before (sizes, distances,
+arithmetic), it still gets wrong.
+TEXT

@@ -20,7 +20,8 @@ def fit_sft(
     limit = max_length
     if limit is not None and len(enc.input_ids) > limit:
         if length_policy == "drop":
-            raise EncodeError("too-long", f"{len(enc.input_ids)} tokens > max_length {limit}")
+            raise EncodeError("too-long", f"{len(enc.input_ids)} tokens > max_length {limit}",
+                              length=len(enc.input_ids))
         enc = _truncate_sft(messages, encode, limit)
     if not any(enc.loss_mask):
         raise EncodeError("no-trained-tokens", "no token of this conversation is trained")
@@ -52,6 +53,7 @@ def fit_dpo(
                 "too-long",
                 f"prompt {len(enc.prompt_ids)} + longest completion "
                 f"{max(len(enc.chosen_ids), len(enc.rejected_ids))} tokens > max_length {limit}",
+                length=_dpo_length(enc),
             )
         enc = _truncate_dpo(enc, prompt, encode, limit, max_prompt_length)
     if not enc.chosen_ids or not enc.rejected_ids:

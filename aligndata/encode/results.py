@@ -8,14 +8,15 @@ from dataclasses import dataclass
 class EncodeError(Exception):
     """One record cannot be encoded. `reason` is a short kebab-case key that summaries count by."""
 
-    def __init__(self, reason: str, message: str, path: str = "$"):
+    def __init__(self, reason: str, message: str, path: str = "$", length: int | None = None):
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.path = path  # JSONPath of the field at fault, where one is
+        self.length = length  # "too-long": the record's length in tokens, for the summary of what was dropped
 
-    def __reduce__(self):  # keeps the arguments when a worker process sends the error back
-        return (type(self), (self.reason, self.message, self.path))
+    def __reduce__(self):  # keeps every argument when a worker process sends the error back
+        return (type(self), (self.reason, self.message, self.path, self.length))
 
 
 @dataclass

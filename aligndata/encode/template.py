@@ -54,6 +54,7 @@ def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str
         text = BUILTIN_TEMPLATES[chat_template]
         source = f"builtin:{chat_template}"
         _require_single_token_markers(tokenizer, chat_template, text)
+        _require_eos_token(tokenizer, chat_template, text)
     else:
         path = Path(chat_template).expanduser()
         if not path.is_file():
@@ -89,15 +90,28 @@ def _require_single_token_markers(tokenizer: PreTrainedTokenizerBase, name: str,
         )
 
 
+def _require_eos_token(tokenizer: PreTrainedTokenizerBase, name: str, text: str) -> None:
+    """TemplateError, once, when a built-in template ends turns with eos_token and the tokenizer has none
+    (a tokenizer.json without its tokenizer_config.json): every record would fail the same way."""
+    if "eos_token" in text and not getattr(tokenizer, "eos_token", None):
+        raise TemplateError(
+            f"the built-in chat template {name!r} ends assistant turns with the end-of-sequence token, and the "
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} defines none; "
+            "name it with --eos-token (e.g. --eos-token '<|endoftext|>')"
+        )
+
+
 def _tokenizer_template(tokenizer: PreTrainedTokenizerBase) -> str:
     text = getattr(tokenizer, "chat_template", None)
     if isinstance(text, dict):  # several named templates: the default one renders plain conversations
         text = text.get("default")
     if not text:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        # A tokenizer.json never holds the template: tokenizer_config.json beside it does.
+        alone = " (a tokenizer.json file alone has none: pass the directory with its tokenizer_config.json)"
         raise TemplateError(
-            f"the tokenizer {name!r} has no chat template; pass --chat-template with a built-in name "
-            f"({', '.join(sorted(BUILTIN_TEMPLATES))}) or a .jinja file"
+            f"the tokenizer {name!r} has no chat template{alone if name.endswith('.json') else ''}; pass "
+            f"--chat-template with a built-in name ({', '.join(sorted(BUILTIN_TEMPLATES))}) or a .jinja file"
         )
     return text
 

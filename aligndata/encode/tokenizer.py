@@ -26,12 +26,23 @@ class TemplateError(InputError):
     """The tokenizer or chat template cannot be loaded or used (a usage error, not a data error)."""
 
 
-def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False, eos_token: str | None = None) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local directory, a `.gguf` file, a `tokenizer.json`, or a hub name.
 
     Hub names are looked up in the local cache first; the hub itself is only asked when it is reachable,
     so that an offline machine gets an immediate TemplateError instead of a minute of retries.
+    `eos_token` names the end-of-sequence token where the tokenizer defines none (a bare tokenizer.json);
+    it must be one token of the vocabulary.
     """
+    tokenizer = _load(spec, trust_remote_code)
+    if eos_token is not None:
+        if eos_token not in tokenizer.get_vocab():
+            raise TemplateError(f"--eos-token {eos_token!r}: not a token of the tokenizer {spec!r}")
+        tokenizer.eos_token = eos_token
+    return tokenizer
+
+
+def _load(spec: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(spec).expanduser()
@@ -39,13 +50,18 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> PreTrainedT
         if path.is_dir():
             return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         if path.is_file() and path.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(
+            tokenizer = AutoTokenizer.from_pretrained(
                 str(path.parent), gguf_file=path.name, trust_remote_code=trust_remote_code
             )
-        if path.is_file() and path.name.endswith(".json"):
-            return PreTrainedTokenizerFast(tokenizer_file=str(path))
+        elif path.is_file() and path.name.endswith(".json"):
+            tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))
+        else:
+            tokenizer = None
     except Exception as exc:  # transformers raises many types; the user needs one line naming the spec
-        raise TemplateError(f"cannot load tokenizer {spec!r}: {first_line(exc)}") from exc
+        raise TemplateError(f"cannot load tokenizer {spec!r}: {_what_was_expected(path, exc)}") from exc
+    if tokenizer is not None:
+        tokenizer.name_or_path = spec  # messages name the file given, not its directory or the tokenizer's class
+        return tokenizer
     if path.is_file():
         raise TemplateError(
             f"cannot load tokenizer {spec!r}: a file must be a .gguf or a tokenizer.json; "
@@ -54,6 +70,23 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> PreTrainedT
     if spec.startswith((".", "/", "~")) or spec.endswith((".gguf", ".json")) or spec.count("/") > 1:
         raise TemplateError(f"cannot load tokenizer {spec!r}: no such file or directory")
     return _load_from_hub(spec, trust_remote_code)
+
+
+def _what_was_expected(path: Path, exc: BaseException) -> str:
+    """Why `path` is no tokenizer, said as what was expected there (transformers' own message is about its
+    internals, and cut to its first line it can end in mid-sentence)."""
+    if path.is_dir() and not any((path / name).exists() for name in TOKENIZER_FILES):
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        found = f"; it holds {ggufs[0]}: pass that file" if ggufs else ""
+        return f"the directory holds no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}){found}"
+    if path.is_file() and path.suffix == ".json":
+        return (f"not a tokenizer.json of the tokenizers library ({first_line(exc)}); for vocab.json + merges.txt "
+                "or tokenizer_config.json pass the directory that holds them")
+    return first_line(exc)
+
+
+# The files of a tokenizer directory that AutoTokenizer reads (one is enough to start from).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def _load_from_hub(name: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:

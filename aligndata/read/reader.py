@@ -117,6 +117,21 @@ class LineParser:
                          surrogates=_SURROGATE_ESCAPE.search(text) is not None)
 
 
+def _refuse_array_over_lines(name: str, head: bytes) -> None:
+    """A pretty-printed JSON array saved under a JSON Lines name: its first line, `[` or `[{`, is no JSON value
+    (a JSON Lines record that is a list fits on its line). Said once, not as one invalid record per line."""
+    newline = head.find(b"\n")
+    if not head.startswith(b"[") or newline < 0:
+        return
+    try:
+        json.loads(head[:newline])
+    except RecursionError:
+        return  # a whole value, only nested too deeply: that line's record reports it
+    except ValueError:
+        raise InputError(f"{name}: this looks like a JSON array spread over several lines, not JSON Lines (one "
+                         f"record per line); name it .json") from None
+
+
 def display_name(path: str) -> str:
     return "<stdin>" if path == "-" else str(path)
 
@@ -164,6 +179,7 @@ class RecordStream:
         if not stripped:
             raise InputError(f"{self.name}: file is empty (no records)")
         if stem.endswith((".jsonl", ".ndjson")):
+            _refuse_array_over_lines(self.name, stripped)
             return "lines"
         first = stripped[:1]
         if first not in (b"[", b"{"):

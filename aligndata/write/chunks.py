@@ -54,6 +54,7 @@ class NotKept:
     problems: list[Problem] = field(default_factory=list)
     fatal: bool = False
     reject_line: str | None = None  # the rejects-file line, made where the chunk was encoded, under --on-error skip
+    length: int | None = None  # a record dropped as too long: its length in tokens
 
 
 @dataclass
@@ -94,7 +95,8 @@ class ChunkEncoder:
             from aligndata.encode.template import resolve_chat_template
             from aligndata.encode.tokenizer import load_tokenizer
 
-            tok = load_tokenizer(self.options.tokenizer, trust_remote_code=self.options.trust_remote_code)
+            tok = load_tokenizer(self.options.tokenizer, trust_remote_code=self.options.trust_remote_code,
+                                 eos_token=self.options.eos_token)
             self._encoder = Encoder(tok, resolve_chat_template(tok, self.options.chat_template),
                                     **self.options.encoder_arguments())
         return self._encoder
@@ -123,7 +125,7 @@ class ChunkEncoder:
                 if isinstance(enc, EncodeError):
                     kind = "drop" if enc.reason in DROP_REASONS else "reject"
                     problems = [Problem(job.file, raw.line, raw.index, enc.path, str(enc.message), enc.reason)]
-                    not_kept.append(NotKept(len(kept), kind, enc.reason, problems))
+                    not_kept.append(NotKept(len(kept), kind, enc.reason, problems, length=enc.length))
                     if kind == "reject" and skip:
                         not_kept[-1].reject_line = reject_line(Checked(raw, job.format, None, problems), job.file)
                     continue

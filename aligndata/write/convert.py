@@ -71,7 +71,7 @@ def convert_files(inputs: list[str], out_dir: Path, options: ConvertOptions) -> 
     out_dir = shard_output(str(out_dir))
     _refuse_unusable_output(inputs, out_dir, options)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tok = load_tokenizer(options.tokenizer, trust_remote_code=options.trust_remote_code)
+    tok = load_tokenizer(options.tokenizer, trust_remote_code=options.trust_remote_code, eos_token=options.eos_token)
     template = resolve_chat_template(tok, options.chat_template)
     roles = [(p, "train") for p in inputs] + ([(options.eval_file, "eval")] if options.eval_file else [])
     with ExitStack() as inputs_open:
@@ -167,6 +167,7 @@ class Conversion:
         self.stats = _Stats(options.task)
         self.counts = _Counts()
         self.overlap = _EvalOverlap(options.eval_file is not None)
+        self.dropped_lengths: list[int] = []  # of the records too long: what to say when none is kept
         self.files: list[str] = []
         # Where a staged rejects file goes when nothing is kept: the staging directory goes with the failed run.
         self.reasons_if_nothing_kept = reasons_if_nothing_kept
@@ -234,6 +235,8 @@ class Conversion:
                 done = other.kept_before
             if other.kind == "drop":
                 self.counts.dropped[other.reason] += 1
+                if other.length is not None:
+                    self.dropped_lengths.append(other.length)
                 continue
             if self.options.on_error != "skip" or other.fatal:
                 raise InvalidRecordError(other.problems)
@@ -292,12 +295,23 @@ class Conversion:
                 reasons = f"; the reasons are in {where}"
             c = self.counts
             raise InputError(f"{', '.join(self.files)}: no records were kept, nothing to write (read {c.read}, "
-                             f"rejected {sum(c.rejected.values())}, dropped {sum(c.dropped.values())}){reasons}")
+                             f"rejected {sum(c.rejected.values())}, dropped {sum(c.dropped.values())}){reasons}"
+                             f"{self._too_long()}")
         manifest["counts"] = self.counts.to_json()
         manifest["stats"] = self.stats.to_json()
         for split, info in manifest["splits"].items():
             manifest["stats"].setdefault(split, {})["tokens"] = info["tokens"]
         manifest["reference"] = None
+
+
+    def _too_long(self) -> str:
+        """What the records dropped for their length measure, and the two ways to keep them."""
+        if not self.dropped_lengths:
+            return ""
+        p = percentiles(self.dropped_lengths)
+        return (f"; {len(self.dropped_lengths)} were longer than --max-length {self.options.max_length} (their lengths: "
+                f"p50 {p['p50']}, p90 {p['p90']}, p99 {p['p99']}, longest {p['max']} tokens): raise --max-length, "
+                "or cut them with --length-policy truncate")
 
 
 def _start_workers(num_proc: int, encoder: ChunkEncoder) -> WorkerGroup:
@@ -570,3 +584,6 @@ def print_summary(result: ConvertResult, console: Any) -> None:
     console.print(line, markup=False)
     for note in result.notes:
         console.print(f"note: {note}", markup=False)
+    if m["settings"]["max_length"] is None:
+        longest = max(split["lengths"]["total"]["max"] for split in m["stats"].values())
+        console.print(f"no --max-length: no length limit (the longest sequence has {longest} tokens)", markup=False)

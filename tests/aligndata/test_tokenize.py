@@ -360,14 +360,15 @@ def test_template_errors_become_encode_errors(tiny_tokenizer):
     )
 
 
-def test_hh_template_needs_an_eos_token(tiny_tokenizer):
+def test_hh_template_without_an_eos_token_is_refused_once_before_any_record(tiny_tokenizer):
     tiny_tokenizer.eos_token = None
 
-    with pytest.raises(EncodeError) as err:
-        encoder(tiny_tokenizer, "hh").encode_sft(two_turns())
+    with pytest.raises(InputError) as err:
+        resolve_chat_template(tiny_tokenizer, "hh")
 
-    assert err.value.reason == "template-error"
-    assert "this tokenizer has none" in str(err.value)
+    assert str(err.value).startswith("the built-in chat template 'hh' ends assistant turns with the end-of-sequence "
+                                     "token, and the tokenizer ")
+    assert str(err.value).endswith(" defines none; name it with --eos-token (e.g. --eos-token '<|endoftext|>')")
 
 
 # ---- BOS ----------------------------------------------------------------------------------------

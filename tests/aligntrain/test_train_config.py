@@ -84,7 +84,7 @@ def test_override_of_a_key_that_does_not_exist_fails(tmp_path):
 
 def test_override_value_is_type_checked(tmp_path):
     assert error_of(tmp_path, MINIMAL, ["model.policy_dtype=float64"]) == \
-        ("cfg.yml: key 'model.policy_dtype' must be one of float32, bfloat16, float16; "
+        ("--overrides model.policy_dtype=float64: key 'model.policy_dtype' must be one of float32, bfloat16, float16; "
                             "got 'float64' (did you mean 'float16'?)")
 
 
@@ -116,7 +116,8 @@ def test_max_prompt_length_is_checked_and_defaulted_only_for_preference_losses(t
     sft = "exp_name: s\nmodel: {name_or_path: m}\nloss: {name: sft}\nmax_length: 256\n"
     assert load_config(write(tmp_path, sft)).max_prompt_length is None  # SFT never reads it
     assert load_config(write(tmp_path, MINIMAL + "max_length: 256\n")).max_prompt_length == 128  # half, as the seed's 256/512
-    assert load_config(write(tmp_path, MINIMAL)).max_prompt_length == 256
+    assert load_config(write(tmp_path, MINIMAL), defaults={"max_length": 512}).max_prompt_length == 256  # `train`
+    assert load_config(write(tmp_path, MINIMAL)).max_prompt_length is None  # max_length follows the shards
     assert load_config(write(tmp_path, MINIMAL + "max_prompt_length: 100\n")).max_prompt_length == 100
 
 
