@@ -228,7 +228,9 @@ def _check_override_type(key: str, value: Any, item: str) -> None:
     cls: Any = Config
     *groups, name = key.split(".")
     for group in groups:
-        cls = get_type_hints(cls)[group]
+        cls = _section_class(get_type_hints(cls).get(group))
+        if cls is None:
+            return  # not a section: an unknown key, named with the file's keys
     tp = get_type_hints(cls).get(name)
     if tp is None or dataclasses.is_dataclass(tp) or (isinstance(value, str) and "${" in value):
         return  # a whole group, or a reference resolved later: checked with the file
@@ -241,11 +243,21 @@ def defaults_note(cfg: Config, width: int = 100) -> str | None:
         return None
     values = []
     for key in cfg.defaulted:
-        group, _, name = key.rpartition(".")
-        value = getattr(getattr(cfg, group) if group else cfg, name)
+        group = key.rpartition(".")[0]
+        if group and _section(cfg, group) is None:  # a section left out (model.lora): its keys do not apply
+            continue
+        value = _section(cfg, key)
         values.append(f"{key}={value if isinstance(value, str) else json.dumps(value)}")
     return textwrap.fill("defaults (not set in the config): " + ", ".join(values), width=width,
                          subsequent_indent="  ", break_on_hyphens=False)
+
+
+def _section(cfg: Config, dotted: str) -> Any:
+    """The value or section at a dotted key; None under a section that is None."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part, None) if node is not None else None
+    return node
 
 
 def to_yaml(cfg: Config) -> str:
@@ -497,10 +509,17 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         keys.append(prefix + f.name)
-        group = next((a for a in (hints[f.name], *get_args(hints[f.name])) if dataclasses.is_dataclass(a)), None)
+        group = _section_class(hints[f.name])
         if group is not None:  # a section, optional (model.lora) or not
             keys.extend(_all_keys(group, prefix + f.name + "."))
     return keys
+
+
+def _section_class(tp: Any) -> type | None:
+    """The dataclass of a section's type, optional (model.lora: LoraConfig | None) or not; None for values
+    (a list of sections such as datasets is a value here)."""
+    options = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    return next((a for a in options if dataclasses.is_dataclass(a)), None)
 
 
 def _unset_keys(raw: dict[str, Any]) -> tuple[str, ...]:

@@ -38,7 +38,17 @@ def aligntrain(capsys, *args) -> tuple[int, str]:
     code = aligntrain_main([str(a) for a in args])
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err + captured.out
-    return code, captured.err
+    return code, without_defaults_note(captured.err)
+
+
+def without_defaults_note(err: str) -> str:
+    """stderr less the block that names the config's defaulted values (printed before every run)."""
+    kept, in_note = [], False
+    for line in err.splitlines(keepends=True):
+        in_note = line.startswith("defaults (not set in the config):") or (in_note and line.startswith("  "))
+        if not in_note:
+            kept.append(line)
+    return "".join(kept)
 
 
 def losses(result) -> list[float]:
