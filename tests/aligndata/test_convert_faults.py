@@ -76,13 +76,13 @@ def test_convert_to_jsonl_killed_midway_keeps_the_old_output_and_a_rerun_complet
 def test_full_disk_during_convert_is_a_clean_io_error_and_keeps_the_old_output(tmp_path, tiny_tokenizer_dir, to):
     small, big = write_chats(tmp_path / "small.jsonl", 4), write_chats(tmp_path / "big.jsonl", 3000)
     out = tmp_path / ("out.jsonl" if to == "openai" else "out")
-    shard_args = ["-t", tiny_tokenizer_dir, "--overwrite"] if to == "sft" else []
+    shard_args = ["-t", tiny_tokenizer_dir] if to == "sft" else []
     first = CliRunner().invoke(aligndata_app, ["convert", "-q", str(small), "--to", to, "--out", str(out),
                                                *map(str, shard_args)])
     assert first.exit_code == 0, first.output
     before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()
                     and p.name != "big.jsonl")
-    proc = run_cli("aligndata", "convert", "-q", big, "--to", to, "--out", out, *shard_args, limit=64_000)
+    proc = run_cli("aligndata", "convert", "-q", big, "--to", to, "--out", out, *shard_args, "--overwrite", limit=64_000)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"error: {out}: cannot write (")
