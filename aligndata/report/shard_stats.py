@@ -127,8 +127,8 @@ def inspect_shards(path: str | Path, *, batch_size: int = DEFAULT_BATCH_SIZE, to
         splits[name] = scan_split(table, name, manifest, eot.ids, batch_size)
     report = ShardReport(path, manifest, splits, eot, notes, tokenizer=tok)
     truncated = (manifest.get("counts") or {}).get("truncated", {}).get("completion", 0)
-    report.warnings = shard_findings(manifest["task"], {n: st.checks for n, st in splits.items()},
-                                     " or ".join(eot.tokens) or "?", truncated)
+    eot_name = " or ".join(eot.tokens) or "an end-of-turn token (the tokenizer defines none)"
+    report.warnings = shard_findings(manifest["task"], {n: st.checks for n, st in splits.items()}, eot_name, truncated)
     return report
 
 
