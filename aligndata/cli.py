@@ -20,7 +20,7 @@ from rich.table import Table
 from aligndata import __version__
 from aligndata.errors import EXIT_INPUT, EXIT_OK, InputError, InvalidRecordError, exit_code, os_error_message
 from aligndata.options import ConvertOptions
-from aligndata.usage import Command
+from aligndata.usage import Command, add_version_option
 from aligndata.read.formats import FORMATS, schema_dir
 from aligndata.read.validate import FileSummary, validate_files
 
@@ -34,6 +34,7 @@ app = typer.Typer(
 )
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+add_version_option(app, "aligndata", __version__, out)
 
 FORMAT_HELP = f"Input format: auto (decided per file from all records) or one of: {', '.join(FORMATS)}."
 
@@ -306,15 +307,6 @@ def formats() -> None:
     out.print(f"JSON Schemas: {schema_dir()}", markup=False)
 
 
-def _version(value: bool) -> None:
-    if value:
-        out.print(f"aligndata {__version__}")
-        raise typer.Exit(0)
-
-
-@app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.")) -> None:
-    pass
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""`--help` of both command lines as click writes it: `FILES...` for a required list of arguments.
+"""`--help` and `--version` of both command lines: `FILES...` for a required list of arguments.
 
 typer 0.29 writes a required argument as `{files}...` in the usage line and lists it with its Python
 type (`FILES <list[str]>`); this command class writes the click forms instead. A command may also list
@@ -10,7 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import typer
 from typer.core import TyperCommand
+
+
+def add_version_option(app: typer.Typer, name: str, version: str, console: Any) -> None:
+    """`NAME --version` prints `NAME VERSION` and exits 0, before any command is parsed."""
+    def show(value: bool) -> None:
+        if value:
+            console.print(f"{name} {version}", markup=False)
+            raise typer.Exit(0)
+
+    @app.callback()
+    def _main(version: bool = typer.Option(False, "--version", callback=show, is_eager=True,
+                                           help="Show the version.")) -> None:
+        pass
 
 
 class Command(TyperCommand):

@@ -22,8 +22,9 @@ from rich.console import Console
 from rich.table import Table
 
 from aligndata.errors import EXIT_INPUT, EXIT_OK
-from aligndata.usage import Command, command_class
+from aligndata.usage import Command, add_version_option, command_class
 
+from . import __version__
 from .config import TASK_OF_LOSS, TRAIN_MAX_LENGTH, ConfigError, load_config
 
 
@@ -31,6 +32,7 @@ app = typer.Typer(name="aligntrain", help="Train SFT / DPO on aligndata shards (
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+add_version_option(app, "aligntrain", __version__, out)
 
 # `--overrides k=v k=v` is the seed's variadic flag; click has no such option type, so the command
 # accepts extra arguments and `_overrides` reads them.
@@ -272,17 +274,6 @@ def _train(cfg, shards: Path, resume: bool, as_json: bool) -> None:
     out.print(f"run dir: {result.run_dir}\ncheckpoint: {summary['checkpoint']}")
 
 
-def _version(value: bool) -> None:
-    if value:
-        from . import __version__
-
-        out.print(f"aligntrain {__version__}")
-        raise typer.Exit(0)
-
-
-@app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.")) -> None:
-    pass
 
 
 def main(argv: list[str] | None = None) -> int:

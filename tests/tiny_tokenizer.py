@@ -88,15 +88,18 @@ def make_tiny_tokenizer(tmp_dir: str | Path | None = None, *, add_bos: bool = Fa
     return tok
 
 
-def trained_text(tok, ids: list[int], mask: list[int]) -> list[str]:
-    """The decoded runs of trained tokens, in order."""
+def trained_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
+    """The runs of trained token ids, in order."""
     runs, current = [], []
     for token, bit in zip(ids, mask):
         if bit:
             current.append(token)
         elif current:
-            runs.append(tok.decode(current))
+            runs.append(current)
             current = []
-    if current:
-        runs.append(tok.decode(current))
-    return runs
+    return runs + ([current] if current else [])
+
+
+def trained_text(tok, ids: list[int], mask: list[int]) -> list[str]:
+    """The decoded runs of trained tokens, in order."""
+    return [tok.decode(run) for run in trained_runs(ids, mask)]

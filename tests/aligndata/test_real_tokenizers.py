@@ -18,7 +18,7 @@ from aligndata.encode.template import BUILTIN_TEMPLATES, resolve_chat_template
 from aligndata.encode.encoder import Encoder
 from aligndata.encode.results import EncodeError
 from paths import TESTS, SHARED_DATA
-from tiny_tokenizer import trained_text
+from tiny_tokenizer import trained_runs, trained_text
 
 TOKENIZERS = SHARED_DATA / "tokenizers"
 
@@ -93,16 +93,6 @@ def reference_ids(tok, messages: list[Message], tools=None, **kwargs) -> list[in
     chat = [m.to_json() for m in messages]
     return tok.apply_chat_template(chat, tools=tools, tokenize=True, return_dict=False, **kwargs)
 
-
-def trained_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
-    runs, current = [], []
-    for token, bit in zip(ids, mask):
-        if bit:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    return runs + ([current] if current else [])
 
 
 def qwen_assistant_text(message: Message) -> str:

@@ -14,7 +14,7 @@ from aligndata.encode.results import EncodeError
 from aligndata.encode.template import TemplateInfo, resolve_chat_template
 from aligndata.records import Conversation, Message, PreferencePair
 from paths import SHARED_DATA
-from tiny_tokenizer import trained_text
+from tiny_tokenizer import trained_runs, trained_text
 
 TEMPLATES = SHARED_DATA / "chat_templates" / "llama.cpp"
 QWEN_VOCAB = SHARED_DATA / "tokenizers" / "qwen2.5"
@@ -277,17 +277,7 @@ def test_qwen35_and_stepfun_keep_every_glaive_conversation_token_exactly(qwen3, 
                                          chat_template=template, tokenize=False)
         at = full.rindex("<think>\n\n</think>")  # the rule's empty block after the generation prompt
         assert enc.input_ids == reference(qwen3, full[:at] + "<think>\n</think>" + full[at + len("<think>\n\n</think>"):])
-        runs = [r for r in _runs(enc.input_ids, enc.loss_mask)]
+        runs = [r for r in trained_runs(enc.input_ids, enc.loss_mask)]
         assert len(runs) == sum(m.role == "assistant" for m in conv.messages)
         assert all(run[-1] == im_end for run in runs)
 
-
-def _runs(ids: list[int], mask: list[int]) -> list[list[int]]:
-    runs, current = [], []
-    for token, bit in zip(ids, mask):
-        if bit:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    return runs + ([current] if current else [])
