@@ -21,6 +21,10 @@ Reasoning = Literal["keep", "empty"]  # after a generation prompt that opens <th
 # A special token's text inside a message: reject the record, keep the text as text, or encode it as the token.
 ControlStrings = Literal["refuse", "text", "allow"]
 OnError = Literal["fail", "skip"]  # fail: stop at the first invalid record; skip: write it to the rejects file
+# Which rules turned records into tokens: raised by a release that changes which records are kept or the
+# ids a kept record gets (2: reasoning templates, control strings refused, every Qwen3 turn trained, the
+# work bounded per record). It is part of the settings, so an output of older rules is not taken as current.
+ENCODING_RULES = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,7 +85,8 @@ class ConvertOptions:
         return {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
                 "length_policy": self.length_policy, "train_on": self.train_on if self.task == "sft" else None,
                 "eval_fraction": self.eval_fraction, "eval_file": self.eval_file is not None, "seed": self.seed,
-                "shard_rows": self.shard_rows, "input_format": self.input_format, **self._changed_defaults()}
+                "shard_rows": self.shard_rows, "input_format": self.input_format, **self._changed_defaults(),
+                "encoding_rules": ENCODING_RULES}
 
     def _changed_defaults(self) -> dict[str, Any]:
         """Settings added after the manifest's first version, recorded only where they differ from their

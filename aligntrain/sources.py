@@ -13,7 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from aligndata.options import ConvertOptions
+from aligndata.options import ENCODING_RULES, ConvertOptions
 from aligndata.write.shards import sha256_file
 
 from .config import Config, ConfigError, cache_dir
@@ -45,11 +45,12 @@ def conversion_options(cfg: Config, progress: bool = False) -> ConvertOptions:
 
 
 def shards_cache_dir(options: ConvertOptions, inputs: list[Path]) -> Path:
-    # The key of every cache written so far: a new key would convert every cached dataset again.
+    # A new key converts every cached dataset again: keys are added only where old caches must not stand.
     key = {"inputs": [sha256_file(p) for p in inputs], "task": options.task,
            "tokenizer": str(Path(options.tokenizer).resolve()), "max_length": options.max_length,
            "max_prompt_length": options.max_prompt_length, "length_policy": options.length_policy,
-           "chat_template": options.chat_template, "eval_fraction": options.eval_fraction, "seed": options.seed}
+           "chat_template": options.chat_template, "eval_fraction": options.eval_fraction, "seed": options.seed,
+           "encoding_rules": ENCODING_RULES}  # new rules: a new cache, never an older conversion refused as foreign
     if options.on_error == "skip":  # shards that left records out are not those a failing run would refuse to make
         key["on_error"] = "skip"
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

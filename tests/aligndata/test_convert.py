@@ -152,6 +152,21 @@ def test_other_settings_refuse_to_overwrite_unless_asked(tmp_path, sft_file, tin
     assert m["settings"]["max_length"] == 64
 
 
+def test_an_output_of_older_encoding_rules_is_not_taken_as_current(tmp_path, sft_file, tiny_tokenizer_dir,
+                                                                   monkeypatch):
+    """A release that changes which records are kept raises ENCODING_RULES: the output of the rules before
+    is not reused as if it were current, and the summary says why."""
+    from aligndata.options import ENCODING_RULES
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr("aligndata.options.ENCODING_RULES", ENCODING_RULES - 1)
+        assert convert([str(sft_file)], out, "sft", str(tiny_tokenizer_dir)).manifest["settings"]["encoding_rules"] \
+            == ENCODING_RULES - 1
+    with pytest.raises(InputError, match=rf"other settings \(encoding_rules: {ENCODING_RULES - 1} -> {ENCODING_RULES}\)"):
+        convert([str(sft_file)], out, "sft", str(tiny_tokenizer_dir))
+
+
 def test_changed_input_file_is_not_taken_as_already_converted(tmp_path, sft_file, tiny_tokenizer_dir):
     out = tmp_path / "out"
     convert([str(sft_file)], out, "sft", str(tiny_tokenizer_dir))

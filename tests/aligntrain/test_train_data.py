@@ -150,3 +150,16 @@ def test_split_reads_rows_by_index_and_knows_widths(tiny_model, dpo_shards):
     assert split.widths[3] == len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
     manifest = json.loads((dpo_shards / "manifest.json").read_text())
     assert manifest["splits"]["train"]["rows"] == 32
+
+
+def test_the_shards_cache_of_other_encoding_rules_is_another_directory(tmp_path, monkeypatch):
+    """`aligntrain train` never reuses (nor trips over) a conversion made under older encoding rules."""
+    from aligndata.options import ENCODING_RULES, ConvertOptions
+    from aligntrain.sources import shards_cache_dir
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    options = ConvertOptions(task="sft", tokenizer=str(tmp_path))
+    now = shards_cache_dir(options, [raw])
+    monkeypatch.setattr("aligntrain.sources.ENCODING_RULES", ENCODING_RULES - 1)
+    assert shards_cache_dir(options, [raw]) != now
