@@ -317,6 +317,16 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def gpus_left_idle(cfg: Config) -> int:
+    """The visible CUDA GPUs of an FSDPTrainer run started without a launcher, when there are several
+    (it would train on one of them); 0 when the run is fine as started. `accelerate launch` with one
+    process sets no WORLD_SIZE but always ACCELERATE_MIXED_PRECISION: that run asked for one process."""
+    if cfg.trainer != "FSDPTrainer" or any(k in os.environ for k in ("WORLD_SIZE", "ACCELERATE_MIXED_PRECISION")):
+        return 0
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return gpus if gpus > 1 else 0
+
+
 def _fsdp_from_launcher() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 

@@ -118,6 +118,57 @@ def test_seed_style_train_refuses_hub_datasets(tmp_path, capsys, tiny_model):
     assert err.startswith("error: config: datasets[0] has type 'huggingface_dataset': only custom_dataset")
 
 
+def _visible_gpus(monkeypatch, n: int, **env: str) -> None:
+    """A host with `n` CUDA GPUs as torch sees it, started with `env` (WORLD_SIZE, ...) and no other launcher variable."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    for key in ("WORLD_SIZE", "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_fsdp_trainer_on_several_gpus_without_a_launcher_stops_with_the_launch_command(tmp_path, capsys, tiny_model,
+                                                                                     monkeypatch):
+    import aligntrain.sources
+    import aligntrain.trainer
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("nothing is loaded before the launcher check")
+
+    monkeypatch.setattr(aligntrain.sources, "prepare_shards", loaded)
+    monkeypatch.setattr(aligntrain.trainer, "train", loaded)
+    _visible_gpus(monkeypatch, 4)
+    cfg = write_config(tmp_path / "my cfg.yml", tiny_model, tmp_path / "run")
+    code, out, err = run(capsys, "train", cfg, "--overrides", "trainer=FSDPTrainer", "lr=2e-5")
+    assert (code, out) == (2, "")
+    assert err == ("error: trainer: FSDPTrainer with 4 visible GPUs needs one process per GPU (started like this it "
+                   f"would train on one); run: accelerate launch --num_processes 4 -m aligntrain train '{cfg}' "
+                   "--overrides trainer=FSDPTrainer lr=2e-5   (aligntrain then sets up FSDP itself, no accelerate "
+                   "config needed; CUDA_VISIBLE_DEVICES=0 trains on one GPU)\n")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    fsdp = write_config(tmp_path / "fsdp.yml", tiny_model, tmp_path / "run", trainer="FSDPTrainer")
+    code, _, err = run(capsys, "dpo", shards, fsdp, "--overrides", "loss.name=ipo")
+    assert code == 2
+    assert f"run: accelerate launch --num_processes 4 -m aligntrain dpo {shards} {fsdp} --overrides loss.name=ipo " in err
+
+
+@pytest.mark.parametrize("gpus, env, idle", [(4, {}, 4), (2, {}, 2), (1, {}, 0), (0, {}, 0),
+                                             (4, {"WORLD_SIZE": "4"}, 0),  # accelerate launch / torchrun
+                                             (4, {"ACCELERATE_MIXED_PRECISION": "no"}, 0)])  # launched, one process
+def test_only_an_unlaunched_fsdp_run_on_several_gpus_is_refused(monkeypatch, tiny_model, tmp_path, gpus, env, idle):
+    from aligntrain.config import load_config
+    from aligntrain.trainer import gpus_left_idle
+
+    _visible_gpus(monkeypatch, gpus, **env)
+    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run")
+    assert gpus_left_idle(load_config(cfg, ["trainer=FSDPTrainer"])) == idle
+    assert gpus_left_idle(load_config(cfg, [])) == 0  # BasicTrainer: one process is what it is
+
+
 @pytest.mark.slow
 def test_two_processes_under_accelerate_launch_match_one(tmp_path, tiny_model, sft_shards):
     """`accelerate launch --num_processes 2 --cpu -m aligntrain` (gloo DDP): same losses as one process."""
