@@ -3,9 +3,9 @@
 Exit codes (aligndata/errors.py, the same table as aligndata's): 0 done; 1 bad config or data (an
 unknown/missing/mistyped key, a model or tokenizer path in it that cannot be loaded, shards that do not
 match the config or tokenizer, invalid raw records); 2 usage or I/O (unknown option, missing file or
-directory argument, shards missing or damaged, a full disk while writing a checkpoint); 3 training
-stopped on a NaN/Inf loss (the last good checkpoint is kept); 130 interrupted; 143 stopped on SIGTERM or
-SIGUSR1 after saving a checkpoint.
+directory argument, shards missing or damaged, a full disk while writing a checkpoint, FSDPTrainer on several
+GPUs without a launcher); 3 training stopped on a NaN/Inf loss (the last good checkpoint is kept); 130
+interrupted; 143 stopped on SIGTERM or SIGUSR1 after saving a checkpoint.
 
 Overrides follow the seed project: `--overrides lr=2e-5 loss.beta=0.1 model.policy_dtype=bfloat16`.
 """
