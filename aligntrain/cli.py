@@ -3,9 +3,9 @@
 Exit codes (aligndata/errors.py, the same table as aligndata's): 0 done; 1 bad config or data (an
 unknown/missing/mistyped key, a model or tokenizer path in it that cannot be loaded, shards that do not
 match the config or tokenizer, invalid raw records); 2 usage or I/O (unknown option, missing file or
-directory argument, shards missing or damaged, a full disk while writing a checkpoint); 3 training
-stopped on a NaN/Inf loss (the last good checkpoint is kept); 130 interrupted; 143 stopped on SIGTERM or
-SIGUSR1 after saving a checkpoint.
+directory argument, shards missing or damaged, a full disk while writing a checkpoint, FSDPTrainer on several
+GPUs without a launcher); 3 training stopped on a NaN/Inf loss (the last good checkpoint is kept); 130
+interrupted; 143 stopped on SIGTERM or SIGUSR1 after saving a checkpoint.
 
 Overrides follow the seed project: `--overrides lr=2e-5 loss.beta=0.1 model.policy_dtype=bfloat16`.
 """
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -21,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from aligndata.errors import EXIT_INPUT, EXIT_OK
+from aligndata.errors import EXIT_INPUT, EXIT_OK, InputError
 from aligndata.usage import Command, add_version_option, command_class
 
 from . import __version__
@@ -138,6 +140,7 @@ def train(ctx: typer.Context, config: Path = ConfigArg, resume: bool = ResumeOpt
     if "loss.name" in cfg.defaulted:  # SFT by default would train a DPO config's data the wrong way without a word
         raise ConfigError(f"{config.name}: missing required key 'loss.name' (`aligntrain train` trains what it names: "
                           f"{', '.join(TASK_OF_LOSS)})")
+    _check_launcher(ctx, cfg)
     shards, reused, left_out = prepare_shards(cfg, progress=err.is_terminal)
     err.print(f"{'reusing' if reused else 'converted'} shards: {shards}")
     if left_out:
@@ -243,7 +246,21 @@ def _task_config(ctx: typer.Context, config: Path, command: str):
     if cfg.task != command:
         needs = "loss.name: sft" if command == "sft" else "dpo, ipo or hinge"
         raise ConfigError(f"{config.name}: loss.name is {cfg.loss.name!r}; `aligntrain {command}` needs {needs}")
+    _check_launcher(ctx, cfg)
     return cfg
+
+
+def _check_launcher(ctx: typer.Context, cfg) -> None:
+    """FSDPTrainer on several GPUs needs one process per GPU, which `accelerate launch` starts; run without
+    it, training would use one GPU, so the command stops before loading anything and names the launch."""
+    from .trainer import gpus_left_idle
+
+    gpus = gpus_left_idle(cfg)
+    if gpus:
+        launch = shlex.join(["accelerate", "launch", "--num_processes", str(gpus), "-m", "aligntrain", *ctx.obj])
+        raise InputError(f"trainer: FSDPTrainer with {gpus} visible GPUs needs one process per GPU (started like this "
+                         f"it would train on one); run: {launch}   (aligntrain then sets up FSDP itself, no accelerate "
+                         "config needed; CUDA_VISIBLE_DEVICES=0 trains on one GPU)")
 
 
 def _train(cfg, shards: Path, resume: bool, as_json: bool) -> None:
@@ -278,8 +295,9 @@ def _train(cfg, shards: Path, resume: bool, as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script and `python -m aligntrain`; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        app(args=argv, prog_name="aligntrain")
+        app(args=argv, prog_name="aligntrain", obj=argv)  # ctx.obj: the arguments, for the launch line
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_INPUT)
     return EXIT_OK

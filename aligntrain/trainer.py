@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from aligndata.errors import RunStopped
+from aligndata.errors import InputError, RunStopped
 from aligndata.write.shards import ShardMismatch
 
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_training_state, save_checkpoint
@@ -308,6 +308,9 @@ def make_accelerator(cfg: Config, policy):
             state_dict_type="FULL_STATE_DICT", use_orig_params=True, sync_module_states=True,
             mixed_precision_policy={k: torch_dtype(mp) for k in ("param_dtype", "reduce_dtype", "buffer_dtype")} if mp else None)
     accelerator = Accelerator(mixed_precision=precision, **kwargs)
+    if accelerator.num_processes != _world_size():  # each process would train every row alone, in one run dir
+        raise InputError(f"the launcher started {_world_size()} processes (WORLD_SIZE) but Accelerate joined "
+                         f"{accelerator.num_processes}; on CPU, set ACCELERATE_USE_CPU=true for gloo")
     if cfg.model.lora is not None and getattr(accelerator.state, "fsdp_plugin", None) is not None:  # ours or the launcher's
         accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_wrap_policy(policy)
     return accelerator
@@ -315,6 +318,16 @@ def make_accelerator(cfg: Config, policy):
 
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gpus_left_idle(cfg: Config) -> int:
+    """The visible CUDA GPUs of an FSDPTrainer run started without a launcher, when there are several
+    (it would train on one of them); 0 when the run is fine as started. `accelerate launch` with one
+    process sets no WORLD_SIZE but always ACCELERATE_MIXED_PRECISION: that run asked for one process."""
+    if cfg.trainer != "FSDPTrainer" or any(k in os.environ for k in ("WORLD_SIZE", "ACCELERATE_MIXED_PRECISION")):
+        return 0
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return gpus if gpus > 1 else 0
 
 
 def _fsdp_from_launcher() -> bool:

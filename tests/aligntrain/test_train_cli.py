@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import yaml
-from trainer_fixtures import base_config, write_config
+from trainer_fixtures import base_config, make_sft_shards, write_config
 
 from aligntrain.cli import main
-from paths import REPO
+from paths import REPO, TESTS
 
 
 def run(capsys, *args):
@@ -118,22 +118,106 @@ def test_seed_style_train_refuses_hub_datasets(tmp_path, capsys, tiny_model):
     assert err.startswith("error: config: datasets[0] has type 'huggingface_dataset': only custom_dataset")
 
 
+def _visible_gpus(monkeypatch, n: int, **env: str) -> None:
+    """A host with `n` CUDA GPUs as torch sees it, started with `env` (WORLD_SIZE, ...) and no other launcher variable."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    for key in ("WORLD_SIZE", "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_fsdp_trainer_on_several_gpus_without_a_launcher_stops_with_the_launch_command(tmp_path, capsys, tiny_model,
+                                                                                     monkeypatch):
+    import aligntrain.sources
+    import aligntrain.trainer
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("nothing is loaded before the launcher check")
+
+    monkeypatch.setattr(aligntrain.sources, "prepare_shards", loaded)
+    monkeypatch.setattr(aligntrain.trainer, "train", loaded)
+    _visible_gpus(monkeypatch, 4)
+    cfg = write_config(tmp_path / "my cfg.yml", tiny_model, tmp_path / "run")
+    code, out, err = run(capsys, "train", cfg, "--overrides", "trainer=FSDPTrainer", "lr=2e-5")
+    assert (code, out) == (2, "")
+    assert err == ("error: trainer: FSDPTrainer with 4 visible GPUs needs one process per GPU (started like this it "
+                   f"would train on one); run: accelerate launch --num_processes 4 -m aligntrain train '{cfg}' "
+                   "--overrides trainer=FSDPTrainer lr=2e-5   (aligntrain then sets up FSDP itself, no accelerate "
+                   "config needed; CUDA_VISIBLE_DEVICES=0 trains on one GPU)\n")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    fsdp = write_config(tmp_path / "fsdp.yml", tiny_model, tmp_path / "run", trainer="FSDPTrainer")
+    code, _, err = run(capsys, "dpo", shards, fsdp, "--overrides", "loss.name=ipo")
+    assert code == 2
+    assert f"run: accelerate launch --num_processes 4 -m aligntrain dpo {shards} {fsdp} --overrides loss.name=ipo " in err
+
+
+def test_processes_that_accelerate_does_not_join_are_refused(tmp_path, capsys, tiny_model, sft_shards, monkeypatch):
+    """torchrun on CPU without ACCELERATE_USE_CPU: Accelerate sees one process, so each would train alone."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run")
+    assert run(capsys, "sft", sft_shards, cfg)[::2] == (2, "error: the launcher started 2 processes (WORLD_SIZE) but "
+                                                          "Accelerate joined 1; on CPU, set ACCELERATE_USE_CPU=true for gloo\n")
+
+
+@pytest.mark.parametrize("gpus, env, idle", [(4, {}, 4), (2, {}, 2), (1, {}, 0), (0, {}, 0),
+                                             (4, {"WORLD_SIZE": "4"}, 0),  # accelerate launch / torchrun
+                                             (4, {"ACCELERATE_MIXED_PRECISION": "no"}, 0)])  # launched, one process
+def test_only_an_unlaunched_fsdp_run_on_several_gpus_is_refused(monkeypatch, tiny_model, tmp_path, gpus, env, idle):
+    from aligntrain.config import load_config
+    from aligntrain.trainer import gpus_left_idle
+
+    _visible_gpus(monkeypatch, gpus, **env)
+    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run")
+    assert gpus_left_idle(load_config(cfg, ["trainer=FSDPTrainer"])) == idle
+    assert gpus_left_idle(load_config(cfg, [])) == 0  # BasicTrainer: one process is what it is
+
+
 @pytest.mark.slow
-def test_two_processes_under_accelerate_launch_match_one(tmp_path, tiny_model, sft_shards):
-    """`accelerate launch --num_processes 2 --cpu -m aligntrain` (gloo DDP): same losses as one process."""
-    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", n_examples=16)
+def test_two_processes_read_each_epoch_once_and_match_one(tmp_path, tiny_model):
+    """Two processes (torchrun, gloo DDP on CPU) over two epochs of 30 rows in steps of 8 (6 rows
+    of each epoch left out, as the seed does): the processes read disjoint rows, together each kept row of an
+    epoch once, the same rows per step as one process; losses and eval metrics (7 eval rows, shared 2/1 in
+    the last eval batch) equal one process's."""
+    shards = make_sft_shards(tmp_path / "shards", tiny_model, n_train=30, n_eval=7)
+    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", n_epochs=2, n_eval_examples=7,
+                       eval_batch_size=4, do_first_eval=True, eval_every_steps=3)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}  # no user accelerate config
-    one = subprocess.run([sys.executable, "-m", "aligntrain", "sft", str(sft_shards), str(cfg), "--json",
-                          "--overrides", f"output_dir={tmp_path / 'one'}"], capture_output=True, text=True, env=env)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "-m", "aligntrain", "sft", str(sft_shards), str(cfg), "--json",
-                          "--overrides", f"output_dir={tmp_path / 'two'}"], capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr
-    read = lambda run: [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-    assert read("two") == pytest.approx(read("one"), abs=1e-5)
-    assert json.loads(two.stdout)["steps"] == 2  # only the main process prints
+    # torchrun, as `accelerate launch --cpu` starts one process whatever --num_processes says; Accelerate
+    # then sets up gloo only when told the processes are on CPU
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for run_name, launcher in (("one", [sys.executable]), ("two", launch)):
+        (tmp_path / f"rows-{run_name}").mkdir()
+        done = subprocess.run([*launcher, str(TESTS / "rows_read.py"), "sft", str(shards), str(cfg), "--json",
+                               "--overrides", f"output_dir={tmp_path / run_name}"], capture_output=True, text=True,
+                              env={**env, "ACCELERATE_USE_CPU": "true", "ROWS_DIR": str(tmp_path / f"rows-{run_name}")})
+        assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["steps"] == 6  # only the main process prints
+
+    def step_rows(run_name: str, rank: int, share: int) -> list[set[int]]:
+        """The train rows process `rank` read, step by step (`share` rows per step)."""
+        reads = [json.loads(line) for line in (tmp_path / f"rows-{run_name}" / f"rank-{rank}.jsonl").read_text().splitlines()]
+        rows = [i for split, indices in reads if split == "train" for i in indices]
+        return [set(rows[k:k + share]) for k in range(0, len(rows), share)]
+
+    one, ranks = step_rows("one", 0, 8), [step_rows("two", rank, 4) for rank in range(2)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 6
+    assert [r0 | r1 for r0, r1 in zip(*ranks)] == one and all(not r0 & r1 for r0, r1 in zip(*ranks))
+    for epoch in (one[:3], one[3:]):
+        assert sum(len(step) for step in epoch) == len(set().union(*epoch)) == 24  # every row at most once
+    assert set().union(*one[:3]) != set().union(*one[3:])  # each epoch leaves other rows out
+
+    def metrics(run_name: str) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k not in ("time", "examples_per_s", "tokens_per_s")}
+                for line in (tmp_path / run_name / "metrics.jsonl").read_text().splitlines()]
+
+    assert [m["split"] for m in metrics("two")].count("eval") == 3  # before training, after steps 3 and 6
+    assert metrics("two") == [pytest.approx(m, abs=1e-5) for m in metrics("one")]
 
 
 def test_module_entry_point_prints_no_traceback(tmp_path, tiny_model, sft_shards):
