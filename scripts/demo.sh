@@ -20,12 +20,13 @@ aligndata validate sample_data/*.json sample_data/*.jsonl
 step "convert: SFT shards (pirate chats) and DPO shards (all preference files), SmolLM2's ChatML template"
 # --on-error skip: SmolLM2's template cannot render tool calls or tool lists, so the records that have them
 # (4 chats, 1 preference pair) are rejected (template-drops-content) into OUT/rejects.jsonl, not trained without them.
+# --overwrite: a demo run again after an upgrade replaces the shards an older aligndata wrote for it.
 aligndata convert sample_data/sharegpt.json sample_data/openai.jsonl --to sft \
-    --tokenizer "$MODEL" --max-length 256 --on-error skip --out runs/demo/sft-shards
+    --tokenizer "$MODEL" --max-length 256 --on-error skip --overwrite --out runs/demo/sft-shards
 aligndata convert sample_data/sharegpt_preference.json sample_data/openai_preference.jsonl \
     sample_data/text_preference.jsonl sample_data/hh.jsonl --to dpo \
     --tokenizer "$MODEL" --max-length 256 --max-prompt-length 128 --length-policy truncate --on-error skip \
-    --out runs/demo/dpo-shards
+    --overwrite --out runs/demo/dpo-shards
 
 step "inspect: what the model will be trained on"
 aligndata inspect runs/demo/sft-shards --show 1
