@@ -116,8 +116,9 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
         take_current_hyperparameters(cfg, optimizer, scheduler, weight_decays)
     notes = _prepare_run_dir(run_dir, cfg, start, changed, accelerator)
     log = MetricsLogger(cfg, run_dir, steps, start, enabled=accelerator.is_main_process, console=console)
-    if defaults_note(cfg):
-        log.note(defaults_note(cfg))
+    defaults = defaults_note(cfg)
+    if defaults:
+        log.note(defaults)
     if resume:
         log.note(f"resuming from {resume_from} (step {start} of {steps})" if resume_from is not None
                  else f"--resume: no checkpoint in {run_dir / CHECKPOINTS} yet; starting at step 0")
