@@ -35,6 +35,7 @@ from aligndata.errors import InputError
 from aligndata.write.atomic import atomic_write_text, fsync_dir
 
 from .config import Config, ConfigError, to_yaml
+from .modeling import first_line
 
 CHECKPOINTS = "checkpoints"
 STATE = "trainer_state.json"
@@ -108,7 +109,7 @@ def _torch_save(obj: Any, path: Path) -> None:
     try:
         torch.save(obj, path)
     except RuntimeError as e:
-        raise OSError(errno.EIO, f"write failed, disk full? ({str(e).splitlines()[0]})", str(path)) from None
+        raise OSError(errno.EIO, f"write failed, disk full? ({first_line(e)})", str(path)) from None
 
 
 def load_training_state(checkpoint: Path, accelerator, model, optimizer, scheduler) -> dict[str, Any]:
@@ -143,7 +144,7 @@ def _torch_load(checkpoint: Path, path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a bad pickle: torch raises several types for the same "unreadable"
-        raise damaged_checkpoint(checkpoint, path, f"cannot be read ({str(e).strip().splitlines()[0]})") from None
+        raise damaged_checkpoint(checkpoint, path, f"cannot be read ({first_line(e)})") from None
 
 
 def _no_optimizer_state(checkpoint: Path, path: Path) -> Exception:
