@@ -21,12 +21,11 @@ Finding the strings in a record is read/control_strings.py's, shared with the ch
 from __future__ import annotations
 
 import json
-import re
 from bisect import bisect_right
 from typing import Any
 
 from aligndata.encode.results import EncodeError
-from aligndata.read.control_strings import ControlStrings
+from aligndata.read.control_strings import ControlStrings, any_of
 from aligndata.records import Message
 
 
@@ -36,8 +35,7 @@ class ControlStringCheck(ControlStrings):
     @classmethod
     def for_backend(cls, backend: Any) -> ControlStringCheck:
         """The special added tokens of a tokenizers backend (what it turns into special ids in any text)."""
-        added = backend.get_added_tokens_decoder().values()
-        return cls([tok.content for tok in added if getattr(tok, "special", False)])
+        return cls(special_strings(backend))
 
     def hide(self, messages: list[dict]) -> list[dict] | None:
         """The messages (as rendered: `Message.to_json`) with every control string in their text replaced by as
@@ -83,6 +81,11 @@ class ControlStringCheck(ControlStrings):
             )
 
 
+def special_strings(backend: Any) -> list[str]:
+    """The texts of a tokenizers backend's special added tokens: what it turns into special ids in any text."""
+    return [tok.content for tok in backend.get_added_tokens_decoder().values() if getattr(tok, "special", False)]
+
+
 _HIDDEN = "\ue000"  # a private-use character: no template writes it, no tokenizer treats it as a control token
 
 
@@ -102,15 +105,14 @@ class PlainText:
         self._backend = backend
         self._as_text = Tokenizer.from_str(backend.to_str())
         self._as_text.encode_special_tokens = True
-        special = [t.content for t in backend.get_added_tokens_decoder().values() if getattr(t, "special", False)]
-        self._markers = re.compile("|".join(map(re.escape, sorted(special, key=lambda s: (-len(s), s)))))
+        self._markers = any_of(special_strings(backend))
 
     def encode(self, text: str, plain: list[tuple[int, int]]) -> JoinedEncoding:
         """The library's tokenization of `text` with the special tokens at `plain` read as text."""
         kept = set(plain)
         pieces: list[tuple[int, list[int], list[tuple[int, int]]]] = []  # (first char, ids, offsets)
         at = 0
-        for marker in self._markers.finditer(text):
+        for marker in self._markers.finditer(text) if self._markers is not None else ():
             if marker.span() in kept:
                 continue
             self._add(pieces, text, at, marker.start())

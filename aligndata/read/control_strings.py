@@ -26,9 +26,7 @@ class ControlStrings:
     """Finds any of some control strings in the text fields of messages: content, reasoning, tool-call arguments."""
 
     def __init__(self, strings: list[str]):
-        # Longest first, so that the name given is the whole token where one contains another.
-        ordered = sorted(set(s for s in strings if s), key=lambda s: (-len(s), s))
-        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        self._pattern = any_of(strings)
 
     def find(self, messages: list[Message]) -> tuple[str, str] | None:
         """(control string, JSONPath of the field) of the first one found, else None."""
@@ -40,6 +38,13 @@ class ControlStrings:
                 if found:
                     return found.group(0), path
         return None
+
+
+def any_of(strings: list[str]) -> re.Pattern | None:
+    """A pattern matching any of `strings`, longest first (where one contains another, the match is the
+    whole token); None for none."""
+    ordered = sorted(set(s for s in strings if s), key=lambda s: (-len(s), s))
+    return re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
 
 def record_messages(record: Record) -> list[Message]:
