@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shlex
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -253,11 +252,12 @@ def _task_config(ctx: typer.Context, config: Path, command: str):
 def _check_launcher(ctx: typer.Context, cfg) -> None:
     """FSDPTrainer on several GPUs needs one process per GPU, which `accelerate launch` starts; run without
     it, training would use one GPU, so the command stops before loading anything and names the launch."""
+    from .signals import launch_command
     from .trainer import gpus_left_idle
 
     gpus = gpus_left_idle(cfg)
     if gpus:
-        launch = shlex.join(["accelerate", "launch", "--num_processes", str(gpus), "-m", "aligntrain", *ctx.obj])
+        launch = launch_command(gpus, ctx.obj)
         raise InputError(f"trainer: FSDPTrainer with {gpus} visible GPUs needs one process per GPU (started like this "
                          f"it would train on one); run: {launch}   (aligntrain then sets up FSDP itself, no accelerate "
                          "config needed; CUDA_VISIBLE_DEVICES=0 trains on one GPU)")

@@ -78,6 +78,12 @@ class Interrupted(KeyboardInterrupt):
 def resume_command() -> str:
     """This process's command line with --resume: what continues the run."""
     args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    launcher = f"accelerate launch --num_processes {world} -m aligntrain" if world > 1 else "aligntrain"
-    return " ".join([launcher, *map(shlex.quote, args)])
+    return launch_command(int(os.environ.get("WORLD_SIZE", "1")), args)
+
+
+def launch_command(processes: int, args: list[str]) -> str:
+    """The shell line that runs `aligntrain ARGS` in `processes` processes (accelerate launch for several)."""
+    launcher = ["aligntrain"]
+    if processes > 1:
+        launcher = ["accelerate", "launch", "--num_processes", str(processes), "-m", "aligntrain"]
+    return shlex.join([*launcher, *args])
