@@ -139,7 +139,9 @@ class Config:
     scheduler: Literal["constant", "linear", "cosine"] = "constant"  # after warmup (seed: constant)
     min_lr_ratio: float = 0.0  # floor of linear/cosine decay, as a fraction of lr
     weight_decay: float = 0.0  # on matrices only, never on norms and biases
-    tokens_per_batch: int | None = None  # padded-token budget per micro-batch (replaces the fixed split)
+    tokens_per_batch: int | None = None  # token budget per micro-batch (replaces the fixed split): padded tokens, or real ones when padding-free
+    padding_free: bool | None = None  # one stream of real tokens per micro-batch, attention per sequence; null: wherever the model allows
+    share_prompt: bool = True  # padding-free DPO: forward each prompt once, both completions attending to it
     logprob_chunk_tokens: int = 1024  # completion tokens per lm-head chunk when computing log-probs
     keep_checkpoints: int | None = None  # keep only the newest N checkpoints
     eval_fraction: float = 0.0  # `aligntrain train`: share of records converted into the eval split

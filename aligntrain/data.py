@@ -4,7 +4,7 @@
       step s --step_indices--> total_batch_size rows (epoch permutation, a pure function of seed/epoch)
              --process_share--> this process's contiguous share
              --micro_batches--> gradient_accumulation_steps equal parts, or parts under a token budget
-             --ShardSplit.rows + collate--> padded tensors
+             --ShardSplit.rows + collate--> padded tensors, or one padding-free stream (packing.py)
 
 Because a step's rows depend only on (seed, step), resuming at step s needs no saved sampler state.
 Each epoch drops its last incomplete batch, as the seed project does.
@@ -27,6 +27,8 @@ from aligndata.write.shards import (REF_COLUMNS, ShardMismatch, check_contents, 
 from aligndata.encode.tokenizer import tokenizer_identity
 
 from .config import Config, ConfigError
+from .modeling import trained_positions
+from .packing import PADDED, SHARED, pack
 
 
 # -- checking the shards against the config and the tokenizer --------------------------------------
@@ -109,7 +111,8 @@ def pad_token_id(tokenizer: Any) -> int:
 # -- a split of shards ----------------------------------------------------------------------------
 
 class ShardSplit:
-    """One split as a memory-mapped table, with each row's padded width precomputed from list offsets."""
+    """One split as a memory-mapped table, with each row's padded width (its longest sequence) precomputed
+    from list offsets."""
 
     def __init__(self, shards: str | Path, split: str, manifest: dict[str, Any]):
         self.table: pa.Table = open_split(shards, split, manifest)
@@ -117,13 +120,21 @@ class ShardSplit:
         self.name = split
         if self.task == "sft":
             self.widths = _lengths(self.table, "input_ids")
+            self._prompts, self._sequences = np.zeros_like(self.widths), self.widths
         else:
-            prompt = _lengths(self.table, "prompt_ids")
-            self.widths = prompt + np.maximum(_lengths(self.table, "chosen_ids"), _lengths(self.table, "rejected_ids"))
+            prompt, chosen, rejected = (_lengths(self.table, c) for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
+            self.widths = prompt + np.maximum(chosen, rejected)
+            self._prompts, self._sequences = prompt, 2 * prompt + chosen + rejected
         self.has_reference = all(c in self.table.column_names for c in REF_COLUMNS)
 
     def __len__(self) -> int:
         return self.table.num_rows
+
+    def stream_tokens(self, layout: str) -> np.ndarray | None:
+        """Tokens each row adds to a padding-free stream (a shared prompt once); None when padded."""
+        if layout == PADDED:
+            return None
+        return self._sequences - (self._prompts if layout == SHARED else 0)
 
     def rows(self, indices: np.ndarray) -> list[dict[str, Any]]:
         """Only these rows are read from the memory map."""
@@ -161,23 +172,28 @@ def process_share(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray
 
 
 def micro_batches(indices: np.ndarray, widths: np.ndarray, parts: int, tokens_per_batch: int | None,
-                  sequences_per_row: int) -> list[np.ndarray]:
+                  sequences_per_row: int, sizes: np.ndarray | None = None) -> list[np.ndarray]:
     """Split a process's rows into micro-batches, keeping their order (no sorting by length).
 
-    Without a budget: `parts` equal parts. With `tokens_per_batch`: greedy, a micro-batch grows while
-    its padded size (sequences x longest row) stays within the budget; a row longer than the budget
-    goes alone.
+    Without a budget: `parts` equal parts. With `tokens_per_batch`: greedy, a micro-batch grows while the
+    tokens it forwards stay within the budget: padded, sequences x longest row (`widths`); padding-free,
+    the sum of the rows' `sizes` (ShardSplit.stream_tokens). A row over the budget goes alone.
     """
     if tokens_per_batch is None:
         return [p for p in np.array_split(indices, parts) if len(p)]
-    out, current, longest = [], [], 0
+    out, current, longest, total = [], [], 0, 0
     for i in indices:
         w = int(widths[i])
-        if current and (len(current) + 1) * max(longest, w) * sequences_per_row > tokens_per_batch:
+        size = 0 if sizes is None else int(sizes[i])
+        if sizes is None:
+            over = (len(current) + 1) * max(longest, w) * sequences_per_row > tokens_per_batch
+        else:
+            over = total + size > tokens_per_batch
+        if current and over:
             out.append(np.array(current))
-            current, longest = [], 0
+            current, longest, total = [], 0, 0
         current.append(int(i))
-        longest = max(longest, w)
+        longest, total = max(longest, w), total + size
     if current:
         out.append(np.array(current))
     return out
@@ -198,24 +214,42 @@ def eval_batches(n_rows: int, n_examples: int | None, batch_size: int, rank: int
 
 # -- collation --------------------------------------------------------------------------------------
 
-def collate(rows: list[dict[str, Any]], task: str, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors. SFT: one sequence per row. DPO: 2B sequences, the B chosen ones
-    (prompt + chosen) first, then the B rejected ones; only completion tokens are trained."""
+def collate(rows: list[dict[str, Any]], task: str, pad_id: int, layout: str = PADDED) -> dict[str, Any]:
+    """One micro-batch. SFT: one sequence per row. DPO: 2B sequences, the B chosen ones (prompt + chosen)
+    first, then the B rejected ones; only completion tokens are trained. PADDED: right-padded [S, T]
+    tensors; PACKED / SHARED: packing.pack's stream (SHARED forwards each prompt once). Every layout adds
+    `lengths` [S], the tokens of each sequence."""
     if task == "sft":
         sequences = [r["input_ids"] for r in rows]
         masks = [r["loss_mask"] for r in rows]
-        batch = _pad(sequences, masks, pad_id)
     else:
         sequences, masks = [], []
         for side in ("chosen_ids", "rejected_ids"):
             for r in rows:
                 sequences.append(r["prompt_ids"] + r[side])
                 masks.append([0] * len(r["prompt_ids"]) + [1] * len(r[side]))
+    if layout == PADDED:
         batch = _pad(sequences, masks, pad_id)
-        if all(c in rows[0] for c in REF_COLUMNS):
-            batch["ref_chosen"] = torch.tensor([r["ref_chosen_logp"] for r in rows], dtype=torch.float32)
-            batch["ref_rejected"] = torch.tensor([r["ref_rejected_logp"] for r in rows], dtype=torch.float32)
+    else:
+        prompts = [len(r["prompt_ids"]) for r in rows] if layout == SHARED else None
+        batch = pack([np.asarray(s, dtype=np.int64) for s in sequences], [np.asarray(m, dtype=bool) for m in masks],
+                     prompts)
+    if task != "sft" and all(c in rows[0] for c in REF_COLUMNS):
+        batch["ref_chosen"] = torch.tensor([r["ref_chosen_logp"] for r in rows], dtype=torch.float32)
+        batch["ref_rejected"] = torch.tensor([r["ref_rejected_logp"] for r in rows], dtype=torch.float32)
     return batch
+
+
+def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    """A collated batch on `device` (its tensors and the padding-free Segments; numbers stay as they are)."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def trained_tokens(batch: dict[str, Any]) -> int:
+    """Trained (predicted) tokens of a collated batch, either layout."""
+    if "targets" in batch:
+        return int(batch["targets"].numel())
+    return int(trained_positions(batch["loss_mask"], batch["attention_mask"]).sum())
 
 
 def _pad(sequences: list[list[int]], masks: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -227,5 +261,5 @@ def _pad(sequences: list[list[int]], masks: list[list[int]], pad_id: int) -> dic
         input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention[i, :len(seq)] = 1
         loss_mask[i, :len(seq)] = torch.tensor(mask, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
-
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask,
+            "lengths": torch.tensor([len(s) for s in sequences], dtype=torch.long)}

@@ -85,9 +85,11 @@ class AdapterOffReference:
         self.policy = policy
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: dict) -> torch.Tensor:
+        from .modeling import model_inputs
+
         with self.policy.disable_adapter():
-            return self.model(input_ids, attention_mask, loss_mask)[0]
+            return self.model(**model_inputs(batch))[0]
 
 
 def fsdp_wrap_policy(policy):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -65,12 +66,16 @@ class SequenceLogps(nn.Module):
         get_base_model = getattr(self.lm, "get_base_model", None)
         return get_base_model() if get_base_model is not None else self.lm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None, **packed):
+        """A padded batch (input_ids, attention_mask, loss_mask [B, T]) or a padding-free one (input_ids and
+        packing.pack's tensors as keywords)."""
+        run = self._forward_packed if packed else self._forward
         if self.cudnn_attention or not input_ids.is_cuda:
-            return self._forward(input_ids, attention_mask, loss_mask)
+            return run(input_ids, attention_mask, loss_mask, **packed)
         # SDPA's backward runs the kernel its forward chose, so the choice made here holds for both
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            return self._forward(input_ids, attention_mask, loss_mask)
+            return run(input_ids, attention_mask, loss_mask, **packed)
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor):
         predict = trained_positions(loss_mask, attention_mask)  # [B, T-1]
@@ -87,6 +92,25 @@ class SequenceLogps(nn.Module):
         per_position = torch.zeros(predict.shape, dtype=torch.float32, device=input_ids.device)
         per_position = per_position.masked_scatter(predict, token_logps)
         return per_position.sum(dim=1), predict.sum(dim=1)
+
+    def _forward_packed(self, input_ids, attention_mask, loss_mask, *, position_ids, predict, targets, slots,
+                        segments, **_):
+        """The stream [1, T] of packing.pack; `predict` picks the position before each trained token (a shared
+        prompt's last position predicts the first token of both completions)."""
+        from .packing import PACKED_ATTENTION
+
+        lm = self.causal_lm()
+        if lm.config._attn_implementation != PACKED_ATTENTION:  # SDPA would attend across the whole stream
+            raise RuntimeError("a padding-free batch reached a model without packed attention (packing.use_packed_attention)")
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False, segments=segments)
+        if self.plain_head:
+            hidden = lm.base_model(**inputs)[0][0].index_select(0, predict)  # [N, H]
+            token_logps = chunked_token_logps(hidden, targets, lm.get_output_embeddings(), self.chunk_tokens, self.softcap)
+        else:
+            logits = self.lm(**inputs).logits[0].index_select(0, predict)
+            token_logps = gathered_token_logps(logits, targets, self.chunk_tokens)
+        per_slot = torch.zeros(slots.shape, dtype=torch.float32, device=input_ids.device).masked_scatter(slots, token_logps)
+        return per_slot.sum(dim=1), slots.sum(dim=1)
 
 
 def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int,
@@ -164,25 +188,40 @@ class Reference:
     reference_dtype, run without autograd under the training compute autocast."""
 
     def __init__(self, cfg: Config, device: torch.device):
+        from .packing import PADDED, choose_layout, use_packed_attention
+
         lm = load_causal_lm(cfg.model.name_or_path, cfg.model.reference_dtype, cfg.model.attn_implementation,
                             trainable=False)
         if cfg.model.archive:
             load_archive(lm, cfg.model.archive)
+        self.layout = choose_layout(cfg, lm)[0]  # the policy's, as the model is the same (the run notes why)
+        if self.layout != PADDED:
+            use_packed_attention(lm)
         self.model = SequenceLogps(lm, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention).to(device)
         self.policy_dtype = cfg.model.policy_dtype
         self.device = device
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-        """[B] float32 summed log-probs of the trained tokens of each sequence."""
+    def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
+        """[B] float32 summed log-probs of the trained tokens of each sequence of a collated batch."""
         with compute_autocast(self.policy_dtype, self.device):
-            return self.model(input_ids, attention_mask, loss_mask)[0]
+            return self.model(**model_inputs(batch))[0]
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "loss_mask", "position_ids", "predict", "targets", "slots", "segments")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a collated batch (padded or padding-free) that SequenceLogps.forward takes."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # attention modules pass it to the kernel
+            module.attention_dropout = 0.0
 
 
 def resolve_model_dir(path: str | Path) -> Path:

@@ -24,7 +24,7 @@ from aligndata.write.shards import (REF_COLUMNS, ShardWriter, write_datasets_sid
                               open_split, sha256_file, shard_path)
 
 from .config import Config
-from .data import check_shards, collate, pad_token_id
+from .data import check_shards, collate, pad_token_id, to_device
 from .modeling import Reference, load_tokenizer, resolve_model_dir
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -76,8 +76,7 @@ def precompute_reference(shards: str | Path, cfg: Config, batch_size: int | None
         table = open_split(shards, split, manifest)
         for start in range(0, table.num_rows, batch_size):
             rows = table.take(np.arange(start, min(start + batch_size, table.num_rows))).to_pylist()
-            batch = {k: v.to(device) for k, v in collate(rows, "dpo", pad_token_id(tokenizer)).items()}
-            logps = reference(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            logps = reference(to_device(collate(rows, "dpo", pad_token_id(tokenizer), reference.layout), device))
             n = len(rows)
             for row, chosen, rejected in zip(rows, logps[:n].tolist(), logps[n:].tolist()):
                 row = {k: v for k, v in row.items() if k not in REF_COLUMNS}

@@ -26,11 +26,12 @@ from aligndata.write.shards import ShardMismatch
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_training_state, save_checkpoint
 from .config import MIXED_PRECISION, Config, ConfigError, defaults_note
 from .data import (ShardSplit, check_shards, collate, eval_batches, micro_batches, pad_token_id, process_share,
-                   shards_chat_template, step_indices, total_steps)
+                   shards_chat_template, step_indices, to_device, total_steps, trained_tokens)
 from .lora import AdapterOffReference, fsdp_wrap_policy, lora_policy
 from .losses import PREFERENCE_LOSSES, PairLogps, preference_rewards, sft_loss
 from .metrics import MetricsLogger
-from .modeling import Reference, SequenceLogps, load_archive, load_causal_lm, load_tokenizer, torch_dtype, trained_positions
+from .modeling import Reference, SequenceLogps, load_archive, load_causal_lm, load_tokenizer, model_inputs, torch_dtype
+from .packing import PADDED, choose_layout, use_packed_attention
 from .precompute import reference_identity
 from .resume import config_text, record_changes, resume_changes, shards_identity, take_current_hyperparameters, trim_metrics
 from .runlock import hold_run_lock
@@ -96,18 +97,24 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
             load_archive(policy, cfg.model.archive)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(policy)
+    layout, layout_note = choose_layout(cfg, policy)
+    if layout != PADDED:
+        use_packed_attention(policy)
     use_shard_reference = _use_shard_reference(cfg, manifest, train_split, eval_split)
 
     accelerator = make_accelerator(cfg, policy)
     world, rank = accelerator.num_processes, accelerator.process_index
     check_batch_geometry(cfg, world)
-    optimizer = build_optimizer(cfg, policy)
+    fused = accelerator.device.type == "cuda" and getattr(accelerator.state, "fsdp_plugin", None) is None
+    if fused:  # fused Adam(W) checks at construction that its parameters are on the GPU
+        policy.to(accelerator.device)
+    optimizer = build_optimizer(cfg, policy, fused=fused)
     scheduler = build_scheduler(cfg, optimizer, steps)
     model, optimizer = accelerator.prepare(SequenceLogps(policy, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention), optimizer)
     reference = None
     if cfg.task == "dpo" and not cfg.loss.reference_free and not use_shard_reference:
         reference = AdapterOffReference(model, policy) if cfg.model.lora else Reference(cfg, accelerator.device)
-    objective = Objective(cfg, reference, accelerator)
+    objective = Objective(cfg, reference, accelerator, layout)
 
     start = 0
     if resume_from is not None:
@@ -122,7 +129,7 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
     if resume:
         log.note(f"resuming from {resume_from} (step {start} of {steps})" if resume_from is not None
                  else f"--resume: no checkpoint in {run_dir / CHECKPOINTS} yet; starting at step 0")
-    for note in notes:
+    for note in notes + ([layout_note] if layout_note else []):
         log.note(note)
     if eval_split is train_split and (cfg.do_first_eval or cfg.eval_every_steps):
         log.note("no eval split in the shards: evaluating on the first rows of the train split")
@@ -139,8 +146,8 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
         for step in range(start, steps):
             rows = process_share(step_indices(step, len(train_split), cfg.total_batch_size, cfg.seed), rank, world)
             parts = micro_batches(rows, train_split.widths, cfg.gradient_accumulation_steps, cfg.tokens_per_batch,
-                                  sequences_per_row=1 if cfg.task == "sft" else 2)
-            batches = [collate(train_split.rows(p), cfg.task, pad_token_id(tokenizer)) for p in parts]
+                                  sequences_per_row=1 if cfg.task == "sft" else 2, sizes=train_split.stream_tokens(layout))
+            batches = [collate(train_split.rows(p), cfg.task, pad_token_id(tokenizer), layout) for p in parts]
             metrics = train_step(step + 1, model, objective, optimizer, scheduler, batches, cfg, accelerator)
             result.train_metrics = metrics
             result.history.append(metrics)
@@ -176,7 +183,7 @@ def train_step(step: int, model, objective: "Objective", optimizer, scheduler, b
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            loss, batch_sums = objective(model, _to_device(batch, accelerator.device), count)
+            loss, batch_sums = objective(model, to_device(batch, accelerator.device), count)
             accelerator.backward(loss * world)
         sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}
     totals = _all_reduce(sums, accelerator)
@@ -203,9 +210,9 @@ def evaluate(model, objective: "Objective", split: ShardSplit, cfg: Config, acce
     sums: dict[str, torch.Tensor] = {}
     for indices, weights in eval_batches(len(split), cfg.n_eval_examples, cfg.eval_batch_size,
                                          accelerator.process_index, accelerator.num_processes):
-        batch = collate(split.rows(indices), split.task, pad_id)
+        batch = collate(split.rows(indices), split.task, pad_id, objective.layout)
         batch["weights"] = torch.from_numpy(weights)
-        _, batch_sums = objective(model, _to_device(batch, accelerator.device))
+        _, batch_sums = objective(model, to_device(batch, accelerator.device))
         sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}
     return objective.finish(_all_reduce(sums, accelerator))
 
@@ -218,8 +225,9 @@ class Objective:
     sums are detached per-batch totals that `finish` turns into means after the all-reduce.
     """
 
-    def __init__(self, cfg: Config, reference: Reference | None, accelerator):
+    def __init__(self, cfg: Config, reference: Reference | None, accelerator, layout: str = PADDED):
         self.cfg = cfg
+        self.layout = layout  # of the batches it is given (data.collate)
         self.task = cfg.task
         self.reference = reference
         self.accelerator = accelerator
@@ -229,15 +237,15 @@ class Objective:
         """The step's normaliser over all processes: trained tokens (SFT) or pairs (preference)."""
         if self.task == "dpo":
             return float(self.cfg.total_batch_size)
-        local = sum(int(trained_positions(b["loss_mask"], b["attention_mask"]).sum()) for b in batches)
+        local = sum(trained_tokens(b) for b in batches)
         total = self.accelerator.reduce(torch.tensor(float(local), device=self.accelerator.device), "sum")
         return max(float(total), 1.0)
 
     def __call__(self, model, batch: dict[str, torch.Tensor], count: float = 1.0):
-        logps, tokens = model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        logps, tokens = model(**model_inputs(batch))
         n = logps.shape[0] if self.task == "sft" else logps.shape[0] // 2
         weights = batch.get("weights", torch.ones(n, device=logps.device)).to(logps.device)
-        input_tokens = batch["attention_mask"].sum(dim=1).float()
+        input_tokens = batch["lengths"].to(logps.device).float()
         if self.task == "sft":
             loss = sft_loss(logps * weights, count)
             return loss, {"nll": -(logps * weights).sum().detach(), "tokens": (tokens * weights).sum(),
@@ -262,7 +270,7 @@ class Objective:
 
     def _reference_logps(self, batch: dict[str, torch.Tensor], n: int, like: torch.Tensor):
         if self.reference is not None:
-            ref = self.reference(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            ref = self.reference(batch)
             return ref[:n], ref[n:]
         if "ref_chosen" in batch:  # precomputed by `aligntrain precompute-ref`
             return batch["ref_chosen"].to(like.device), batch["ref_rejected"].to(like.device)
@@ -354,12 +362,14 @@ OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "RMSprop": t
               "SGD": torch.optim.SGD}
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Weight decay on matrices only: norms, biases and other vectors are not decayed."""
+def build_optimizer(cfg: Config, model: torch.nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+    """Weight decay on matrices only: norms, biases and other vectors are not decayed. `fused`: Adam(W)'s
+    one-kernel update (parameters on one CUDA device), instead of a loop of kernels per tensor group."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return OPTIMIZERS[cfg.optimizer]([g for g in groups if g["params"]], lr=cfg.lr)
+    extra = {"fused": True} if fused and cfg.optimizer in ("Adam", "AdamW") else {}
+    return OPTIMIZERS[cfg.optimizer]([g for g in groups if g["params"]], lr=cfg.lr, **extra)
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
@@ -418,7 +428,3 @@ def _all_reduce(sums: dict[str, torch.Tensor], accelerator) -> dict[str, float]:
     stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=accelerator.device) for k in names])
     stacked = accelerator.reduce(stacked, "sum")
     return dict(zip(names, stacked.tolist()))
-
-
-def _to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}

@@ -147,3 +147,34 @@ def test_attention_without_cudnn_gives_the_same_logps_and_gradients(tiny_model):
     (a, ga), (b, gb) = results
     assert torch.allclose(a, b, rtol=1e-2, atol=1e-1)
     assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.999
+
+
+@pytest.mark.parametrize("task,layout", [("sft", "packed"), ("dpo", "packed"), ("dpo", "shared-prompt")])
+def test_padding_free_varlen_flash_equals_the_padded_path_on_cuda(tiny_model, sft_shards, dpo_shards, task, layout,
+                                                                  monkeypatch):
+    """The padding-free stream runs torch's varlen flash attention on CUDA (bf16): same per-sequence log-probs
+    and gradients as the padded batch within bf16 tolerance; the shared prompt's bottom-right causal
+    alignment is what makes the rejected completions agree."""
+    from aligndata.write.shards import read_manifest
+    from aligntrain import packing
+    from aligntrain.data import ShardSplit, collate, to_device
+    from aligntrain.modeling import load_causal_lm, model_inputs
+
+    flash_calls = []
+    real = packing._varlen_flash
+    monkeypatch.setattr(packing, "_varlen_flash", lambda *a: flash_calls.append(1) or real(*a))
+    shards = sft_shards if task == "sft" else dpo_shards
+    rows = ShardSplit(shards, "train", read_manifest(shards)).rows(list(range(8)))
+    results = []
+    for name in ("padded", layout):
+        lm = load_causal_lm(tiny_model, "bfloat16").cuda()
+        if name != "padded":
+            packing.use_packed_attention(lm)
+        batch = to_device(collate(rows, task, 0, name), torch.device("cuda"))
+        logps, _ = SequenceLogps(lm)(**model_inputs(batch))
+        logps.sum().backward()
+        results.append((logps.detach().float(), torch.cat([p.grad.float().flatten() for p in lm.parameters()])))
+    (a, ga), (b, gb) = results
+    assert flash_calls, "the varlen flash kernel did not run"
+    assert torch.allclose(a, b, rtol=1e-2, atol=2e-1), (a - b).abs().max()
+    assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.999

@@ -307,11 +307,10 @@ def test_the_training_reference_equals_a_separately_loaded_reference_model(tmp_p
     accelerator = make_accelerator(cfg, policy)
     model = accelerator.prepare(SequenceLogps(policy))
     batch = eval_batch(dpo_shards)
-    args = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    separate = Reference(cfg, torch.device("cpu"))(*args)
-    assert torch.equal(AdapterOffReference(model, policy)(*args), separate)
+    separate = Reference(cfg, torch.device("cpu"))(batch)
+    assert torch.equal(AdapterOffReference(model, policy)(batch), separate)
     with torch.no_grad():
-        assert not torch.allclose(model(*args)[0], separate)
+        assert not torch.allclose(model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])[0], separate)
 
 
 def test_export_of_a_full_weight_run_is_its_hugging_face_model(tmp_path, tiny_model, sft_shards, capsys):

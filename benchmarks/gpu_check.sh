@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU machine's checks and measurements in one call, printing as it goes (a stage that hangs still
+# leaves the earlier output): the GPU tests, then benchmark rows of bench_train.py, ours and TRL in the
+# same call. The GPU image lacks datasets, jsonschema, trl and pytest: pass a folder of their wheels
+# (Python 3.12; benchmarks/README.md says how to download them) and the path of trl_anchor.py.
+#
+#   bash benchmarks/gpu_check.sh WHEELS ANCHOR STAGE...
+#   STAGE: tests | dpo-qwen | dpo-llama | sft | precompute | suite | lora
+set -u
+wheels=$1 anchor=$2
+shift 2
+python3 -m pip install -q --no-index --no-deps --target /tmp/site "$wheels"/*.whl 2>&1 | tail -1
+export PYTHONPATH="$PWD:$PWD/tests:/tmp/site" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
+bench() { timeout "$1" python3 benchmarks/bench_train.py --anchor "$anchor" "${@:2}"; echo "[exit $?]"; }
+for stage in "$@"; do
+  echo "== $stage ($(date -u +%T))"
+  case $stage in
+    tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "not fsdp and not two" ;;
+    dpo-qwen) bench 300 --mode dpo --shape qwen0.5b --bs 16 --steps 12 --warm 4 --also padding_free=false --also share_prompt=false ;;
+    dpo-llama) bench 300 --mode dpo --shape llama1b --bs 16 --steps 12 --warm 4 ;;
+    sft) bench 200 --mode sft --shape qwen0.5b --bs 8 --steps 16 --warm 4 ;;
+    suite) bench 580 --suite issue12 ;;
+    lora) bench 300 --mode dpo --shape llama1b --bs 16 --steps 12 --warm 4 --lora r=16,alpha=32,targets=all-linear ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+echo "== done ($(date -u +%T))"

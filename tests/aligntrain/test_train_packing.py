@@ -1,0 +1,115 @@
+"""Padding-free batches: the stream layout by hand, and the same log-probs, gradients and training as
+the padded path (float32 on CPU: 1e-5)."""
+
+import numpy as np
+import pytest
+import torch
+from trainer_fixtures import base_config
+
+from aligndata.write.shards import read_manifest
+
+from aligntrain.config import ConfigError, load_config
+from aligntrain.data import ShardSplit, collate, micro_batches
+from aligntrain.modeling import SequenceLogps, load_causal_lm, model_inputs
+from aligntrain.packing import PACKED, PADDED, SHARED, choose_layout, pack, use_packed_attention
+from aligntrain.trainer import train
+
+
+def cfg_for(tmp_path, model_dir, name="cfg", **changes):
+    import yaml
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(base_config(model_dir, tmp_path / name, **changes)))
+    return load_config(path)
+
+
+def test_shared_prompt_stream_by_hand():
+    # one pair: prompt [1, 2], chosen [3, 4, 5], rejected [6]; every completion token trained
+    chosen, rejected = np.array([1, 2, 3, 4, 5]), np.array([1, 2, 6])
+    b = pack([chosen, rejected], [np.array([0, 0, 1, 1, 1], bool), np.array([0, 0, 1], bool)], prompts=[2])
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2]]  # the rejected token sits right after the prompt
+    # chosen: 3 predicted at stream 1 (the prompt's last token), 4 at 2, 5 at 3; rejected: 6 predicted at 1 too
+    assert b["predict"].tolist() == [1, 2, 3, 1]
+    assert b["targets"].tolist() == [3, 4, 5, 6]
+    assert b["slots"].tolist() == [[True, True, True], [True, False, False]]
+    assert b["lengths"].tolist() == [5, 3]
+    s = b["segments"]
+    assert s.bounds_q == [0, 5, 6] and s.bounds_k == [0, 5, 8]  # rejected: 1 query over 3 keys
+    assert s.key_index.tolist() == [0, 1, 2, 3, 4, 0, 1, 5]  # its keys: the prompt, then itself
+    assert (s.max_q, s.max_k) == (5, 5)
+
+
+def test_plain_stream_restarts_positions_and_never_trains_a_first_token():
+    b = pack([np.array([5, 6, 7]), np.array([8, 9])], [np.array([1, 1, 1], bool), np.array([0, 1], bool)])
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert b["predict"].tolist() == [0, 1, 3] and b["targets"].tolist() == [6, 7, 9]
+    assert b["segments"].key_index is None and b["segments"].bounds_q == [0, 3, 5]
+
+
+def batches(shards, task, layouts, rows=8):
+    split = ShardSplit(shards, "train", read_manifest(shards))
+    picked = split.rows(list(range(rows)))
+    return {layout: collate(picked, task, 0, layout) for layout in layouts}
+
+
+@pytest.mark.parametrize("task,layout", [("sft", PACKED), ("dpo", PACKED), ("dpo", SHARED)])
+def test_log_probs_and_gradients_equal_the_padded_path(tiny_model, sft_shards, dpo_shards, task, layout):
+    shards = sft_shards if task == "sft" else dpo_shards
+    got = batches(shards, task, [PADDED, layout])
+    results = {}
+    for name, batch in got.items():
+        lm = load_causal_lm(tiny_model, "float32")
+        if name != PADDED:
+            use_packed_attention(lm)
+        logps, tokens = SequenceLogps(lm, chunk_tokens=7)(**model_inputs(batch))
+        (logps * torch.linspace(0.5, 1.5, len(logps))).sum().backward()  # a different weight per sequence
+        results[name] = logps.detach(), tokens, {n: p.grad for n, p in lm.named_parameters()}
+    (padded, padded_tokens, padded_grads), (packed, packed_tokens, packed_grads) = results[PADDED], results[layout]
+    assert packed_tokens.tolist() == padded_tokens.tolist()
+    assert torch.allclose(packed, padded, atol=1e-5), (packed - padded).abs().max()
+    for name, grad in padded_grads.items():
+        assert torch.allclose(packed_grads[name], grad, atol=1e-5), name
+    assert got[layout]["lengths"].tolist() == got[PADDED]["lengths"].tolist()
+    if layout == SHARED:  # each prompt forwarded once
+        assert got[layout]["input_ids"].numel() < got[PADDED]["attention_mask"].sum()
+
+
+def test_a_packed_batch_on_a_model_without_packed_attention_is_refused(tiny_model, sft_shards):
+    batch = batches(sft_shards, "sft", [PACKED])[PACKED]
+    with pytest.raises(RuntimeError, match="without packed attention"):
+        SequenceLogps(load_causal_lm(tiny_model, "float32"))(**model_inputs(batch))
+
+
+def test_layout_follows_padding_free_and_the_model(tmp_path, tiny_model):
+    lm = load_causal_lm(tiny_model, "float32")
+    dpo = {"loss": {"name": "dpo"}}
+    assert choose_layout(cfg_for(tmp_path, tiny_model, "a", **dpo), lm) == (SHARED, None)
+    assert choose_layout(cfg_for(tmp_path, tiny_model, "b", share_prompt=False, **dpo), lm) == (PACKED, None)
+    assert choose_layout(cfg_for(tmp_path, tiny_model, "c"), lm) == (PACKED, None)
+    assert choose_layout(cfg_for(tmp_path, tiny_model, "d", padding_free=False), lm) == (PADDED, None)
+    eager = {"model": {"attn_implementation": "eager"}}
+    assert choose_layout(cfg_for(tmp_path, tiny_model, "e", **eager), lm) == (
+        PADDED, "padded batches: model.attn_implementation is eager")
+    with pytest.raises(ConfigError, match="padding_free: true, but model.attn_implementation is eager"):
+        choose_layout(cfg_for(tmp_path, tiny_model, "f", padding_free=True, **eager), lm)
+
+
+def test_token_budget_counts_real_tokens_when_padding_free():
+    widths = np.array([10, 10, 10, 10])
+    sizes = np.array([6, 6, 6, 6])  # what each row adds to a stream
+    assert [p.tolist() for p in micro_batches(np.arange(4), widths, 1, 20, 1)] == [[0, 1], [2, 3]]
+    assert [p.tolist() for p in micro_batches(np.arange(4), widths, 1, 20, 1, sizes=sizes)] == [[0, 1, 2], [3]]
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_training_padding_free_equals_padded(tmp_path, tiny_model, sft_shards, dpo_shards, task):
+    shards = sft_shards if task == "sft" else dpo_shards
+    loss = {"loss": {"name": task}, "tokens_per_batch": 200, "n_examples": 24}
+    padded = train(cfg_for(tmp_path, tiny_model, "padded", padding_free=False, **loss), shards)
+    packed = train(cfg_for(tmp_path, tiny_model, "packed", padding_free=True, **loss), shards)
+    for a, b in zip(padded.history, packed.history):
+        for key in ("loss", "grad_norm", "input_tokens"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+
