@@ -15,14 +15,12 @@ padded path's (tests/aligntrain/test_train_packing.py checks it to 1e-5 in float
 
 The attention function is registered with transformers' AttentionInterface under PACKED_ATTENTION and
 receives the segment layout through the model's forward kwargs (transformers hands them to every
-attention call). On CUDA in bf16/fp16 it runs torch's varlen flash attention; elsewhere SDPA per
-segment, which is also the CPU path the tests cover.
+attention call). On CUDA in bf16/fp16 it runs flash attention over the segments (aten's varlen
+kernels); elsewhere SDPA per segment, which is also the CPU path the tests cover.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,41 +78,43 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
     if segments.key_index is not None:
         k, v = k.index_select(0, segments.key_index), v.index_select(0, segments.key_index)
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen() is not None:
+    if _flash_applies(q):
         out = _varlen_flash(q, k, v, segments, scaling)
     else:
         out = _per_segment(q, k, v, segments, scaling)
     return out.unsqueeze(0), None
 
 
-@functools.cache
-def _varlen():
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
+class _FlashVarlen(torch.autograd.Function):
+    """Flash attention over segments (aten's varlen kernels), causal, aligned to the end of each key segment:
+    a query segment shorter than its keys (a rejected completion) sees the keys before it (its prompt) in
+    full. Called directly rather than through torch.nn.attention.varlen, whose dispatch may pick cuDNN
+    (which plans on the host for every new set of lengths). Grouped-query heads need no copies: the kernel
+    reads each key/value head for its group of query heads and sums their gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale):
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng, unused)
+        ctx.sizes = max_q, max_k, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, cu_q, cu_k, rng, unused = ctx.saved_tensors
+        max_q, max_k, scale = ctx.sizes
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, True, rng, unused, scale=scale)
+        return dq, dk, dv, None, None, None, None, None
 
 
-@functools.cache
-def _varlen_params() -> frozenset[str]:
-    return frozenset(inspect.signature(_varlen()).parameters)  # once: this runs in every layer
+def _flash_applies(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
 
 
 def _varlen_flash(q, k, v, s: Segments, scale):
-    varlen_attn = _varlen()
-    params = _varlen_params()
-    kwargs = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}  # torch 2.13 / 2.11
-    if "scale" in params:
-        kwargs["scale"] = scale
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = True
-        else:
-            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
-    # flash attention's causal mask is aligned to the end of each key segment: a query segment shorter than
-    # its keys (a rejected completion) sees the keys before it (its prompt) in full
-    return varlen_attn(q, k, v, s.cu_q, s.cu_k, s.max_q, s.max_k, **kwargs)
+    return _FlashVarlen.apply(q.contiguous(), k.contiguous(), v.contiguous(), s.cu_q, s.cu_k, s.max_q, s.max_k, scale)
 
 
 def _per_segment(q, k, v, s: Segments, scale):
