@@ -14,12 +14,13 @@ are not timed; peak GPU memory is read over the timed steps.
   python benchmarks/bench_train.py --suite issue12                  # every row of issue 12, one table
   python benchmarks/bench_train.py --suite issue12 --shape-override tiny --skip-trl --steps 3 --warm 1  # on CPU
 
-MFU (aligntrain/flops.py) credits both sides the same useful FLOPs for the same data: our child counts
-them from its shards' prompt/chosen/rejected (or row) lengths, a pair's prompt once, the reference's
-forward unless precomputed, and reports them per token it counts (the non-pad tokens each item
-forwards, as the anchor counts its own); each side's MFU is its tokens/s times that, over the card's
-dense bf16 peak. The anchor's data come from the same distribution, so its FLOPs per token are ours to
-well under a percent; its padding, its prompt forwarded twice and its packing earn no FLOPs.
+MFU (aligntrain/flops.py) credits both sides by one rule, `data_counts`, applied to the per-item lengths
+of the data each side trains on: useful FLOPs only (no padding; a pair's prompt once; the reference's
+forward unless precomputed), divided by the tokens the table counts (the non-pad tokens each item
+forwards: prompt+chosen and prompt+rejected for a pair). Our lengths come from our shards; TRL's from
+the anchor's own generator (`anchor_lengths`, checked against the anchor's mean tokens per item). A
+side's MFU is its tokens/s times its FLOPs per token over the card's dense bf16 peak, so TRL's padding,
+its prompt forwarded twice and its packing cost it time and earn it no FLOPs.
 
 With `--lora`, both sides train LoRA adapters of the same peft config on a frozen bf16 base and take
 the reference from the base with adapters disabled; the TRL side is `trl_lora.py` (TRL's DPOTrainer
@@ -33,6 +34,7 @@ some speed and is the numerically safer recipe. The reference model is bf16 in b
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -135,6 +137,43 @@ def write_rows(path: Path, n: int, vocab_size: int, mode: str, seed: int = 1) ->
             else:
                 row = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": chosen}]}
             f.write(json.dumps(row) + "\n")
+
+
+def load_anchor(path: str):
+    """trl_anchor.py as a module (its data generator and timer; also trl_lora.py's)."""
+    spec = importlib.util.spec_from_file_location("trl_anchor", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def anchor_lengths(anchor, mode: str, n: int, vocab_size: int, max_length: int) -> list[tuple[int, ...]]:
+    """Per item of the anchor's data (its generator, seed and n rows; one word, one token), what TRL 1.16
+    forwards: for DPO (prompt, chosen, rejected), each prompt+completion cut to max_length from the end
+    (truncation keep_start, no EOS added); for SFT (row length,), the completion ending in the EOS that
+    SFTTrainer appends. Packing (bfd) cuts each row the same way before it packs."""
+    lengths = []
+    for row in anchor.make_rows(n, vocab_size):
+        p, c, r = (len(row[k].split()) for k in ("prompt", "chosen", "rejected"))
+        if mode == "dpo":
+            lengths.append((p, min(c, max_length - p), min(r, max_length - p)))
+        else:
+            lengths.append((min(max_length, p + c + 1),))
+    return lengths
+
+
+def trl_flops_per_token(args: argparse.Namespace, row: "Row", mode: str, reported: dict) -> float | None:
+    """Useful FLOPs per counted token of the anchor's own data for `row`, by data_counts' rule (as ours);
+    checked against the mean tokens per item the anchor reported (None, with a note, where they differ)."""
+    config = model_config(row.shape)
+    lengths = anchor_lengths(load_anchor(args.anchor), "dpo" if mode == "dpo" else "sft",
+                             row.bs * (args.steps + 2), config.vocab_size, args.max_length)
+    counted, flops = data_counts(config, row.mode, lengths, policy=True, reference=mode == "dpo" and not row.precompute)
+    if mode != "sft_packed" and abs(counted / len(lengths) - reported["mean_tokens_per_item"]) > 0.1:
+        print(f"TRL {row.name} ({mode}): the anchor forwarded {reported['mean_tokens_per_item']} tokens per item, "
+              f"its data as read here {counted / len(lengths):.1f}: no MFU", file=sys.stderr)
+        return None
+    return flops / counted
 
 
 def run_ours(args: argparse.Namespace) -> dict:
@@ -298,15 +337,15 @@ def measure(row: Row, args: argparse.Namespace) -> tuple[dict[str, dict], dict[s
         result = child_result(command + ["--mode", mode, "--max_length", str(args.max_length)] + shared
                               + (["--precompute", "1"] if row.precompute else []), f"TRL {row.name} ({mode})")
         if result:
-            trl[mode] = result
+            trl[mode] = {**result, "flops_per_token": None if args.lora else trl_flops_per_token(args, row, mode, result)}
     return ours, trl
 
 
-def mfu_cell(result: dict | None, flops_per_token: float | None, device: str) -> str:
-    """`result`'s MFU in percent: its tokens/s times the useful FLOPs per counted token of the data."""
-    if result is None or flops_per_token is None:
+def mfu_cell(result: dict | None, device: str) -> str:
+    """`result`'s MFU in percent: its tokens/s times the useful FLOPs per counted token of its data."""
+    if result is None or result.get("flops_per_token") is None:
         return "-"
-    share = mfu(result["tokens_per_s"] * flops_per_token, 1.0, device)
+    share = mfu(result["tokens_per_s"] * result["flops_per_token"], 1.0, device)
     return "-" if share is None else f"{100 * share:.1f}%"
 
 
@@ -329,8 +368,7 @@ def suite_lines(row: Row, ours: dict[str, dict], trl: dict[str, dict]) -> list[d
 
 
 def suite_table(lines: list[dict], device: str) -> str:
-    """Markdown table of `suite_lines`: items/s, the tokens/s ratio, tokens/s, MFU and peak GiB of each side.
-    Both sides' MFU use our run's useful FLOPs per counted token (same data, same rule)."""
+    """Markdown table of `suite_lines`: items/s, the tokens/s ratio, tokens/s, MFU and peak GiB of each side."""
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
 
@@ -338,13 +376,12 @@ def suite_table(lines: list[dict], device: str) -> str:
            "peak GiB ours/TRL |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for line in lines:
         ours, trl = line["ours"] or {}, line["trl"] or {}
-        fpt = ours.get("flops_per_token")
         ratio = ours["tokens_per_s"] / trl["tokens_per_s"] if ours and trl else None
         out.append(f"| {line['run']} | {num(ours.get('items_per_s'), '.2f')} | "
                    f"{num(trl.get('items_per_s') if line['trl_items'] else None, '.2f')} | {num(ratio, '.2f')}"
                    f"{'x' if ratio is not None else ''} | {num(ours.get('tokens_per_s'), ',.0f')} | "
-                   f"{num(trl.get('tokens_per_s'), ',.0f')} | {mfu_cell(line['ours'], fpt, device)} | "
-                   f"{mfu_cell(line['trl'], fpt, device)} | {num(ours.get('peak_gib'), '')}/{num(trl.get('peak_gib'), '')} |")
+                   f"{num(trl.get('tokens_per_s'), ',.0f')} | {mfu_cell(line['ours'], device)} | "
+                   f"{mfu_cell(line['trl'], device)} | {num(ours.get('peak_gib'), '')}/{num(trl.get('peak_gib'), '')} |")
     return "\n".join(out)
 
 
@@ -353,6 +390,7 @@ def main() -> None:
     ap.add_argument("--suite", choices=sorted(SUITES), help="every row of the suite in one call (--mode, --shape "
                     "and --bs are the suite's; default --steps 12 --warm 4)")
     ap.add_argument("--shape-override", choices=sorted(SHAPES), help="run every suite row on this shape (tiny: on CPU)")
+    ap.add_argument("--only", default=None, metavar="N[,N]", help="only these rows of the suite (from 1, in its order)")
     ap.add_argument("--mode", default="dpo", choices=["dpo", "sft"])
     ap.add_argument("--shape", default="qwen0.5b", choices=sorted(SHAPES))
     ap.add_argument("--bs", type=int, default=16, help="pairs (dpo) or rows (sft) per optimizer step")
@@ -385,6 +423,9 @@ def main() -> None:
                  "add --skip-trl for the others")
     if args.precompute and args.mode != "dpo":
         ap.error("--precompute is for --mode dpo")
+    if args.only and not (args.suite and all(n.isdigit() and 1 <= int(n) <= len(SUITES[args.suite])
+                                             for n in args.only.split(","))):
+        ap.error(f"--only takes row numbers of --suite, from 1 to {len(SUITES[args.suite or 'issue12'])}")
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -395,11 +436,15 @@ def main() -> None:
 
 
 def run_suite(args: argparse.Namespace, device: str) -> None:
+    rows = SUITES[args.suite]
+    picked = [int(n) for n in args.only.split(",")] if args.only else range(1, len(rows) + 1)
     lines = []
-    for row in SUITES[args.suite]:
-        row = replace(row, shape=args.shape_override or row.shape)
+    for number in picked:
+        row = replace(rows[number - 1], shape=args.shape_override or rows[number - 1].shape)
         print(f"running {row.name} ({row.shape})", file=sys.stderr, flush=True)
-        lines += suite_lines(row, *measure(row, args))
+        row_lines = suite_lines(row, *measure(row, args))
+        print(suite_table(row_lines, device), file=sys.stderr, flush=True)  # kept should a time limit stop the call
+        lines += row_lines
     print(f"\nsuite {args.suite}, {args.steps} steps a run ({args.warm} not timed), max_length {args.max_length}, "
           f"activation checkpointing {'on' if args.gc else 'off'}{', LoRA ' + args.lora if args.lora else ''}, {device}"
           f"{', every shape ' + args.shape_override if args.shape_override else ''}\n")
@@ -414,14 +459,13 @@ def run_single(args: argparse.Namespace, device: str) -> None:
     if (ours.get("") or {}).get("precompute"):
         results[f"aligntrain precompute pass"] = ours[""]["precompute"]
     results.update({f"TRL 1.16 {what}": r for r in trl.values()})
-    fpt = (ours.get("") or {}).get("flops_per_token")
     print(f"\n{what}, shape {args.shape}, {args.bs} per step, {args.steps} steps ({args.warm} not timed), "
           f"max_length {args.max_length}, activation checkpointing {'on' if args.gc else 'off'}, {device}\n")
     print("| run | items/s | tokens/s | mean tokens/item | MFU | peak GiB | timed s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['items_per_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['mean_tokens_per_item']:.0f} | "
-              f"{mfu_cell(r, r.get('flops_per_token', fpt), device)} | "
+              f"{mfu_cell(r, device)} | "
               f"{r.get('peak_gib') if r.get('peak_gib') is not None else '-'} | {r['secs']:.2f} |")
     for r in trl.values():
         for name, mine in results.items():

@@ -37,8 +37,8 @@ def test_an_sft_row_is_one_causal_sequence():
 
 
 OURS = {"items_per_s": 10.0, "tokens_per_s": 9000.0, "flops_per_token": 1e9, "peak_gib": 20.5}
-PADDED = {"items_per_s": 8.0, "tokens_per_s": 3000.0, "peak_gib": 15.3}
-PACKED = {"items_per_s": 4.0, "tokens_per_s": 4500.0, "peak_gib": 18.0}
+PADDED = {"items_per_s": 8.0, "tokens_per_s": 3000.0, "flops_per_token": 1e9, "peak_gib": 15.3}
+PACKED = {"items_per_s": 4.0, "tokens_per_s": 4500.0, "flops_per_token": 1e9, "peak_gib": 18.0}
 
 
 def test_sft_row_compares_with_each_trl_run_and_marks_the_best():
@@ -68,7 +68,7 @@ def test_without_trl_or_gpu_the_cells_are_dashes_and_the_precompute_pass_has_its
 def test_a_failed_run_of_ours_still_shows_trl():
     row = Row("DPO tiny", "dpo", "tiny", 4, ("dpo",))
     table = suite_table(suite_lines(row, {}, {"dpo": PADDED}), "NVIDIA H200").splitlines()
-    assert table[2] == "| DPO tiny | - | 8.00 | - | - | 3,000 | - | - | -/15.3 |"
+    assert table[2] == "| DPO tiny | - | 8.00 | - | - | 3,000 | - | 0.3% | -/15.3 |"
 
 
 def test_the_issue12_suite_covers_the_issue_rows():
@@ -80,5 +80,15 @@ def test_the_issue12_suite_covers_the_issue_rows():
 
 
 def test_mfu_cell_is_tokens_per_second_times_flops_per_token_over_the_peak():
-    assert bench_train.mfu_cell({"tokens_per_s": 989e12 * 0.25 / 1e9}, 1e9, "NVIDIA H200") == "25.0%"
-    assert bench_train.mfu_cell({"tokens_per_s": 1e3}, None, "NVIDIA H200") == "-"  # a LoRA run: no count
+    assert bench_train.mfu_cell({"tokens_per_s": 989e12 * 0.25 / 1e9, "flops_per_token": 1e9}, "NVIDIA H200") == "25.0%"
+    assert bench_train.mfu_cell({"tokens_per_s": 1e3, "flops_per_token": None}, "NVIDIA H200") == "-"  # LoRA: none
+
+
+def test_the_anchor_lengths_are_what_trl_forwards(tmp_path):
+    anchor = tmp_path / "anchor.py"  # the anchor's generator, by its interface: make_rows(n, vocab_size)
+    anchor.write_text("def make_rows(n, v):\n"
+                      "    return [{'prompt': 'w1 ' * 600, 'chosen': 'w2 ' * 500, 'rejected': 'w3 ' * 3}] * n\n")
+    module = bench_train.load_anchor(str(anchor))
+    assert bench_train.anchor_lengths(module, "dpo", 2, 10, 1024) == [(600, 424, 3)] * 2  # keep_start
+    assert bench_train.anchor_lengths(module, "sft", 1, 10, 1024) == [(1024,)]
+    assert bench_train.anchor_lengths(module, "sft", 1, 10, 2048) == [(1101,)]  # + EOS
