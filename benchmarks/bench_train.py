@@ -149,8 +149,8 @@ def load_anchor(path: str):
 
 def anchor_lengths(anchor, mode: str, n: int, vocab_size: int, max_length: int) -> list[tuple[int, ...]]:
     """Per item of the anchor's data (its generator, seed and n rows; one word, one token), what TRL 1.16
-    forwards: for DPO (prompt, chosen, rejected), each prompt+completion cut to max_length from the end
-    (truncation keep_start, no EOS added); for SFT (row length,), the completion ending in the EOS that
+    forwards: for DPO (prompt, chosen, rejected), each prompt+completion cut to its first max_length tokens
+    (truncation keep_start; no EOS added); for SFT (row length,), the completion ending in the EOS that
     SFTTrainer appends. Packing (bfd) cuts each row the same way before it packs."""
     lengths = []
     for row in anchor.make_rows(n, vocab_size):
