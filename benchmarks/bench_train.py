@@ -149,14 +149,14 @@ def load_anchor(path: str):
 
 def anchor_lengths(anchor, mode: str, n: int, vocab_size: int, max_length: int) -> list[tuple[int, ...]]:
     """Per item of the anchor's data (its generator, seed and n rows; one word, one token), what TRL 1.16
-    forwards: for DPO (prompt, chosen, rejected), each prompt+completion cut to its first max_length tokens
-    (truncation keep_start; no EOS added); for SFT (row length,), the completion ending in the EOS that
-    SFTTrainer appends. Packing (bfd) cuts each row the same way before it packs."""
+    forwards: the EOS both trainers append to a completion, then for DPO (prompt, chosen, rejected) with
+    each prompt+completion cut to its first max_length tokens (truncation keep_start), for SFT (row
+    length,) cut the same way (packing, bfd, cuts each row so before it packs)."""
     lengths = []
     for row in anchor.make_rows(n, vocab_size):
         p, c, r = (len(row[k].split()) for k in ("prompt", "chosen", "rejected"))
         if mode == "dpo":
-            lengths.append((p, min(c, max_length - p), min(r, max_length - p)))
+            lengths.append((p, min(c + 1, max_length - p), min(r + 1, max_length - p)))
         else:
             lengths.append((min(max_length, p + c + 1),))
     return lengths

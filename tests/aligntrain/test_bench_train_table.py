@@ -89,6 +89,6 @@ def test_the_anchor_lengths_are_what_trl_forwards(tmp_path):
     anchor.write_text("def make_rows(n, v):\n"
                       "    return [{'prompt': 'w1 ' * 600, 'chosen': 'w2 ' * 500, 'rejected': 'w3 ' * 3}] * n\n")
     module = bench_train.load_anchor(str(anchor))
-    assert bench_train.anchor_lengths(module, "dpo", 2, 10, 1024) == [(600, 424, 3)] * 2  # keep_start
+    assert bench_train.anchor_lengths(module, "dpo", 2, 10, 1024) == [(600, 424, 4)] * 2  # keep_start; EOS
     assert bench_train.anchor_lengths(module, "sft", 1, 10, 1024) == [(1024,)]
     assert bench_train.anchor_lengths(module, "sft", 1, 10, 2048) == [(1101,)]  # + EOS
