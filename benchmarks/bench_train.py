@@ -11,6 +11,16 @@ are not timed; peak GPU memory is read over the timed steps.
   python benchmarks/bench_train.py --mode sft --shape qwen0.5b --bs 8 --steps 30
   python benchmarks/bench_train.py --shape tiny --steps 4 --warm 1 --skip-trl     # a CPU smoke run
   python benchmarks/bench_train.py --mode dpo --shape llama1b --bs 16 --lora r=16,alpha=32,targets=all-linear
+  python benchmarks/bench_train.py --suite issue12                  # every row of issue 12, one table
+  python benchmarks/bench_train.py --suite issue12 --shape-override tiny --skip-trl --steps 3 --warm 1  # on CPU
+
+MFU (aligntrain/flops.py) credits both sides by one rule, `data_counts`, applied to the per-item lengths
+of the data each side trains on: useful FLOPs only (no padding; a pair's prompt once; the reference's
+forward unless precomputed), divided by the tokens the table counts (the non-pad tokens each item
+forwards: prompt+chosen and prompt+rejected for a pair). Our lengths come from our shards; TRL's from
+the anchor's own generator (`anchor_lengths`, checked against the anchor's mean tokens per item). A
+side's MFU is its tokens/s times its FLOPs per token over the card's dense bf16 peak, so TRL's padding,
+its prompt forwarded twice and its packing cost it time and earn it no FLOPs.
 
 With `--lora`, both sides train LoRA adapters of the same peft config on a frozen bf16 base and take
 the reference from the base with adapters disabled; the TRL side is `trl_lora.py` (TRL's DPOTrainer
@@ -24,6 +34,7 @@ some speed and is the numerically safer recipe. The reference model is bf16 in b
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -31,9 +42,12 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from childrun import child_result
+
+from aligntrain.flops import attention_pairs, mfu, training_flops
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHOR = REPO.parent / "shared" / "bench" / "trl_anchor.py"
@@ -125,9 +139,45 @@ def write_rows(path: Path, n: int, vocab_size: int, mode: str, seed: int = 1) ->
             f.write(json.dumps(row) + "\n")
 
 
+def load_anchor(path: str):
+    """trl_anchor.py as a module (its data generator and timer; also trl_lora.py's)."""
+    spec = importlib.util.spec_from_file_location("trl_anchor", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def anchor_lengths(anchor, mode: str, n: int, vocab_size: int, max_length: int) -> list[tuple[int, ...]]:
+    """Per item of the anchor's data (its generator, seed and n rows; one word, one token), what TRL 1.16
+    forwards: the EOS both trainers append to a completion, then for DPO (prompt, chosen, rejected) with
+    each prompt+completion cut to its first max_length tokens (truncation keep_start), for SFT (row
+    length,) cut the same way (packing, bfd, cuts each row so before it packs)."""
+    lengths = []
+    for row in anchor.make_rows(n, vocab_size):
+        p, c, r = (len(row[k].split()) for k in ("prompt", "chosen", "rejected"))
+        if mode == "dpo":
+            lengths.append((p, min(c + 1, max_length - p), min(r + 1, max_length - p)))
+        else:
+            lengths.append((min(max_length, p + c + 1),))
+    return lengths
+
+
+def trl_flops_per_token(args: argparse.Namespace, row: "Row", mode: str, reported: dict) -> float | None:
+    """Useful FLOPs per counted token of the anchor's own data for `row`, by data_counts' rule (as ours);
+    checked against the mean tokens per item the anchor reported (None, with a note, where they differ)."""
+    config = model_config(row.shape)
+    lengths = anchor_lengths(load_anchor(args.anchor), "dpo" if mode == "dpo" else "sft",
+                             row.bs * (args.steps + 2), config.vocab_size, args.max_length)
+    counted, flops = data_counts(config, row.mode, lengths, policy=True, reference=mode == "dpo" and not row.precompute)
+    if mode != "sft_packed" and abs(counted / len(lengths) - reported["mean_tokens_per_item"]) > 0.1:
+        print(f"TRL {row.name} ({mode}): the anchor forwarded {reported['mean_tokens_per_item']} tokens per item, "
+              f"its data as read here {counted / len(lengths):.1f}: no MFU", file=sys.stderr)
+        return None
+    return flops / counted
+
+
 def run_ours(args: argparse.Namespace) -> dict:
     import torch
-    import pyarrow.compute as pc
 
     import aligntrain.trainer as T
     from aligndata.write.convert import convert
@@ -140,13 +190,6 @@ def run_ours(args: argparse.Namespace) -> dict:
     write_rows(work / "rows.jsonl", n, SHAPES[args.shape][1]["vocab_size"], args.mode)
     convert([str(work / "rows.jsonl")], work / "shards", args.mode, str(work / "tokenizer"), max_length=args.max_length,
             max_prompt_length=args.max_length // 2 if args.mode == "dpo" else None, length_policy="truncate")
-    table = open_split(work / "shards", "train")
-    if args.mode == "dpo":
-        p, c, r = (pc.list_value_length(table.column(k)).to_numpy() for k in ("prompt_ids", "chosen_ids",
-                                                                                         "rejected_ids"))
-        per_item = float((2 * p + c + r).mean())
-    else:
-        per_item = float(pc.list_value_length(table.column("input_ids")).to_numpy().mean())
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     cfg_path = work / "config.yml"
     cfg_path.write_text(json.dumps({  # JSON is YAML
@@ -160,6 +203,13 @@ def run_ours(args: argparse.Namespace) -> dict:
         "loss": {"name": args.mode, "beta": 0.1}, "output_dir": str(work / "run"), "log_every_steps": 10 ** 6,
     }))
     cfg = load_config(cfg_path, overrides=args.overrides or None)
+    config = model_config(args.shape)
+    lengths = item_lengths(open_split(work / "shards", "train"), args.mode)
+    counted, flops = data_counts(config, args.mode, lengths, policy=True, reference=args.mode == "dpo" and not args.precompute)
+    per_item = counted / len(lengths)
+    result = {}
+    if args.precompute:
+        result["precompute"] = timed_precompute(work / "shards", cfg, config, lengths)
 
     def sync() -> None:
         if torch.cuda.is_available():
@@ -183,19 +233,173 @@ def run_ours(args: argparse.Namespace) -> dict:
     items = (len(times) - args.warm) * args.bs
     return {"secs": round(secs, 3), "items_per_s": round(items / secs, 2),
             "tokens_per_s": round(items * per_item / secs, 1), "mean_tokens_per_item": round(per_item, 1),
+            "flops_per_token": None if args.lora else flops / counted,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None,
-            "params": params, "steps_timed": len(times) - args.warm, "wall_total": round(time.perf_counter() - t_start, 1)}
+            "params": params, "steps_timed": len(times) - args.warm, "wall_total": round(time.perf_counter() - t_start, 1),
+            **result}
+
+
+def timed_precompute(shards: Path, cfg, config, lengths: list[tuple[int, ...]]) -> dict:
+    """`precompute_reference` over every pair of the shards, timed as a whole (loading the reference
+    included): what `aligntrain precompute-ref` costs before training."""
+    import torch
+
+    from aligntrain.precompute import precompute_reference
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    precompute_reference(shards, cfg)
+    if cuda:
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    counted, flops = data_counts(config, "dpo", lengths, policy=False, reference=True)
+    return {"secs": round(secs, 3), "items_per_s": round(len(lengths) / secs, 2), "tokens_per_s": round(counted / secs, 1),
+            "mean_tokens_per_item": round(counted / len(lengths), 1), "flops_per_token": flops / counted,
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None}
+
+
+def item_lengths(table, mode: str) -> list[tuple[int, ...]]:
+    """Per item of a shard table: (prompt, chosen, rejected) token counts for DPO, (row length,) for SFT."""
+    import pyarrow.compute as pc
+
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids") if mode == "dpo" else ("input_ids",)
+    return list(zip(*(pc.list_value_length(table.column(k)).to_numpy().tolist() for k in columns)))
+
+
+def data_counts(config, mode: str, lengths: list[tuple[int, ...]], policy: bool, reference: bool) -> tuple[int, float]:
+    """(tokens the table counts, useful FLOPs) of the items of `lengths`. The tokens counted are the non-pad
+    tokens each item forwards in TRL's layout too (prompt+chosen and prompt+rejected for a pair); the FLOPs
+    are aligntrain.flops' useful ones, a pair's prompt counted once, for training the policy (`policy`)
+    and forwarding the reference (`reference`)."""
+    counted, flops = 0, 0.0
+    for item in lengths:
+        if mode == "dpo":
+            p, c, r = item
+            tokens, pairs = p + c + r, attention_pairs([(p, p), (c, p + c), (r, p + r)])
+            counted += 2 * p + c + r
+        else:
+            (tokens,) = item
+            pairs = attention_pairs([(tokens, tokens)])
+            counted += tokens
+        flops += training_flops(config, tokens if policy else 0, pairs if policy else 0,
+                                tokens if reference else 0, pairs if reference else 0)
+    return counted, flops
+
+
+@dataclass(frozen=True)
+class Row:
+    """One comparison: our run of `mode` on `shape` at `bs` items a step against TRL's runs `trl` (anchor
+    modes: dpo, sft, sft_packed), the reference log-probs precomputed on both sides or neither."""
+    name: str
+    mode: str
+    shape: str
+    bs: int
+    trl: tuple[str, ...]
+    precompute: bool = False
+
+
+# Issue 12's rows: 3x TRL's DPO and SFT throughput on one GPU (SFT against TRL's best, packed).
+SUITES = {"issue12": (
+    Row("DPO qwen0.5b, 16 pairs/step", "dpo", "qwen0.5b", 16, ("dpo",)),
+    Row("DPO llama1b, 16 pairs/step", "dpo", "llama1b", 16, ("dpo",)),
+    Row("SFT qwen0.5b, 8 rows/step", "sft", "qwen0.5b", 8, ("sft", "sft_packed")),
+    Row("SFT llama1b, 16 rows/step", "sft", "llama1b", 16, ("sft", "sft_packed")),
+    Row("DPO qwen0.5b, 16 pairs/step, reference precomputed", "dpo", "qwen0.5b", 16, ("dpo",), precompute=True),
+)}
+TRL_LABEL = {"dpo": "DPO", "sft": "SFT padded", "sft_packed": "SFT packed (bfd)"}
+
+
+def measure(row: Row, args: argparse.Namespace) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Run `row`, each run in a fresh process: ({our run's label: result}, {TRL mode: result}); a run that
+    failed is left out (its stderr printed). Ours: the repository's defaults, then each --also."""
+    shared = ["--shape", row.shape, "--bs", str(row.bs), "--steps", str(args.steps), "--warm", str(args.warm),
+              "--gc", str(args.gc)]
+    lora = ["--lora", args.lora] if args.lora else []
+    ours_cmd = [sys.executable, __file__, "--child", "--mode", row.mode, "--max-length", str(args.max_length)] \
+        + shared + lora + (["--precompute"] if row.precompute else [])
+    ours = {}
+    for spec in [None, *args.also]:
+        result = child_result(ours_cmd + (["--overrides", *spec.split(",")] if spec else []),
+                              f"aligntrain {row.name}" + (f" ({spec})" if spec else ""))
+        if result:
+            ours[spec or ""] = result
+    trl = {}
+    if args.skip_trl:
+        return ours, trl
+    if not Path(args.anchor).is_file():
+        print(f"no anchor at {args.anchor}: pass --anchor PATH or --skip-trl", file=sys.stderr)
+        return ours, trl
+    for mode in row.trl:
+        command = [sys.executable, str(TRL_LORA), "--anchor", args.anchor] + lora if args.lora else [sys.executable, args.anchor]
+        result = child_result(command + ["--mode", mode, "--max_length", str(args.max_length)] + shared
+                              + (["--precompute", "1"] if row.precompute else []), f"TRL {row.name} ({mode})")
+        if result:
+            trl[mode] = {**result, "flops_per_token": None if args.lora else trl_flops_per_token(args, row, mode, result)}
+    return ours, trl
+
+
+def mfu_cell(result: dict | None, device: str) -> str:
+    """`result`'s MFU in percent: its tokens/s times the useful FLOPs per counted token of its data."""
+    if result is None or result.get("flops_per_token") is None:
+        return "-"
+    share = mfu(result["tokens_per_s"] * result["flops_per_token"], 1.0, device)
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
+def suite_lines(row: Row, ours: dict[str, dict], trl: dict[str, dict]) -> list[dict]:
+    """The table lines of one row: each of our runs against each TRL run, TRL's best (most tokens/s) marked
+    where there are several, then our precompute pass on its own (TRL's is not timed by the anchor)."""
+    best = max(trl, key=lambda m: trl[m]["tokens_per_s"]) if trl else None
+    lines = []
+    for spec, result in (ours or {"": None}).items():
+        for mode in trl or [None]:
+            name = row.name + (f" ({spec})" if spec else "")
+            if mode is not None and len(row.trl) > 1:
+                name += f", vs TRL {TRL_LABEL[mode]}" + (" (TRL's best)" if mode == best else "")
+            lines.append({"run": name, "ours": result, "trl": trl.get(mode), "trl_items": mode != "sft_packed"})
+    pass_ = (ours.get("") or {}).get("precompute")
+    if pass_:
+        lines.append({"run": f"{row.name}: the precompute pass (ours; TRL's pass is not timed)", "ours": pass_,
+                      "trl": None, "trl_items": False})
+    return lines
+
+
+def suite_table(lines: list[dict], device: str) -> str:
+    """Markdown table of `suite_lines`: items/s, the tokens/s ratio, tokens/s, MFU and peak GiB of each side."""
+    def num(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    out = ["| run | ours items/s | TRL items/s | ratio | ours tokens/s | TRL tokens/s | MFU ours | MFU TRL | "
+           "peak GiB ours/TRL |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for line in lines:
+        ours, trl = line["ours"] or {}, line["trl"] or {}
+        ratio = ours["tokens_per_s"] / trl["tokens_per_s"] if ours and trl else None
+        out.append(f"| {line['run']} | {num(ours.get('items_per_s'), '.2f')} | "
+                   f"{num(trl.get('items_per_s') if line['trl_items'] else None, '.2f')} | {num(ratio, '.2f')}"
+                   f"{'x' if ratio is not None else ''} | {num(ours.get('tokens_per_s'), ',.0f')} | "
+                   f"{num(trl.get('tokens_per_s'), ',.0f')} | {mfu_cell(line['ours'], device)} | "
+                   f"{mfu_cell(line['trl'], device)} | {num(ours.get('peak_gib'), '')}/{num(trl.get('peak_gib'), '')} |")
+    return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=sorted(SUITES), help="every row of the suite in one call (--mode, --shape "
+                    "and --bs are the suite's; default --steps 12 --warm 4)")
+    ap.add_argument("--shape-override", choices=sorted(SHAPES), help="run every suite row on this shape (tiny: on CPU)")
+    ap.add_argument("--only", default=None, metavar="N[,N]", help="only these rows of the suite (from 1, in its order)")
     ap.add_argument("--mode", default="dpo", choices=["dpo", "sft"])
     ap.add_argument("--shape", default="qwen0.5b", choices=sorted(SHAPES))
     ap.add_argument("--bs", type=int, default=16, help="pairs (dpo) or rows (sft) per optimizer step")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warm", type=int, default=5, help="first steps not timed")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 20; 12 with --suite)")
+    ap.add_argument("--warm", type=int, default=None, help="first steps not timed (default 5; 4 with --suite)")
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--gc", type=int, default=0, help="activation checkpointing, both sides")
+    ap.add_argument("--precompute", action="store_true",
+                    help="DPO with reference log-probs precomputed, both sides (ours times its pass separately)")
     ap.add_argument("--lora", default=None, metavar="SPEC",
                     help="LoRA on both sides, e.g. r=16,alpha=32,targets=all-linear (targets: q_proj+v_proj, ...)")
     ap.add_argument("--also", action="append", default=[], metavar="K=V[,K=V]",
@@ -205,56 +409,69 @@ def main() -> None:
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.steps = args.steps or (12 if args.suite else 20)
+    args.warm = args.warm or (4 if args.suite else 5)
     if args.warm < 1 or args.warm >= args.steps:
         ap.error("--warm must be at least 1 and below --steps")
     if args.lora:
         parse_lora(args.lora)  # refuse a bad spec before anything runs
-        if args.mode != "dpo" and not args.skip_trl:
-            ap.error("--lora compares DPO only (trl_lora.py runs TRL's DPOTrainer); add --skip-trl for SFT")
     if args.child:
         print("RESULT " + json.dumps(run_ours(args)), flush=True)
         return
-
-    shared = ["--mode", args.mode, "--shape", args.shape, "--bs", str(args.bs), "--steps", str(args.steps),
-              "--warm", str(args.warm), "--gc", str(args.gc)]
-    results = {}
-    lora = ["--lora", args.lora] if args.lora else []
-    what = args.mode + (" LoRA" if args.lora else "")
-    ours = child_result([sys.executable, __file__, "--child", "--max-length", str(args.max_length)] + shared + lora,
-                        "aligntrain run")
-    if ours:
-        results["aligntrain " + what] = ours
-    for spec in args.also:
-        extra = child_result([sys.executable, __file__, "--child", "--max-length", str(args.max_length)] + shared + lora
-                             + ["--overrides", *spec.split(",")], f"aligntrain run ({spec})")
-        if extra:
-            results[f"aligntrain {what} ({spec})"] = extra
-    if not args.skip_trl:
-        if not Path(args.anchor).is_file():
-            print(f"no anchor at {args.anchor}: pass --anchor PATH or --skip-trl", file=sys.stderr)
-        else:
-            if args.lora:
-                command = [sys.executable, str(TRL_LORA), "--anchor", args.anchor] + lora
-            else:
-                command = [sys.executable, args.anchor]
-            trl = child_result(command + ["--max_length", str(args.max_length)] + shared, "TRL anchor")
-            if trl:
-                results[f"TRL 1.16 {what}"] = trl
+    if args.lora and (args.suite or args.mode != "dpo" or args.precompute) and not args.skip_trl:
+        ap.error("--lora compares DPO without precomputed reference only (trl_lora.py runs TRL's DPOTrainer); "
+                 "add --skip-trl for the others")
+    if args.precompute and args.mode != "dpo":
+        ap.error("--precompute is for --mode dpo")
+    if args.only and not (args.suite and all(n.isdigit() and 1 <= int(n) <= len(SUITES[args.suite])
+                                             for n in args.only.split(","))):
+        ap.error(f"--only takes row numbers of --suite, from 1 to {len(SUITES[args.suite or 'issue12'])}")
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if args.suite:
+        run_suite(args, device)
+    else:
+        run_single(args, device)
+
+
+def run_suite(args: argparse.Namespace, device: str) -> None:
+    rows = SUITES[args.suite]
+    picked = [int(n) for n in args.only.split(",")] if args.only else range(1, len(rows) + 1)
+    lines = []
+    for number in picked:
+        row = replace(rows[number - 1], shape=args.shape_override or rows[number - 1].shape)
+        print(f"running {row.name} ({row.shape})", file=sys.stderr, flush=True)
+        row_lines = suite_lines(row, *measure(row, args))
+        print(suite_table(row_lines, device), file=sys.stderr, flush=True)  # kept should a time limit stop the call
+        lines += row_lines
+    print(f"\nsuite {args.suite}, {args.steps} steps a run ({args.warm} not timed), max_length {args.max_length}, "
+          f"activation checkpointing {'on' if args.gc else 'off'}{', LoRA ' + args.lora if args.lora else ''}, {device}"
+          f"{', every shape ' + args.shape_override if args.shape_override else ''}\n")
+    print(suite_table(lines, device))
+
+
+def run_single(args: argparse.Namespace, device: str) -> None:
+    what = args.mode + (" LoRA" if args.lora else "") + (", reference precomputed" if args.precompute else "")
+    row = Row(what, args.mode, args.shape, args.bs, (args.mode,), args.precompute)
+    ours, trl = measure(row, args)
+    results = {f"aligntrain {what}" + (f" ({spec})" if spec else ""): r for spec, r in ours.items()}
+    if (ours.get("") or {}).get("precompute"):
+        results[f"aligntrain precompute pass"] = ours[""]["precompute"]
+    results.update({f"TRL 1.16 {what}": r for r in trl.values()})
     print(f"\n{what}, shape {args.shape}, {args.bs} per step, {args.steps} steps ({args.warm} not timed), "
           f"max_length {args.max_length}, activation checkpointing {'on' if args.gc else 'off'}, {device}\n")
-    print("| run | items/s | tokens/s | mean tokens/item | peak GiB | timed s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| run | items/s | tokens/s | mean tokens/item | MFU | peak GiB | timed s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['items_per_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['mean_tokens_per_item']:.0f} | "
+              f"{mfu_cell(r, device)} | "
               f"{r.get('peak_gib') if r.get('peak_gib') is not None else '-'} | {r['secs']:.2f} |")
-    trl = next((r for name, r in results.items() if name.startswith("TRL")), None)
-    for name, r in results.items():
-        if trl is not None and r is not trl:
-            print(f"{name} / TRL: {r['tokens_per_s'] / trl['tokens_per_s']:.2f}x tokens/s, "
-                  f"{r['items_per_s'] / trl['items_per_s']:.2f}x items/s")
+    for r in trl.values():
+        for name, mine in results.items():
+            if name.startswith("aligntrain") and "precompute pass" not in name:
+                print(f"{name} / TRL: {mine['tokens_per_s'] / r['tokens_per_s']:.2f}x tokens/s, "
+                      f"{mine['items_per_s'] / r['items_per_s']:.2f}x items/s")
 
 
 if __name__ == "__main__":

@@ -13,20 +13,12 @@ stay one definition); the model shape is bench_train's (the anchor's shapes plus
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 
 import torch
 
-from bench_train import SHAPES, model_config, parse_lora
-
-
-def load_anchor(path: str):
-    spec = importlib.util.spec_from_file_location("trl_anchor", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_train import SHAPES, load_anchor, model_config, parse_lora
 
 
 def main() -> None:

@@ -1,0 +1,94 @@
+"""The pure helpers of benchmarks/bench_train.py: useful FLOPs from item lengths and the suite table."""
+
+import sys
+
+from transformers import LlamaConfig
+
+from paths import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import bench_train  # noqa: E402  (a script folder, not a package)
+from bench_train import Row, data_counts, suite_lines, suite_table  # noqa: E402
+
+from aligntrain.flops import training_flops  # noqa: E402
+
+CONFIG = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=4, vocab_size=10)
+
+
+def test_a_pair_counts_its_prompt_once_in_flops_and_twice_in_tokens():
+    counted, flops = data_counts(CONFIG, "dpo", [(4, 2, 3)], policy=True, reference=True)
+    assert counted == 2 * 4 + 2 + 3  # prompt+chosen and prompt+rejected, as TRL forwards them
+    pairs = 10 + (5 + 6) + (5 + 6 + 7)  # prompt causal; chosen and rejected attend the prompt
+    assert flops == training_flops(CONFIG, 9, pairs, 9, pairs)
+
+
+def test_precomputed_reference_and_the_precompute_pass_split_the_flops():
+    lengths = [(4, 2, 3), (1, 1, 1)]
+    _, everything = data_counts(CONFIG, "dpo", lengths, policy=True, reference=True)
+    _, policy = data_counts(CONFIG, "dpo", lengths, policy=True, reference=False)
+    _, reference = data_counts(CONFIG, "dpo", lengths, policy=False, reference=True)
+    assert policy + reference == everything and 0 < reference < policy
+
+
+def test_an_sft_row_is_one_causal_sequence():
+    counted, flops = data_counts(CONFIG, "sft", [(3,), (5,)], policy=True, reference=False)
+    assert counted == 8 and flops == training_flops(CONFIG, 8, 6 + 15)
+
+
+OURS = {"items_per_s": 10.0, "tokens_per_s": 9000.0, "flops_per_token": 1e9, "peak_gib": 20.5}
+PADDED = {"items_per_s": 8.0, "tokens_per_s": 3000.0, "flops_per_token": 1e9, "peak_gib": 15.3}
+PACKED = {"items_per_s": 4.0, "tokens_per_s": 4500.0, "flops_per_token": 1e9, "peak_gib": 18.0}
+
+
+def test_sft_row_compares_with_each_trl_run_and_marks_the_best():
+    row = Row("SFT tiny", "sft", "tiny", 8, ("sft", "sft_packed"))
+    lines = suite_lines(row, {"": OURS}, {"sft": PADDED, "sft_packed": PACKED})
+    table = suite_table(lines, "NVIDIA H200").splitlines()
+    assert table[2] == ("| SFT tiny, vs TRL SFT padded | 10.00 | 8.00 | 3.00x | 9,000 | 3,000 | 0.9% | 0.3% "
+                        "| 20.5/15.3 |")
+    # packed items are 1024-token sequences, not rows: no items/s; the ratio is of tokens/s
+    assert table[3] == ("| SFT tiny, vs TRL SFT packed (bfd) (TRL's best) | 10.00 | - | 2.00x | 9,000 | 4,500 | "
+                        "0.9% | 0.5% | 20.5/18.0 |")
+
+
+def test_without_trl_or_gpu_the_cells_are_dashes_and_the_precompute_pass_has_its_line():
+    row = Row("DPO tiny, precomputed", "dpo", "tiny", 4, ("dpo",), precompute=True)
+    ours = {**OURS, "peak_gib": None, "precompute": {"items_per_s": 5.0, "tokens_per_s": 4000.0,
+                                                      "flops_per_token": 2e8, "peak_gib": None}}
+    table = suite_table(suite_lines(row, {"": ours, "padding_free=true": OURS}, {}), "cpu").splitlines()
+    assert table[2:] == [
+        "| DPO tiny, precomputed | 10.00 | - | - | 9,000 | - | - | - | -/- |",
+        "| DPO tiny, precomputed (padding_free=true) | 10.00 | - | - | 9,000 | - | - | - | 20.5/- |",
+        "| DPO tiny, precomputed: the precompute pass (ours; TRL's pass is not timed) | 5.00 | - | - | 4,000 | - | "
+        "- | - | -/- |",
+    ]
+
+
+def test_a_failed_run_of_ours_still_shows_trl():
+    row = Row("DPO tiny", "dpo", "tiny", 4, ("dpo",))
+    table = suite_table(suite_lines(row, {}, {"dpo": PADDED}), "NVIDIA H200").splitlines()
+    assert table[2] == "| DPO tiny | - | 8.00 | - | - | 3,000 | - | 0.3% | -/15.3 |"
+
+
+def test_the_issue12_suite_covers_the_issue_rows():
+    rows = bench_train.SUITES["issue12"]
+    assert [(r.mode, r.shape, r.bs, r.trl, r.precompute) for r in rows] == [
+        ("dpo", "qwen0.5b", 16, ("dpo",), False), ("dpo", "llama1b", 16, ("dpo",), False),
+        ("sft", "qwen0.5b", 8, ("sft", "sft_packed"), False), ("sft", "llama1b", 16, ("sft", "sft_packed"), False),
+        ("dpo", "qwen0.5b", 16, ("dpo",), True)]
+
+
+def test_mfu_cell_is_tokens_per_second_times_flops_per_token_over_the_peak():
+    assert bench_train.mfu_cell({"tokens_per_s": 989e12 * 0.25 / 1e9, "flops_per_token": 1e9}, "NVIDIA H200") == "25.0%"
+    assert bench_train.mfu_cell({"tokens_per_s": 1e3, "flops_per_token": None}, "NVIDIA H200") == "-"  # LoRA: none
+
+
+def test_the_anchor_lengths_are_what_trl_forwards(tmp_path):
+    anchor = tmp_path / "anchor.py"  # the anchor's generator, by its interface: make_rows(n, vocab_size)
+    anchor.write_text("def make_rows(n, v):\n"
+                      "    return [{'prompt': 'w1 ' * 600, 'chosen': 'w2 ' * 500, 'rejected': 'w3 ' * 3}] * n\n")
+    module = bench_train.load_anchor(str(anchor))
+    assert bench_train.anchor_lengths(module, "dpo", 2, 10, 1024) == [(600, 424, 4)] * 2  # keep_start; EOS
+    assert bench_train.anchor_lengths(module, "sft", 1, 10, 1024) == [(1024,)]
+    assert bench_train.anchor_lengths(module, "sft", 1, 10, 2048) == [(1101,)]  # + EOS
