@@ -27,6 +27,7 @@ from aligndata.write.shards import (REF_COLUMNS, ShardMismatch, check_contents, 
 from aligndata.encode.tokenizer import tokenizer_identity
 
 from .config import Config, ConfigError
+from .flops import item_counts
 from .modeling import trained_positions
 from .packing import PADDED, SHARED, pack
 
@@ -218,7 +219,7 @@ def collate(rows: list[dict[str, Any]], task: str, pad_id: int, layout: str = PA
     """One micro-batch. SFT: one sequence per row. DPO: 2B sequences, the B chosen ones (prompt + chosen)
     first, then the B rejected ones; only completion tokens are trained. PADDED: right-padded [S, T]
     tensors; PACKED / SHARED: packing.pack's stream (SHARED forwards each prompt once). Every layout adds
-    `lengths` [S], the tokens of each sequence."""
+    `lengths` [S], the tokens of each sequence, and the batch's useful_tokens and attention_pairs (ints)."""
     if task == "sft":
         sequences = [r["input_ids"] for r in rows]
         masks = [r["loss_mask"] for r in rows]
@@ -234,6 +235,10 @@ def collate(rows: list[dict[str, Any]], task: str, pad_id: int, layout: str = PA
         prompts = [len(r["prompt_ids"]) for r in rows] if layout == SHARED else None
         batch = pack([np.asarray(s, dtype=np.int64) for s in sequences], [np.asarray(m, dtype=bool) for m in masks],
                      prompts)
+    counts = [item_counts((len(r["input_ids"]),) if task == "sft" else
+                          (len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"]))) for r in rows]
+    batch["useful_tokens"] = sum(c[0] for c in counts)  # for the FLOPs of a step (flops.py): a prompt once
+    batch["attention_pairs"] = sum(c[1] for c in counts)
     if task != "sft" and all(c in rows[0] for c in REF_COLUMNS):
         batch["ref_chosen"] = torch.tensor([r["ref_chosen_logp"] for r in rows], dtype=torch.float32)
         batch["ref_rejected"] = torch.tensor([r["ref_rejected_logp"] for r in rows], dtype=torch.float32)

@@ -54,6 +54,16 @@ def attention_pairs(segments: Iterable[tuple[int, int]]) -> int:
     return total
 
 
+def item_counts(lengths: tuple[int, ...]) -> tuple[int, int]:
+    """(useful tokens, attention pairs) of one training item: (n,) a sequence of n tokens; (p, c, r) a
+    preference pair whose prompt p is counted once, each completion attending to it and to itself."""
+    if len(lengths) == 1:
+        (n,) = lengths
+        return n, attention_pairs([(n, n)])
+    p, c, r = lengths
+    return p + c + r, attention_pairs([(p + c, p + c), (r, p + r)])
+
+
 def attention_forward_flops(config) -> int:
     """Forward FLOPs of one (query, key) pair over all layers: QK^T and PV, one multiply-add (2 FLOPs)
     per head dimension each, in every query head."""

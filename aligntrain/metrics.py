@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .config import Config, cache_dir, to_dict
 
 # shown in the one-line summary, in this order, when present
-HEADLINE = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm", "lr", "examples_per_s", "tokens_per_s")
+HEADLINE = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm", "lr", "examples_per_s", "tokens_per_s", "mfu")
 
 
 class MetricsLogger:

@@ -76,6 +76,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise RuntimeError(f"padding-free attention does not implement {', '.join(used)} (used by this model); "
                            "set padding_free: false")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
+    device = q.device.type
+    if torch.is_autocast_enabled(device):  # float32 RoPE tables promote q and k; SDPA would cast them back itself
+        q, k, v = (x.to(torch.get_autocast_dtype(device)) for x in (q, k, v))
     if segments.key_index is not None:
         k, v = k.index_select(0, segments.key_index), v.index_select(0, segments.key_index)
     if _flash_applies(q):

@@ -27,6 +27,7 @@ from .checkpoint import CHECKPOINTS, latest_checkpoint, load_training_state, sav
 from .config import MIXED_PRECISION, Config, ConfigError, defaults_note
 from .data import (ShardSplit, check_shards, collate, eval_batches, micro_batches, pad_token_id, process_share,
                    shards_chat_template, step_indices, to_device, total_steps, trained_tokens)
+from .flops import mfu, training_flops
 from .lora import AdapterOffReference, fsdp_wrap_policy, lora_policy
 from .losses import PREFERENCE_LOSSES, PairLogps, preference_rewards, sft_loss
 from .metrics import MetricsLogger
@@ -114,7 +115,8 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
     reference = None
     if cfg.task == "dpo" and not cfg.loss.reference_free and not use_shard_reference:
         reference = AdapterOffReference(model, policy) if cfg.model.lora else Reference(cfg, accelerator.device)
-    objective = Objective(cfg, reference, accelerator, layout)
+    # LoRA computes no weight gradients of the frozen base: the 6N-per-token rule of flops.py does not hold
+    objective = Objective(cfg, reference, accelerator, layout, None if cfg.model.lora else policy.config)
 
     start = 0
     if resume_from is not None:
@@ -186,6 +188,8 @@ def train_step(step: int, model, objective: "Objective", optimizer, scheduler, b
             loss, batch_sums = objective(model, to_device(batch, accelerator.device), count)
             accelerator.backward(loss * world)
         sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}
+    for key in ("useful_tokens", "attention_pairs"):
+        sums[key] = float(sum(b[key] for b in batches))
     totals = _all_reduce(sums, accelerator)
     metrics = objective.finish(totals)
     if not math.isfinite(metrics["loss"]):
@@ -200,6 +204,9 @@ def train_step(step: int, model, objective: "Objective", optimizer, scheduler, b
     seconds = time.perf_counter() - started
     metrics.update({"grad_norm": grad_norm, "lr": lr, "examples_per_s": cfg.total_batch_size / seconds,
                     "tokens_per_s": totals["input_tokens"] / seconds})
+    utilisation = objective.mfu(totals["useful_tokens"], totals["attention_pairs"], seconds * world)  # GPU-seconds
+    if utilisation is not None:
+        metrics["mfu"] = utilisation
     return metrics
 
 
@@ -225,9 +232,12 @@ class Objective:
     sums are detached per-batch totals that `finish` turns into means after the all-reduce.
     """
 
-    def __init__(self, cfg: Config, reference: Reference | None, accelerator, layout: str = PADDED):
+    def __init__(self, cfg: Config, reference: Reference | None, accelerator, layout: str = PADDED, model_config=None):
         self.cfg = cfg
         self.layout = layout  # of the batches it is given (data.collate)
+        self.model_config = model_config  # the policy's transformers config, for the FLOPs of a step
+        device = accelerator.device
+        self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         self.task = cfg.task
         self.reference = reference
         self.accelerator = accelerator
@@ -276,6 +286,16 @@ class Objective:
             return batch["ref_chosen"].to(like.device), batch["ref_rejected"].to(like.device)
         zeros = torch.zeros(n, device=like.device)  # reference_free: no reference at all
         return zeros, zeros
+
+    def mfu(self, tokens: float, pairs: float, gpu_seconds: float) -> float | None:
+        """Model FLOPs utilisation of a step's GPU-seconds (flops.py's useful FLOPs; the reference's forward
+        counts when it runs live); None off CUDA, under LoRA or on a card whose peak is not known."""
+        if self.device_name is None or self.model_config is None:
+            return None
+        live = self.reference is not None
+        flops = training_flops(self.model_config, int(tokens), int(pairs), int(tokens) if live else 0,
+                               int(pairs) if live else 0)
+        return mfu(flops, gpu_seconds, self.device_name)
 
     def finish(self, totals: dict[str, float]) -> dict[str, float]:
         if self.task == "sft":

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from childrun import child_result
 
-from aligntrain.flops import attention_pairs, mfu, training_flops
+from aligntrain.flops import item_counts, mfu, training_flops
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHOR = REPO.parent / "shared" / "bench" / "trl_anchor.py"
@@ -276,14 +276,8 @@ def data_counts(config, mode: str, lengths: list[tuple[int, ...]], policy: bool,
     and forwarding the reference (`reference`)."""
     counted, flops = 0, 0.0
     for item in lengths:
-        if mode == "dpo":
-            p, c, r = item
-            tokens, pairs = p + c + r, attention_pairs([(p, p), (c, p + c), (r, p + r)])
-            counted += 2 * p + c + r
-        else:
-            (tokens,) = item
-            pairs = attention_pairs([(tokens, tokens)])
-            counted += tokens
+        tokens, pairs = item_counts(tuple(item))
+        counted += tokens + (item[0] if mode == "dpo" else 0)  # TRL's layout forwards the prompt twice
         flops += training_flops(config, tokens if policy else 0, pairs if policy else 0,
                                 tokens if reference else 0, pairs if reference else 0)
     return counted, flops

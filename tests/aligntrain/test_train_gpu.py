@@ -167,11 +167,12 @@ def test_padding_free_varlen_flash_equals_the_padded_path_on_cuda(tiny_model, sf
     rows = ShardSplit(shards, "train", read_manifest(shards)).rows(list(range(8)))
     results = []
     for name in ("padded", layout):
-        lm = load_causal_lm(tiny_model, "bfloat16").cuda()
+        lm = load_causal_lm(tiny_model, "float32").cuda()  # float32 master weights under bf16 autocast, as trained
         if name != "padded":
             packing.use_packed_attention(lm)
         batch = to_device(collate(rows, task, 0, name), torch.device("cuda"))
-        logps, _ = SequenceLogps(lm)(**model_inputs(batch))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logps, _ = SequenceLogps(lm)(**model_inputs(batch))
         logps.sum().backward()
         results.append((logps.detach().float(), torch.cat([p.grad.float().flatten() for p in lm.parameters()])))
     (a, ga), (b, gb) = results
