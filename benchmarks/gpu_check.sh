@@ -5,7 +5,7 @@
 # (Python 3.12; benchmarks/README.md says how to download them) and the path of trl_anchor.py.
 #
 #   bash benchmarks/gpu_check.sh WHEELS ANCHOR STAGE...
-#   STAGE: tests | profile | dpo-qwen | dpo-llama | sft | suite | suite-dpo | suite-sft | lora
+#   STAGE: tests | tests-new | dpo-compile | profile | dpo-qwen | dpo-llama | sft | suite | suite-dpo | suite-sft | lora
 set -u
 wheels=$1 anchor=$2
 shift 2
@@ -18,6 +18,8 @@ for stage in "$@"; do
   echo "== $stage ($(date -u +%T))"
   case $stage in
     tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "not fsdp and not two" ;;
+    tests-new) timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "compiled or padding_free" ;;
+    dpo-compile) bench 200 --mode dpo --shape qwen0.5b --bs 16 --steps 12 --warm 4 --skip-trl --also model.compile_head=true ;;
     profile) timeout 240 python3 benchmarks/profile_logps.py --shape qwen0.5b --pairs 16 --profile ;;
     dpo-qwen) bench 300 --mode dpo --shape qwen0.5b --bs 16 --steps 12 --warm 4 --also padding_free=false --also share_prompt=false ;;
     dpo-llama) bench 300 --mode dpo --shape llama1b --bs 16 --steps 12 --warm 4 ;;
