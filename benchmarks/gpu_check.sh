@@ -5,7 +5,7 @@
 # (Python 3.12; benchmarks/README.md says how to download them) and the path of trl_anchor.py.
 #
 #   bash benchmarks/gpu_check.sh WHEELS ANCHOR STAGE...
-#   STAGE: tests | tests-new | dpo-compile | profile | dpo-qwen | dpo-llama | sft | suite | suite-dpo | suite-sft | lora
+#   STAGE: tests | tests-new | dpo-compile | profile | dpo-qwen | dpo-llama | sft | suite | suite-dpo | suite-llama | suite-sft | lora
 set -u
 wheels=$1 anchor=$2
 shift 2
@@ -26,6 +26,7 @@ for stage in "$@"; do
     sft) bench 200 --mode sft --shape qwen0.5b --bs 8 --steps 16 --warm 4 ;;
     suite) bench 580 --suite issue12 ;;
     suite-dpo) bench 400 --suite issue12 --only 1,2 ;;
+    suite-llama) bench 300 --suite issue12 --only 2 ;;
     suite-sft) bench 500 --suite issue12 --only 3,4,5 ;;
     lora) bench 300 --mode dpo --shape llama1b --bs 16 --steps 12 --warm 4 --lora r=16,alpha=32,targets=all-linear ;;
     *) echo "unknown stage $stage" ;;
