@@ -85,7 +85,6 @@ class ModelConfig:
     fsdp_policy_mp: DtypeName | None = None  # seed key: FSDP param dtype
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     cudnn_attention: bool = False  # true lets SDPA pick cuDNN's kernel on CUDA (slower here: a host-side plan per padded shape)
-    compile_head: bool = False  # CUDA: torch.compile the LM-head log-prob chunks (fused float32 passes; compiles on the first steps)
     lora: LoraConfig | None = None  # train LoRA adapters instead of the full weights (needs peft)
 
 

@@ -10,7 +10,6 @@ ever holds more than [chunk, vocab] logits, and no [batch, seq, vocab] float32 t
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -51,13 +50,11 @@ class SequenceLogps(nn.Module):
     Accelerate wraps this module (not the bare LM), so autocast and FSDP see one root forward.
     """
 
-    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, cudnn_attention: bool = False,
-                 compile_head: bool = False):
+    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, cudnn_attention: bool = False):
         super().__init__()
         self.lm = lm
         self.chunk_tokens = chunk_tokens
         self.cudnn_attention = cudnn_attention
-        self.compile_head = compile_head
         config = lm.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
         # Heads that rescale logits in their own forward: we cannot apply their lm_head alone.
@@ -87,8 +84,7 @@ class SequenceLogps(nn.Module):
             lm = self.causal_lm()
             hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
             hidden = hidden[:, :-1][predict]  # [N, H]
-            token_logps = chunked_token_logps(hidden, targets, lm.get_output_embeddings(), self.chunk_tokens, self.softcap,
-                                              compiled=self.compile_head and hidden.is_cuda)
+            token_logps = chunked_token_logps(hidden, targets, lm.get_output_embeddings(), self.chunk_tokens, self.softcap)
         else:
             logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             token_logps = gathered_token_logps(logits[:, :-1][predict], targets, self.chunk_tokens)
@@ -109,8 +105,7 @@ class SequenceLogps(nn.Module):
         inputs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False, segments=segments)
         if self.plain_head:
             hidden = lm.base_model(**inputs)[0][0].index_select(0, predict)  # [N, H]
-            token_logps = chunked_token_logps(hidden, targets, lm.get_output_embeddings(), self.chunk_tokens, self.softcap,
-                                              compiled=self.compile_head and hidden.is_cuda)
+            token_logps = chunked_token_logps(hidden, targets, lm.get_output_embeddings(), self.chunk_tokens, self.softcap)
         else:
             logits = self.lm(**inputs).logits[0].index_select(0, predict)
             token_logps = gathered_token_logps(logits, targets, self.chunk_tokens)
@@ -119,19 +114,16 @@ class SequenceLogps(nn.Module):
 
 
 def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int,
-                        softcap: float | None = None, compiled: bool = False) -> torch.Tensor:
-    """log p(target) for each row of hidden [N, H]; logits exist only [chunk, V] at a time. -> [N] float32.
-    `compiled`: each chunk through torch.compile, which fuses the float32 casts and logsumexp passes over
-    [chunk, V] into a few kernels (model.compile_head)."""
-    head_logps = _compiled_head_logps() if compiled else _head_logps
+                        softcap: float | None = None) -> torch.Tensor:
+    """log p(target) for each row of hidden [N, H]; logits exist only [chunk, V] at a time. -> [N] float32."""
     out = []
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start:start + chunk], targets[start:start + chunk]
         if torch.is_grad_enabled() and h.requires_grad:
             # recompute this chunk's logits in backward instead of keeping them alive
-            out.append(checkpoint(head_logps, head, h, t, softcap, use_reentrant=False))
+            out.append(checkpoint(_head_logps, head, h, t, softcap, use_reentrant=False))
         else:
-            out.append(head_logps(head, h, t, softcap))
+            out.append(_head_logps(head, h, t, softcap))
     if not out:
         return hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(out)
@@ -143,11 +135,6 @@ def _head_logps(head: nn.Module, h: torch.Tensor, t: torch.Tensor, softcap: floa
         logits = softcap * torch.tanh(logits / softcap)
     picked = logits.gather(-1, t[:, None]).squeeze(-1).float()
     return picked - torch.logsumexp(logits.float(), dim=-1)
-
-
-@functools.cache
-def _compiled_head_logps():
-    return torch.compile(_head_logps, dynamic=True)  # the last chunk of each batch has its own length
 
 
 def gathered_token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -210,7 +197,7 @@ class Reference:
         self.layout = choose_layout(cfg, lm)[0]  # the policy's, as the model is the same (the run notes why)
         if self.layout != PADDED:
             use_packed_attention(lm)
-        self.model = SequenceLogps(lm, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention, cfg.model.compile_head).to(device)
+        self.model = SequenceLogps(lm, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention).to(device)
         self.policy_dtype = cfg.model.policy_dtype
         self.device = device
 

@@ -111,8 +111,7 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
         policy.to(accelerator.device)
     optimizer = build_optimizer(cfg, policy, fused=fused)
     scheduler = build_scheduler(cfg, optimizer, steps)
-    model, optimizer = accelerator.prepare(SequenceLogps(policy, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention,
-                                                             cfg.model.compile_head), optimizer)
+    model, optimizer = accelerator.prepare(SequenceLogps(policy, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention), optimizer)
     reference = None
     if cfg.task == "dpo" and not cfg.loss.reference_free and not use_shard_reference:
         reference = AdapterOffReference(model, policy) if cfg.model.lora else Reference(cfg, accelerator.device)

@@ -5,10 +5,14 @@
 # (Python 3.12; benchmarks/README.md says how to download them) and the path of trl_anchor.py.
 #
 #   bash benchmarks/gpu_check.sh WHEELS ANCHOR STAGE...
-#   STAGE: tests | tests-new | dpo-compile | profile | dpo-qwen | dpo-llama | sft | suite | suite-dpo | suite-llama | suite-sft | lora
+#   STAGE: tests | profile | dpo-qwen | dpo-llama | sft | suite | suite-dpo | suite-llama | suite-sft | lora
+#
+# Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
+# back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
 set -u
 wheels=$1 anchor=$2
 shift 2
+if [ -n "${OUT:-}" ]; then exec > >(tee -a "$OUT/gpu_check.log") 2>&1; fi
 python3 -m pip install -q --no-index --no-deps --target /tmp/site "$wheels"/*.whl 2>&1 | tail -1
 export PYTHONPATH="$PWD:$PWD/tests:/tmp/site" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -18,8 +22,6 @@ for stage in "$@"; do
   echo "== $stage ($(date -u +%T))"
   case $stage in
     tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "not fsdp and not two" ;;
-    tests-new) timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "compiled or padding_free" ;;
-    dpo-compile) bench 200 --mode dpo --shape qwen0.5b --bs 16 --steps 12 --warm 4 --skip-trl --also model.compile_head=true ;;
     profile) timeout 240 python3 benchmarks/profile_logps.py --shape qwen0.5b --pairs 16 --profile ;;
     dpo-qwen) bench 300 --mode dpo --shape qwen0.5b --bs 16 --steps 12 --warm 4 --also padding_free=false --also share_prompt=false ;;
     dpo-llama) bench 300 --mode dpo --shape llama1b --bs 16 --steps 12 --warm 4 ;;
