@@ -11,7 +11,7 @@ from aligndata.write.shards import read_manifest
 from aligntrain.config import ConfigError, load_config
 from aligntrain.data import ShardSplit, collate, micro_batches
 from aligntrain.modeling import SequenceLogps, load_causal_lm, model_inputs
-from aligntrain.packing import PACKED, PADDED, SHARED, choose_layout, pack, use_packed_attention
+from aligntrain.packing import PACKED, PACKED_ATTENTION, PADDED, SHARED, choose_layout, pack, use_packed_attention
 from aligntrain.trainer import train
 
 
@@ -112,4 +112,24 @@ def test_training_padding_free_equals_padded(tmp_path, tiny_model, sft_shards, d
     for a, b in zip(padded.history, packed.history):
         for key in ("loss", "grad_norm", "input_tokens"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    saved = (packed.checkpoint / "config.json").read_text()
+    assert PACKED_ATTENTION not in saved  # checkpoints load anywhere, without aligntrain's attention
+
+
+def test_mfu_of_a_step_is_its_useful_flops_over_the_cards_peak(tmp_path, tiny_model):
+    from types import SimpleNamespace
+
+    from aligntrain.flops import training_flops
+    from aligntrain.trainer import Objective
+
+    cfg = cfg_for(tmp_path, tiny_model, loss={"name": "dpo"})
+    config = load_causal_lm(tiny_model, "float32").config
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    assert Objective(cfg, None, cpu, SHARED, config).mfu(1000, 500, 2.0) is None  # no GPU, no MFU
+    objective = Objective(cfg, None, cpu, SHARED, config)
+    objective.device_name = "NVIDIA H200"
+    expected = training_flops(config, 1000, 500) / (2.0 * 989e12)  # reference precomputed: no forward of it
+    assert objective.mfu(1000, 500, 2.0) == pytest.approx(expected)
+    objective.reference = object()  # a live reference adds its forward
+    assert objective.mfu(1000, 500, 2.0) == pytest.approx(training_flops(config, 1000, 500, 1000, 500) / (2.0 * 989e12))
 
