@@ -327,6 +327,10 @@ def make_accelerator(cfg: Config, policy):
     if _world_size() == 1:  # a fresh state per run in one Python process (tests, notebooks)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+    fsdp = (cfg.trainer == "FSDPTrainer" and _world_size() > 1) or _fsdp_from_launcher()
+    if fsdp and not torch.cuda.is_available():  # Accelerate's FSDP raises a RuntimeError with no device
+        raise ConfigError("trainer: FSDPTrainer shards the model over GPUs and there is none here (Accelerate's FSDP "
+                          "has no CPU path); on CPU, several processes train data-parallel with trainer: BasicTrainer")
     if cfg.trainer == "FSDPTrainer" and _world_size() > 1 and not _fsdp_from_launcher():
         from accelerate import FullyShardedDataParallelPlugin
 

@@ -235,3 +235,16 @@ def test_missing_model_directory_is_a_config_error(tmp_path, capsys, monkeypatch
     code, _, err = run(capsys, "train", REPO / "sample_data" / "seed_config.yml")
     missing = tmp_path / "empty" / "aligntools" / "smollm2-135m-instruct"
     assert (code, err) == (1, f"error: cannot load tokenizer '{missing}': no such file or directory\n")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU-only case")
+@pytest.mark.parametrize("env", [{"WORLD_SIZE": "2"}, {"ACCELERATE_USE_FSDP": "true"}])
+def test_fsdp_without_a_gpu_is_a_config_error_not_a_traceback(monkeypatch, tiny_model, tmp_path, env):
+    from aligntrain.config import ConfigError, load_config
+    from aligntrain.trainer import make_accelerator
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = load_config(write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", trainer="FSDPTrainer"))
+    with pytest.raises(ConfigError, match="FSDPTrainer shards the model over GPUs and there is none here"):
+        make_accelerator(cfg, None)
