@@ -277,7 +277,7 @@ def test_convert_holds_the_lock_while_it_runs(work, tiny_tokenizer_dir, monkeypa
 
 @pytest.mark.slow
 def test_ctrl_c_during_convert_removes_its_staging_directory(work, tiny_tokenizer_dir):
-    src = write_chats(work / "in.jsonl", 20_000)
+    src = write_chats(work / "in.jsonl", 100_000)  # far more than a starved poll can miss
     staging = work / ".out.partial"
     proc = subprocess.Popen([sys.executable, "-m", "aligndata", "convert", "-q", str(src), "--to", "sft",
                              "--tokenizer", str(tiny_tokenizer_dir), "--out", str(work / "out"), "--shard-rows", "500"],
