@@ -66,7 +66,9 @@ def register() -> None:
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segments=None, **kwargs):
     """transformers' attention signature: query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None).
-    A call without `segments` (a padded batch, generation) is plain SDPA with the mask it was given."""
+    A call without `segments` is SDPA with what transformers passes, which for an attention it has no mask
+    builder for is no mask: causal only. That is exact for right-padded batches (data.collate's; a padding
+    key only ever follows the real queries), and is what a reference given the padded layout computes."""
     if segments is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
