@@ -73,6 +73,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    window = kwargs.get("sliding_window")
+    if window is not None and segments.max_k <= window:  # no sequence reaches past the window: plain causal
+        kwargs["sliding_window"] = None
     used = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
     if used:  # padding_free: null never picks such a model (packing_unavailable); this is an explicit true
         raise RuntimeError(f"padding-free attention does not implement {', '.join(used)} (used by this model); "
@@ -152,7 +155,7 @@ def choose_layout(cfg, lm) -> tuple[str, str | None]:
     if cfg.padding_free is False:
         return PADDED, None
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # under peft
-    reason = packing_unavailable(base, cfg.model.attn_implementation)
+    reason = packing_unavailable(base, cfg.model.attn_implementation, cfg.max_length)
     if reason is not None:
         if cfg.padding_free:
             raise ConfigError(f"padding_free: true, but {reason}; set padding_free: false (or leave it unset)")
@@ -167,8 +170,9 @@ def use_packed_attention(lm) -> None:
     base.set_attn_implementation(PACKED_ATTENTION)
 
 
-def packing_unavailable(lm, attn_implementation: str) -> str | None:
-    """Why a model cannot take padding-free batches (None when it can)."""
+def packing_unavailable(lm, attn_implementation: str, max_length: int | None) -> str | None:
+    """Why a model cannot take padding-free batches of sequences up to `max_length` tokens (None when it can).
+    A sliding window matters only when a sequence can be longer than it."""
     config = lm.config
     if attn_implementation != "sdpa":
         return f"model.attn_implementation is {attn_implementation}"
@@ -176,10 +180,11 @@ def packing_unavailable(lm, attn_implementation: str) -> str | None:
         return f"{type(lm).__name__} does not use transformers' attention interface"
     if getattr(config, "attn_logit_softcapping", None):
         return "the model soft-caps attention logits"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False:
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) is not False and (max_length is None or max_length > window):
         layer_types = getattr(config, "layer_types", None) or ["sliding_attention"]
         if "sliding_attention" in layer_types:
-            return "the model uses sliding-window attention"
+            return f"the model uses sliding-window attention ({window} tokens) and max_length is {max_length}"
     if getattr(config, "model_type", "") == "gpt_oss":
         return "the model's attention has sink logits"
     return None

@@ -10,7 +10,7 @@ from aligndata.write.shards import read_manifest
 
 from aligntrain.config import ConfigError, load_config
 from aligntrain.data import ShardSplit, collate, micro_batches
-from aligntrain.modeling import SequenceLogps, load_causal_lm, model_inputs
+from aligntrain.modeling import SequenceLogps, disable_dropout, load_causal_lm, model_inputs
 from aligntrain.packing import PACKED, PACKED_ATTENTION, PADDED, SHARED, choose_layout, pack, use_packed_attention
 from aligntrain.trainer import train
 
@@ -133,3 +133,53 @@ def test_mfu_of_a_step_is_its_useful_flops_over_the_cards_peak(tmp_path, tiny_mo
     objective.reference = object()  # a live reference adds its forward
     assert objective.mfu(1000, 500, 2.0) == pytest.approx(training_flops(config, 1000, 500, 1000, 500) / (2.0 * 989e12))
 
+
+
+ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma3_text", "gpt_neox", "olmo2", "granite",
+                 "cohere", "starcoder2", "phi", "gpt2"]
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_every_architecture_that_packs_gives_the_padded_log_probs(kind):
+    """Tiny random models of each family (rotary or absolute positions, partial rotary, q/k norms, sliding
+    windows wider than the sequences): the shared-prompt stream's log-probs and gradients equal the padded
+    batch's in float32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from aligntrain.packing import packing_unavailable
+
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=300, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = AutoConfig.for_model(kind, **dims)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    rows = [{"prompt_ids": rng.integers(3, 300, p).tolist(), "chosen_ids": rng.integers(3, 300, c).tolist(),
+             "rejected_ids": rng.integers(3, 300, r).tolist()} for p, c, r in [(5, 7, 3), (1, 4, 9), (12, 2, 2)]]
+    results = {}
+    for layout in (PADDED, SHARED):
+        torch.manual_seed(0)
+        lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        disable_dropout(lm)  # as load_causal_lm does (GPT-2's config has 10% dropout)
+        assert packing_unavailable(lm, "sdpa", max_length=64) is None
+        if layout != PADDED:
+            use_packed_attention(lm)
+        logps, _ = SequenceLogps(lm)(**model_inputs(collate(rows, "dpo", 0, layout)))
+        logps.sum().backward()
+        results[layout] = logps.detach(), {n: p.grad for n, p in lm.named_parameters() if p.grad is not None}
+    (padded, padded_grads), (shared, shared_grads) = results[PADDED], results[SHARED]
+    assert torch.allclose(shared, padded, atol=1e-5), (shared - padded).abs().max()
+    for name, grad in padded_grads.items():
+        assert torch.allclose(shared_grads[name], grad, atol=1e-5), name
+
+
+def test_a_sliding_window_shorter_than_max_length_keeps_batches_padded():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from aligntrain.packing import packing_unavailable
+
+    config = AutoConfig.for_model("mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=300, sliding_window=16)
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    assert packing_unavailable(lm, "sdpa", 16) is None
+    assert packing_unavailable(lm, "sdpa", 64) == ("the model uses sliding-window attention (16 tokens) and "
+                                                   "max_length is 64")
