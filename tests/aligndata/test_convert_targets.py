@@ -277,11 +277,14 @@ def test_convert_holds_the_lock_while_it_runs(work, tiny_tokenizer_dir, monkeypa
 
 @pytest.mark.slow
 def test_ctrl_c_during_convert_removes_its_staging_directory(work, tiny_tokenizer_dir):
-    src = write_chats(work / "in.jsonl", 100_000)  # far more than a starved poll can miss
+    src = write_chats(work / "in.jsonl", 20_000)
     staging = work / ".out.partial"
+    # A test run started in the background by a non-interactive shell (nohup, `&`) inherits SIGINT ignored,
+    # and so would the convert (Python then installs no KeyboardInterrupt handler): restore the default.
     proc = subprocess.Popen([sys.executable, "-m", "aligndata", "convert", "-q", str(src), "--to", "sft",
                              "--tokenizer", str(tiny_tokenizer_dir), "--out", str(work / "out"), "--shard-rows", "500"],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(lambda: len(list(staging.glob("train/*.arrow"))) >= 2, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
