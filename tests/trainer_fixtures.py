@@ -153,16 +153,30 @@ def write_config(path: Path, model_dir: Path, run_dir: Path, **changes: Any) -> 
     return Path(path)
 
 
-def poison_parameters_at(monkeypatch, step: int, value: float) -> None:
-    """Make aligntrain's train_step fill the first parameter with `value` (nan, inf) at `step`."""
+def trainer_calls_at(monkeypatch, step: int, action) -> None:
+    """Run `action(model)` at the start of aligntrain's optimizer step `step` (1-based), inside the training loop."""
     import aligntrain.trainer as trainer_module
 
     real_step = trainer_module.train_step
 
-    def poisoned(at, model, *args, **kwargs):
+    def wrapped(at, model, *args, **kwargs):
         if at == step:
-            with torch.no_grad():
-                next(model.parameters()).fill_(value)
+            action(model)
         return real_step(at, model, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "train_step", poisoned)
+    monkeypatch.setattr(trainer_module, "train_step", wrapped)
+
+
+def interrupt(_model=None) -> None:
+    """Ctrl-C, as trainer_calls_at's action."""
+    raise KeyboardInterrupt
+
+
+def poison_parameters_at(monkeypatch, step: int, value: float) -> None:
+    """Make aligntrain's train_step fill the first parameter with `value` (nan, inf) at `step`."""
+
+    def poison(model):
+        with torch.no_grad():
+            next(model.parameters()).fill_(value)
+
+    trainer_calls_at(monkeypatch, step, poison)

@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 import yaml
-from trainer_fixtures import base_config, make_dpo_shards, poison_parameters_at
+from trainer_fixtures import base_config, interrupt, make_dpo_shards, poison_parameters_at, trainer_calls_at
 
-import aligntrain.trainer as trainer_module
 from aligntrain.checkpoint import CHECKPOINTS, latest_checkpoint
 from aligntrain.config import ConfigError, load_config
 from aligntrain.trainer import NonFiniteLossError, train
@@ -57,18 +56,11 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, tiny_model, sft_shard
     changes = dict(n_epochs=2, save_every_steps=3, loss={"name": task})
     straight = train(cfg_for(tmp_path, tiny_model, "straight", **changes), shards)
 
-    real_step = trainer_module.train_step
-
-    def dies_at_step_5(step, *args, **kwargs):
-        if step == 5:
-            raise KeyboardInterrupt  # the process is killed during step 5 (step 4 done, not checkpointed)
-        return real_step(step, *args, **kwargs)
-
     cfg = cfg_for(tmp_path, tiny_model, "killed", **changes)
-    monkeypatch.setattr(trainer_module, "train_step", dies_at_step_5)
+    trainer_calls_at(monkeypatch, 5, interrupt)  # the process is killed during step 5 (step 4 done, not checkpointed)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, shards)
-    monkeypatch.setattr(trainer_module, "train_step", real_step)
+    monkeypatch.undo()
     checkpoints = tmp_path / "run-killed" / CHECKPOINTS
     (checkpoints / ".tmp-step-0000006").mkdir()  # a save that was interrupted half-way
     (checkpoints / "step-0000009").mkdir()  # a directory without trainer_state.json is not a checkpoint

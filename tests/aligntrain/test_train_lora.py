@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-from trainer_fixtures import base_config, make_dpo_shards, write_config
+from trainer_fixtures import base_config, interrupt, make_dpo_shards, trainer_calls_at, write_config
 
 import aligntrain.trainer as trainer_module
 from aligntrain.checkpoint import CHECKPOINTS
@@ -156,18 +156,11 @@ def test_adapter_with_a_missing_base_model_is_a_one_line_error(lora_run, tmp_pat
 def test_killed_and_resumed_lora_run_equals_uninterrupted(tmp_path, tiny_model, dpo_shards, monkeypatch):
     changes = dict(n_examples=40, save_every_steps=2)
     straight = train(cfg_for(tmp_path, tiny_model, "straight", **changes), dpo_shards)
-    real_step = trainer_module.train_step
-
-    def dies_at_step_4(step, *args, **kwargs):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_step(step, *args, **kwargs)
-
     cfg = cfg_for(tmp_path, tiny_model, "killed", **changes)
-    monkeypatch.setattr(trainer_module, "train_step", dies_at_step_4)
+    trainer_calls_at(monkeypatch, 4, interrupt)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, dpo_shards)
-    monkeypatch.setattr(trainer_module, "train_step", real_step)
+    monkeypatch.undo()
     resumed = train(cfg, dpo_shards, resume=True)
     assert len(straight.history) == 5 and len(resumed.history) == 3
     assert losses(resumed) == losses(straight)[2:]  # bit-identical on CPU: adapter, optimizer, RNG restored

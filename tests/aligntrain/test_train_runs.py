@@ -21,9 +21,8 @@ import torch
 import yaml
 from faults import wait_for
 from rich.console import Console
-from trainer_fixtures import make_sft_shards, write_config
+from trainer_fixtures import interrupt, make_sft_shards, trainer_calls_at, write_config
 
-import aligntrain.trainer as trainer_module
 from aligndata.encode.template import BUILTIN_TEMPLATES, resolve_chat_template
 from aligndata.encode.tokenizer import load_tokenizer
 from aligndata.write.shards import MANIFEST
@@ -71,18 +70,6 @@ def copy_of(run_at_step_2, tmp_path, tiny_model, **changes):
     shutil.copytree(run_at_step_2[0], tmp_path / "run")
     return write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", n_examples=32, save_every_steps=2,
                         **changes)
-
-
-def trainer_calls_at(monkeypatch, step: int, action) -> None:
-    """Run `action()` at the start of optimizer step `step` (1-based), inside the training loop."""
-    real_step = trainer_module.train_step
-
-    def wrapped(at, *args, **kwargs):
-        if at == step:
-            action()
-        return real_step(at, *args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "train_step", wrapped)
 
 
 # -- one training per run directory ---------------------------------------------------------------------
@@ -248,7 +235,7 @@ def test_a_full_disk_in_the_final_save_names_the_file(tmp_path, capsys, tiny_mod
 def test_a_stop_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, capsys, tiny_model, sft_shards,
                                                                         run_at_step_2, monkeypatch, sig):
     cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", n_examples=32)
-    trainer_calls_at(monkeypatch, 2, lambda: os.kill(os.getpid(), sig))  # arrives during step 2
+    trainer_calls_at(monkeypatch, 2, lambda _: os.kill(os.getpid(), sig))  # arrives during step 2
     monkeypatch.setattr(sys, "argv", ["aligntrain", "sft", str(sft_shards), str(cfg)])
     code, err = aligntrain(capsys, "sft", sft_shards, cfg)
     checkpoint = tmp_path / "run" / CHECKPOINTS / "step-0000002"
@@ -265,10 +252,7 @@ def test_a_stop_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, 
 def test_ctrl_c_names_the_last_complete_checkpoint(tmp_path, capsys, tiny_model, sft_shards, monkeypatch):
     cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", n_examples=32, save_every_steps=2)
 
-    def ctrl_c():
-        raise KeyboardInterrupt
-
-    trainer_calls_at(monkeypatch, 3, ctrl_c)
+    trainer_calls_at(monkeypatch, 3, interrupt)
     monkeypatch.setattr(sys, "argv", ["aligntrain", "sft", str(sft_shards), str(cfg)])
     code, err = aligntrain(capsys, "sft", sft_shards, cfg)
     checkpoint = tmp_path / "run" / CHECKPOINTS / "step-0000002"
@@ -278,10 +262,7 @@ def test_ctrl_c_names_the_last_complete_checkpoint(tmp_path, capsys, tiny_model,
 
 def test_ctrl_c_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path, capsys, tiny_model, sft_shards,
                                                                        monkeypatch):
-    def ctrl_c():
-        raise KeyboardInterrupt
-
-    trainer_calls_at(monkeypatch, 1, ctrl_c)
+    trainer_calls_at(monkeypatch, 1, interrupt)
     cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", n_examples=16)
     code, err = aligntrain(capsys, "sft", sft_shards, cfg)
     assert (code, err) == (130, "error: interrupted before the first checkpoint was saved; nothing to resume\n")
