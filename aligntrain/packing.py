@@ -86,11 +86,16 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         q, k, v = (x.to(torch.get_autocast_dtype(device)) for x in (q, k, v))
     if segments.key_index is not None:
         k, v = k.index_select(0, segments.key_index), v.index_select(0, segments.key_index)
+    return segment_attention(q, k, v, segments, scaling).unsqueeze(0), None
+
+
+def segment_attention(q, k, v, segments: Segments, scale=None):
+    """Causal attention of each query segment over its key segment, aligned to the end of the keys; q [Tq, H, D],
+    k/v [Tk, Hkv, D] (keys already gathered) -> [Tq, H, D]. Flash attention on CUDA in bf16/fp16, SDPA per
+    segment otherwise."""
     if _flash_applies(q):
-        out = _varlen_flash(q, k, v, segments, scaling)
-    else:
-        out = _per_segment(q, k, v, segments, scaling)
-    return out.unsqueeze(0), None
+        return _varlen_flash(q, k, v, segments, scale)
+    return _per_segment(q, k, v, segments, scale)
 
 
 class _FlashVarlen(torch.autograd.Function):

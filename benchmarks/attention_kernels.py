@@ -1,8 +1,8 @@
-"""Attention for one DPO batch, forward + backward, by kernel: what a padding-free trainer would gain.
+"""Attention for one DPO batch, forward + backward, by layout: padded against the trainer's padding-free ones.
 
-A lead for the one-GPU speed work: the trainer's padded path runs SDPA over every padded position with
-a 4D mask; a packed path can run each sequence at its own length (varlen flash attention), and can
-forward a pair's prompt once with both completions attending to it. This times one attention layer of
+The padded path runs SDPA over every padded position with a 4D mask; the padding-free paths
+(aligntrain/packing.py) run each sequence at its own length, and can forward a pair's prompt once with
+both completions attending to it. This times one attention layer of
 a real model shape on one batch of the training benchmark's length distribution (prompt median 120
 tokens, replies 220, log-normal, max_length 1024), and checks that the packed variants compute the
 same outputs and gradients as the padded one on the positions they share.
@@ -10,25 +10,30 @@ same outputs and gradients as the padded one on the positions they share.
   python benchmarks/attention_kernels.py --shape qwen0.5b --pairs 16
 
 Variants:
-  padded     SDPA on [2 x pairs, H, longest, D] with a causal + padding mask (what the trainer runs today)
-  varlen     varlen flash attention, chosen and rejected rows packed, each prompt forwarded twice
-  shared     varlen flash attention, prompt once: queries [prompt, chosen, rejected] per pair; the keys of
+  padded     SDPA on [2 x pairs, H, longest, D] with a causal + padding mask (padding_free: false)
+  varlen     the trainer's segment attention, chosen and rejected rows packed, each prompt forwarded twice
+  shared     the trainer's segment attention, prompt once: queries [prompt, chosen, rejected] per pair; the keys of
              the rejected segment are [prompt, rejected] gathered from the stream (bottom-right causal)
   flex       (--flex) flex attention (compiled) on the stream [prompt, chosen, rejected] with a block mask
+
+A whole model by layout, through the trainer's own code: benchmarks/profile_logps.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import random
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from aligntrain.packing import Segments, segment_attention  # noqa: E402
 
 SHAPES = {  # query heads, key/value heads, head dim (Qwen2.5-0.5B, Llama-3.2-1B)
     "qwen0.5b": (14, 2, 64),
@@ -106,34 +111,10 @@ def _cumsum(xs):
 
 
 def varlen(q, k, v, cu_q, cu_k, max_q, max_k):
-    """Causal attention per segment, keys aligned to the segment's end (a query segment shorter than its
-    key segment sees the extra keys in full): torch's varlen flash attention on CUDA, SDPA per segment
-    elsewhere (the CPU check of the layouts)."""
-    if not q.is_cuda:
-        return _varlen_reference(q, k, v, cu_q, cu_k)
-    from torch.nn.attention.varlen import varlen_attn
-
-    params = inspect.signature(varlen_attn).parameters
-    kwargs = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = True
-        else:
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
-
-
-def _varlen_reference(q, k, v, cu_q, cu_k):
-    groups = q.shape[1] // k.shape[1]
-    cq, ck, outs = cu_q.tolist(), cu_k.tolist(), []
-    for i in range(len(cq) - 1):
-        qq = q[cq[i]:cq[i + 1]].transpose(0, 1)
-        kk, vv = (x[ck[i]:ck[i + 1]].repeat_interleave(groups, dim=1).transpose(0, 1) for x in (k, v))
-        lq, lk = qq.shape[1], kk.shape[1]
-        mask = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
-        outs.append(F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask).transpose(0, 1))
-    return torch.cat(outs)
+    """The trainer's attention over segments (aligntrain.packing.segment_attention): flash on CUDA, SDPA per
+    segment elsewhere (the CPU check of the layouts)."""
+    segments = Segments(cu_q, cu_k, None, max_q, max_k, cu_q.tolist(), cu_k.tolist())
+    return segment_attention(q, k, v, segments)
 
 
 def run_padded(lay: Layouts, q, k, v):
@@ -213,7 +194,6 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--flex", action="store_true", help="also time flex attention (compiles first: slow to start)")
-    ap.add_argument("--model", action="store_true", help="also time a whole model of the shape, by layout")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu checks the layouts in float32 with a reference varlen (timings mean little there)")
     a = ap.parse_args()
@@ -300,148 +280,8 @@ def main() -> int:
     scale = summed.abs().max().item()
     print(f"key gradient, shared vs rows (prompt summed over both rows): max diff {gdiff:.2e} of max {scale:.2e}")
     ok = all((checks[n] - ref).abs().max().item() < tol for n in checks) and gdiff < tol * max(scale, 1.0)
-    if a.model:
-        ok = time_models(a, lay, lengths, dev, dt) and ok
     print("RESULT " + ("same outputs and gradients" if ok else "MISMATCH"))
     return 0 if ok else 1
-
-
-# -- a whole model: one DPO batch through every layer, by layout -------------------------------------------
-
-MODELS = {  # published configurations (Qwen2.5-0.5B, Llama-3.2-1B)
-    "qwen0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                               num_key_value_heads=2, vocab_size=151936, rope_theta=1e6)),
-    "llama1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                              num_key_value_heads=8, vocab_size=128256, rope_theta=5e5)),
-}
-PACKED = "aligntrain_bench_varlen"
-
-
-def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, layout=None, **kwargs):
-    """transformers attention: query [1, Hq, T, D], key/value [1, Hkv, T, D] -> [1, T, Hq, D], segments from `layout`
-    (cu_q, cu_k, max_q, max_k, gather or None)."""
-    cu_q, cu_k, max_q, max_k, gather = layout
-    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
-    if gather is not None:
-        k, v = k.index_select(0, gather), v.index_select(0, gather)
-    out = varlen(q, k, v, cu_q, cu_k, max_q, max_k) if q.is_cuda else _varlen_reference(q, k, v, cu_q, cu_k)
-    return out[None], None
-
-
-def model_inputs(lay: Layouts, lengths, vocab: int, device, seed: int):
-    """Token ids per stream token, and each variant's model inputs with the positions (into the flattened
-    hidden states) whose next token is trained and those tokens; the shared layout reads the prompt's last
-    position twice, once per completion."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (lay.stream_len,), generator=g)
-    n = len(lengths)
-    pos, s_index, s_targets, start = [], [], [], 0
-    for p, c, r in lengths:
-        pos += list(range(p + c)) + list(range(p, p + r))
-        chosen = list(range(start + p, start + p + c))
-        rejected = list(range(start + p + c, start + p + c + r))
-        s_index += [start + p - 1] + chosen[:-1] + [start + p - 1] + rejected[:-1]
-        s_targets += chosen + rejected
-        start += p + c + r
-    s_targets = ids[torch.tensor(s_targets)]
-    starts = lay.cu_rows.tolist()
-    rows = starts[-1]
-    rows_ids = torch.zeros(rows, dtype=torch.long)
-    rows_ids[lay.stream_in_rows.cpu()] = ids
-    rows_ids[lay.rows_prompt_copy.cpu()] = ids[_prompt_positions(lay, lengths).cpu()]
-    rows_pos = torch.cat([torch.arange(starts[i + 1] - starts[i]) for i in range(2 * n)])
-    r_index, p_index, padded_ids, padded_mask = [], [], torch.zeros(2 * n, lay.longest, dtype=torch.long), \
-        torch.zeros(2 * n, lay.longest, dtype=torch.long)
-    for i in range(2 * n):
-        p = lengths[i % n][0]
-        length = starts[i + 1] - starts[i]
-        r_index += [starts[i] + t for t in range(p - 1, length - 1)]
-        p_index += [i * lay.longest + t for t in range(p - 1, length - 1)]
-        padded_ids[i, :length] = rows_ids[starts[i]:starts[i + 1]]
-        padded_mask[i, :length] = 1
-    r_index = torch.tensor(r_index)
-    r_targets = rows_ids[r_index + 1]
-    d = device
-    return {
-        "padded": (dict(input_ids=padded_ids.to(d), attention_mask=padded_mask.to(d)), torch.tensor(p_index).to(d), r_targets.to(d)),
-        "varlen": (dict(input_ids=rows_ids[None].to(d), position_ids=rows_pos[None].to(d),
-                        layout=(lay.cu_rows, lay.cu_rows, lay.longest, lay.longest, None)), r_index.to(d), r_targets.to(d)),
-        "shared": (dict(input_ids=ids[None].to(d), position_ids=torch.tensor(pos)[None].to(d),
-                        layout=(lay.cu_q, lay.cu_k, lay.max_q, lay.max_k, lay.gather)),
-                   torch.tensor(s_index).to(d), s_targets.to(d)),
-    }
-
-
-def completion_logps(lm, inputs, index, targets, chunk: int = 4096):
-    """Summed log-probs of `targets` read at hidden positions `index`: the LM head on those positions only,
-    in chunks."""
-    hidden = lm.model(**inputs, use_cache=False)[0].flatten(0, 1).index_select(0, index)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, hidden.shape[0], chunk):
-        logits = lm.lm_head(hidden[i:i + chunk]).float()
-        total = total + logits.log_softmax(-1).gather(1, targets[i:i + chunk, None]).sum()
-    return total
-
-
-def time_models(a, lay, lengths, dev, dt) -> None:
-    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
-
-    AttentionInterface.register(PACKED, packed_attention)
-    kind, dims = MODELS[a.shape]
-    if a.device == "cpu":  # the layouts' check: a toy of the same kind
-        dims = dict(dims, hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=1000)
-    cfg = AutoConfig.for_model(kind, **dims, torch_dtype=dt)
-    torch.manual_seed(a.seed)
-    lm = AutoModelForCausalLM.from_config(cfg, dtype=dt, attn_implementation="sdpa").to(dev)
-    inputs = model_inputs(lay, lengths, cfg.vocab_size, dev, a.seed)
-    values, rows = {}, []
-    for name, (kw, index, targets) in inputs.items():
-        lm.set_attn_implementation("sdpa" if name == "padded" else PACKED)
-
-        def step():
-            loss = completion_logps(lm, kw, index, targets)
-            loss.backward()
-            return loss
-
-        def reference():
-            with torch.no_grad():
-                return completion_logps(lm, kw, index, targets)
-
-        values[name] = reference().item()
-        lm.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        policy = _time_call(step, dev, a.iters)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else 0.0
-        ref = _time_call(reference, dev, a.iters)
-        positions = kw["input_ids"].numel()
-        rows.append((name, positions, policy, ref, peak))
-        print(f"  {name}: policy {policy:.1f} ms, reference {ref:.1f} ms", flush=True)
-    base = rows[0][2] + rows[0][3]
-    print(f"\nmodel {a.shape} ({str(dt).split('.')[1]} weights, no optimizer): policy forward+backward and reference forward of one batch")
-    print(f"{'layout':8} {'positions':>9} {'policy ms':>10} {'ref ms':>8} {'pairs/s':>8} {'vs padded':>10} {'peak GiB':>9} {'sum logp':>14}")
-    for name, positions, policy, ref, peak in rows:
-        print(f"{name:8} {positions:9d} {policy:10.1f} {ref:8.1f} {a.pairs * 1e3 / (policy + ref):8.1f} "
-              f"{base / (policy + ref):9.2f}x {peak:9.1f} {values[name]:14.2f}")
-    spread = max(values.values()) - min(values.values())
-    scale = abs(values["padded"])
-    print(f"summed completion log-prob spread across layouts: {spread:.3g} of {scale:.3g}")
-    return spread <= (2e-3 if dt == torch.bfloat16 else 1e-5) * scale
-
-
-def _time_call(fn, dev, iters: int) -> float:
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(2):
-        fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) * 1e3 / iters
 
 
 def _prompt_positions(lay, lengths):

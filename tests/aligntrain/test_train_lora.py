@@ -9,7 +9,6 @@ import yaml
 from trainer_fixtures import base_config, interrupt, make_dpo_shards, trainer_calls_at, write_config
 
 import aligntrain.trainer as trainer_module
-from aligntrain.checkpoint import CHECKPOINTS
 from aligntrain.cli import main
 from aligntrain.config import ConfigError, load_config, to_yaml
 from aligntrain.data import ShardSplit, collate
