@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, ConfigError, LoraConfig, require_peft
-from .modeling import first_line, load_archive, load_causal_lm
+from .modeling import first_line, load_archive, load_causal_lm, model_inputs
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -86,8 +86,6 @@ class AdapterOffReference:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> torch.Tensor:
-        from .modeling import model_inputs
-
         with self.policy.disable_adapter():
             return self.model(**model_inputs(batch))[0]
 

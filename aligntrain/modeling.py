@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .config import Config, ConfigError
+from .packing import PACKED_ATTENTION, PADDED, choose_layout, use_packed_attention
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -97,8 +98,6 @@ class SequenceLogps(nn.Module):
                         segments, **_):
         """The stream [1, T] of packing.pack; `predict` picks the position before each trained token (a shared
         prompt's last position predicts the first token of both completions)."""
-        from .packing import PACKED_ATTENTION
-
         lm = self.causal_lm()
         if lm.config._attn_implementation != PACKED_ATTENTION:  # SDPA would attend across the whole stream
             raise RuntimeError("a padding-free batch reached a model without packed attention (packing.use_packed_attention)")
@@ -188,8 +187,6 @@ class Reference:
     reference_dtype, run without autograd under the training compute autocast."""
 
     def __init__(self, cfg: Config, device: torch.device):
-        from .packing import PADDED, choose_layout, use_packed_attention
-
         lm = load_causal_lm(cfg.model.name_or_path, cfg.model.reference_dtype, cfg.model.attn_implementation,
                             trainable=False)
         if cfg.model.archive:
