@@ -142,6 +142,7 @@ class Config:
     tokens_per_batch: int | None = None  # token budget per micro-batch (replaces the fixed split): padded tokens, or real ones when padding-free
     padding_free: bool | None = None  # one stream of real tokens per micro-batch, attention per sequence; null: wherever the model allows
     share_prompt: bool = True  # padding-free DPO: forward each prompt once, both completions attending to it
+    compile: bool | None = None  # torch.compile each decoder layer and the head's log-softmax; null: on CUDA without LoRA
     logprob_chunk_tokens: int = 1024  # completion tokens per lm-head chunk when computing log-probs
     keep_checkpoints: int | None = None  # keep only the newest N checkpoints
     eval_fraction: float = 0.0  # `aligntrain train`: share of records converted into the eval split

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from .compiling import compile_layers, compile_wanted, compiled_logps_from_logits, logps_from_logits
 from .config import Config, ConfigError
 from .packing import PACKED_ATTENTION, PADDED, choose_layout, use_packed_attention
 
@@ -51,11 +52,14 @@ class SequenceLogps(nn.Module):
     Accelerate wraps this module (not the bare LM), so autocast and FSDP see one root forward.
     """
 
-    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, cudnn_attention: bool = False):
+    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, cudnn_attention: bool = False, compiled: bool = False):
         super().__init__()
         self.lm = lm
         self.chunk_tokens = chunk_tokens
         self.cudnn_attention = cudnn_attention
+        if compiled:  # the decoder layers (here, once) and the head's log-softmax (compiling.py)
+            compile_layers(lm)
+        self.logps = compiled_logps_from_logits() if compiled else logps_from_logits
         config = lm.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
         # Heads that rescale logits in their own forward: we cannot apply their lm_head alone.
@@ -85,10 +89,11 @@ class SequenceLogps(nn.Module):
             lm = self.causal_lm()
             hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
             hidden = hidden[:, :-1][predict]  # [N, H]
-            token_logps = chunked_token_logps(hidden, targets, lm.get_output_embeddings(), self.chunk_tokens, self.softcap)
+            token_logps = chunked_token_logps(hidden, targets, lm.get_output_embeddings(), self.chunk_tokens, self.softcap,
+                                             self.logps)
         else:
             logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            token_logps = gathered_token_logps(logits[:, :-1][predict], targets, self.chunk_tokens)
+            token_logps = gathered_token_logps(logits[:, :-1][predict], targets, self.chunk_tokens, self.logps)
         # scatter into [B, T-1] and reduce per row: deterministic on GPU, unlike an atomic index_add
         per_position = torch.zeros(predict.shape, dtype=torch.float32, device=input_ids.device)
         per_position = per_position.masked_scatter(predict, token_logps)
@@ -104,42 +109,47 @@ class SequenceLogps(nn.Module):
         inputs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False, segments=segments)
         if self.plain_head:
             hidden = lm.base_model(**inputs)[0][0].index_select(0, predict)  # [N, H]
-            token_logps = chunked_token_logps(hidden, targets, lm.get_output_embeddings(), self.chunk_tokens, self.softcap)
+            token_logps = chunked_token_logps(hidden, targets, lm.get_output_embeddings(), self.chunk_tokens, self.softcap,
+                                             self.logps)
         else:
             logits = self.lm(**inputs).logits[0].index_select(0, predict)
-            token_logps = gathered_token_logps(logits, targets, self.chunk_tokens)
+            token_logps = gathered_token_logps(logits, targets, self.chunk_tokens, self.logps)
         per_slot = torch.zeros(slots.shape, dtype=torch.float32, device=input_ids.device).masked_scatter(slots, token_logps)
         return per_slot.sum(dim=1), slots.sum(dim=1)
 
 
 def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int,
-                        softcap: float | None = None) -> torch.Tensor:
-    """log p(target) for each row of hidden [N, H]; logits exist only [chunk, V] at a time. -> [N] float32."""
+                        softcap: float | None = None, logps=logps_from_logits) -> torch.Tensor:
+    """log p(target) for each row of hidden [N, H]; logits exist only [chunk, V] at a time. -> [N] float32.
+    `logps`: logps_from_logits or its compiled twin."""
     out = []
-    for start in range(0, hidden.shape[0], chunk):
-        h, t = hidden[start:start + chunk], targets[start:start + chunk]
+    for start, stop in chunk_bounds(hidden.shape[0], chunk):
+        h, t = hidden[start:stop], targets[start:stop]
         if torch.is_grad_enabled() and h.requires_grad:
             # recompute this chunk's logits in backward instead of keeping them alive
-            out.append(checkpoint(_head_logps, head, h, t, softcap, use_reentrant=False))
+            out.append(checkpoint(_head_logps, head, h, t, softcap, logps, use_reentrant=False))
         else:
-            out.append(_head_logps(head, h, t, softcap))
+            out.append(_head_logps(head, h, t, softcap, logps))
     if not out:
         return hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(out)
 
 
-def _head_logps(head: nn.Module, h: torch.Tensor, t: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = head(h)  # [n, V], model dtype
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    picked = logits.gather(-1, t[:, None]).squeeze(-1).float()
-    return picked - torch.logsumexp(logits.float(), dim=-1)
+def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, stop) of ceil(n / chunk) chunks of near-equal size, none over `chunk`: no 1-row remainder
+    (which a compiled head would take as a new shape) unless n is 1."""
+    count = -(-n // chunk)
+    edges = [n * i // count for i in range(count + 1)] if count else [0]
+    return list(zip(edges[:-1], edges[1:]))
 
 
-def gathered_token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+def _head_logps(head: nn.Module, h: torch.Tensor, t: torch.Tensor, softcap: float | None, logps) -> torch.Tensor:
+    return logps(head(h), t, softcap)  # head(h): [n, V] logits in the model's dtype
+
+
+def gathered_token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int, logps=logps_from_logits) -> torch.Tensor:
     """Fallback for heads with their own scaling: selected logits [N, V] (model dtype), lse per chunk."""
-    out = [logits[s:s + chunk].gather(-1, targets[s:s + chunk, None]).squeeze(-1).float()
-           - torch.logsumexp(logits[s:s + chunk].float(), dim=-1) for s in range(0, logits.shape[0], chunk)]
+    out = [logps(logits[a:b], targets[a:b]) for a, b in chunk_bounds(logits.shape[0], chunk)]
     return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
 
 
@@ -194,7 +204,8 @@ class Reference:
         self.layout = choose_layout(cfg, lm)[0]  # the policy's, as the model is the same (the run notes why)
         if self.layout != PADDED:
             use_packed_attention(lm)
-        self.model = SequenceLogps(lm, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention).to(device)
+        self.model = SequenceLogps(lm, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention,
+                                   compile_wanted(cfg, device)).to(device)
         self.policy_dtype = cfg.model.policy_dtype
         self.device = device
 

@@ -64,6 +64,7 @@ def register() -> None:
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 
 
+@torch.compiler.disable  # compiled decoder layers (compiling.py) call it eagerly: `segments` stays a runtime value
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segments=None, **kwargs):
     """transformers' attention signature: query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None).
     A call without `segments` is SDPA with what transformers passes, which for an attention it has no mask

@@ -24,6 +24,7 @@ from aligndata.errors import InputError, RunStopped
 from aligndata.write.shards import ShardMismatch
 
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_training_state, save_checkpoint
+from .compiling import compile_wanted
 from .config import MIXED_PRECISION, Config, ConfigError, defaults_note
 from .data import (ShardSplit, check_shards, collate, eval_batches, micro_batches, pad_token_id, process_share,
                    shards_chat_template, step_indices, to_device, total_steps, trained_tokens)
@@ -111,7 +112,9 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
         policy.to(accelerator.device)
     optimizer = build_optimizer(cfg, policy, fused=fused)
     scheduler = build_scheduler(cfg, optimizer, steps)
-    model, optimizer = accelerator.prepare(SequenceLogps(policy, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention), optimizer)
+    compiled = compile_wanted(cfg, accelerator.device, fsdp=not fused and accelerator.device.type == "cuda")
+    model, optimizer = accelerator.prepare(
+        SequenceLogps(policy, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention, compiled), optimizer)
     reference = None
     if cfg.task == "dpo" and not cfg.loss.reference_free and not use_shard_reference:
         reference = AdapterOffReference(model, policy) if cfg.model.lora else Reference(cfg, accelerator.device)

@@ -5,7 +5,8 @@
 # (Python 3.12; benchmarks/README.md says how to download them) and the path of trl_anchor.py.
 #
 #   bash benchmarks/gpu_check.sh WHEELS ANCHOR STAGE...
-#   STAGE: tests | profile | dpo-qwen | dpo-llama | sft | suite | suite-dpo | suite-llama | suite-sft | lora
+#   STAGE: tests | profile | profile-compile | dpo-qwen | dpo-qwen-compile | dpo-llama | sft | suite | suite-dpo
+#          | suite-llama | suite-sft | lora
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
 # back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
@@ -24,6 +25,8 @@ for stage in "$@"; do
     tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "not fsdp and not two" ;;
     profile) timeout 240 python3 benchmarks/profile_logps.py --shape qwen0.5b --pairs 16 --profile ;;
     dpo-qwen) bench 300 --mode dpo --shape qwen0.5b --bs 16 --steps 12 --warm 4 --also padding_free=false --also share_prompt=false ;;
+    profile-compile) timeout 300 python3 benchmarks/profile_logps.py --shape qwen0.5b --pairs 16 --compile --layouts shared-prompt,packed ;;
+    dpo-qwen-compile) bench 360 --mode dpo --shape qwen0.5b --bs 16 --steps 12 --warm 4 --also compile=false ;;
     dpo-llama) bench 300 --mode dpo --shape llama1b --bs 16 --steps 12 --warm 4 ;;
     sft) bench 200 --mode sft --shape qwen0.5b --bs 8 --steps 16 --warm 4 ;;
     suite) bench 580 --suite issue12 ;;

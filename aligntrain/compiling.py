@@ -1,0 +1,81 @@
+"""torch.compile where it pays: each decoder layer on its own, and the log-softmax of the LM head.
+
+Between the matrix multiplies of a decoder layer sit a dozen elementwise passes (RMSNorm in float32, the
+float32 residual stream of mixed precision, rotary embeddings, SiLU times the up projection) and each is a
+kernel launch and a round trip through memory, forward and backward. Compiling each layer fuses them.
+The layers are compiled one by one (`layer.compile()`, regional compilation): every layer runs the same
+code, so one graph serves them all, and it compiles in seconds rather than the minutes of a whole model.
+
+Shapes are dynamic from the first call (the token count of a padding-free stream changes every step).
+The packed attention is not traced: `packing.packed_attention` runs eagerly (a graph break inside each
+layer), so the segment layout it receives never becomes a compile-time constant.
+
+The head's log-softmax (`logps_from_logits`) compiles into one reduction over the vocabulary that reads
+the bf16 logits once, instead of a float32 copy of them and a logsumexp over it.
+
+`compile: null` (the default) compiles on one GPU for full-weight training; `true` also under LoRA and on the
+CPU (inductor needs a C++ compiler there); `false` never.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BACKEND = "inductor"  # the tests swap in "aot_eager" (the same graphs, no code generation)
+RECOMPILE_LIMIT = 32  # graphs per code object: grad and no-grad, float32 policy and bf16 reference, ...
+
+
+def compile_wanted(cfg, device: torch.device, fsdp: bool = False) -> bool:
+    """Whether this run compiles (cfg.compile: null -> CUDA without LoRA or FSDP)."""
+    if cfg.compile is None:
+        return device.type == "cuda" and cfg.model.lora is None and not fsdp
+    return bool(cfg.compile)
+
+
+def decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a transformers causal LM: modules of the classes it names in _no_split_modules
+    (the unit transformers itself never splits across devices)."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    return [m for m in base.modules() if type(m).__name__ in names]
+
+
+def compile_layers(lm: nn.Module) -> int:
+    """Compile every decoder layer of `lm` in place; the number compiled (0: the model names none)."""
+    _configure()
+    layers = decoder_layers(lm)
+    for layer in layers:
+        layer.compile(backend=BACKEND, dynamic=True)
+    return len(layers)
+
+
+def logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    """log p(target) per row of logits [n, V] (model dtype): the target's logit minus the float32 logsumexp."""
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    picked = logits.gather(-1, targets[:, None]).squeeze(-1).float()
+    return picked - torch.logsumexp(logits.float(), dim=-1)
+
+
+_compiled_logps = None
+
+
+def compiled_logps_from_logits():
+    """logps_from_logits compiled once per process, dynamic in the number of rows (one graph for every
+    chunk size from 2 up: a 1-row chunk would be a second graph, see modeling.chunk_bounds)."""
+    global _compiled_logps
+    if _compiled_logps is None:
+        _configure()
+        _compiled_logps = torch.compile(logps_from_logits, backend=BACKEND, dynamic=True)
+    return _compiled_logps
+
+
+def _configure() -> None:
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name first
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+            break

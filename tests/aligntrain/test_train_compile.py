@@ -1,0 +1,94 @@
+"""torch.compile of the decoder layers and the head's log-softmax (aligntrain/compiling.py): the same
+log-probs, gradients and training as eager. On CPU the graphs run through the aot_eager backend (the
+traced and partitioned graphs without code generation, seconds instead of minutes); inductor itself is
+checked on the GPU (tests/aligntrain/test_train_gpu.py)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_train_packing import batches, cfg_for
+
+import aligntrain.compiling as compiling
+from aligntrain.compiling import compile_wanted, decoder_layers, logps_from_logits
+from aligntrain.modeling import SequenceLogps, load_causal_lm, model_inputs
+from aligntrain.packing import PACKED, PADDED, SHARED, use_packed_attention
+from aligntrain.trainer import train
+from torch._dynamo.utils import counters
+
+
+@pytest.fixture(autouse=True)
+def aot_eager(monkeypatch):
+    import torch._dynamo
+
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
+    monkeypatch.setattr(compiling, "_compiled_logps", None)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compile_is_on_by_default_for_full_weights_on_one_gpu_only():
+    def cfg(compile=None, lora=None):
+        return SimpleNamespace(compile=compile, model=SimpleNamespace(lora=lora))
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert compile_wanted(cfg(), cuda) and not compile_wanted(cfg(), cpu)
+    assert not compile_wanted(cfg(lora=object()), cuda) and not compile_wanted(cfg(), cuda, fsdp=True)
+    assert compile_wanted(cfg(True), cpu) and compile_wanted(cfg(True, lora=object()), cuda)
+    assert not compile_wanted(cfg(False), cuda)
+
+
+def test_the_decoder_layers_are_what_the_model_never_splits(tiny_model):
+    lm = load_causal_lm(tiny_model, "float32")
+    layers = decoder_layers(lm)
+    assert len(layers) == lm.config.num_hidden_layers
+    assert all(layer is block for layer, block in zip(layers, lm.model.layers))
+
+
+def test_the_compiled_log_softmax_is_the_eager_one():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 50, dtype=torch.bfloat16), torch.randint(0, 50, (6,))
+    eager = logps_from_logits(logits, targets)
+    assert torch.allclose(compiling.compiled_logps_from_logits()(logits, targets), eager, atol=1e-6)
+    assert torch.allclose(eager, torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("task,layout", [("sft", PACKED), ("dpo", SHARED), ("dpo", PADDED)])
+def test_compiled_log_probs_and_gradients_equal_eager(tiny_model, sft_shards, dpo_shards, task, layout):
+    shards = sft_shards if task == "sft" else dpo_shards
+    # two batches of different lengths: the second runs the same graphs (shapes are dynamic)
+    first, second = batches(shards, task, [layout], rows=6)[layout], batches(shards, task, [layout], rows=8)[layout]
+    results = {}
+    for compiled in (False, True):
+        lm = load_causal_lm(tiny_model, "float32")
+        if layout != PADDED:
+            use_packed_attention(lm)
+        model = SequenceLogps(lm, chunk_tokens=7, compiled=compiled)
+        runs, graphs = [], []
+        for batch in (first, second):
+            lm.zero_grad()
+            logps, _ = model(**model_inputs(batch))
+            (logps * torch.linspace(0.5, 1.5, len(logps))).sum().backward()
+            runs.append((logps.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}))
+            graphs.append(counters["stats"]["unique_graphs"])
+        results[compiled] = runs
+    assert graphs[0] > 0 and graphs[1] == graphs[0]  # compiled once, not again for the second batch's lengths
+    for (eager, eager_grads), (fast, fast_grads) in zip(results[False], results[True]):
+        assert torch.allclose(fast, eager, atol=1e-5), (fast - eager).abs().max()
+        for name, grad in eager_grads.items():
+            assert torch.allclose(fast_grads[name], grad, atol=1e-5), name
+    assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None
+               for layer in decoder_layers(lm))
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_training_compiled_equals_eager(tmp_path, tiny_model, sft_shards, dpo_shards, task):
+    shards = sft_shards if task == "sft" else dpo_shards
+    loss = {"loss": {"name": task}, "tokens_per_batch": 200, "n_examples": 16}
+    eager = train(cfg_for(tmp_path, tiny_model, "eager", compile=False, **loss), shards)
+    compiled = train(cfg_for(tmp_path, tiny_model, "compiled", compile=True, **loss), shards)
+    assert len(compiled.history) == len(eager.history) > 1
+    for a, b in zip(eager.history, compiled.history):
+        for key in ("loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
