@@ -44,6 +44,9 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
 def compile_layers(lm: nn.Module) -> int:
     """Compile every decoder layer of `lm` in place; the number compiled (0: the model names none)."""
     _configure()
+    from .packing import register
+
+    register(for_compile=True)  # before tracing: the packed attention must be a graph break, not traced
     layers = decoder_layers(lm)
     for layer in layers:
         layer.compile(backend=BACKEND, dynamic=True)

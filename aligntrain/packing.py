@@ -57,14 +57,17 @@ class Segments:
                         self.max_q, self.max_k, self.bounds_q, self.bounds_k)
 
 
-def register() -> None:
-    """Make PACKED_ATTENTION a valid attn_implementation (idempotent)."""
+def register(for_compile: bool = False) -> None:
+    """Make PACKED_ATTENTION a valid attn_implementation (idempotent). `for_compile` (compiling.py, before
+    any layer is compiled): the registered function runs eagerly inside compiled layers, so `segments`
+    stays a runtime value instead of a compile-time constant; outside compiled code that changes nothing.
+    It is not the default, because importing torch's compiler costs seconds at every start."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    AttentionInterface.register(PACKED_ATTENTION, torch.compiler.disable(packed_attention) if for_compile
+                                else packed_attention)
 
 
-@torch.compiler.disable  # compiled decoder layers (compiling.py) call it eagerly: `segments` stays a runtime value
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segments=None, **kwargs):
     """transformers' attention signature: query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None).
     A call without `segments` is SDPA with what transformers passes, which for an attention it has no mask
@@ -171,7 +174,10 @@ def choose_layout(cfg, lm) -> tuple[str, str | None]:
 
 def use_packed_attention(lm) -> None:
     """Route the model's attention through packed_attention (padded calls still reach SDPA through it)."""
-    register()
+    from transformers import AttentionInterface
+
+    if PACKED_ATTENTION not in AttentionInterface():  # compiling.py may have registered its eager-under-compile form
+        register()
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     base.set_attn_implementation(PACKED_ATTENTION)
 

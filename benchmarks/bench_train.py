@@ -217,8 +217,20 @@ def run_ours(args: argparse.Namespace) -> dict:
 
     times: list[float] = []
     step_fn = T.train_step
+    profiled_secs = 0.0
+
+    def profiled_step(fn, step, *a, **k):
+        nonlocal profiled_secs
+        started = time.perf_counter()
+        out = profile_step(fn, step, *a, **k)
+        sync()
+        times.append(time.perf_counter())
+        profiled_secs += times[-1] - started
+        return out
 
     def timed_step(step, *a, **k):
+        if step == args.profile_step:
+            return profiled_step(step_fn, step, *a, **k)  # not timed: profiling slows it
         out = step_fn(step, *a, **k)  # its float() of the loss and grad norm already waits for the GPU
         sync()
         times.append(time.perf_counter())
@@ -229,14 +241,66 @@ def run_ours(args: argparse.Namespace) -> dict:
     T.train_step = timed_step
     t_start = time.perf_counter()
     T.train(cfg, work / "shards")
-    secs = times[-1] - times[args.warm - 1]
-    items = (len(times) - args.warm) * args.bs
+    secs = times[-1] - times[args.warm - 1] - profiled_secs
+    items = (len(times) - args.warm - (1 if args.profile_step else 0)) * args.bs
     return {"secs": round(secs, 3), "items_per_s": round(items / secs, 2),
             "tokens_per_s": round(items * per_item / secs, 1), "mean_tokens_per_item": round(per_item, 1),
             "flops_per_token": None if args.lora else flops / counted,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None,
-            "params": params, "steps_timed": len(times) - args.warm, "wall_total": round(time.perf_counter() - t_start, 1),
+            **({"profile": profile_text[0]} if profile_text else {}),
+            "params": params, "steps_timed": len(times) - args.warm - (1 if args.profile_step else 0), "wall_total": round(time.perf_counter() - t_start, 1),
             **result}
+
+
+PHASES = ("policy forward", "reference forward", "backward", "clip_grad_norm", "optimizer.step")
+
+
+def profile_step(step_fn, step, model, objective, optimizer, scheduler, batches, cfg, accelerator):
+    """One training step under torch.profiler, each phase a named range: prints the wall clock and device
+    time of every phase, the step's total kernel time against its wall clock, and the top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def ranged(fn, name):
+        def run(*a, **k):
+            with record_function(name):
+                return fn(*a, **k)
+        return run
+
+    saved = {"forward": model.forward, "backward": accelerator.backward,
+             "clip": accelerator.clip_grad_norm_, "step": optimizer.step, "reference": objective.reference}
+    model.forward = ranged(saved["forward"], PHASES[0])
+    if objective.reference is not None:
+        objective.reference = ranged(saved["reference"], PHASES[1])
+    accelerator.backward = ranged(saved["backward"], PHASES[2])
+    accelerator.clip_grad_norm_ = ranged(saved["clip"], PHASES[3])
+    optimizer.step = ranged(saved["step"], PHASES[4])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    try:
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        started = time.perf_counter()
+        with profile(activities=activities) as prof:
+            out = step_fn(step, model, objective, optimizer, scheduler, batches, cfg, accelerator)
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+        wall = time.perf_counter() - started
+    finally:
+        model.forward, accelerator.backward, accelerator.clip_grad_norm_ = saved["forward"], saved["backward"], saved["clip"]
+        optimizer.step, objective.reference = saved["step"], saved["reference"]
+    events = prof.key_averages()
+    device_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    kernels = sum(getattr(e, device_attr) for e in events) / 1e3
+    lines = [f"profiled step {step}: wall {wall * 1e3:.1f} ms, kernel time {kernels:.1f} ms "
+             f"({100 * kernels / (wall * 1e3):.0f}% of the wall clock)"]
+    for e in events:
+        if e.key in PHASES:
+            device = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1e3
+            lines.append(f"  {e.key:18s} host {e.cpu_time_total / 1e3:8.1f} ms  device {device:8.1f} ms  x{e.count}")
+    lines.append(events.table(sort_by=device_attr, row_limit=18, max_name_column_width=70))
+    profile_text.append("\n".join(lines))
+    return out
+
+
+profile_text: list[str] = []  # profile_step's report, handed to the parent in the child's RESULT
 
 
 def timed_precompute(shards: Path, cfg, config, lengths: list[tuple[int, ...]]) -> dict:
@@ -311,14 +375,18 @@ def measure(row: Row, args: argparse.Namespace) -> tuple[dict[str, dict], dict[s
     failed is left out (its stderr printed). Ours: the repository's defaults, then each --also."""
     shared = ["--shape", row.shape, "--bs", str(row.bs), "--steps", str(args.steps), "--warm", str(args.warm),
               "--gc", str(args.gc)]
+    profiling = ["--profile-step", str(args.profile_step)] if args.profile_step else []
     lora = ["--lora", args.lora] if args.lora else []
     ours_cmd = [sys.executable, __file__, "--child", "--mode", row.mode, "--max-length", str(args.max_length)] \
-        + shared + lora + (["--precompute"] if row.precompute else [])
+        + shared + lora + profiling + (["--precompute"] if row.precompute else [])
     ours = {}
     for spec in [None, *args.also]:
         result = child_result(ours_cmd + (["--overrides", *spec.split(",")] if spec else []),
                               f"aligntrain {row.name}" + (f" ({spec})" if spec else ""))
         if result:
+            if "profile" in result:
+                print(f"aligntrain {row.name}{f' ({spec})' if spec else ''}: " + result.pop("profile"), file=sys.stderr,
+                      flush=True)
             ours[spec or ""] = result
     trl = {}
     if args.skip_trl:
@@ -398,6 +466,8 @@ def main() -> None:
                     help="LoRA on both sides, e.g. r=16,alpha=32,targets=all-linear (targets: q_proj+v_proj, ...)")
     ap.add_argument("--also", action="append", default=[], metavar="K=V[,K=V]",
                     help="one more aligntrain run with these config overrides (repeatable), e.g. model.cudnn_attention=false")
+    ap.add_argument("--profile-step", type=int, default=None, metavar="N",
+                    help="profile our step N (after --warm; its time is left out of the rate): phases and top kernels")
     ap.add_argument("--overrides", nargs="*", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--anchor", default=str(ANCHOR), help="path of trl_anchor.py")
     ap.add_argument("--skip-trl", action="store_true")
@@ -407,6 +477,8 @@ def main() -> None:
     args.warm = args.warm or (4 if args.suite else 5)
     if args.warm < 1 or args.warm >= args.steps:
         ap.error("--warm must be at least 1 and below --steps")
+    if args.profile_step is not None and not args.warm < args.profile_step <= args.steps:
+        ap.error("--profile-step must be a timed step: above --warm, at most --steps")
     if args.lora:
         parse_lora(args.lora)  # refuse a bad spec before anything runs
     if args.child:

@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/gpu_check.sh WHEELS ANCHOR STAGE...
 #   STAGE: tests | profile | profile-compile | dpo-qwen | dpo-qwen-compile | dpo-llama | sft | suite | suite-dpo
-#          | suite-llama | suite-sft | lora
+#          | suite-llama | suite-sft | suite-precompute | profile-steps | lora
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
 # back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
@@ -33,6 +33,9 @@ for stage in "$@"; do
     suite-dpo) bench 400 --suite issue12 --only 1,2 ;;
     suite-llama) bench 300 --suite issue12 --only 2 ;;
     suite-sft) bench 500 --suite issue12 --only 3,4,5 ;;
+    suite-precompute) bench 260 --suite issue12 --only 5 ;;
+    profile-steps) bench 200 --mode dpo --shape qwen0.5b --bs 16 --steps 11 --warm 4 --profile-step 6 --skip-trl --also share_prompt=false
+                   bench 120 --mode sft --shape qwen0.5b --bs 8 --steps 11 --warm 4 --profile-step 6 --skip-trl ;;
     lora) bench 300 --mode dpo --shape llama1b --bs 16 --steps 12 --warm 4 --lora r=16,alpha=32,targets=all-linear ;;
     *) echo "unknown stage $stage" ;;
   esac
