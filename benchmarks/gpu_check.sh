@@ -34,8 +34,8 @@ for stage in "$@"; do
     suite-llama) bench 300 --suite issue12 --only 2 ;;
     suite-sft) bench 500 --suite issue12 --only 3,4,5 ;;
     suite-precompute) bench 260 --suite issue12 --only 5 ;;
-    profile-steps) bench 200 --mode dpo --shape qwen0.5b --bs 16 --steps 11 --warm 4 --profile-step 6 --skip-trl --also share_prompt=false
-                   bench 120 --mode sft --shape qwen0.5b --bs 8 --steps 11 --warm 4 --profile-step 6 --skip-trl ;;
+    profile-steps) bench 120 --mode dpo --shape qwen0.5b --bs 16 --steps 8 --warm 4 --profile-step 6 --skip-trl
+                   bench 100 --mode sft --shape qwen0.5b --bs 8 --steps 8 --warm 4 --profile-step 6 --skip-trl ;;
     lora) bench 300 --mode dpo --shape llama1b --bs 16 --steps 12 --warm 4 --lora r=16,alpha=32,targets=all-linear ;;
     *) echo "unknown stage $stage" ;;
   esac

@@ -82,10 +82,11 @@ def test_compiled_log_probs_and_gradients_equal_eager(tiny_model, sft_shards, dp
                for layer in decoder_layers(lm))
 
 
-@pytest.mark.parametrize("task", ["sft", "dpo"])
-def test_training_compiled_equals_eager(tmp_path, tiny_model, sft_shards, dpo_shards, task):
+@pytest.mark.parametrize("task,recompute", [("sft", False), ("dpo", False), ("dpo", True)])
+def test_training_compiled_equals_eager(tmp_path, tiny_model, sft_shards, dpo_shards, task, recompute):
+    """Also with activation checkpointing: the compiled layers run again in backward."""
     shards = sft_shards if task == "sft" else dpo_shards
-    loss = {"loss": {"name": task}, "tokens_per_batch": 200, "n_examples": 16}
+    loss = {"loss": {"name": task}, "tokens_per_batch": 200, "n_examples": 16, "activation_checkpointing": recompute}
     eager = train(cfg_for(tmp_path, tiny_model, "eager", compile=False, **loss), shards)
     compiled = train(cfg_for(tmp_path, tiny_model, "compiled", compile=True, **loss), shards)
     assert len(compiled.history) == len(eager.history) > 1
