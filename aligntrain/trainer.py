@@ -134,6 +134,9 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
     if resume:
         log.note(f"resuming from {resume_from} (step {start} of {steps})" if resume_from is not None
                  else f"--resume: no checkpoint in {run_dir / CHECKPOINTS} yet; starting at step 0")
+    if compiled:
+        notes.append("compile: decoder layers and the head's log-softmax are compiled (torch.compile); the first step "
+                     "includes compiling them (compile: false turns it off)")
     for note in notes + ([layout_note] if layout_note else []):
         log.note(note)
     if eval_split is train_split and (cfg.do_first_eval or cfg.eval_every_steps):
