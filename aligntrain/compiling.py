@@ -14,7 +14,8 @@ The head's log-softmax (`logps_from_logits`) compiles into one reduction over th
 the bf16 logits once, instead of a float32 copy of them and a logsumexp over it.
 
 `compile: null` (the default) compiles on one GPU for full-weight training; `true` also under LoRA and on the
-CPU (inductor needs a C++ compiler there); `false` never.
+CPU (inductor needs a C++ compiler there); `false` never. A graph that fails to compile runs eagerly, with
+torch's warning: compiling is an optimisation, and a model it cannot handle still trains.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def _configure() -> None:
     import torch._dynamo
 
     config = torch._dynamo.config
+    config.suppress_errors = True  # a graph that fails to compile runs eagerly (torch logs a warning), never stops the run
     for name in ("recompile_limit", "cache_size_limit"):  # the newer name first
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))

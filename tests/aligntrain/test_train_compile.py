@@ -93,3 +93,17 @@ def test_training_compiled_equals_eager(tmp_path, tiny_model, sft_shards, dpo_sh
     for a, b in zip(eager.history, compiled.history):
         for key in ("loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+
+
+def test_a_graph_that_fails_to_compile_runs_eagerly(monkeypatch, tiny_model, sft_shards):
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("this backend compiles nothing")
+
+    monkeypatch.setattr(compiling, "BACKEND", broken_backend)
+    batch = batches(sft_shards, "sft", [PACKED])[PACKED]
+    results = []
+    for compiled in (False, True):
+        lm = load_causal_lm(tiny_model, "float32")
+        use_packed_attention(lm)
+        results.append(SequenceLogps(lm, chunk_tokens=7, compiled=compiled)(**model_inputs(batch))[0].detach())
+    assert torch.equal(results[0], results[1])
