@@ -82,6 +82,7 @@ def test_compiled_log_probs_and_gradients_equal_eager(tiny_model, sft_shards, dp
                for layer in decoder_layers(lm))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task,recompute", [("sft", False), ("dpo", False), ("dpo", True)])
 def test_training_compiled_equals_eager(tmp_path, tiny_model, sft_shards, dpo_shards, task, recompute):
     """Also with activation checkpointing: the compiled layers run again in backward."""
