@@ -196,7 +196,8 @@ class Reference:
     stored and live reference log-probs agree by construction: model.name_or_path (+ archive) in
     reference_dtype, run without autograd under the training compute autocast."""
 
-    def __init__(self, cfg: Config, device: torch.device):
+    def __init__(self, cfg: Config, device: torch.device, compiled: bool | None = None):
+        """`compiled`: as the policy of the run (None: compiling.compile_wanted's choice for `device`)."""
         lm = load_causal_lm(cfg.model.name_or_path, cfg.model.reference_dtype, cfg.model.attn_implementation,
                             trainable=False)
         if cfg.model.archive:
@@ -204,8 +205,9 @@ class Reference:
         self.layout = choose_layout(cfg, lm)[0]  # the policy's, as the model is the same (the run notes why)
         if self.layout != PADDED:
             use_packed_attention(lm)
-        self.model = SequenceLogps(lm, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention,
-                                   compile_wanted(cfg, device)).to(device)
+        if compiled is None:
+            compiled = compile_wanted(cfg, device)
+        self.model = SequenceLogps(lm, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention, compiled).to(device)
         self.policy_dtype = cfg.model.policy_dtype
         self.device = device
 

@@ -107,17 +107,18 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
     accelerator = make_accelerator(cfg, policy)
     world, rank = accelerator.num_processes, accelerator.process_index
     check_batch_geometry(cfg, world)
-    fused = accelerator.device.type == "cuda" and getattr(accelerator.state, "fsdp_plugin", None) is None
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None) is not None
+    fused = accelerator.device.type == "cuda" and not fsdp
     if fused:  # fused Adam(W) checks at construction that its parameters are on the GPU
         policy.to(accelerator.device)
     optimizer = build_optimizer(cfg, policy, fused=fused)
     scheduler = build_scheduler(cfg, optimizer, steps)
-    compiled = compile_wanted(cfg, accelerator.device, fsdp=not fused and accelerator.device.type == "cuda")
+    compiled = compile_wanted(cfg, accelerator.device, fsdp=fsdp)
     model, optimizer = accelerator.prepare(
         SequenceLogps(policy, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention, compiled), optimizer)
     reference = None
     if cfg.task == "dpo" and not cfg.loss.reference_free and not use_shard_reference:
-        reference = AdapterOffReference(model, policy) if cfg.model.lora else Reference(cfg, accelerator.device)
+        reference = AdapterOffReference(model, policy) if cfg.model.lora else Reference(cfg, accelerator.device, compiled)
     # LoRA computes no weight gradients of the frozen base: the 6N-per-token rule of flops.py does not hold
     objective = Objective(cfg, reference, accelerator, layout, None if cfg.model.lora else policy.config)
 

@@ -242,13 +242,14 @@ def run_ours(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     T.train(cfg, work / "shards")
     secs = times[-1] - times[args.warm - 1] - profiled_secs
-    items = (len(times) - args.warm - (1 if args.profile_step else 0)) * args.bs
+    steps_timed = len(times) - args.warm - (1 if args.profile_step else 0)  # the profiled step is not timed
+    items = steps_timed * args.bs
     return {"secs": round(secs, 3), "items_per_s": round(items / secs, 2),
             "tokens_per_s": round(items * per_item / secs, 1), "mean_tokens_per_item": round(per_item, 1),
             "flops_per_token": None if args.lora else flops / counted,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None,
             **({"profile": profile_text[0]} if profile_text else {}),
-            "params": params, "steps_timed": len(times) - args.warm - (1 if args.profile_step else 0), "wall_total": round(time.perf_counter() - t_start, 1),
+            "params": params, "steps_timed": steps_timed, "wall_total": round(time.perf_counter() - t_start, 1),
             **result}
 
 

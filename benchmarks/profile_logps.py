@@ -97,5 +97,6 @@ def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
+
 if __name__ == "__main__":
     main()
