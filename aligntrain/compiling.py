@@ -7,8 +7,9 @@ The layers are compiled one by one (`layer.compile()`, regional compilation): ev
 code, so one graph serves them all, and it compiles in seconds rather than the minutes of a whole model.
 
 Shapes are dynamic from the first call (the token count of a padding-free stream changes every step).
-The packed attention is not traced: `packing.packed_attention` runs eagerly (a graph break inside each
-layer), so the segment layout it receives never becomes a compile-time constant.
+The packed attention traces into the layer's graph as one custom operator (`aligntrain::segment_attention`,
+packing.py), so a layer is one graph with no break; the segment layout reaches it as runtime tensors and a
+per-run bound, never as a compile-time constant that changes every batch.
 
 The head's log-softmax (`logps_from_logits`) compiles into one reduction over the vocabulary that reads
 the bf16 logits once, instead of a float32 copy of them and a logsumexp over it.
@@ -45,9 +46,6 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
 def compile_layers(lm: nn.Module) -> int:
     """Compile every decoder layer of `lm` in place; the number compiled (0: the model names none)."""
     _configure()
-    from .packing import register
-
-    register(for_compile=True)  # before tracing: the packed attention must be a graph break, not traced
     layers = decoder_layers(lm)
     for layer in layers:
         layer.compile(backend=BACKEND, dynamic=True)

@@ -215,11 +215,13 @@ def eval_batches(n_rows: int, n_examples: int | None, batch_size: int, rank: int
 
 # -- collation --------------------------------------------------------------------------------------
 
-def collate(rows: list[dict[str, Any]], task: str, pad_id: int, layout: str = PADDED) -> dict[str, Any]:
+def collate(rows: list[dict[str, Any]], task: str, pad_id: int, layout: str = PADDED,
+            max_length: int | None = None) -> dict[str, Any]:
     """One micro-batch. SFT: one sequence per row. DPO: 2B sequences, the B chosen ones (prompt + chosen)
     first, then the B rejected ones; only completion tokens are trained. PADDED: right-padded [S, T]
     tensors; PACKED / SHARED: packing.pack's stream (SHARED forwards each prompt once). Every layout adds
-    `lengths` [S], the tokens of each sequence, and the batch's useful_tokens and attention_pairs (ints)."""
+    `lengths` [S], the tokens of each sequence, and the batch's useful_tokens and attention_pairs (ints).
+    `max_length`: the run's, which bounds the segments of a padding-free stream (packing.segment_bound)."""
     if task == "sft":
         sequences = [r["input_ids"] for r in rows]
         masks = [r["loss_mask"] for r in rows]
@@ -234,7 +236,7 @@ def collate(rows: list[dict[str, Any]], task: str, pad_id: int, layout: str = PA
     else:
         prompts = [len(r["prompt_ids"]) for r in rows] if layout == SHARED else None
         batch = pack([np.asarray(s, dtype=np.int64) for s in sequences], [np.asarray(m, dtype=bool) for m in masks],
-                     prompts)
+                     prompts, bound=max_length)
     counts = [item_counts((len(r["input_ids"]),) if task == "sft" else
                           (len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"]))) for r in rows]
     batch["useful_tokens"] = sum(c[0] for c in counts)  # for the FLOPs of a step (flops.py): a prompt once

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 PACKED_ATTENTION = "aligntrain_packed"
 PADDED, PACKED, SHARED = "padded", "packed", "shared-prompt"  # batch layouts (data.collate builds each)
@@ -40,39 +39,34 @@ class Segments:
 
     cu_q / cu_k: int32 [S + 1] offsets of each query segment in the stream and of its keys in the key
     stream; key_index: [Tk] stream position of each key (None when the keys are the stream itself);
-    max_q / max_k: the longest segments; bounds: the same offsets as Python lists (the per-segment path
-    slices with them without a device sync)."""
+    max_q / max_k: bounds on the longest segments (the flash kernel's grid), the same for every batch of a
+    run (pack's `bound`), so a compiled layer sees one constant rather than a new value per batch."""
 
     cu_q: torch.Tensor
     cu_k: torch.Tensor
     key_index: torch.Tensor | None
     max_q: int
     max_k: int
-    bounds_q: list[int]
-    bounds_k: list[int]
 
     def to(self, device) -> "Segments":
         index = None if self.key_index is None else self.key_index.to(device, non_blocking=True)
         return Segments(self.cu_q.to(device, non_blocking=True), self.cu_k.to(device, non_blocking=True), index,
-                        self.max_q, self.max_k, self.bounds_q, self.bounds_k)
+                        self.max_q, self.max_k)
 
 
-def register(for_compile: bool = False) -> None:
-    """Make PACKED_ATTENTION a valid attn_implementation (idempotent). `for_compile` (compiling.py, before
-    any layer is compiled): the registered function runs eagerly inside compiled layers, so `segments`
-    stays a runtime value instead of a compile-time constant; outside compiled code that changes nothing.
-    It is not the default, because importing torch's compiler costs seconds at every start."""
+def register() -> None:
+    """Make PACKED_ATTENTION a valid attn_implementation (idempotent)."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(PACKED_ATTENTION, torch.compiler.disable(packed_attention) if for_compile
-                                else packed_attention)
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segments=None, **kwargs):
     """transformers' attention signature: query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None).
     A call without `segments` is SDPA with what transformers passes, which for an attention it has no mask
     builder for is no mask: causal only. That is exact for right-padded batches (data.collate's; a padding
-    key only ever follows the real queries), and is what a reference given the padded layout computes."""
+    key only ever follows the real queries), and is what a reference given the padded layout computes.
+    Everything here traces into a compiled layer (compiling.py): the segment attention is one custom op."""
     if segments is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -94,64 +88,143 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def segment_attention(q, k, v, segments: Segments, scale=None):
-    """Causal attention of each query segment over its key segment, aligned to the end of the keys; q [Tq, H, D],
-    k/v [Tk, Hkv, D] (keys already gathered) -> [Tq, H, D]. Flash attention on CUDA in bf16/fp16, SDPA per
-    segment otherwise."""
+    """Causal attention of each query segment over its key segment, aligned to the end of the keys: a query
+    segment shorter than its keys (a rejected completion) sees the keys before it (its prompt) in full.
+    q [Tq, H, D], k/v [Tk, Hkv, D] (keys already gathered) -> [Tq, H, D]. Flash attention on CUDA in
+    bf16/fp16, exact float32 arithmetic per segment otherwise (the CPU path)."""
+    out = torch.ops.aligntrain.segment_attention(q.contiguous(), k.contiguous(), v.contiguous(), segments.cu_q,
+                                                 segments.cu_k, segments.max_q, segments.max_k, scale)
+    return out[0]
+
+
+# The attention over segments is a custom operator, so torch.compile traces through a decoder layer
+# without a break: the compiled graph calls it as one opaque node with a known output shape, and the
+# segment layout (cu_q, cu_k) stays a runtime tensor, never a compile-time constant. Its backward is a
+# second operator. On CUDA in bf16/fp16 both call aten's varlen flash kernels directly rather than
+# torch.nn.attention.varlen, whose dispatch may pick cuDNN (which plans on the host for every new set of
+# lengths); grouped-query heads need no copies there (the kernel reads each key/value head for its group
+# of query heads and sums their gradients).
+
+@torch.library.custom_op("aligntrain::segment_attention", mutates_args=())
+def _segment_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                          max_q: int, max_k: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+    """-> (out [Tq, H, D], logsumexp [H, Tq] (float32, float64 for float64 inputs), and the flash kernel's
+    random state, which its backward takes: empty elsewhere)."""
     if _flash_applies(q):
-        return _varlen_flash(q, k, v, segments, scale)
-    return _per_segment(q, k, v, segments, scale)
-
-
-class _FlashVarlen(torch.autograd.Function):
-    """Flash attention over segments (aten's varlen kernels), causal, aligned to the end of each key segment:
-    a query segment shorter than its keys (a rejected completion) sees the keys before it (its prompt) in
-    full. Called directly rather than through torch.nn.attention.varlen, whose dispatch may pick cuDNN
-    (which plans on the host for every new set of lengths). Grouped-query heads need no copies: the kernel
-    reads each key/value head for its group of query heads and sums their gradients."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale):
-        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng, unused)
-        ctx.sizes = max_q, max_k, scale
-        return out
+        return out, lse, seed, offset
+    out, lse = _per_segment_forward(q, k, v, cu_q.tolist(), cu_k.tolist(), scale)
+    return out, lse, _no_state(q), _no_state(q)
 
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, out, lse, cu_q, cu_k, rng, unused = ctx.saved_tensors
-        max_q, max_k, scale = ctx.sizes
+
+@_segment_attention_op.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    if _flash_applies(q):  # aten's own shapes (its meta function), whatever this torch's flash returns
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
+        return out, lse, seed, offset
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=_accumulate(q)), _no_state(q), _no_state(q)
+
+
+@torch.library.custom_op("aligntrain::segment_attention_backward", mutates_args=())
+def _segment_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   out: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
+                                   cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
+                                   scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _flash_applies(q):
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, True, rng, unused, scale=scale)
-        return dq, dk, dv, None, None, None, None, None
+            grad.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
+        return dq, dk, dv
+    return _per_segment_backward(grad, q, k, v, out, lse, cu_q.tolist(), cu_k.tolist(), scale)
+
+
+@_segment_attention_backward_op.register_fake
+def _(grad, q, k, v, out, lse, seed, offset, cu_q, cu_k, max_q, max_k, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
+    out, lse, seed, offset = output
+    ctx.save_for_backward(q, k, v, out, lse, seed, offset, cu_q, cu_k)
+    ctx.sizes = max_q, max_k, scale
+
+
+def _backward(ctx, grad, *_):  # the logsumexp and the random state take no gradient
+    q, k, v, out, lse, seed, offset, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.aligntrain.segment_attention_backward(grad, q, k, v, out, lse, seed, offset, cu_q, cu_k,
+                                                                 *ctx.sizes)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_segment_attention_op.register_autograd(_backward, setup_context=_save)
 
 
 def _flash_applies(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
 
 
-def _varlen_flash(q, k, v, s: Segments, scale):
-    return _FlashVarlen.apply(q.contiguous(), k.contiguous(), v.contiguous(), s.cu_q, s.cu_k, s.max_q, s.max_k, scale)
+def _accumulate(q: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(q.dtype, torch.float32)
 
 
-def _per_segment(q, k, v, s: Segments, scale):
+def _no_state(q: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.int64, device=q.device)
+
+
+def _segment_scores(q, k, lo_q, hi_q, lo_k, hi_k, scale):
+    """Scores [H, Lq, Lk] of one segment, causal aligned to the end of its keys (-inf elsewhere), and its
+    queries and keys (grouped heads repeated) [H, L, D], all in at least float32."""
+    groups, acc = q.shape[1] // k.shape[1], _accumulate(q)
+    qq = q[lo_q:hi_q].transpose(0, 1).to(acc)
+    kk = k[lo_k:hi_k].transpose(0, 1).to(acc).repeat_interleave(groups, dim=0)
+    lq, lk = qq.shape[1], kk.shape[1]
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    allowed = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+    scores = (qq @ kk.transpose(1, 2) * scale).masked_fill(~allowed, float("-inf"))
+    return scores, qq, kk, scale
+
+
+def _per_segment_forward(q, k, v, bounds_q, bounds_k, scale):
     groups = q.shape[1] // k.shape[1]
-    out = []
-    for i in range(len(s.bounds_q) - 1):
-        qq = q[s.bounds_q[i]:s.bounds_q[i + 1]].transpose(0, 1)  # [H, Lq, D]
-        kk, vv = (x[s.bounds_k[i]:s.bounds_k[i + 1]].transpose(0, 1) for x in (k, v))
-        if groups > 1:
-            kk, vv = kk.repeat_interleave(groups, dim=0), vv.repeat_interleave(groups, dim=0)
-        lq, lk = qq.shape[1], kk.shape[1]
-        if lq == 0:
+    out = torch.empty_like(q)
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=_accumulate(q))
+    for i in range(len(bounds_q) - 1):
+        (lo_q, hi_q), (lo_k, hi_k) = bounds_q[i:i + 2], bounds_k[i:i + 2]
+        if hi_q == lo_q:
             continue
-        if lq == lk:
-            o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale)
-        else:  # causal aligned to the end of the keys
-            mask = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + (lk - lq)
-            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
-        out.append(o.transpose(0, 1))
-    return torch.cat(out)
+        scores, _, _, _ = _segment_scores(q, k, lo_q, hi_q, lo_k, hi_k, scale)
+        seg_lse = torch.logsumexp(scores, dim=-1)  # [H, Lq]
+        vv = v[lo_k:hi_k].transpose(0, 1).to(scores.dtype).repeat_interleave(groups, dim=0)
+        out[lo_q:hi_q] = (torch.exp(scores - seg_lse[..., None]) @ vv).transpose(0, 1).to(q.dtype)
+        lse[:, lo_q:hi_q] = seg_lse
+    return out, lse
+
+
+def _per_segment_backward(grad, q, k, v, out, lse, bounds_q, bounds_k, scale):
+    """The gradients of _per_segment_forward, from its saved logsumexp (the probabilities are recomputed)."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    groups = heads // kv_heads
+    dq, dk, dv = (torch.zeros(x.shape, dtype=_accumulate(q), device=x.device) for x in (q, k, v))
+    for i in range(len(bounds_q) - 1):
+        (lo_q, hi_q), (lo_k, hi_k) = bounds_q[i:i + 2], bounds_k[i:i + 2]
+        if hi_q == lo_q:
+            continue
+        scores, qq, kk, used_scale = _segment_scores(q, k, lo_q, hi_q, lo_k, hi_k, scale)
+        probs = torch.exp(scores - lse[:, lo_q:hi_q, None])  # [H, Lq, Lk]
+        vv = v[lo_k:hi_k].transpose(0, 1).to(scores.dtype).repeat_interleave(groups, dim=0)
+        g = grad[lo_q:hi_q].transpose(0, 1).to(scores.dtype)  # [H, Lq, D]
+        o = out[lo_q:hi_q].transpose(0, 1).to(scores.dtype)
+        d_scores = probs * (g @ vv.transpose(1, 2) - (g * o).sum(-1, keepdim=True)) * used_scale
+        dq[lo_q:hi_q] = (d_scores @ kk).transpose(0, 1)
+        # a key/value head's gradient is the sum over the query heads of its group
+        dk_seg = (d_scores.transpose(1, 2) @ qq).view(kv_heads, groups, hi_k - lo_k, -1).sum(1)
+        dv_seg = (probs.transpose(1, 2) @ g).view(kv_heads, groups, hi_k - lo_k, -1).sum(1)
+        dk[lo_k:hi_k] += dk_seg.transpose(0, 1)
+        dv[lo_k:hi_k] += dv_seg.transpose(0, 1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 # -- when the path applies ------------------------------------------------------------------------
@@ -176,7 +249,7 @@ def use_packed_attention(lm) -> None:
     """Route the model's attention through packed_attention (padded calls still reach SDPA through it)."""
     from transformers import AttentionInterface
 
-    if PACKED_ATTENTION not in AttentionInterface():  # compiling.py may have registered its eager-under-compile form
+    if PACKED_ATTENTION not in AttentionInterface():
         register()
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     base.set_attn_implementation(PACKED_ATTENTION)
@@ -204,10 +277,11 @@ def packing_unavailable(lm, attn_implementation: str, max_length: int | None) ->
 
 # -- building a stream ----------------------------------------------------------------------------
 
-def pack(sequences: list[np.ndarray], trained: list[np.ndarray], prompts: list[int] | None = None) -> dict:
+def pack(sequences: list[np.ndarray], trained: list[np.ndarray], prompts: list[int] | None = None,
+         bound: int | None = None) -> dict:
     """The padding-free micro-batch of `sequences` (token id arrays) whose tokens `trained` (bool arrays) are
     trained. `prompts` (DPO sharing the prompt): sequences are [chosen 0..B-1, rejected 0..B-1], pair i's
-    prompt is its first prompts[i] tokens, forwarded once.
+    prompt is its first prompts[i] tokens, forwarded once. `bound`: the run's max_length (segment_bound).
 
     Returns tensors for SequenceLogps.forward: input_ids / position_ids [1, T]; predict [N] (the stream
     position whose output predicts each trained token), targets [N]; slots [S, longest] bool (row s's first
@@ -249,7 +323,7 @@ def pack(sequences: list[np.ndarray], trained: list[np.ndarray], prompts: list[i
     slots = np.arange(max(longest, 1))[None, :] < np.asarray(counts)[:, None]
     segments = Segments(torch.from_numpy(cu_q.astype(np.int32)), torch.from_numpy(cu_k.astype(np.int32)),
                         None if key_index is None else torch.from_numpy(key_index.astype(np.int64)),
-                        int(np.diff(cu_q).max()), int(np.diff(cu_k).max()), cu_q.tolist(), cu_k.tolist())
+                        segment_bound(int(np.diff(cu_q).max()), bound), segment_bound(int(np.diff(cu_k).max()), bound))
     return {
         "input_ids": torch.from_numpy(np.concatenate(stream_ids).astype(np.int64))[None],
         "position_ids": torch.from_numpy(np.concatenate(stream_pos).astype(np.int64))[None],
@@ -259,3 +333,13 @@ def pack(sequences: list[np.ndarray], trained: list[np.ndarray], prompts: list[i
         "lengths": torch.tensor([len(x) for x in sequences], dtype=torch.long),
         "segments": segments,
     }
+
+
+def segment_bound(longest: int, bound: int | None) -> int:
+    """What the attention is told of the longest segment: `bound` (the run's max_length) when no segment is
+    longer, else `longest` rounded up to a power of two. The flash kernel only sizes its grid by it (blocks
+    past a segment's end exit at once), and a value that stays the same from batch to batch is one compiled
+    graph, where the exact longest segment would be a new constant, or a guard, every batch."""
+    if bound is not None and longest <= bound:
+        return bound
+    return 1 << max(longest - 1, 0).bit_length()

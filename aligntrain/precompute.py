@@ -76,7 +76,8 @@ def precompute_reference(shards: str | Path, cfg: Config, batch_size: int | None
         table = open_split(shards, split, manifest)
         for start in range(0, table.num_rows, batch_size):
             rows = table.take(np.arange(start, min(start + batch_size, table.num_rows))).to_pylist()
-            logps = reference(to_device(collate(rows, "dpo", pad_token_id(tokenizer), reference.layout), device))
+            batch = collate(rows, "dpo", pad_token_id(tokenizer), reference.layout, cfg.max_length)
+            logps = reference(to_device(batch, device))
             n = len(rows)
             for row, chosen, rejected in zip(rows, logps[:n].tolist(), logps[n:].tolist()):
                 row = {k: v for k, v in row.items() if k not in REF_COLUMNS}

@@ -156,7 +156,8 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
             rows = process_share(step_indices(step, len(train_split), cfg.total_batch_size, cfg.seed), rank, world)
             parts = micro_batches(rows, train_split.widths, cfg.gradient_accumulation_steps, cfg.tokens_per_batch,
                                   sequences_per_row=1 if cfg.task == "sft" else 2, sizes=train_split.stream_tokens(layout))
-            batches = [collate(train_split.rows(p), cfg.task, pad_token_id(tokenizer), layout) for p in parts]
+            batches = [collate(train_split.rows(p), cfg.task, pad_token_id(tokenizer), layout, cfg.max_length)
+                       for p in parts]
             metrics = train_step(step + 1, model, objective, optimizer, scheduler, batches, cfg, accelerator)
             result.train_metrics = metrics
             result.history.append(metrics)
@@ -224,7 +225,7 @@ def evaluate(model, objective: "Objective", split: ShardSplit, cfg: Config, acce
     sums: dict[str, torch.Tensor] = {}
     for indices, weights in eval_batches(len(split), cfg.n_eval_examples, cfg.eval_batch_size,
                                          accelerator.process_index, accelerator.num_processes):
-        batch = collate(split.rows(indices), split.task, pad_id, objective.layout)
+        batch = collate(split.rows(indices), split.task, pad_id, objective.layout, cfg.max_length)
         batch["weights"] = torch.from_numpy(weights)
         _, batch_sums = objective(model, to_device(batch, accelerator.device))
         sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}

@@ -184,6 +184,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     from aligndata.write.shards import open_split
     from aligntrain.config import load_config
 
+    t_process = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     params = build_model_dir(args.shape, work / "model", work / "tokenizer")
     n = args.bs * (args.steps + 2)
@@ -219,10 +220,10 @@ def run_ours(args: argparse.Namespace) -> dict:
     step_fn = T.train_step
     profiled_secs = 0.0
 
-    def profiled_step(fn, step, *a, **k):
+    def profiled_step(profiler, step, *a, **k):
         nonlocal profiled_secs
         started = time.perf_counter()
-        out = profile_step(fn, step, *a, **k)
+        out = profiler(step_fn, step, *a, **k)
         sync()
         times.append(time.perf_counter())
         profiled_secs += times[-1] - started
@@ -230,7 +231,9 @@ def run_ours(args: argparse.Namespace) -> dict:
 
     def timed_step(step, *a, **k):
         if step == args.profile_step:
-            return profiled_step(step_fn, step, *a, **k)  # not timed: profiling slows it
+            return profiled_step(profile_step, step, *a, **k)  # not timed: profiling slows it
+        if step == args.cprofile_step:
+            return profiled_step(host_profile_step, step, *a, **k)
         out = step_fn(step, *a, **k)  # its float() of the loss and grad norm already waits for the GPU
         sync()
         times.append(time.perf_counter())
@@ -242,15 +245,16 @@ def run_ours(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     T.train(cfg, work / "shards")
     secs = times[-1] - times[args.warm - 1] - profiled_secs
-    steps_timed = len(times) - args.warm - (1 if args.profile_step else 0)  # the profiled step is not timed
+    profiled = sum(1 for n in (args.profile_step, args.cprofile_step) if n)
+    steps_timed = len(times) - args.warm - profiled  # profiled steps are not timed
     items = steps_timed * args.bs
     return {"secs": round(secs, 3), "items_per_s": round(items / secs, 2),
             "tokens_per_s": round(items * per_item / secs, 1), "mean_tokens_per_item": round(per_item, 1),
             "flops_per_token": None if args.lora else flops / counted,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None,
-            **({"profile": profile_text[0]} if profile_text else {}),
-            "params": params, "steps_timed": steps_timed, "wall_total": round(time.perf_counter() - t_start, 1),
-            **result}
+            **({"profile": "\n\n".join(profile_text)} if profile_text else {}),
+            "params": params, "steps_timed": steps_timed, "prepare_s": round(t_start - t_process, 1),
+            "first_step_s": round(times[0] - t_start, 1), "train_s": round(time.perf_counter() - t_start, 1), **result}
 
 
 PHASES = ("policy forward", "reference forward", "backward", "clip_grad_norm", "optimizer.step")
@@ -306,6 +310,31 @@ def profile_step(step_fn, step, model, objective, optimizer, scheduler, batches,
 
 
 profile_text: list[str] = []  # profile_step's report, handed to the parent in the child's RESULT
+
+
+def host_profile_step(step_fn, step, *args):
+    """One training step under cProfile: where the host's (Python's) time goes, the functions that spend the
+    most in their own code, then the most including what they call."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    started = time.perf_counter()
+    profiler.enable()
+    out = step_fn(step, *args)
+    profiler.disable()
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    text.write(f"host profile of step {step}: wall {(time.perf_counter() - started) * 1e3:.1f} ms under cProfile\n")
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(40)
+    profile_text.append("\n".join(line.rstrip() for line in text.getvalue().splitlines() if line.strip()))
+    return out
 
 
 def timed_precompute(shards: Path, cfg, config, lengths: list[tuple[int, ...]]) -> dict:
@@ -380,14 +409,15 @@ def measure(row: Row, args: argparse.Namespace) -> tuple[dict[str, dict], dict[s
     failed is left out (its stderr printed). Ours: the repository's defaults, then each --also."""
     shared = ["--shape", row.shape, "--bs", str(row.bs), "--steps", str(args.steps), "--warm", str(args.warm),
               "--gc", str(args.gc)]
-    profiling = ["--profile-step", str(args.profile_step)] if args.profile_step else []
+    profiling = (["--profile-step", str(args.profile_step)] if args.profile_step else []) + \
+        (["--cprofile-step", str(args.cprofile_step)] if args.cprofile_step else [])
     lora = ["--lora", args.lora] if args.lora else []
     ours_cmd = [sys.executable, __file__, "--child", "--mode", row.mode, "--max-length", str(args.max_length)] \
         + shared + lora + profiling + (["--precompute"] if row.precompute else [])
     ours = {}
     for spec in [None, *args.also]:
-        result = child_result(ours_cmd + (["--overrides", *spec.split(",")] if spec else []),
-                              f"aligntrain {row.name}" + (f" ({spec})" if spec else ""))
+        result = timed_child(ours_cmd + (["--overrides", *spec.split(",")] if spec else []),
+                             f"aligntrain {row.name}" + (f" ({spec})" if spec else ""))
         if result:
             if "profile" in result:
                 print(f"aligntrain {row.name}{f' ({spec})' if spec else ''}: " + result.pop("profile"), file=sys.stderr,
@@ -401,11 +431,21 @@ def measure(row: Row, args: argparse.Namespace) -> tuple[dict[str, dict], dict[s
         return ours, trl
     for mode in row.trl:
         command = [sys.executable, str(TRL_LORA), "--anchor", args.anchor] + lora if args.lora else [sys.executable, args.anchor]
-        result = child_result(command + ["--mode", mode, "--max_length", str(args.max_length)] + shared
-                              + (["--precompute", "1"] if row.precompute else []), f"TRL {row.name} ({mode})")
+        result = timed_child(command + ["--mode", mode, "--max_length", str(args.max_length)] + shared
+                             + (["--precompute", "1"] if row.precompute else []), f"TRL {row.name} ({mode})")
         if result:
             trl[mode] = {**result, "flops_per_token": None if args.lora else trl_flops_per_token(args, row, mode, result)}
     return ours, trl
+
+
+def timed_child(command: list[str], label: str) -> dict | None:
+    """child_result, saying how long the whole process took (and, for ours, its parts): the suite's own cost."""
+    started = time.perf_counter()
+    result = child_result(command, label)
+    parts = "" if not result or "prepare_s" not in result else \
+        f" (model and shards {result['prepare_s']} s, load + compile + first step {result['first_step_s']} s)"
+    print(f"{label}: {time.perf_counter() - started:.1f} s in all{parts}", file=sys.stderr, flush=True)
+    return result
 
 
 def mfu_cell(result: dict | None, device: str) -> str:
@@ -473,6 +513,8 @@ def main() -> None:
                     help="one more aligntrain run with these config overrides (repeatable), e.g. model.cudnn_attention=false")
     ap.add_argument("--profile-step", type=int, default=None, metavar="N",
                     help="profile our step N (after --warm; its time is left out of the rate): phases and top kernels")
+    ap.add_argument("--cprofile-step", type=int, default=None, metavar="N",
+                    help="profile our step N's host (Python) time under cProfile (not timed either)")
     ap.add_argument("--overrides", nargs="*", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--anchor", default=str(ANCHOR), help="path of trl_anchor.py")
     ap.add_argument("--skip-trl", action="store_true")
@@ -482,8 +524,11 @@ def main() -> None:
     args.warm = args.warm or (4 if args.suite else 5)
     if args.warm < 1 or args.warm >= args.steps:
         ap.error("--warm must be at least 1 and below --steps")
-    if args.profile_step is not None and not args.warm < args.profile_step <= args.steps:
-        ap.error("--profile-step must be a timed step: above --warm, at most --steps")
+    for flag, value in (("--profile-step", args.profile_step), ("--cprofile-step", args.cprofile_step)):
+        if value is not None and not args.warm < value <= args.steps:
+            ap.error(f"{flag} must be a timed step: above --warm, at most --steps")
+    if args.profile_step is not None and args.profile_step == args.cprofile_step:
+        ap.error("--profile-step and --cprofile-step must be different steps")
     if args.lora:
         parse_lora(args.lora)  # refuse a bad spec before anything runs
     if args.child:

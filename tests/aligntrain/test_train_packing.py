@@ -11,7 +11,8 @@ from aligndata.write.shards import read_manifest
 from aligntrain.config import ConfigError, load_config
 from aligntrain.data import ShardSplit, collate, micro_batches
 from aligntrain.modeling import SequenceLogps, disable_dropout, load_causal_lm, model_inputs
-from aligntrain.packing import PACKED, PACKED_ATTENTION, PADDED, SHARED, choose_layout, pack, use_packed_attention
+from aligntrain.packing import (PACKED, PACKED_ATTENTION, PADDED, SHARED, Segments, choose_layout, pack, segment_attention,
+                               segment_bound, use_packed_attention)
 from aligntrain.trainer import train
 
 
@@ -35,9 +36,9 @@ def test_shared_prompt_stream_by_hand():
     assert b["slots"].tolist() == [[True, True, True], [True, False, False]]
     assert b["lengths"].tolist() == [5, 3]
     s = b["segments"]
-    assert s.bounds_q == [0, 5, 6] and s.bounds_k == [0, 5, 8]  # rejected: 1 query over 3 keys
+    assert s.cu_q.tolist() == [0, 5, 6] and s.cu_k.tolist() == [0, 5, 8]  # rejected: 1 query over 3 keys
     assert s.key_index.tolist() == [0, 1, 2, 3, 4, 0, 1, 5]  # its keys: the prompt, then itself
-    assert (s.max_q, s.max_k) == (5, 5)
+    assert (s.max_q, s.max_k) == (8, 8)  # no run's max_length given: the longest (5) rounded up to a power of two
 
 
 def test_plain_stream_restarts_positions_and_never_trains_a_first_token():
@@ -45,7 +46,55 @@ def test_plain_stream_restarts_positions_and_never_trains_a_first_token():
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert b["predict"].tolist() == [0, 1, 3] and b["targets"].tolist() == [6, 7, 9]
-    assert b["segments"].key_index is None and b["segments"].bounds_q == [0, 3, 5]
+    assert b["segments"].key_index is None and b["segments"].cu_q.tolist() == [0, 3, 5]
+
+
+def test_the_segment_bound_is_the_runs_max_length_unless_a_segment_is_longer():
+    assert segment_bound(700, 1024) == 1024 and segment_bound(1024, 1024) == 1024
+    assert segment_bound(1025, 1024) == 2048 and segment_bound(5, None) == 8 and segment_bound(1, None) == 1
+    b = pack([np.array([5, 6, 7])], [np.array([1, 1, 1], bool)], bound=16)
+    assert (b["segments"].max_q, b["segments"].max_k) == (16, 16)
+
+
+def reference_attention(q, k, v, bounds_q, bounds_k, scale):
+    """Per segment SDPA with an explicit mask (causal, aligned to the end of the keys), in float64."""
+    groups = q.shape[1] // k.shape[1]
+    out = []
+    for i in range(len(bounds_q) - 1):
+        qq = q[bounds_q[i]:bounds_q[i + 1]].transpose(0, 1).double()
+        kk, vv = (x[bounds_k[i]:bounds_k[i + 1]].transpose(0, 1).double().repeat_interleave(groups, 0) for x in (k, v))
+        lq, lk = qq.shape[1], kk.shape[1]
+        mask = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+        out.append(torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale).transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_the_segment_attention_operator_and_its_gradients_equal_sdpa_per_segment(groups):
+    # segments as a shared-prompt stream has them: a query segment shorter than its keys, and an empty one
+    torch.manual_seed(0)
+    bounds_q, bounds_k = [0, 5, 7, 7, 11], [0, 5, 10, 12, 16]
+    q = torch.randn(11, 2 * groups, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(16, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    segments = Segments(torch.tensor(bounds_q, dtype=torch.int32), torch.tensor(bounds_k, dtype=torch.int32), None,
+                        8, 8)
+    weights = torch.randn(11, 2 * groups, 8, dtype=torch.float64)
+    got = segment_attention(q, k, v, segments, 0.3)
+    want = reference_attention(q, k, v, bounds_q, bounds_k, 0.3)
+    assert torch.allclose(got, want, atol=1e-10)
+    grads = torch.autograd.grad((got * weights).sum(), (q, k, v))
+    want_grads = torch.autograd.grad((want * weights).sum(), (q, k, v))
+    for g, w in zip(grads, want_grads):
+        assert torch.allclose(g, w, atol=1e-10)
+
+
+def test_the_segment_attention_operator_passes_torch_library_checks():
+    # schema, fake (meta) shapes, autograd registration and tracing, as torch.compile relies on them
+    torch.manual_seed(0)
+    q = torch.randn(9, 4, 8, requires_grad=True)
+    k, v = (torch.randn(12, 2, 8, requires_grad=True) for _ in range(2))
+    cu_q, cu_k = torch.tensor([0, 4, 9], dtype=torch.int32), torch.tensor([0, 4, 12], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.aligntrain.segment_attention.default, (q, k, v, cu_q, cu_k, 8, 8, None))
 
 
 def batches(shards, task, layouts, rows=8):
