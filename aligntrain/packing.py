@@ -91,87 +91,84 @@ def segment_attention(q, k, v, segments: Segments, scale=None):
     """Causal attention of each query segment over its key segment, aligned to the end of the keys: a query
     segment shorter than its keys (a rejected completion) sees the keys before it (its prompt) in full.
     q [Tq, H, D], k/v [Tk, Hkv, D] (keys already gathered) -> [Tq, H, D]. Flash attention on CUDA in
-    bf16/fp16, exact float32 arithmetic per segment otherwise (the CPU path)."""
-    out = torch.ops.aligntrain.segment_attention(q.contiguous(), k.contiguous(), v.contiguous(), segments.cu_q,
-                                                 segments.cu_k, segments.max_q, segments.max_k, scale)
-    return out[0]
+    bf16/fp16, exact arithmetic per segment otherwise (the CPU path).
 
-
-# The attention over segments is a custom operator, so torch.compile traces through a decoder layer
-# without a break: the compiled graph calls it as one opaque node with a known output shape, and the
-# segment layout (cu_q, cu_k) stays a runtime tensor, never a compile-time constant. Its backward is a
-# second operator. On CUDA in bf16/fp16 both call aten's varlen flash kernels directly rather than
-# torch.nn.attention.varlen, whose dispatch may pick cuDNN (which plans on the host for every new set of
-# lengths); grouped-query heads need no copies there (the kernel reads each key/value head for its group
-# of query heads and sums their gradients).
-
-@torch.library.custom_op("aligntrain::segment_attention", mutates_args=())
-def _segment_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                          max_q: int, max_k: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                                  torch.Tensor]:
-    """-> (out [Tq, H, D], logsumexp [H, Tq] (float32, float64 for float64 inputs), and the flash kernel's
-    random state, which its backward takes: empty elsewhere)."""
+    Both trace into a compiled decoder layer without a graph break, and the segment layout (cu_q, cu_k)
+    stays a runtime tensor, never a compile-time constant. The flash path is an autograd.Function around
+    aten's varlen flash kernels, which torch.compile traces op by op (they have meta kernels): the compiled
+    layer calls them as it calls a matmul. They are called directly rather than through
+    torch.nn.attention.varlen, whose dispatch may pick cuDNN (which plans on the host for every new set of
+    lengths); grouped-query heads need no copies (the kernel reads each key/value head for its group of
+    query heads and sums their gradients). The exact path reads the offsets on the host, which tracing
+    cannot do, so it is a custom operator (aligntrain::segment_attention): one opaque node of the graph."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if _flash_applies(q):
+        return _FlashSegments.apply(q, k, v, segments.cu_q, segments.cu_k, segments.max_q, segments.max_k, scale)
+    return torch.ops.aligntrain.segment_attention(q, k, v, segments.cu_q, segments.cu_k, scale)[0]
+
+
+class _FlashSegments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale):
         out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
-        return out, lse, seed, offset
-    out, lse = _per_segment_forward(q, k, v, cu_q.tolist(), cu_k.tolist(), scale)
-    return out, lse, _no_state(q), _no_state(q)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed, offset)
+        ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
+        return out
 
-
-@_segment_attention_op.register_fake
-def _(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    if _flash_applies(q):  # aten's own shapes (its meta function), whatever this torch's flash returns
-        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
-        return out, lse, seed, offset
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=_accumulate(q)), _no_state(q), _no_state(q)
-
-
-@torch.library.custom_op("aligntrain::segment_attention_backward", mutates_args=())
-def _segment_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                   out: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
-                                   cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
-                                   scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _flash_applies(q):
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, cu_q, cu_k, seed, offset = ctx.saved_tensors
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
-        return dq, dk, dv
-    return _per_segment_backward(grad, q, k, v, out, lse, cu_q.tolist(), cu_k.tolist(), scale)
-
-
-@_segment_attention_backward_op.register_fake
-def _(grad, q, k, v, out, lse, seed, offset, cu_q, cu_k, max_q, max_k, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _save(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
-    out, lse, seed, offset = output
-    ctx.save_for_backward(q, k, v, out, lse, seed, offset, cu_q, cu_k)
-    ctx.sizes = max_q, max_k, scale
-
-
-def _backward(ctx, grad, *_):  # the logsumexp and the random state take no gradient
-    q, k, v, out, lse, seed, offset, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.aligntrain.segment_attention_backward(grad, q, k, v, out, lse, seed, offset, cu_q, cu_k,
-                                                                 *ctx.sizes)
-    return dq, dk, dv, None, None, None, None, None
-
-
-_segment_attention_op.register_autograd(_backward, setup_context=_save)
+            grad.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, 0.0, True, seed, offset,
+            scale=ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _flash_applies(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
 
 
+@torch.library.custom_op("aligntrain::segment_attention", mutates_args=())
+def _segment_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                          scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact path: -> (out [Tq, H, D], logsumexp [H, Tq] in at least float32, which its backward takes)."""
+    return _per_segment_forward(q, k, v, cu_q.tolist(), cu_k.tolist(), scale)
+
+
+@_segment_attention_op.register_fake
+def _(q, k, v, cu_q, cu_k, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=_accumulate(q))
+
+
+@torch.library.custom_op("aligntrain::segment_attention_backward", mutates_args=())
+def _segment_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   out: torch.Tensor, lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                                   scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _per_segment_backward(grad, q, k, v, out, lse, cu_q.tolist(), cu_k.tolist(), scale)
+
+
+@_segment_attention_backward_op.register_fake
+def _(grad, q, k, v, out, lse, cu_q, cu_k, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad, _lse):  # the logsumexp takes no gradient
+    dq, dk, dv = torch.ops.aligntrain.segment_attention_backward(grad, *ctx.saved_tensors, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_segment_attention_op.register_autograd(_backward, setup_context=_save)
+
+
 def _accumulate(q: torch.Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, torch.float32)
-
-
-def _no_state(q: torch.Tensor) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.int64, device=q.device)
 
 
 def _segment_scores(q, k, lo_q, hi_q, lo_k, hi_k, scale):

@@ -167,7 +167,7 @@ def trl_flops_per_token(args: argparse.Namespace, row: "Row", mode: str, reporte
     checked against the mean tokens per item the anchor reported (None, with a note, where they differ)."""
     config = model_config(row.shape)
     lengths = anchor_lengths(load_anchor(args.anchor), "dpo" if mode == "dpo" else "sft",
-                             row.bs * (args.steps + 2), config.vocab_size, args.max_length)
+                             row.bs_of(mode) * (args.steps + 2), config.vocab_size, args.max_length)
     counted, flops = data_counts(config, row.mode, lengths, policy=True, reference=mode == "dpo" and not row.precompute)
     if mode != "sft_packed" and abs(counted / len(lengths) - reported["mean_tokens_per_item"]) > 0.1:
         print(f"TRL {row.name} ({mode}): the anchor forwarded {reported['mean_tokens_per_item']} tokens per item, "
@@ -181,16 +181,26 @@ def run_ours(args: argparse.Namespace) -> dict:
 
     import aligntrain.trainer as T
     from aligndata.write.convert import convert
-    from aligndata.write.shards import open_split
+    from aligndata.write.shards import MANIFEST, open_split
     from aligntrain.config import load_config
 
     t_process = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    params = build_model_dir(args.shape, work / "model", work / "tokenizer")
+    # the model of a shape and the shards of a (shape, mode, size) are built once per suite (--cache), except
+    # the shards a precompute run writes reference log-probs into
+    base = Path(args.cache) if args.cache else work
+    model_dir, tokenizer_dir, count = (base / f"model-{args.shape}", base / f"tokenizer-{args.shape}",
+                                       base / f"model-{args.shape}.params")
+    if not count.exists():
+        count.write_text(str(build_model_dir(args.shape, model_dir, tokenizer_dir)))  # last: the model is complete
+    params = int(count.read_text())
     n = args.bs * (args.steps + 2)
-    write_rows(work / "rows.jsonl", n, SHAPES[args.shape][1]["vocab_size"], args.mode)
-    convert([str(work / "rows.jsonl")], work / "shards", args.mode, str(work / "tokenizer"), max_length=args.max_length,
-            max_prompt_length=args.max_length // 2 if args.mode == "dpo" else None, length_policy="truncate")
+    shards = work / "shards" if args.precompute else base / f"shards-{args.shape}-{args.mode}-{n}-{args.max_length}"
+    if not (shards / MANIFEST).exists():
+        write_rows(work / "rows.jsonl", n, SHAPES[args.shape][1]["vocab_size"], args.mode)
+        convert([str(work / "rows.jsonl")], shards, args.mode, str(tokenizer_dir), max_length=args.max_length,
+                max_prompt_length=args.max_length // 2 if args.mode == "dpo" else None, length_policy="truncate",
+                overwrite=True)
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     cfg_path = work / "config.yml"
     cfg_path.write_text(json.dumps({  # JSON is YAML
@@ -198,19 +208,19 @@ def run_ours(args: argparse.Namespace) -> dict:
         "gradient_accumulation_steps": 1, "max_length": args.max_length,
         "max_prompt_length": args.max_length // 2 if args.mode == "dpo" else None,
         "n_examples": args.bs * args.steps, "activation_checkpointing": bool(args.gc),
-        "model": {"name_or_path": str(work / "model"), "tokenizer_name_or_path": str(work / "tokenizer"),
+        "model": {"name_or_path": str(model_dir), "tokenizer_name_or_path": str(tokenizer_dir),
                   "policy_dtype": dtype, "reference_dtype": dtype,
                   **({"lora": parse_lora(args.lora)} if args.lora else {})},
         "loss": {"name": args.mode, "beta": 0.1}, "output_dir": str(work / "run"), "log_every_steps": 10 ** 6,
     }))
     cfg = load_config(cfg_path, overrides=args.overrides or None)
     config = model_config(args.shape)
-    lengths = item_lengths(open_split(work / "shards", "train"), args.mode)
+    lengths = item_lengths(open_split(shards, "train"), args.mode)
     counted, flops = data_counts(config, args.mode, lengths, policy=True, reference=args.mode == "dpo" and not args.precompute)
     per_item = counted / len(lengths)
     result = {}
     if args.precompute:
-        result["precompute"] = timed_precompute(work / "shards", cfg, config, lengths)
+        result["precompute"] = timed_precompute(shards, cfg, config, lengths)
 
     def sync() -> None:
         if torch.cuda.is_available():
@@ -243,7 +253,7 @@ def run_ours(args: argparse.Namespace) -> dict:
 
     T.train_step = timed_step
     t_start = time.perf_counter()
-    T.train(cfg, work / "shards")
+    T.train(cfg, shards)
     secs = times[-1] - times[args.warm - 1] - profiled_secs
     profiled = sum(1 for n in (args.profile_step, args.cprofile_step) if n)
     steps_timed = len(times) - args.warm - profiled  # profiled steps are not timed
@@ -384,21 +394,31 @@ def data_counts(config, mode: str, lengths: list[tuple[int, ...]], policy: bool,
 @dataclass(frozen=True)
 class Row:
     """One comparison: our run of `mode` on `shape` at `bs` items a step against TRL's runs `trl` (anchor
-    modes: dpo, sft, sft_packed), the reference log-probs precomputed on both sides or neither."""
+    modes: dpo, sft, sft_packed; each at `bs` items a step unless `trl_bs` names another), the reference
+    log-probs precomputed on both sides or neither."""
     name: str
     mode: str
     shape: str
     bs: int
     trl: tuple[str, ...]
     precompute: bool = False
+    trl_bs: tuple[tuple[str, int], ...] = ()
+
+    def bs_of(self, trl_mode: str) -> int:
+        return dict(self.trl_bs).get(trl_mode, self.bs)
 
 
-# Issue 12's rows: 3x TRL's DPO and SFT throughput on one GPU (SFT against TRL's best, packed).
+# Issue 12's rows: 3x TRL's DPO and SFT throughput on one GPU (SFT against TRL's best). TRL's packed SFT
+# counts a step's items as packed sequences of max_length (1,024) tokens, so its 8 (16) a step are
+# 8,192 (16,384) tokens: the SFT rows compare at equal tokens per optimizer step, our rows (about 430
+# tokens each) at 18 (36) a step, and TRL's padded SFT at the same rows as ours.
 SUITES = {"issue12": (
     Row("DPO qwen0.5b, 16 pairs/step", "dpo", "qwen0.5b", 16, ("dpo",)),
     Row("DPO llama1b, 16 pairs/step", "dpo", "llama1b", 16, ("dpo",)),
-    Row("SFT qwen0.5b, 8 rows/step", "sft", "qwen0.5b", 8, ("sft", "sft_packed")),
-    Row("SFT llama1b, 16 rows/step", "sft", "llama1b", 16, ("sft", "sft_packed")),
+    Row("SFT qwen0.5b, 18 rows/step (TRL packed: 8 x 1,024 tokens)", "sft", "qwen0.5b", 18, ("sft", "sft_packed"),
+        trl_bs=(("sft_packed", 8),)),
+    Row("SFT llama1b, 36 rows/step (TRL packed: 16 x 1,024 tokens)", "sft", "llama1b", 36, ("sft", "sft_packed"),
+        trl_bs=(("sft_packed", 16),)),
     Row("DPO qwen0.5b, 16 pairs/step, reference precomputed", "dpo", "qwen0.5b", 16, ("dpo",), precompute=True),
 )}
 TRL_LABEL = {"dpo": "DPO", "sft": "SFT padded", "sft_packed": "SFT packed (bfd)"}
@@ -407,13 +427,13 @@ TRL_LABEL = {"dpo": "DPO", "sft": "SFT padded", "sft_packed": "SFT packed (bfd)"
 def measure(row: Row, args: argparse.Namespace) -> tuple[dict[str, dict], dict[str, dict]]:
     """Run `row`, each run in a fresh process: ({our run's label: result}, {TRL mode: result}); a run that
     failed is left out (its stderr printed). Ours: the repository's defaults, then each --also."""
-    shared = ["--shape", row.shape, "--bs", str(row.bs), "--steps", str(args.steps), "--warm", str(args.warm),
-              "--gc", str(args.gc)]
+    shared = ["--shape", row.shape, "--steps", str(args.steps), "--warm", str(args.warm), "--gc", str(args.gc)]
     profiling = (["--profile-step", str(args.profile_step)] if args.profile_step else []) + \
         (["--cprofile-step", str(args.cprofile_step)] if args.cprofile_step else [])
     lora = ["--lora", args.lora] if args.lora else []
-    ours_cmd = [sys.executable, __file__, "--child", "--mode", row.mode, "--max-length", str(args.max_length)] \
-        + shared + lora + profiling + (["--precompute"] if row.precompute else [])
+    ours_cmd = [sys.executable, __file__, "--child", "--mode", row.mode, "--max-length", str(args.max_length),
+                "--bs", str(row.bs), "--cache", args.cache] + shared + lora + profiling + \
+        (["--precompute"] if row.precompute else [])
     ours = {}
     for spec in [None, *args.also]:
         result = timed_child(ours_cmd + (["--overrides", *spec.split(",")] if spec else []),
@@ -431,8 +451,8 @@ def measure(row: Row, args: argparse.Namespace) -> tuple[dict[str, dict], dict[s
         return ours, trl
     for mode in row.trl:
         command = [sys.executable, str(TRL_LORA), "--anchor", args.anchor] + lora if args.lora else [sys.executable, args.anchor]
-        result = timed_child(command + ["--mode", mode, "--max_length", str(args.max_length)] + shared
-                             + (["--precompute", "1"] if row.precompute else []), f"TRL {row.name} ({mode})")
+        result = timed_child(command + ["--mode", mode, "--max_length", str(args.max_length), "--bs", str(row.bs_of(mode))]
+                             + shared + (["--precompute", "1"] if row.precompute else []), f"TRL {row.name} ({mode})")
         if result:
             trl[mode] = {**result, "flops_per_token": None if args.lora else trl_flops_per_token(args, row, mode, result)}
     return ours, trl
@@ -516,6 +536,7 @@ def main() -> None:
     ap.add_argument("--cprofile-step", type=int, default=None, metavar="N",
                     help="profile our step N's host (Python) time under cProfile (not timed either)")
     ap.add_argument("--overrides", nargs="*", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--cache", default=None, help=argparse.SUPPRESS)  # models and shards shared by our runs
     ap.add_argument("--anchor", default=str(ANCHOR), help="path of trl_anchor.py")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -545,10 +566,14 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    if args.suite:
-        run_suite(args, device)
-    else:
-        run_single(args, device)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-train-cache-") as cache:
+        args.cache = cache
+        if args.suite:
+            run_suite(args, device)
+        else:
+            run_single(args, device)
+    print(f"\n{time.perf_counter() - started:.0f} s for the whole command")
 
 
 def run_suite(args: argparse.Namespace, device: str) -> None:

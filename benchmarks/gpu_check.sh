@@ -5,8 +5,8 @@
 # (Python 3.12; benchmarks/README.md says how to download them) and the path of trl_anchor.py.
 #
 #   bash benchmarks/gpu_check.sh WHEELS ANCHOR STAGE...
-#   STAGE: tests | profile | profile-compile | dpo-qwen | dpo-qwen-compile | dpo-qwen-share | dpo-llama
-#          | dpo-llama-ours | sft | sft-tokens | suite | suite-dpo | suite-llama | suite-sft | suite-precompute
+#   STAGE: tests | profile | profile-compile | dpo-qwen | dpo-qwen-ours | dpo-qwen-compile | dpo-qwen-share | dpo-llama
+#          | dpo-llama-ours | sft | sft-tokens | sft-llama-tokens | suite | suite-dpo | suite-llama | suite-sft | suite-precompute
 #          | profile-steps | lora
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
@@ -28,12 +28,14 @@ for stage in "$@"; do
     dpo-qwen) bench 300 --mode dpo --shape qwen0.5b --bs 16 --steps 12 --warm 4 --also padding_free=false --also share_prompt=false ;;
     profile-compile) timeout 300 python3 benchmarks/profile_logps.py --shape qwen0.5b --pairs 16 --compile --layouts shared-prompt,packed ;;
     dpo-qwen-compile) bench 360 --mode dpo --shape qwen0.5b --bs 16 --steps 12 --warm 4 --also compile=false ;;
+    dpo-qwen-ours) bench 150 --mode dpo --shape qwen0.5b --bs 16 --steps 12 --warm 4 --skip-trl ;;
     dpo-qwen-share) bench 300 --mode dpo --shape qwen0.5b --bs 16 --steps 12 --warm 4 --also share_prompt=false ;;
     dpo-llama) bench 300 --mode dpo --shape llama1b --bs 16 --steps 12 --warm 4 ;;
     dpo-llama-ours) bench 150 --mode dpo --shape llama1b --bs 16 --steps 12 --warm 4 --skip-trl ;;
     sft) bench 200 --mode sft --shape qwen0.5b --bs 8 --steps 16 --warm 4 ;;
     sft-tokens) bench 150 --mode sft --shape qwen0.5b --bs 18 --steps 12 --warm 4 --skip-trl ;;  # ~TRL packed's tokens/step
-    suite) bench 580 --suite issue12 ;;
+    sft-llama-tokens) bench 150 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl ;;
+    suite) bench 570 --suite issue12 ;;
     suite-dpo) bench 400 --suite issue12 --only 1,2 ;;
     suite-llama) bench 300 --suite issue12 --only 2 ;;
     suite-sft) bench 500 --suite issue12 --only 3,4,5 ;;

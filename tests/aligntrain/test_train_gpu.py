@@ -237,8 +237,8 @@ def test_the_segment_attention_operator_on_cuda_equals_the_exact_one(groups):
     weights = torch.randn(got.shape, device="cuda", dtype=torch.float64)
     grads = torch.autograd.grad((got.double() * weights).sum(), (q, k, v))
     exact = torch.autograd.grad((want * weights).sum(), (q, k, v))
-    for g, w in zip(grads, exact):
-        assert torch.nn.functional.cosine_similarity(g.double().flatten(), w.flatten(), dim=0) > 0.999
+    for g, w in zip(grads, exact):  # bf16 inputs, outputs and gradients: about 3 significant digits each
+        assert torch.nn.functional.cosine_similarity(g.double().flatten(), w.flatten(), dim=0) > 0.995
 
 
 def test_training_compiled_on_cuda_follows_eager(tmp_path, tiny_model, dpo_shards):

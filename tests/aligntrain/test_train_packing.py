@@ -94,7 +94,7 @@ def test_the_segment_attention_operator_passes_torch_library_checks():
     q = torch.randn(9, 4, 8, requires_grad=True)
     k, v = (torch.randn(12, 2, 8, requires_grad=True) for _ in range(2))
     cu_q, cu_k = torch.tensor([0, 4, 9], dtype=torch.int32), torch.tensor([0, 4, 12], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.aligntrain.segment_attention.default, (q, k, v, cu_q, cu_k, 8, 8, None))
+    torch.library.opcheck(torch.ops.aligntrain.segment_attention.default, (q, k, v, cu_q, cu_k, None))
 
 
 def batches(shards, task, layouts, rows=8):
