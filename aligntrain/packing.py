@@ -16,7 +16,8 @@ padded path's (tests/aligntrain/test_train_packing.py checks it to 1e-5 in float
 The attention function is registered with transformers' AttentionInterface under PACKED_ATTENTION and
 receives the segment layout through the model's forward kwargs (transformers hands them to every
 attention call). On CUDA in bf16/fp16 it runs flash attention over the segments (aten's varlen
-kernels); elsewhere SDPA per segment, which is also the CPU path the tests cover.
+kernels); elsewhere exact attention per segment (a custom operator), which is also the CPU path the tests
+cover. Both trace into a compiled decoder layer without a graph break (segment_attention).
 """
 
 from __future__ import annotations
@@ -171,20 +172,8 @@ def _accumulate(q: torch.Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, torch.float32)
 
 
-def _segment_scores(q, k, lo_q, hi_q, lo_k, hi_k, scale):
-    """Scores [H, Lq, Lk] of one segment, causal aligned to the end of its keys (-inf elsewhere), and its
-    queries and keys (grouped heads repeated) [H, L, D], all in at least float32."""
-    groups, acc = q.shape[1] // k.shape[1], _accumulate(q)
-    qq = q[lo_q:hi_q].transpose(0, 1).to(acc)
-    kk = k[lo_k:hi_k].transpose(0, 1).to(acc).repeat_interleave(groups, dim=0)
-    lq, lk = qq.shape[1], kk.shape[1]
-    scale = scale if scale is not None else q.shape[-1] ** -0.5
-    allowed = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + (lk - lq)
-    scores = (qq @ kk.transpose(1, 2) * scale).masked_fill(~allowed, float("-inf"))
-    return scores, qq, kk, scale
-
-
 def _per_segment_forward(q, k, v, bounds_q, bounds_k, scale):
+    """out [Tq, H, D] and logsumexp [H, Tq] of segment_attention, one segment at a time."""
     groups = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=_accumulate(q))
@@ -192,36 +181,91 @@ def _per_segment_forward(q, k, v, bounds_q, bounds_k, scale):
         (lo_q, hi_q), (lo_k, hi_k) = bounds_q[i:i + 2], bounds_k[i:i + 2]
         if hi_q == lo_q:
             continue
-        scores, _, _, _ = _segment_scores(q, k, lo_q, hi_q, lo_k, hi_k, scale)
-        seg_lse = torch.logsumexp(scores, dim=-1)  # [H, Lq]
-        vv = v[lo_k:hi_k].transpose(0, 1).to(scores.dtype).repeat_interleave(groups, dim=0)
-        out[lo_q:hi_q] = (torch.exp(scores - seg_lse[..., None]) @ vv).transpose(0, 1).to(q.dtype)
+        qq, kk, vv = _heads_first(q[lo_q:hi_q], k[lo_k:hi_k], v[lo_k:hi_k], groups)
+        seg_out, seg_lse = _segment_forward(qq, kk, vv, scale)
+        out[lo_q:hi_q] = seg_out.transpose(0, 1)
         lse[:, lo_q:hi_q] = seg_lse
     return out, lse
 
 
 def _per_segment_backward(grad, q, k, v, out, lse, bounds_q, bounds_k, scale):
-    """The gradients of _per_segment_forward, from its saved logsumexp (the probabilities are recomputed)."""
-    heads, kv_heads = q.shape[1], k.shape[1]
-    groups = heads // kv_heads
-    dq, dk, dv = (torch.zeros(x.shape, dtype=_accumulate(q), device=x.device) for x in (q, k, v))
+    """The gradients of _per_segment_forward, from its saved output and logsumexp."""
+    kv_heads = k.shape[1]
+    groups = q.shape[1] // kv_heads
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for i in range(len(bounds_q) - 1):
         (lo_q, hi_q), (lo_k, hi_k) = bounds_q[i:i + 2], bounds_k[i:i + 2]
         if hi_q == lo_q:
             continue
-        scores, qq, kk, used_scale = _segment_scores(q, k, lo_q, hi_q, lo_k, hi_k, scale)
-        probs = torch.exp(scores - lse[:, lo_q:hi_q, None])  # [H, Lq, Lk]
-        vv = v[lo_k:hi_k].transpose(0, 1).to(scores.dtype).repeat_interleave(groups, dim=0)
-        g = grad[lo_q:hi_q].transpose(0, 1).to(scores.dtype)  # [H, Lq, D]
-        o = out[lo_q:hi_q].transpose(0, 1).to(scores.dtype)
-        d_scores = probs * (g @ vv.transpose(1, 2) - (g * o).sum(-1, keepdim=True)) * used_scale
-        dq[lo_q:hi_q] = (d_scores @ kk).transpose(0, 1)
+        qq, kk, vv = _heads_first(q[lo_q:hi_q], k[lo_k:hi_k], v[lo_k:hi_k], groups)
+        g, o = grad[lo_q:hi_q].transpose(0, 1), out[lo_q:hi_q].transpose(0, 1)
+        seg_dq, seg_dk, seg_dv = _segment_backward(g, qq, kk, vv, o, lse[:, lo_q:hi_q], scale)
+        dq[lo_q:hi_q] = seg_dq.transpose(0, 1)
         # a key/value head's gradient is the sum over the query heads of its group
-        dk_seg = (d_scores.transpose(1, 2) @ qq).view(kv_heads, groups, hi_k - lo_k, -1).sum(1)
-        dv_seg = (probs.transpose(1, 2) @ g).view(kv_heads, groups, hi_k - lo_k, -1).sum(1)
-        dk[lo_k:hi_k] += dk_seg.transpose(0, 1)
-        dv[lo_k:hi_k] += dv_seg.transpose(0, 1)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        dk[lo_k:hi_k] += seg_dk.view(kv_heads, groups, hi_k - lo_k, -1).sum(1).transpose(0, 1)
+        dv[lo_k:hi_k] += seg_dv.view(kv_heads, groups, hi_k - lo_k, -1).sum(1).transpose(0, 1)
+    return dq, dk, dv
+
+
+def _heads_first(q, k, v, groups: int):
+    """One segment's [L, H, D] slices as [H, L, D], each key/value head repeated for its group of query heads."""
+    return q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(groups, 0), v.transpose(0, 1).repeat_interleave(groups, 0)
+
+
+def _end_aligned_bias(lq: int, lk: int, like: torch.Tensor) -> torch.Tensor:
+    """Additive mask [Lq, Lk]: query i sees keys up to i + (Lk - Lq) (causal, aligned to the end of the keys)."""
+    allowed = torch.arange(lk, device=like.device)[None, :] <= torch.arange(lq, device=like.device)[:, None] + (lk - lq)
+    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(~allowed, float("-inf"))
+
+
+def _segment_forward(q, k, v, scale):
+    """One segment, heads first ([H, Lq, D] over [H, Lk, D]) -> out [H, Lq, D], logsumexp [H, Lq]. On the CPU
+    aten's fused kernel (the one SDPA runs there), which also returns the logsumexp; elsewhere (float32 on
+    CUDA) the arithmetic written out, in float32 or wider."""
+    lq, lk = q.shape[1], k.shape[1]
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[None], k[None], v[None], 0.0, lq == lk, attn_mask=None if lq == lk else _end_aligned_bias(lq, lk, q),
+            scale=scale)
+        return out[0], lse[0]
+    return _written_out_forward(q, k, v, scale)
+
+
+def _written_out_forward(q, k, v, scale):
+    scores, acc = _scores(q, k, scale)
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.exp(scores - lse[..., None]) @ v.to(acc)).to(q.dtype), lse
+
+
+def _segment_backward(grad, q, k, v, out, lse, scale):
+    """The gradients of _segment_forward (heads first, key/value heads repeated as there)."""
+    lq, lk = q.shape[1], k.shape[1]
+    if q.device.type == "cpu":
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad[None].contiguous(), q[None], k[None], v[None], out[None], lse[None], 0.0, lq == lk,
+            attn_mask=None if lq == lk else _end_aligned_bias(lq, lk, q), scale=scale)
+        return dq[0], dk[0], dv[0]
+    return _written_out_backward(grad, q, k, v, out, lse, scale)
+
+
+def _written_out_backward(grad, q, k, v, out, lse, scale):
+    scores, acc = _scores(q, k, scale)
+    probs = torch.exp(scores - lse[..., None])  # [H, Lq, Lk]
+    g, o, vv = grad.to(acc), out.to(acc), v.to(acc)
+    d_scores = probs * (g @ vv.transpose(1, 2) - (g * o).sum(-1, keepdim=True)) * _scale(q, scale)
+    return ((d_scores @ k.to(acc)).to(q.dtype), (d_scores.transpose(1, 2) @ q.to(acc)).to(k.dtype),
+            (probs.transpose(1, 2) @ g).to(v.dtype))
+
+
+def _scores(q, k, scale):
+    acc = _accumulate(q)
+    lq, lk = q.shape[1], k.shape[1]
+    allowed = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+    return (q.to(acc) @ k.to(acc).transpose(1, 2) * _scale(q, scale)).masked_fill(~allowed, float("-inf")), acc
+
+
+def _scale(q, scale):
+    return scale if scale is not None else q.shape[-1] ** -0.5
 
 
 # -- when the path applies ------------------------------------------------------------------------

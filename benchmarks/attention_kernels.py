@@ -111,8 +111,8 @@ def _cumsum(xs):
 
 
 def varlen(q, k, v, cu_q, cu_k, max_q, max_k):
-    """The trainer's attention over segments (aligntrain.packing.segment_attention): flash on CUDA, SDPA per
-    segment elsewhere (the CPU check of the layouts)."""
+    """The trainer's attention over segments (aligntrain.packing.segment_attention): flash on CUDA, exact
+    attention per segment elsewhere (the CPU check of the layouts)."""
     segments = Segments(cu_q, cu_k, None, max_q, max_k)
     return segment_attention(q, k, v, segments)
 

@@ -464,7 +464,9 @@ def timed_child(command: list[str], label: str) -> dict | None:
     result = child_result(command, label)
     parts = "" if not result or "prepare_s" not in result else \
         f" (model and shards {result['prepare_s']} s, load + compile + first step {result['first_step_s']} s)"
-    print(f"{label}: {time.perf_counter() - started:.1f} s in all{parts}", file=sys.stderr, flush=True)
+    rate = "" if not result else f"; {result['items_per_s']} items/s, {result['tokens_per_s']:,.0f} tokens/s, " \
+        f"peak {result.get('peak_gib')} GiB"  # kept should a time limit stop the call before the row's table
+    print(f"{label}: {time.perf_counter() - started:.1f} s in all{parts}{rate}", file=sys.stderr, flush=True)
     return result
 
 

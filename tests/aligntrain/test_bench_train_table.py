@@ -75,8 +75,11 @@ def test_the_issue12_suite_covers_the_issue_rows():
     rows = bench_train.SUITES["issue12"]
     assert [(r.mode, r.shape, r.bs, r.trl, r.precompute) for r in rows] == [
         ("dpo", "qwen0.5b", 16, ("dpo",), False), ("dpo", "llama1b", 16, ("dpo",), False),
-        ("sft", "qwen0.5b", 8, ("sft", "sft_packed"), False), ("sft", "llama1b", 16, ("sft", "sft_packed"), False),
+        ("sft", "qwen0.5b", 18, ("sft", "sft_packed"), False), ("sft", "llama1b", 36, ("sft", "sft_packed"), False),
         ("dpo", "qwen0.5b", 16, ("dpo",), True)]
+    # SFT at equal tokens a step: TRL's packed items are max_length (1,024) tokens each, ours about 430
+    assert [(r.bs_of("sft"), r.bs_of("sft_packed")) for r in rows[2:4]] == [(18, 8), (36, 16)]
+    assert rows[0].bs_of("dpo") == 16
 
 
 def test_mfu_cell_is_tokens_per_second_times_flops_per_token_over_the_peak():

@@ -88,6 +88,23 @@ def test_the_segment_attention_operator_and_its_gradients_equal_sdpa_per_segment
         assert torch.allclose(g, w, atol=1e-10)
 
 
+@pytest.mark.parametrize("lq,lk", [(6, 6), (3, 7)])
+def test_the_written_out_segment_arithmetic_equals_the_cpu_kernel(lq, lk):
+    # what the exact path runs off the CPU (float32 on CUDA), against aten's CPU kernel that it runs here
+    from aligntrain import packing
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(4, lq, 8, dtype=torch.float64), torch.randn(4, lk, 8, dtype=torch.float64), \
+        torch.randn(4, lk, 8, dtype=torch.float64)
+    grad = torch.randn(4, lq, 8, dtype=torch.float64)
+    out, lse = packing._segment_forward(q, k, v, 0.3)
+    written_out, written_lse = packing._written_out_forward(q, k, v, 0.3)
+    assert torch.allclose(written_out, out, atol=1e-12) and torch.allclose(written_lse, lse, atol=1e-12)
+    for a, b in zip(packing._written_out_backward(grad, q, k, v, out, lse, 0.3),
+                    packing._segment_backward(grad, q, k, v, out, lse, 0.3)):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
 def test_the_segment_attention_operator_passes_torch_library_checks():
     # schema, fake (meta) shapes, autograd registration and tracing, as torch.compile relies on them
     torch.manual_seed(0)
