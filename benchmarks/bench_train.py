@@ -37,7 +37,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import random
 import sys
 import tempfile
@@ -600,7 +599,7 @@ def run_single(args: argparse.Namespace, device: str) -> None:
     ours, trl = measure(row, args)
     results = {f"aligntrain {what}" + (f" ({spec})" if spec else ""): r for spec, r in ours.items()}
     if (ours.get("") or {}).get("precompute"):
-        results[f"aligntrain precompute pass"] = ours[""]["precompute"]
+        results["aligntrain precompute pass"] = ours[""]["precompute"]
     results.update({f"TRL 1.16 {what}": r for r in trl.values()})
     print(f"\n{what}, shape {args.shape}, {args.bs} per step, {args.steps} steps ({args.warm} not timed), "
           f"max_length {args.max_length}, activation checkpointing {'on' if args.gc else 'off'}, {device}\n")

@@ -54,6 +54,9 @@ def test_the_segment_bound_is_the_runs_max_length_unless_a_segment_is_longer():
     assert segment_bound(1025, 1024) == 2048 and segment_bound(5, None) == 8 and segment_bound(1, None) == 1
     b = pack([np.array([5, 6, 7])], [np.array([1, 1, 1], bool)], bound=16)
     assert (b["segments"].max_q, b["segments"].max_k) == (16, 16)
+    # collate hands the run's max_length down (the trainer, its evaluation and precompute-ref pass cfg.max_length)
+    rows = [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]}]
+    assert collate(rows, "dpo", 0, SHARED, max_length=64)["segments"].max_k == 64
 
 
 def reference_attention(q, k, v, bounds_q, bounds_k, scale):
