@@ -7,9 +7,9 @@ The layers are compiled one by one (`layer.compile()`, regional compilation): ev
 code, so one graph serves them all, and it compiles in seconds rather than the minutes of a whole model.
 
 Shapes are dynamic from the first call (the token count of a padding-free stream changes every step).
-The packed attention traces into the layer's graph as one custom operator (`aligntrain::segment_attention`,
-packing.py), so a layer is one graph with no break; the segment layout reaches it as runtime tensors and a
-per-run bound, never as a compile-time constant that changes every batch.
+The packed attention traces into the layer's graph (packing.segment_attention: on CUDA aten's flash kernels,
+elsewhere one custom operator), so a layer is one graph with no break; the segment layout reaches it as
+runtime tensors and a per-run bound, never as a compile-time constant that changes every batch.
 
 The head's log-softmax (`logps_from_logits`) compiles into one reduction over the vocabulary that reads
 the bf16 logits once, instead of a float32 copy of them and a logsumexp over it.

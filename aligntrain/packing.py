@@ -67,7 +67,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     A call without `segments` is SDPA with what transformers passes, which for an attention it has no mask
     builder for is no mask: causal only. That is exact for right-padded batches (data.collate's; a padding
     key only ever follows the real queries), and is what a reference given the padded layout computes.
-    Everything here traces into a compiled layer (compiling.py): the segment attention is one custom op."""
+    Everything here traces into a compiled layer (compiling.py) without a graph break (segment_attention)."""
     if segments is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -212,9 +212,14 @@ def _heads_first(q, k, v, groups: int):
     return q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(groups, 0), v.transpose(0, 1).repeat_interleave(groups, 0)
 
 
+def _end_aligned(lq: int, lk: int, device) -> torch.Tensor:
+    """[Lq, Lk] bool: query i sees keys up to i + (Lk - Lq) (causal, aligned to the end of the keys)."""
+    return torch.arange(lk, device=device)[None, :] <= torch.arange(lq, device=device)[:, None] + (lk - lq)
+
+
 def _end_aligned_bias(lq: int, lk: int, like: torch.Tensor) -> torch.Tensor:
-    """Additive mask [Lq, Lk]: query i sees keys up to i + (Lk - Lq) (causal, aligned to the end of the keys)."""
-    allowed = torch.arange(lk, device=like.device)[None, :] <= torch.arange(lq, device=like.device)[:, None] + (lk - lq)
+    """_end_aligned as an additive mask in `like`'s dtype (0 where seen, -inf elsewhere)."""
+    allowed = _end_aligned(lq, lk, like.device)
     return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(~allowed, float("-inf"))
 
 
@@ -259,8 +264,7 @@ def _written_out_backward(grad, q, k, v, out, lse, scale):
 
 def _scores(q, k, scale):
     acc = _accumulate(q)
-    lq, lk = q.shape[1], k.shape[1]
-    allowed = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+    allowed = _end_aligned(q.shape[1], k.shape[1], q.device)
     return (q.to(acc) @ k.to(acc).transpose(1, 2) * _scale(q, scale)).masked_fill(~allowed, float("-inf")), acc
 
 
@@ -288,10 +292,7 @@ def choose_layout(cfg, lm) -> tuple[str, str | None]:
 
 def use_packed_attention(lm) -> None:
     """Route the model's attention through packed_attention (padded calls still reach SDPA through it)."""
-    from transformers import AttentionInterface
-
-    if PACKED_ATTENTION not in AttentionInterface():
-        register()
+    register()
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     base.set_attn_implementation(PACKED_ATTENTION)
 
