@@ -44,13 +44,15 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from childrun import child_result
+import gate
+from pipeline import Job, Outcome, run_jobs
 
 from aligntrain.flops import item_counts, mfu, training_flops
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHOR = REPO.parent / "shared" / "bench" / "trl_anchor.py"
 TRL_LORA = Path(__file__).resolve().parent / "trl_lora.py"
+GATED_TRL = Path(__file__).resolve().parent / "gated_trl.py"
 
 # Model shapes by their published configurations (Qwen2.5-0.5B, Llama-3.2-1B, Llama-3.1-8B) and a toy
 # one for CPU; the embeddings are tied unless the shape says otherwise (Llama-3.1-8B's are not).
@@ -219,7 +221,9 @@ def run_ours(args: argparse.Namespace) -> dict:
     per_item = counted / len(lengths)
     result = {}
     if args.precompute:
+        gate.timed()  # the whole pass is timed, loading the reference included
         result["precompute"] = timed_precompute(shards, cfg, config, lengths)
+        gate.untimed()
 
     def sync() -> None:
         if torch.cuda.is_available():
@@ -239,20 +243,24 @@ def run_ours(args: argparse.Namespace) -> dict:
         return out
 
     def timed_step(step, *a, **k):
+        gate.ready()  # the first step waits for this process's turn on the GPU (bench pipeline)
         if step == args.profile_step:
             return profiled_step(profile_step, step, *a, **k)  # not timed: profiling slows it
         if step == args.cprofile_step:
             return profiled_step(host_profile_step, step, *a, **k)
         out = step_fn(step, *a, **k)  # its float() of the loss and grad norm already waits for the GPU
         sync()
+        if step == args.warm:
+            gate.timed()  # before the clock: the timed steps have the host to themselves
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
         times.append(time.perf_counter())
-        if step == args.warm and torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
         return out
 
     T.train_step = timed_step
     t_start = time.perf_counter()
     T.train(cfg, shards)
+    gate.untimed()
     secs = times[-1] - times[args.warm - 1] - profiled_secs
     profiled = sum(1 for n in (args.profile_step, args.cprofile_step) if n)
     steps_timed = len(times) - args.warm - profiled  # profiled steps are not timed
@@ -423,9 +431,9 @@ SUITES = {"issue12": (
 TRL_LABEL = {"dpo": "DPO", "sft": "SFT padded", "sft_packed": "SFT packed (bfd)"}
 
 
-def measure(row: Row, args: argparse.Namespace) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Run `row`, each run in a fresh process: ({our run's label: result}, {TRL mode: result}); a run that
-    failed is left out (its stderr printed). Ours: the repository's defaults, then each --also."""
+def row_jobs(row: Row, args: argparse.Namespace) -> list[tuple[str, str, Job]]:
+    """The processes of `row`: ("ours", spec, job) for our run with the repository's defaults (spec "") and
+    each --also, then ("trl", mode, job) for each TRL run (none with --skip-trl or without the anchor)."""
     shared = ["--shape", row.shape, "--steps", str(args.steps), "--warm", str(args.warm), "--gc", str(args.gc)]
     profiling = (["--profile-step", str(args.profile_step)] if args.profile_step else []) + \
         (["--cprofile-step", str(args.cprofile_step)] if args.cprofile_step else [])
@@ -433,40 +441,77 @@ def measure(row: Row, args: argparse.Namespace) -> tuple[dict[str, dict], dict[s
     ours_cmd = [sys.executable, __file__, "--child", "--mode", row.mode, "--max-length", str(args.max_length),
                 "--bs", str(row.bs), "--cache", args.cache] + shared + lora + profiling + \
         (["--precompute"] if row.precompute else [])
-    ours = {}
-    for spec in [None, *args.also]:
-        result = timed_child(ours_cmd + (["--overrides", *spec.split(",")] if spec else []),
-                             f"aligntrain {row.name}" + (f" ({spec})" if spec else ""))
-        if result:
-            if "profile" in result:
-                print(f"aligntrain {row.name}{f' ({spec})' if spec else ''}: " + result.pop("profile"), file=sys.stderr,
-                      flush=True)
-            ours[spec or ""] = result
-    trl = {}
+    jobs = []
+    for spec in ["", *args.also]:
+        jobs.append(("ours", spec, Job(ours_cmd + (["--overrides", *spec.split(",")] if spec else []),
+                                       f"aligntrain {row.name}" + (f" ({spec})" if spec else ""), f"ours {row.shape}")))
     if args.skip_trl:
-        return ours, trl
+        return jobs
     if not Path(args.anchor).is_file():
         print(f"no anchor at {args.anchor}: pass --anchor PATH or --skip-trl", file=sys.stderr)
-        return ours, trl
+        return jobs
     for mode in row.trl:
-        command = [sys.executable, str(TRL_LORA), "--anchor", args.anchor] + lora if args.lora else [sys.executable, args.anchor]
-        result = timed_child(command + ["--mode", mode, "--max_length", str(args.max_length), "--bs", str(row.bs_of(mode))]
-                             + shared + (["--precompute", "1"] if row.precompute else []), f"TRL {row.name} ({mode})")
-        if result:
-            trl[mode] = {**result, "flops_per_token": None if args.lora else trl_flops_per_token(args, row, mode, result)}
-    return ours, trl
+        script = [str(TRL_LORA), "--anchor", args.anchor] + lora if args.lora else [args.anchor]
+        command = [sys.executable, str(GATED_TRL)] + script + ["--mode", mode, "--max_length", str(args.max_length),
+                                                             "--bs", str(row.bs_of(mode))] + shared + \
+            (["--precompute", "1"] if row.precompute else [])
+        # every anchor process of a shape writes the same model directory (/tmp/anchor_model_<shape>)
+        jobs.append(("trl", mode, Job(command, f"TRL {row.name} ({mode})", f"trl {row.shape}")))
+    return jobs
 
 
-def timed_child(command: list[str], label: str) -> dict | None:
-    """child_result, saying how long the whole process took (and, for ours, its parts): the suite's own cost."""
-    started = time.perf_counter()
-    result = child_result(command, label)
-    parts = "" if not result or "prepare_s" not in result else \
-        f" (model and shards {result['prepare_s']} s, load + compile + first step {result['first_step_s']} s)"
-    rate = "" if not result else f"; {result['items_per_s']} items/s, {result['tokens_per_s']:,.0f} tokens/s, " \
-        f"peak {result.get('peak_gib')} GiB"  # kept should a time limit stop the call before the row's table
-    print(f"{label}: {time.perf_counter() - started:.1f} s in all{parts}{rate}", file=sys.stderr, flush=True)
-    return result
+def measure_rows(rows: list[Row], args: argparse.Namespace, row_done=None) -> list[tuple[dict[str, dict], dict[str, dict]]]:
+    """Run every process of `rows` through pipeline.run_jobs (one at a time on the GPU, the next ones
+    preparing meanwhile; --overlap 0: one process at a time): per row ({our run's spec: result},
+    {TRL mode: result}); a run that failed is left out (its stderr printed). `row_done(number, ours, trl)`
+    is called as each row's last process ends."""
+    planned = [(number, side, name, job) for number, row in enumerate(rows) for side, name, job in row_jobs(row, args)]
+    measured: list[tuple[dict, dict]] = [({}, {}) for _ in rows]
+    ended = iter(range(len(planned)))
+
+    def done(outcome: Outcome) -> None:
+        report(outcome)
+        position = next(ended)  # outcomes come in the jobs' order
+        number, side, name, _ = planned[position]
+        result = child_result(outcome)
+        if result is not None:
+            result.pop("profile", None)
+            if side == "ours":
+                measured[number][0][name] = result
+            else:
+                measured[number][1][name] = {**result, "flops_per_token": None if args.lora else
+                                             trl_flops_per_token(args, rows[number], name, result)}
+        if row_done is not None and all(later[0] != number for later in planned[position + 1:]):
+            row_done(number, *measured[number])
+
+    run_jobs([job for *_, job in planned], preparing=max(1, args.overlap),
+             alive=1 if args.overlap == 0 else args.overlap + 2, on_done=done)
+    return measured
+
+
+def child_result(outcome: Outcome) -> dict | None:
+    """The RESULT line of a finished process, as a dict (None: it printed none)."""
+    for line in outcome.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return None
+
+
+def report(outcome: Outcome) -> None:
+    """Say how a process went as it ends: its time in all and its parts (the suite's own cost), its rate, or
+    why it failed; our profiles are printed here too."""
+    result = child_result(outcome)
+    if result is None:
+        print(f"{outcome.job.label} failed (exit {outcome.returncode}):\n{outcome.stderr[-3000:]}", file=sys.stderr, flush=True)
+        return
+    if "profile" in result:
+        print(f"{outcome.job.label}: " + result.pop("profile"), file=sys.stderr, flush=True)
+    before = "" if outcome.prepare_s is None else \
+        f"prepared {outcome.prepare_s:.1f} s, waited for the GPU {outcome.wait_s:.1f} s"
+    parts = "" if "prepare_s" not in result else \
+        f"; model and shards {result['prepare_s']} s, load + compile + first step {result['first_step_s']} s"
+    print(f"{outcome.job.label}: {outcome.seconds:.1f} s in all ({before}{parts}); {result['items_per_s']} items/s, "
+          f"{result['tokens_per_s']:,.0f} tokens/s, peak {result.get('peak_gib')} GiB", file=sys.stderr, flush=True)
 
 
 def mfu_cell(result: dict | None, device: str) -> str:
@@ -539,6 +584,9 @@ def main() -> None:
     ap.add_argument("--overrides", nargs="*", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--cache", default=None, help=argparse.SUPPRESS)  # models and shards shared by our runs
     ap.add_argument("--anchor", default=str(ANCHOR), help="path of trl_anchor.py")
+    ap.add_argument("--overlap", type=int, default=2, metavar="N",
+                    help="processes preparing on the host while one runs on the GPU (pipeline.py; their work "
+                         "stops during its timed steps); 0: one process at a time")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -578,15 +626,15 @@ def main() -> None:
 
 
 def run_suite(args: argparse.Namespace, device: str) -> None:
-    rows = SUITES[args.suite]
-    picked = [int(n) for n in args.only.split(",")] if args.only else range(1, len(rows) + 1)
-    lines = []
-    for number in picked:
-        row = replace(rows[number - 1], shape=args.shape_override or rows[number - 1].shape)
-        print(f"running {row.name} ({row.shape})", file=sys.stderr, flush=True)
-        row_lines = suite_lines(row, *measure(row, args))
-        print(suite_table(row_lines, device), file=sys.stderr, flush=True)  # kept should a time limit stop the call
-        lines += row_lines
+    suite = SUITES[args.suite]
+    picked = [int(n) for n in args.only.split(",")] if args.only else range(1, len(suite) + 1)
+    rows = [replace(suite[n - 1], shape=args.shape_override or suite[n - 1].shape) for n in picked]
+    print("running " + "; ".join(f"{row.name} ({row.shape})" for row in rows), file=sys.stderr, flush=True)
+
+    def row_done(number: int, ours: dict, trl: dict) -> None:  # kept should a time limit stop the call
+        print(suite_table(suite_lines(rows[number], ours, trl), device), file=sys.stderr, flush=True)
+
+    lines = [line for row, measured in zip(rows, measure_rows(rows, args, row_done)) for line in suite_lines(row, *measured)]
     print(f"\nsuite {args.suite}, {args.steps} steps a run ({args.warm} not timed), max_length {args.max_length}, "
           f"activation checkpointing {'on' if args.gc else 'off'}{', LoRA ' + args.lora if args.lora else ''}, {device}"
           f"{', every shape ' + args.shape_override if args.shape_override else ''}\n")
@@ -596,7 +644,7 @@ def run_suite(args: argparse.Namespace, device: str) -> None:
 def run_single(args: argparse.Namespace, device: str) -> None:
     what = args.mode + (" LoRA" if args.lora else "") + (", reference precomputed" if args.precompute else "")
     row = Row(what, args.mode, args.shape, args.bs, (args.mode,), args.precompute)
-    ours, trl = measure(row, args)
+    [(ours, trl)] = measure_rows([row], args)
     results = {f"aligntrain {what}" + (f" ({spec})" if spec else ""): r for spec, r in ours.items()}
     if (ours.get("") or {}).get("precompute"):
         results["aligntrain precompute pass"] = ours[""]["precompute"]
