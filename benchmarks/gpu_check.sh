@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_check.sh WHEELS ANCHOR STAGE...
 #   STAGE: tests | profile | profile-compile | dpo-qwen | dpo-qwen-ours | dpo-qwen-compile | dpo-qwen-share | dpo-llama
 #          | dpo-llama-ours | sft | sft-tokens | sft-llama-tokens | suite | suite-dpo | suite-llama | suite-sft | suite-precompute
-#          | profile-steps | lora
+#          | profile-steps | lora | host | sft-variants | suite-450
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
 # back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
@@ -17,7 +17,8 @@ shift 2
 if [ -n "${OUT:-}" ]; then exec > >(tee -a "$OUT/gpu_check.log") 2>&1; fi
 python3 -m pip install -q --no-index --no-deps --target /tmp/site "$wheels"/*.whl 2>&1 | tail -1
 export PYTHONPATH="$PWD:$PWD/tests:/tmp/site" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_mode --format=csv,noheader
+nproc
 python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 bench() { timeout "$1" python3 benchmarks/bench_train.py --anchor "$anchor" "${@:2}"; echo "[exit $?]"; }
 for stage in "$@"; do
@@ -36,6 +37,9 @@ for stage in "$@"; do
     sft-tokens) bench 150 --mode sft --shape qwen0.5b --bs 18 --steps 12 --warm 4 --skip-trl ;;  # ~TRL packed's tokens/step
     sft-llama-tokens) bench 150 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl ;;
     suite) bench 570 --suite issue12 ;;
+    suite-450) bench 450 --suite issue12 ;;
+    host) timeout 60 python3 benchmarks/host_overhead.py; TORCH_BLAS_PREFER_CUBLASLT=1 timeout 60 python3 benchmarks/host_overhead.py ;;
+    sft-variants) bench 200 --mode sft --shape qwen0.5b --bs 18 --steps 12 --warm 4 --skip-trl --also inductor.combo_kernels=true --also inductor.size_asserts=false ;;
     suite-dpo) bench 400 --suite issue12 --only 1,2 ;;
     suite-llama) bench 300 --suite issue12 --only 2 ;;
     suite-sft) bench 500 --suite issue12 --only 3,4,5 ;;
