@@ -11,6 +11,12 @@ The packed attention traces into the layer's graph (packing.segment_attention: o
 elsewhere one custom operator), so a layer is one graph with no break; the segment layout reaches it as
 runtime tensors and a per-run bound, never as a compile-time constant that changes every batch.
 
+Linear layers that read the same input (attention's q, k and v projections; the MLP's gate and up) become
+one matrix multiply over their weights concatenated, its output split (FuseSiblingLinears, a pre-grad pass
+of inductor): in a step of a small model the host's cost per launch, not the GPU, sets the pace, and this
+takes 3 of 7 projections forward and more backward (one weight gradient, one input gradient instead of a
+sum of several). The weights stay the model's own parameters; only the compiled graph changes.
+
 The head's log-softmax (`logps_from_logits`) compiles into one reduction over the vocabulary that reads
 the bf16 logits once, instead of a float32 copy of them and a logsumexp over it.
 
@@ -21,11 +27,15 @@ torch's warning: compiling is an optimisation, and a model it cannot handle stil
 
 from __future__ import annotations
 
+import operator
+from collections import defaultdict
+
 import torch
 from torch import nn
 
 BACKEND = "inductor"  # the tests swap in "aot_eager" (the same graphs, no code generation)
 RECOMPILE_LIMIT = 32  # graphs per code object: grad and no-grad, float32 policy and bf16 reference, ...
+FUSE_LINEARS = True  # FuseSiblingLinears in inductor's graphs (benchmarks turn it off to measure it)
 
 
 def compile_wanted(cfg, device: torch.device, fsdp: bool = False) -> bool:
@@ -73,9 +83,63 @@ def compiled_logps_from_logits():
     return _compiled_logps
 
 
+_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+def fuse_sibling_linears(graph: torch.fx.Graph) -> int:
+    """In a dynamo graph, every set of linear(x, w_i, b_i) calls on one input x (all with a bias or all
+    without) becomes linear(x, cat(w_i), cat(b_i)) split back into the outputs; the number of calls removed.
+    A call whose weight is not yet defined where the group's first call stands is left alone."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    groups: dict[tuple, list[torch.fx.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _LINEAR or node.kwargs or not 2 <= len(node.args) <= 3:
+            continue
+        weight = node.args[1]
+        bias = node.args[2] if len(node.args) == 3 else None
+        value = weight.meta.get("example_value") if isinstance(weight, torch.fx.Node) else None
+        if value is None or value.dim() != 2 or not isinstance(value.shape[0], int):
+            continue
+        groups[(node.args[0], bias is None)].append(node)
+    removed = 0
+    for (x, no_bias), nodes in groups.items():
+        first = nodes[0]
+        operands = [a for n in nodes for a in n.args[1:] if isinstance(a, torch.fx.Node)]
+        if len(nodes) < 2 or any(order[a] > order[first] for a in operands):
+            continue
+        widths = [n.args[1].meta["example_value"].shape[0] for n in nodes]
+        with graph.inserting_before(first):
+            weight = graph.call_function(torch.cat, ([n.args[1] for n in nodes],), {"dim": 0})
+            bias = None if no_bias else graph.call_function(torch.cat, ([n.args[2] for n in nodes],), {"dim": 0})
+            fused = graph.call_function(torch._C._nn.linear, (x, weight, bias))
+            parts = graph.call_function(torch.split, (fused, widths), {"dim": -1})
+            outputs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(nodes))]
+        for node, output in zip(nodes, outputs):
+            node.replace_all_uses_with(output)
+            graph.erase_node(node)
+        removed += len(nodes) - 1
+    return removed
+
+
+def _fuse_pass():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class FuseSiblingLinears(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            fuse_sibling_linears(graph)
+
+        def uuid(self):  # inductor's graph cache keys on it
+            return "aligntrain.FuseSiblingLinears.1"
+
+    return FuseSiblingLinears()
+
+
 def _configure() -> None:
     import torch._dynamo
+    import torch._inductor.config
 
+    if FUSE_LINEARS and torch._inductor.config.pre_grad_custom_pass is None:
+        torch._inductor.config.pre_grad_custom_pass = _fuse_pass()
     config = torch._dynamo.config
     config.suppress_errors = True  # a graph that fails to compile runs eagerly (torch logs a warning), never stops the run
     for name in ("recompile_limit", "cache_size_limit"):  # the newer name first

@@ -214,14 +214,16 @@ def run_ours(args: argparse.Namespace) -> dict:
                   **({"lora": parse_lora(args.lora)} if args.lora else {})},
         "loss": {"name": args.mode, "beta": 0.1}, "output_dir": str(work / "run"), "log_every_steps": 10 ** 6,
     }))
-    inductor = [o for o in args.overrides if o.startswith("inductor.")]
-    for item in inductor:  # --also inductor.combo_kernels=true: a torch._inductor.config option of this run
-        import torch._inductor.config as inductor_config
+    settings = [o for o in args.overrides if o.startswith(("inductor.", "aligntrain."))]
+    for item in settings:  # --also inductor.combo_kernels=true or aligntrain.compiling.FUSE_LINEARS=false
+        import importlib
+
         import yaml
 
-        key, value = item[len("inductor."):].split("=", 1)
-        inductor_config.__setattr__(key, yaml.safe_load(value))
-    cfg = load_config(cfg_path, overrides=[o for o in args.overrides if o not in inductor] or None)
+        key, value = item.split("=", 1)
+        module, _, name = ("torch._inductor.config." + key[len("inductor."):] if key.startswith("inductor.") else key).rpartition(".")
+        setattr(importlib.import_module(module), name, yaml.safe_load(value))
+    cfg = load_config(cfg_path, overrides=[o for o in args.overrides if o not in settings] or None)
     config = model_config(args.shape)
     lengths = item_lengths(open_split(shards, "train"), args.mode)
     counted, flops = data_counts(config, args.mode, lengths, policy=True, reference=args.mode == "dpo" and not args.precompute)
@@ -584,7 +586,8 @@ def main() -> None:
                     help="LoRA on both sides, e.g. r=16,alpha=32,targets=all-linear (targets: q_proj+v_proj, ...)")
     ap.add_argument("--also", action="append", default=[], metavar="K=V[,K=V]",
                     help="one more aligntrain run with these config overrides (repeatable), e.g. model.cudnn_attention=false; "
-                         "inductor.NAME=VALUE sets torch._inductor.config.NAME in that run")
+                         "inductor.NAME=VALUE sets torch._inductor.config.NAME in that run, aligntrain.MODULE.NAME=VALUE a "
+                         "module attribute (aligntrain.compiling.FUSE_LINEARS=false)")
     ap.add_argument("--profile-step", type=int, default=None, metavar="N",
                     help="profile our step N (after --warm; its time is left out of the rate): phases and top kernels")
     ap.add_argument("--cprofile-step", type=int, default=None, metavar="N",

@@ -39,7 +39,7 @@ for stage in "$@"; do
     suite) bench 570 --suite issue12 ;;
     suite-450) bench 450 --suite issue12 ;;
     host) timeout 60 python3 benchmarks/host_overhead.py; TORCH_BLAS_PREFER_CUBLASLT=1 timeout 60 python3 benchmarks/host_overhead.py ;;
-    sft-variants) bench 200 --mode sft --shape qwen0.5b --bs 18 --steps 12 --warm 4 --skip-trl --also inductor.combo_kernels=true --also inductor.size_asserts=false ;;
+    sft-variants) bench 200 --mode sft --shape qwen0.5b --bs 18 --steps 12 --warm 4 --skip-trl --also aligntrain.compiling.FUSE_LINEARS=false --also inductor.combo_kernels=true ;;
     suite-dpo) bench 400 --suite issue12 --only 1,2 ;;
     suite-llama) bench 300 --suite issue12 --only 2 ;;
     suite-sft) bench 500 --suite issue12 --only 3,4,5 ;;

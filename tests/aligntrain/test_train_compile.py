@@ -110,3 +110,57 @@ def test_a_graph_that_fails_to_compile_runs_eagerly(monkeypatch, tiny_model, sft
         use_packed_attention(lm)
         results.append(SequenceLogps(lm, chunk_tokens=7, compiled=compiled)(**model_inputs(batch))[0].detach())
     assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_sibling_linears_fused_in_the_graph_give_the_same_log_probs_and_gradients(monkeypatch, tiny_model,
+                                                                                     sft_shards, bias):
+    """FuseSiblingLinears (inductor's pre-grad pass) applied to the dynamo graph of each layer, run by
+    aot_eager: q/k/v become one linear and gate/up another, with biases (Qwen2's q/k/v) or without."""
+    from torch._dynamo.backends.registry import lookup_backend
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    removed = []
+
+    def fusing_backend(gm, example_inputs):
+        removed.append(compiling.fuse_sibling_linears(gm.graph))
+        gm.recompile()
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    monkeypatch.setattr(compiling, "BACKEND", fusing_backend)
+    batch = batches(sft_shards, "sft", [PACKED], rows=6)[PACKED]
+    config = LlamaConfig.from_pretrained(tiny_model, attention_bias=bias)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        lm = LlamaForCausalLM(config)
+        use_packed_attention(lm)
+        logps, _ = SequenceLogps(lm, chunk_tokens=7, compiled=compiled)(**model_inputs(batch))
+        (logps * torch.linspace(0.5, 1.5, len(logps))).sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}))
+    # a layer's graph: q/k/v 2 calls fewer, gate/up 1; the head's log-softmax graph has no linear
+    assert 3 in removed and set(removed) <= {0, 3}, removed
+    (eager, eager_grads), (fused, fused_grads) = results
+    assert torch.allclose(fused, eager, atol=1e-5), (fused - eager).abs().max()
+    for name, grad in eager_grads.items():
+        assert torch.allclose(fused_grads[name], grad, atol=1e-5), name
+
+
+def test_the_fusion_leaves_linears_of_different_inputs_or_bias_alone():
+    graph = torch.fx.Graph()
+    x, y, w1, w2, w3, b = (graph.placeholder(n) for n in ("x", "y", "w1", "w2", "w3", "b"))
+    for w, shape in ((w1, (4, 8)), (w2, (6, 8)), (w3, (4, 8))):
+        w.meta["example_value"] = torch.empty(shape)
+    outs = [graph.call_function(torch._C._nn.linear, (x, w1)), graph.call_function(torch._C._nn.linear, (x, w2, b)),
+            graph.call_function(torch._C._nn.linear, (y, w3))]
+    graph.output(tuple(outs))
+    assert compiling.fuse_sibling_linears(graph) == 0  # one with a bias, one without; another input
+    graph2 = torch.fx.Graph()
+    x, w1, w2 = (graph2.placeholder(n) for n in ("x", "w1", "w2"))
+    w1.meta["example_value"], w2.meta["example_value"] = torch.empty(4, 8), torch.empty(6, 8)
+    graph2.output((graph2.call_function(torch._C._nn.linear, (x, w1)), graph2.call_function(torch._C._nn.linear, (x, w2))))
+    assert compiling.fuse_sibling_linears(graph2) == 1
+    module = torch.fx.GraphModule(torch.nn.Module(), graph2)
+    inputs = torch.randn(3, 8), torch.randn(4, 8), torch.randn(6, 8)
+    a, c = module(*inputs)
+    assert torch.allclose(a, inputs[0] @ inputs[1].T) and torch.allclose(c, inputs[0] @ inputs[2].T)
