@@ -216,8 +216,6 @@ def run_ours(args: argparse.Namespace) -> dict:
     }))
     settings = [o for o in args.overrides if o.startswith(("inductor.", "aligntrain."))]
     for item in settings:  # --also inductor.combo_kernels=true or aligntrain.compiling.FUSE_LINEARS=false
-        import importlib
-
         import yaml
 
         key, value = item.split("=", 1)
@@ -239,6 +237,7 @@ def run_ours(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
 
     times: list[float] = []
+    graphs: list[int] = []  # graphs compiled so far, at the start of the timed steps and at their end
     step_fn = T.train_step
     profiled_secs = 0.0
 
@@ -263,6 +262,7 @@ def run_ours(args: argparse.Namespace) -> dict:
             gate.timed()  # before the clock: the timed steps have the host to themselves
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+            graphs.append(compiled_graphs())
         times.append(time.perf_counter())
         return out
 
@@ -270,6 +270,8 @@ def run_ours(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     T.train(cfg, shards)
     gate.untimed()
+    graphs.append(compiled_graphs())
+    waited = gate.waited()  # the pipeline's wait for the GPU is in neither part below
     secs = times[-1] - times[args.warm - 1] - profiled_secs
     profiled = sum(1 for n in (args.profile_step, args.cprofile_step) if n)
     steps_timed = len(times) - args.warm - profiled  # profiled steps are not timed
@@ -279,8 +281,17 @@ def run_ours(args: argparse.Namespace) -> dict:
             "flops_per_token": None if args.lora else flops / counted,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None,
             **({"profile": "\n\n".join(profile_text)} if profile_text else {}),
-            "params": params, "steps_timed": steps_timed, "prepare_s": round(t_start - t_process, 1),
-            "first_step_s": round(times[0] - t_start, 1), "train_s": round(time.perf_counter() - t_start, 1), **result}
+            "params": params, "steps_timed": steps_timed,
+            "prepare_s": round(t_start - t_process - (waited if args.precompute else 0), 1),
+            "first_step_s": round(times[0] - t_start - (0 if args.precompute else waited), 1),
+            "train_s": round(time.perf_counter() - t_start, 1), "graphs_compiled_timed": graphs[-1] - graphs[0], **result}
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (dynamo's count)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 PHASES = ("policy forward", "reference forward", "backward", "clip_grad_norm", "optimizer.step")
@@ -519,8 +530,10 @@ def report(outcome: Outcome) -> None:
         f"prepared {outcome.prepare_s:.1f} s, waited for the GPU {outcome.wait_s:.1f} s"
     parts = "" if "prepare_s" not in result else \
         f"; model and shards {result['prepare_s']} s, load + compile + first step {result['first_step_s']} s"
+    compiled = "" if not result.get("graphs_compiled_timed") else \
+        f"; {result['graphs_compiled_timed']} graph(s) compiled during the timed steps"
     print(f"{outcome.job.label}: {outcome.seconds:.1f} s in all ({before}{parts}); {result['items_per_s']} items/s, "
-          f"{result['tokens_per_s']:,.0f} tokens/s, peak {result.get('peak_gib')} GiB", file=sys.stderr, flush=True)
+          f"{result['tokens_per_s']:,.0f} tokens/s, peak {result.get('peak_gib')} GiB{compiled}", file=sys.stderr, flush=True)
 
 
 def mfu_cell(result: dict | None, device: str) -> str:

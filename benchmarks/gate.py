@@ -14,9 +14,10 @@ Without BENCH_GATE (a run on its own) the three do nothing.
 from __future__ import annotations
 
 import os
+import time
 
 ENV = "BENCH_GATE"
-_state = {"gone": False}
+_state = {"gone": False, "waited": 0.0}
 
 
 def _fds() -> tuple[int, int, set[int]] | None:
@@ -40,8 +41,9 @@ def ready() -> None:
     """Wait for this process's turn on the GPU (once; later calls return at once), then use every core."""
     if _state["gone"]:
         return
+    started = time.perf_counter()
     _say("ready", wait=True)
-    _state["gone"] = True
+    _state["gone"], _state["waited"] = True, time.perf_counter() - started
     fds = _fds()
     if fds is not None and hasattr(os, "sched_setaffinity"):
         for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]:
@@ -49,6 +51,11 @@ def ready() -> None:
                 os.sched_setaffinity(int(tid), fds[2])
             except OSError:  # a thread that has just ended
                 pass
+
+
+def waited() -> float:
+    """Seconds ready() waited for the turn (0 before it has, or without a pipeline)."""
+    return _state["waited"]
 
 
 def timed() -> None:
