@@ -144,7 +144,6 @@ class Config:
     share_prompt: bool = True  # padding-free DPO: forward each prompt once, both completions attending to it
     compile: bool | None = None  # torch.compile each decoder layer and the head's log-softmax; null: on CUDA without LoRA
     logprob_chunk_tokens: int = 1024  # completion tokens per lm-head chunk when computing log-probs
-    logprob_recompute: bool | None = None  # recompute the head's logits in backward; null: keep them on a GPU up to 1/16 of its memory
     keep_checkpoints: int | None = None  # keep only the newest N checkpoints
     eval_fraction: float = 0.0  # `aligntrain train`: share of records converted into the eval split
     chat_template: str | None = None  # `aligntrain train`: template for conversion (default: the tokenizer's)

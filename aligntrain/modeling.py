@@ -2,10 +2,8 @@
 
 Log-probs are computed on completion tokens only. The decoder runs once; the hidden states of the
 positions that predict a trained token are gathered ([N, H]) and pushed through the LM head in
-chunks of `chunk_tokens` rows, so no [batch, seq, vocab] float32 tensor exists. Where the [N, vocab]
-logits of a micro-batch fit in `keep_logits_bytes` (logprob_recompute: null keeps them on a GPU up to a
-sixteenth of its memory), backward reuses them; otherwise each chunk is checkpointed and its logits
-recomputed in backward, so neither pass holds more than [chunk, vocab] of them:
+chunks of `chunk_tokens` rows. Each chunk is checkpointed, so neither the forward nor the backward
+ever holds more than [chunk, vocab] logits, and no [batch, seq, vocab] float32 tensor exists:
 
     log p(y_t) = logit[y_t] - logsumexp(logits)      (logits in the model's dtype, lse in float32)
 """
@@ -54,12 +52,10 @@ class SequenceLogps(nn.Module):
     Accelerate wraps this module (not the bare LM), so autocast and FSDP see one root forward.
     """
 
-    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, cudnn_attention: bool = False, compiled: bool = False,
-                 keep_logits_bytes: float = 0):
+    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, cudnn_attention: bool = False, compiled: bool = False):
         super().__init__()
         self.lm = lm
         self.chunk_tokens = chunk_tokens
-        self.keep_logits_bytes = keep_logits_bytes  # logits of a micro-batch up to this size are not recomputed
         self.cudnn_attention = cudnn_attention
         if compiled:  # the decoder layers (here, once) and the head's log-softmax (compiling.py)
             compile_layers(lm)
@@ -94,7 +90,7 @@ class SequenceLogps(nn.Module):
             hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
             hidden = hidden[:, :-1][predict]  # [N, H]
             token_logps = chunked_token_logps(hidden, targets, lm.get_output_embeddings(), self.chunk_tokens, self.softcap,
-                                             self.logps, self.keep_logits_bytes)
+                                             self.logps)
         else:
             logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             token_logps = gathered_token_logps(logits[:, :-1][predict], targets, self.chunk_tokens, self.logps)
@@ -114,7 +110,7 @@ class SequenceLogps(nn.Module):
         if self.plain_head:
             hidden = lm.base_model(**inputs)[0][0].index_select(0, predict)  # [N, H]
             token_logps = chunked_token_logps(hidden, targets, lm.get_output_embeddings(), self.chunk_tokens, self.softcap,
-                                             self.logps, self.keep_logits_bytes)
+                                             self.logps)
         else:
             logits = self.lm(**inputs).logits[0].index_select(0, predict)
             token_logps = gathered_token_logps(logits, targets, self.chunk_tokens, self.logps)
@@ -123,16 +119,13 @@ class SequenceLogps(nn.Module):
 
 
 def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int,
-                        softcap: float | None = None, logps=logps_from_logits, keep_bytes: float = 0) -> torch.Tensor:
-    """log p(target) for each row of hidden [N, H], the head applied [chunk, H] at a time. -> [N] float32.
-    `logps`: logps_from_logits or its compiled twin. With autograd, the [N, V] logits are kept for backward
-    when they take at most `keep_bytes`; otherwise each chunk's are recomputed there (a checkpoint)."""
-    recompute = torch.is_grad_enabled() and hidden.requires_grad and \
-        logits_bytes(hidden.shape[0], head, hidden.device) > keep_bytes
+                        softcap: float | None = None, logps=logps_from_logits) -> torch.Tensor:
+    """log p(target) for each row of hidden [N, H]; logits exist only [chunk, V] at a time. -> [N] float32.
+    `logps`: logps_from_logits or its compiled twin."""
     out = []
     for start, stop in chunk_bounds(hidden.shape[0], chunk):
         h, t = hidden[start:stop], targets[start:stop]
-        if recompute:
+        if torch.is_grad_enabled() and h.requires_grad:
             # recompute this chunk's logits in backward instead of keeping them alive
             out.append(checkpoint(_head_logps, head, h, t, softcap, logps, use_reentrant=False))
         else:
@@ -140,23 +133,6 @@ def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Mo
     if not out:
         return hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(out)
-
-
-def logits_bytes(rows: int, head: nn.Module, device: torch.device) -> int:
-    """Bytes of the [rows, vocab] logits `head` computes (in autocast's dtype where autocast is on)."""
-    weight = head.weight
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
-    return rows * weight.shape[0] * torch.finfo(dtype).bits // 8
-
-
-def keep_logits_bytes(recompute: bool | None, device: torch.device) -> float:
-    """The logits a micro-batch may keep for backward (logprob_recompute): true, none; false, all; null, on
-    a GPU a sixteenth of its memory, on the CPU none (its memory is the host's)."""
-    if recompute is not None:
-        return 0 if recompute else float("inf")
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory / 16
-    return 0
 
 
 def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:

@@ -32,8 +32,7 @@ from .flops import mfu, training_flops
 from .lora import AdapterOffReference, fsdp_wrap_policy, lora_policy
 from .losses import PREFERENCE_LOSSES, PairLogps, preference_rewards, sft_loss
 from .metrics import MetricsLogger
-from .modeling import (Reference, SequenceLogps, keep_logits_bytes, load_archive, load_causal_lm, load_tokenizer, model_inputs,
-                       torch_dtype)
+from .modeling import Reference, SequenceLogps, load_archive, load_causal_lm, load_tokenizer, model_inputs, torch_dtype
 from .packing import PADDED, choose_layout, use_packed_attention
 from .precompute import reference_identity
 from .resume import config_text, record_changes, resume_changes, shards_identity, take_current_hyperparameters, trim_metrics
@@ -116,8 +115,7 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
     scheduler = build_scheduler(cfg, optimizer, steps)
     compiled = compile_wanted(cfg, accelerator.device, fsdp=fsdp)
     model, optimizer = accelerator.prepare(
-        SequenceLogps(policy, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention, compiled,
-                      keep_logits_bytes(cfg.logprob_recompute, accelerator.device)), optimizer)
+        SequenceLogps(policy, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention, compiled), optimizer)
     reference = None
     if cfg.task == "dpo" and not cfg.loss.reference_free and not use_shard_reference:
         reference = AdapterOffReference(model, policy) if cfg.model.lora else Reference(cfg, accelerator.device, compiled)

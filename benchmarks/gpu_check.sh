@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_check.sh WHEELS ANCHOR STAGE...
 #   STAGE: tests | profile | profile-compile | dpo-qwen | dpo-qwen-ours | dpo-qwen-compile | dpo-qwen-share | dpo-llama
 #          | dpo-llama-ours | sft | sft-tokens | sft-llama-tokens | suite | suite-dpo | suite-llama | suite-sft | suite-precompute
-#          | profile-steps | lora | host | sft-variants | suite-450 | tests-compile | sft-head
+#          | profile-steps | lora | host | sft-variants | suite-450 | tests-compile | suite-sft-dpo
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
 # back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
@@ -38,8 +38,8 @@ for stage in "$@"; do
     sft-llama-tokens) bench 150 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl ;;
     suite) bench 570 --suite issue12 ;;
     suite-450) bench 450 --suite issue12 ;;
+    suite-sft-dpo) bench 330 --suite issue12 --only 3,4,1 ;;
     tests-compile) timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "compiled or flash or segment" ;;
-    sft-head) bench 150 --mode sft --shape qwen0.5b --bs 18 --steps 12 --warm 4 --skip-trl --also logprob_recompute=true ;;
     host) timeout 60 python3 benchmarks/host_overhead.py; TORCH_BLAS_PREFER_CUBLASLT=1 timeout 60 python3 benchmarks/host_overhead.py ;;
     sft-variants) bench 200 --mode sft --shape qwen0.5b --bs 18 --steps 12 --warm 4 --skip-trl --also aligntrain.compiling.FUSE_LINEARS=false --also inductor.combo_kernels=true ;;
     suite-dpo) bench 400 --suite issue12 --only 1,2 ;;

@@ -4,7 +4,7 @@ without ever building [batch, seq, vocab] logits."""
 import pytest
 import torch
 
-from aligntrain.modeling import SequenceLogps, keep_logits_bytes, load_causal_lm, logits_bytes
+from aligntrain.modeling import SequenceLogps, load_causal_lm
 
 
 def batch():
@@ -27,8 +27,8 @@ def naive(lm, input_ids, attention, loss_mask):
     return (logps * mask).sum(-1), mask.sum(-1)
 
 
-@pytest.mark.parametrize("chunk,keep", [(1, 0), (3, 0), (1024, 0), (3, float("inf"))])
-def test_equals_full_log_softmax_in_value_and_gradient(tiny_model, chunk, keep):
+@pytest.mark.parametrize("chunk", [1, 3, 1024])
+def test_equals_full_log_softmax_in_value_and_gradient(tiny_model, chunk):
     lm = load_causal_lm(tiny_model, "float32")
     ids, attention, mask = batch()
     expected, expected_tokens = naive(lm, ids, attention, mask)
@@ -36,7 +36,7 @@ def test_equals_full_log_softmax_in_value_and_gradient(tiny_model, chunk, keep):
     expected_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
     lm.zero_grad()
 
-    got, tokens = SequenceLogps(lm, chunk_tokens=chunk, keep_logits_bytes=keep)(ids, attention, mask)
+    got, tokens = SequenceLogps(lm, chunk_tokens=chunk)(ids, attention, mask)
     got.sum().backward()
     assert tokens.tolist() == expected_tokens.tolist() == [8, 6, 4]
     assert torch.allclose(got, expected, atol=1e-5)
@@ -55,31 +55,6 @@ def test_logits_exist_only_chunk_rows_at_a_time(tiny_model):
     vocab = lm.config.vocab_size
     assert all(len(shape) == 2 and shape[0] <= 4 and shape[1] == vocab for shape in rows_seen)
     assert sum(shape[0] for shape in rows_seen) == 2 * 18  # 18 trained tokens, forward + recompute
-
-
-def test_logits_within_the_budget_are_kept_for_backward_not_recomputed(tiny_model):
-    lm = load_causal_lm(tiny_model, "float32")
-    rows_seen = []
-    head = lm.get_output_embeddings()
-    head.register_forward_hook(lambda m, args, out: rows_seen.append(out.shape[0]))
-    ids, attention, mask = batch()
-    budget = logits_bytes(18, head, torch.device("cpu"))  # exactly the 18 trained tokens' logits in float32
-    assert budget == 18 * lm.config.vocab_size * 4
-    got, _ = SequenceLogps(lm, chunk_tokens=4, keep_logits_bytes=budget)(ids, attention, mask)
-    got.sum().backward()
-    assert sum(rows_seen) == 18  # forward only
-    rows_seen.clear()
-    got, _ = SequenceLogps(lm, chunk_tokens=4, keep_logits_bytes=budget - 1)(ids, attention, mask)
-    got.sum().backward()
-    assert sum(rows_seen) == 2 * 18  # one byte short: recomputed
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert logits_bytes(18, head, torch.device("cpu")) == budget // 2  # autocast's dtype
-
-
-def test_logprob_recompute_decides_the_budget():
-    cpu = torch.device("cpu")
-    assert keep_logits_bytes(True, cpu) == 0 and keep_logits_bytes(False, cpu) == float("inf")
-    assert keep_logits_bytes(None, cpu) == 0  # the host's memory: recompute
 
 
 def test_bf16_autocast_stays_close_to_float32(tiny_model):
