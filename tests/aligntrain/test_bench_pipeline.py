@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -17,7 +18,8 @@ import gate  # noqa: E402  (a script folder, not a package)
 import gated_trl  # noqa: E402
 from pipeline import Job, run_jobs  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "killpg"), reason="POSIX process groups")
+pytestmark = pytest.mark.skipif(not hasattr(os, "killpg") or not os.path.isdir("/proc"),
+                                reason="POSIX process groups, Linux's /proc")
 
 # A job: prepares for PREP seconds (writing the time every 5 ms to STAMPS), then runs: ready, a timed part of
 # TIMED seconds, and prints what it saw as its RESULT.
@@ -157,3 +159,55 @@ def test_gated_trl_runs_a_script_as_its_main(tmp_path):
                           "gated_trl.install = lambda warm: None; gated_trl.main()", str(script), "--warm", "2"],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "RESULT ['--warm', '2'] __main__"
+
+
+def test_a_timed_part_past_the_watchdog_lets_the_preparing_go_on(child, tmp_path):
+    outcomes = run_jobs([child("runner", 0.05, 1.0), child("preparer", 1.5, 0.0)], preparing=2, watchdog_s=0.3)
+    runner, _ = results(outcomes)
+    inside = [t for t in stamps(tmp_path, "preparer") if runner["timed_from"] + 0.45 < t < runner["timed_to"]]
+    assert inside  # stopped at first, going on again once the watchdog had fired
+
+
+def test_stopping_the_scheduler_ends_every_job(child, tmp_path):
+    """`timeout` sends SIGTERM to the suite: the jobs it started (stopped ones included) end with it."""
+    script = tmp_path / "scheduler.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO / "benchmarks")!r})
+        from pipeline import Job, run_jobs
+        jobs = [Job([sys.executable, "-c", "import os, sys, time; print(os.getpid(), flush=True); time.sleep(60)"], n, n)
+                for n in ("a", "b", "c")]
+        run_jobs(jobs, preparing=3)
+    """))
+    scheduler = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.time() + 20
+    pids = []
+    while time.time() < deadline and len(pids) < 3:  # a, b and c started (none says ready: all prepare)
+        time.sleep(0.1)
+        pids = _job_pids(scheduler.pid)
+    assert len(pids) == 3, pids
+    scheduler.terminate()
+    assert scheduler.wait(timeout=20) != 0
+    time.sleep(0.2)
+    assert not [pid for pid in pids if _alive(pid)]
+
+
+def _job_pids(parent: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                children.append(int(entry))
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
