@@ -66,6 +66,7 @@ SHAPES = {
     "tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=1000)),
 }
+LARGE_SHAPES = {"llama8b"}  # run one process at a time by default (overlap_for)
 # Content, then the end-of-sequence token after every assistant turn: no chat markup, so both sides
 # train on the same tokens (TRL appends EOS to completions of a tokenizer without a chat template).
 TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
@@ -504,9 +505,19 @@ def measure_rows(rows: list[Row], args: argparse.Namespace, row_done=None) -> li
         if row_done is not None and all(later[0] != number for later in planned[position + 1:]):
             row_done(number, *measured[number])
 
-    run_jobs([job for *_, job in planned], preparing=max(1, args.overlap),
-             alive=1 if args.overlap == 0 else args.overlap + 2, on_done=done)
+    overlap = overlap_for(rows, args.overlap)
+    run_jobs([job for *_, job in planned], preparing=max(1, overlap), alive=1 if overlap == 0 else overlap + 2,
+             on_done=done)
     return measured
+
+
+def overlap_for(rows: list[Row], asked: int | None) -> int:
+    """--overlap, or by default 2, and 0 where a row's model is large (LARGE_SHAPES): a process waiting for
+    its turn holds its models on the GPU (an 8B policy in float32 and its reference: 48 GB), which beside
+    a running 8B process would not fit a 80 GB card."""
+    if asked is not None:
+        return asked
+    return 0 if any(row.shape in LARGE_SHAPES for row in rows) else 2
 
 
 def child_result(outcome: Outcome) -> dict | None:
@@ -608,9 +619,9 @@ def main() -> None:
     ap.add_argument("--overrides", nargs="*", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--cache", default=None, help=argparse.SUPPRESS)  # models and shards shared by our runs
     ap.add_argument("--anchor", default=str(ANCHOR), help="path of trl_anchor.py")
-    ap.add_argument("--overlap", type=int, default=2, metavar="N",
+    ap.add_argument("--overlap", type=int, default=None, metavar="N",
                     help="processes preparing on the host while one runs on the GPU (pipeline.py; their work "
-                         "stops during its timed steps); 0: one process at a time")
+                         "stops during its timed steps); 0: one process at a time (default 2; 0 for llama8b)")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -95,3 +95,10 @@ def test_the_anchor_lengths_are_what_trl_forwards(tmp_path):
     assert bench_train.anchor_lengths(module, "dpo", 2, 10, 1024) == [(600, 424, 4)] * 2  # keep_start; EOS
     assert bench_train.anchor_lengths(module, "sft", 1, 10, 1024) == [(1024,)]
     assert bench_train.anchor_lengths(module, "sft", 1, 10, 2048) == [(1101,)]  # + EOS
+
+
+def test_large_models_run_one_process_at_a_time_unless_asked():
+    small, large = Row("a", "dpo", "llama1b", 16, ("dpo",)), Row("b", "dpo", "llama8b", 16, ("dpo",))
+    assert bench_train.overlap_for([small], None) == 2
+    assert bench_train.overlap_for([small, large], None) == 0  # a waiting 8B process holds 48 GB of the GPU
+    assert bench_train.overlap_for([large], 1) == 1 and bench_train.overlap_for([small], 0) == 0
