@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gate
+from childrun import result_line
 from pipeline import Job, Outcome, run_jobs
 
 from aligntrain.flops import item_counts, mfu, training_flops
@@ -215,13 +216,12 @@ def run_ours(args: argparse.Namespace) -> dict:
                   **({"lora": parse_lora(args.lora)} if args.lora else {})},
         "loss": {"name": args.mode, "beta": 0.1}, "output_dir": str(work / "run"), "log_every_steps": 10 ** 6,
     }))
-    settings = [o for o in args.overrides if o.startswith(("inductor.", "aligntrain."))]
+    settings = [o for o in args.overrides if o.startswith(SETTING_PREFIXES)]
     for item in settings:  # --also inductor.combo_kernels=true or aligntrain.compiling.FUSE_LINEARS=false
         import yaml
 
-        key, value = item.split("=", 1)
-        module, _, name = ("torch._inductor.config." + key[len("inductor."):] if key.startswith("inductor.") else key).rpartition(".")
-        setattr(importlib.import_module(module), name, yaml.safe_load(value))
+        module, name, value = setting_target(item)
+        setattr(module, name, yaml.safe_load(value))
     cfg = load_config(cfg_path, overrides=[o for o in args.overrides if o not in settings] or None)
     config = model_config(args.shape)
     lengths = item_lengths(open_split(shards, "train"), args.mode)
@@ -286,6 +286,34 @@ def run_ours(args: argparse.Namespace) -> dict:
             "prepare_s": round(t_start - t_process - (waited if args.precompute else 0), 1),
             "first_step_s": round(times[0] - t_start - (0 if args.precompute else waited), 1),
             "train_s": round(time.perf_counter() - t_start, 1), "graphs_compiled_timed": graphs[-1] - graphs[0], **result}
+
+
+SETTING_PREFIXES = ("inductor.", "aligntrain.")  # --also items that set a module attribute, not a config key
+
+
+def setting_target(item: str):
+    """(module, attribute name, value text) of an --also item `inductor.NAME=V` (torch._inductor.config.NAME)
+    or `aligntrain.MODULE.NAME=V`."""
+    key, value = item.split("=", 1)
+    path = "torch._inductor.config." + key[len("inductor."):] if key.startswith("inductor.") else key
+    module, _, name = path.rpartition(".")
+    return importlib.import_module(module), name, value
+
+
+def setting_problem(item: str) -> str | None:
+    """Why an --also item that sets a module attribute cannot (None: it can, or it is a config override,
+    which the child's config loader checks)."""
+    if not item.startswith(SETTING_PREFIXES):
+        return None
+    if "=" not in item:
+        return f"{item!r} is not of the form NAME=VALUE"
+    try:
+        module, name, _ = setting_target(item)
+    except ImportError as e:
+        return f"{item.split('=', 1)[0]}: no such module ({e})"
+    if not hasattr(module, name):
+        return f"{module.__name__} has no setting {name!r}"
+    return None
 
 
 def compiled_graphs() -> int:
@@ -491,12 +519,11 @@ def measure_rows(rows: list[Row], args: argparse.Namespace, row_done=None) -> li
     ended = iter(range(len(planned)))
 
     def done(outcome: Outcome) -> None:
-        report(outcome)
+        result = result_line(outcome.stdout)
+        report(outcome, result)
         position = next(ended)  # outcomes come in the jobs' order
         number, side, name, _ = planned[position]
-        result = child_result(outcome)
         if result is not None:
-            result.pop("profile", None)
             if side == "ours":
                 measured[number][0][name] = result
             else:
@@ -520,18 +547,10 @@ def overlap_for(rows: list[Row], asked: int | None) -> int:
     return 0 if any(row.shape in LARGE_SHAPES for row in rows) else 2
 
 
-def child_result(outcome: Outcome) -> dict | None:
-    """The RESULT line of a finished process, as a dict (None: it printed none)."""
-    for line in outcome.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return None
-
-
-def report(outcome: Outcome) -> None:
-    """Say how a process went as it ends: its time in all and its parts (the suite's own cost), its rate, or
-    why it failed; our profiles are printed here too."""
-    result = child_result(outcome)
+def report(outcome: Outcome, result: dict | None) -> None:
+    """Say how a process went as it ends (`result`: its RESULT, None if it printed none): its time in all and
+    its parts (the suite's own cost), its rate, or why it failed; our profiles are printed (and taken out of
+    the result) here."""
     if result is None:
         print(f"{outcome.job.label} failed (exit {outcome.returncode}):\n{outcome.stderr[-3000:]}", file=sys.stderr, flush=True)
         return
@@ -636,6 +655,13 @@ def main() -> None:
         ap.error("--profile-step and --cprofile-step must be different steps")
     if args.lora:
         parse_lora(args.lora)  # refuse a bad spec before anything runs
+    if args.overlap is not None and args.overlap < 0:
+        ap.error(f"--overlap must be 0 or more, got {args.overlap}")
+    for spec in args.also:
+        for item in spec.split(","):
+            problem = setting_problem(item)
+            if problem:
+                ap.error(f"--also {spec}: {problem}")
     if args.child:
         print("RESULT " + json.dumps(run_ours(args)), flush=True)
         return

@@ -10,8 +10,15 @@ import sys
 def child_result(cmd: list[str], what: str, env: dict | None = None) -> dict | None:
     """Run `cmd`; its RESULT line as a dict, or None after printing the end of its stderr (naming `what`)."""
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    for line in r.stdout.splitlines():
+    result = result_line(r.stdout)
+    if result is None:
+        print(f"{what} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+    return result
+
+
+def result_line(stdout: str) -> dict | None:
+    """The `RESULT {json}` line of a child's output, as a dict (None: it printed none)."""
+    for line in stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    print(f"{what} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
     return None

@@ -102,3 +102,12 @@ def test_large_models_run_one_process_at_a_time_unless_asked():
     assert bench_train.overlap_for([small], None) == 2
     assert bench_train.overlap_for([small, large], None) == 0  # a waiting 8B process holds 48 GB of the GPU
     assert bench_train.overlap_for([large], 1) == 1 and bench_train.overlap_for([small], 0) == 0
+
+
+def test_also_settings_name_a_real_module_attribute():
+    assert bench_train.setting_problem("lr=1e-5") is None  # a config override: the child's loader checks it
+    assert bench_train.setting_problem("inductor.combo_kernels=true") is None
+    assert bench_train.setting_problem("aligntrain.compiling.FUSE_LINEARS=false") is None
+    assert "has no setting 'nope'" in bench_train.setting_problem("inductor.nope=1")
+    assert "no such module" in bench_train.setting_problem("aligntrain.nomodule.X=1")
+    assert "NAME=VALUE" in bench_train.setting_problem("aligntrain.compiling.FUSE_LINEARS")
