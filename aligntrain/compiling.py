@@ -83,6 +83,34 @@ def compiled_logps_from_logits():
     return _compiled_logps
 
 
+def logps_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None = None):
+    """(log p(target) [n] float32, its gradient with respect to the logits [n, V] in their dtype) per row of
+    logits [n, V]: the log-probs exactly as logps_from_logits, and onehot(target) - softmax, times the
+    softcap's derivative 1 - tanh^2 where the head caps its logits."""
+    capped = softcap * torch.tanh(logits / softcap) if softcap else logits
+    z = capped.float()
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    hit = torch.arange(z.shape[-1], device=z.device) == targets[:, None]
+    grad = hit.float() - torch.exp(z - lse)
+    if softcap:
+        grad = grad * (1.0 - (z / softcap) ** 2)
+    picked = capped.gather(-1, targets[:, None]).squeeze(-1).float()
+    return picked - lse.squeeze(-1), grad.to(logits.dtype)
+
+
+_compiled_logps_and_grad = None
+
+
+def compiled_logps_and_grad():
+    """logps_and_grad compiled once per process, dynamic in the number of rows: a reduction and a pointwise
+    pass over the bf16 logits, no float32 copy of them in memory."""
+    global _compiled_logps_and_grad
+    if _compiled_logps_and_grad is None:
+        _configure()
+        _compiled_logps_and_grad = torch.compile(logps_and_grad, backend=BACKEND, dynamic=True)
+    return _compiled_logps_and_grad
+
+
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 
 

@@ -6,6 +6,12 @@ chunks of `chunk_tokens` rows. Each chunk is checkpointed, so neither the forwar
 ever holds more than [chunk, vocab] logits, and no [batch, seq, vocab] float32 tensor exists:
 
     log p(y_t) = logit[y_t] - logsumexp(logits)      (logits in the model's dtype, lse in float32)
+
+Checkpointing the head costs its forward twice (8 FLOPs per head weight and trained token instead of 6).
+A loss that is one coefficient c times the sum of the returned log-probs (SFT's token mean) needs no
+second forward: the gradient of log p(y_t) with respect to the logits, onehot(y_t) - softmax, is known in
+the forward, so each chunk there also computes its share of the head's input and weight gradients, kept
+unscaled, and the backward only multiplies them by c (head_logps_uniform_grad; `uniform_grad=True`).
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from .compiling import compile_layers, compile_wanted, compiled_logps_from_logits, logps_from_logits
+from .compiling import (compile_layers, compile_wanted, compiled_logps_and_grad, compiled_logps_from_logits,
+                        logps_and_grad, logps_from_logits)
 from .config import Config, ConfigError
 from .packing import PACKED_ATTENTION, PADDED, choose_layout, use_packed_attention
+
+HEAD_GRAD_IN_FORWARD = True  # uniform_grad's head gradients in the forward (benchmarks turn it off to measure it)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -52,14 +61,20 @@ class SequenceLogps(nn.Module):
     Accelerate wraps this module (not the bare LM), so autocast and FSDP see one root forward.
     """
 
-    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, cudnn_attention: bool = False, compiled: bool = False):
+    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, cudnn_attention: bool = False, compiled: bool = False,
+                 uniform_grad: bool = False):
+        """`uniform_grad`: the caller's loss is c * (sum of the returned log-probs), one c for every sequence
+        (SFT with every example weighted 1); the head then computes its gradients in the forward
+        (module docstring). A loss that weighs sequences differently must leave it False."""
         super().__init__()
         self.lm = lm
         self.chunk_tokens = chunk_tokens
         self.cudnn_attention = cudnn_attention
+        self.uniform_grad = uniform_grad
         if compiled:  # the decoder layers (here, once) and the head's log-softmax (compiling.py)
             compile_layers(lm)
         self.logps = compiled_logps_from_logits() if compiled else logps_from_logits
+        self.logps_and_grad = compiled_logps_and_grad() if compiled and uniform_grad else logps_and_grad
         config = lm.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
         # Heads that rescale logits in their own forward: we cannot apply their lm_head alone.
@@ -88,9 +103,7 @@ class SequenceLogps(nn.Module):
         if self.plain_head:
             lm = self.causal_lm()
             hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-            hidden = hidden[:, :-1][predict]  # [N, H]
-            token_logps = chunked_token_logps(hidden, targets, lm.get_output_embeddings(), self.chunk_tokens, self.softcap,
-                                             self.logps)
+            token_logps = self._token_logps(hidden[:, :-1][predict], targets, lm)  # hidden [N, H]
         else:
             logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             token_logps = gathered_token_logps(logits[:, :-1][predict], targets, self.chunk_tokens, self.logps)
@@ -108,14 +121,109 @@ class SequenceLogps(nn.Module):
             raise RuntimeError("a padding-free batch reached a model without packed attention (packing.use_packed_attention)")
         inputs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False, segments=segments)
         if self.plain_head:
-            hidden = lm.base_model(**inputs)[0][0].index_select(0, predict)  # [N, H]
-            token_logps = chunked_token_logps(hidden, targets, lm.get_output_embeddings(), self.chunk_tokens, self.softcap,
-                                             self.logps)
+            token_logps = self._token_logps(lm.base_model(**inputs)[0][0].index_select(0, predict), targets, lm)
         else:
             logits = self.lm(**inputs).logits[0].index_select(0, predict)
             token_logps = gathered_token_logps(logits, targets, self.chunk_tokens, self.logps)
         per_slot = torch.zeros(slots.shape, dtype=torch.float32, device=input_ids.device).masked_scatter(slots, token_logps)
         return per_slot.sum(dim=1), slots.sum(dim=1)
+
+
+    def _token_logps(self, hidden: torch.Tensor, targets: torch.Tensor, lm: nn.Module) -> torch.Tensor:
+        """[N] float32 log-probs of targets from the final hidden states [N, H], through the LM head."""
+        head = lm.get_output_embeddings()
+        if self._gradient_in_forward(hidden, head):
+            return head_logps_uniform_grad(hidden, head.weight, targets, self.chunk_tokens, self.softcap,
+                                           self.logps_and_grad)
+        return chunked_token_logps(hidden, targets, head, self.chunk_tokens, self.softcap, self.logps)
+
+    def _gradient_in_forward(self, hidden: torch.Tensor, head: nn.Module) -> bool:
+        """A training forward of a uniform-gradient loss through a plain bias-free linear head whose weight is
+        an ordinary tensor (not an FSDP shard, not a peft layer)."""
+        if not (HEAD_GRAD_IN_FORWARD and self.uniform_grad and torch.is_grad_enabled() and hidden.shape[0] > 0):
+            return False
+        if type(head) is not nn.Linear or head.bias is not None or type(head.weight) is not nn.Parameter:
+            return False
+        return hidden.requires_grad or head.weight.requires_grad
+
+
+def head_logps_uniform_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                            softcap: float | None = None, logps_and_grad=logps_and_grad) -> torch.Tensor:
+    """log p(target) [N] float32 for hidden [N, H] through a linear head of `weight` [V, H], for a loss
+    c * sum(returned) with one coefficient c: the gradients are computed here, chunk by chunk, and only
+    scaled in the backward, which is exact for that loss and wrong for any other.
+    `logps_and_grad`: compiling.logps_and_grad or its compiled twin."""
+    return _HeadLogpsUniformGrad.apply(hidden, weight, targets, chunk, softcap, logps_and_grad)
+
+
+class _HeadLogpsUniformGrad(torch.autograd.Function):
+    """Per chunk of rows, in the compute dtype (autocast's, else the weight's):
+
+        logits = h W^T,  g = onehot(target) - softmax(logits)   (= d log p / d logits)
+        dH[chunk] = g W,  dW += g^T h   (float32)
+
+    backward(grad [N]): dH * grad per row, and dW * grad[0]: the coefficient every row shares."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, softcap, logps_and_grad):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        with torch.autocast(device, enabled=False):
+            w, h = weight.to(dtype), hidden.to(dtype)
+            unit_dh = torch.empty_like(h)
+            unit_dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+                if ctx.needs_input_grad[1] else None
+            out = []
+            for start, stop in chunk_bounds(h.shape[0], chunk):
+                logps, grad = logps_and_grad(h[start:stop] @ w.t(), targets[start:stop], softcap)
+                out.append(logps)
+                torch.mm(grad, w, out=unit_dh[start:stop])
+                if unit_dw is not None:
+                    accumulate_mm(unit_dw, grad.t(), h[start:stop])
+        ctx.save_for_backward(unit_dh, unit_dw)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        unit_dh, unit_dw = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (unit_dh.float() * grad[:, None]).to(hidden_dtype)
+        if unit_dw is not None:
+            grad_weight = unit_dw.mul_(grad[0]).to(weight_dtype)  # grad[0]: no host sync
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+_ADDMM_TO_FLOAT32: dict[str, bool] = {}
+
+
+def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc in float32 and a, b maybe in a lower precision: on CUDA one cuBLAS call that adds
+    into the float32 accumulator (torch's addmm with out_dtype), where this torch has it and it checks out
+    on a small case; elsewhere the product in a's dtype, then added."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _addmm_to_float32(a.device):
+        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+    else:
+        acc.add_(a @ b)
+
+
+def _addmm_to_float32(device: torch.device) -> bool:
+    key = str(device)
+    if key not in _ADDMM_TO_FLOAT32:
+        try:
+            gen = torch.Generator(device=device).manual_seed(0)
+            a, b = (torch.randn(shape, device=device, generator=gen).to(torch.bfloat16) for shape in ((64, 48), (48, 32)))
+            acc = torch.ones(64, 32, device=device)
+            expected = acc + a.float() @ b.float()
+            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+            _ADDMM_TO_FLOAT32[key] = bool(torch.allclose(acc, expected, atol=1e-3, rtol=1e-3))
+        except (RuntimeError, AttributeError, TypeError):
+            _ADDMM_TO_FLOAT32[key] = False
+    return _ADDMM_TO_FLOAT32[key]
 
 
 def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int,

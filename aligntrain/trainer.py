@@ -114,8 +114,10 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
     optimizer = build_optimizer(cfg, policy, fused=fused)
     scheduler = build_scheduler(cfg, optimizer, steps)
     compiled = compile_wanted(cfg, accelerator.device, fsdp=fsdp)
+    # SFT's loss weighs every trained token alike: the head's gradients can come with its forward (modeling.py)
     model, optimizer = accelerator.prepare(
-        SequenceLogps(policy, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention, compiled), optimizer)
+        SequenceLogps(policy, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention, compiled,
+                      uniform_grad=cfg.task == "sft" and not fsdp), optimizer)
     reference = None
     if cfg.task == "dpo" and not cfg.loss.reference_free and not use_shard_reference:
         reference = AdapterOffReference(model, policy) if cfg.model.lora else Reference(cfg, accelerator.device, compiled)

@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_check.sh WHEELS ANCHOR STAGE...
 #   STAGE: tests | profile | profile-compile | dpo-qwen | dpo-qwen-ours | dpo-qwen-compile | dpo-qwen-share | dpo-llama
 #          | dpo-llama-ours | sft | sft-tokens | sft-llama-tokens | suite | suite-dpo | suite-llama | suite-sft | suite-precompute
-#          | profile-steps | lora | host | sft-variants | suite-450 | tests-compile | suite-sft-dpo
+#          | profile-steps | lora | host | sft-variants | suite-450 | tests-compile | suite-sft-dpo | sft-llama-head
+#          | sft-llama-lt | suite-sft-both
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
 # back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
@@ -39,9 +40,13 @@ for stage in "$@"; do
     suite) bench 570 --suite issue12 ;;
     suite-450) bench 450 --suite issue12 ;;
     suite-sft-dpo) bench 330 --suite issue12 --only 3,4,1 ;;
-    tests-compile) timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "compiled or flash or segment" ;;
+    tests-compile) timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "compiled or flash or segment or head_gradients" ;;
     host) timeout 60 python3 benchmarks/host_overhead.py; TORCH_BLAS_PREFER_CUBLASLT=1 timeout 60 python3 benchmarks/host_overhead.py ;;
     sft-variants) bench 200 --mode sft --shape qwen0.5b --bs 18 --steps 12 --warm 4 --skip-trl --also aligntrain.compiling.FUSE_LINEARS=false --also inductor.combo_kernels=true ;;
+    sft-llama-head) bench 240 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl --profile-step 10 \
+                      --also aligntrain.modeling.HEAD_GRAD_IN_FORWARD=false ;;
+    sft-llama-lt) TORCH_BLAS_PREFER_CUBLASLT=1 bench 120 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl ;;
+    suite-sft-both) bench 300 --suite issue12 --only 4,3 ;;
     suite-dpo) bench 400 --suite issue12 --only 1,2 ;;
     suite-llama) bench 300 --suite issue12 --only 2 ;;
     suite-sft) bench 500 --suite issue12 --only 3,4,5 ;;

@@ -23,6 +23,7 @@ def aot_eager(monkeypatch):
 
     monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
     monkeypatch.setattr(compiling, "_compiled_logps", None)
+    monkeypatch.setattr(compiling, "_compiled_logps_and_grad", None)
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -52,6 +53,21 @@ def test_the_compiled_log_softmax_is_the_eager_one():
     eager = logps_from_logits(logits, targets)
     assert torch.allclose(compiling.compiled_logps_from_logits()(logits, targets), eager, atol=1e-6)
     assert torch.allclose(eager, torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.5])
+def test_the_compiled_log_softmax_gradient_is_the_eager_one(softcap):
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 50, dtype=torch.bfloat16), torch.randint(0, 50, (6,))
+    eager = compiling.logps_and_grad(logits, targets, softcap)
+    fast = compiling.compiled_logps_and_grad()(logits, targets, softcap)
+    assert eager[1].dtype == fast[1].dtype == torch.bfloat16
+    assert torch.allclose(fast[0], eager[0], atol=1e-6) and torch.allclose(fast[1].float(), eager[1].float(), atol=1e-6)
+    assert torch.allclose(eager[0], logps_from_logits(logits, targets, softcap), atol=1e-6)
+    exact = logits.float().requires_grad_()
+    capped = softcap * torch.tanh(exact / softcap) if softcap else exact
+    torch.log_softmax(capped, -1).gather(-1, targets[:, None]).sum().backward()
+    assert torch.allclose(eager[1].float(), exact.grad, atol=2e-2)  # the bf16 logits' cap and the bf16 gradient
 
 
 @pytest.mark.parametrize("task,layout", [("sft", PACKED), ("dpo", SHARED), ("dpo", PADDED)])

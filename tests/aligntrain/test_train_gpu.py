@@ -218,6 +218,36 @@ def test_compiled_layers_and_head_equal_eager_on_cuda(tiny_model, sft_shards, dp
         assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.999
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_head_gradients_in_the_forward_on_cuda_follow_the_recomputed_head(tiny_model, sft_shards, compiled):
+    """SFT's head (uniform_grad: gradients in the forward, accumulated into float32 by cuBLAS) against the
+    checkpointed head, in bf16 autocast on a padding-free stream: the same log-probs and, within bf16
+    tolerance, the same gradients."""
+    from aligndata.write.shards import read_manifest
+    from aligntrain import modeling, packing
+    from aligntrain.data import ShardSplit, collate, to_device
+    from aligntrain.modeling import load_causal_lm, model_inputs
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    split = ShardSplit(sft_shards, "train", read_manifest(sft_shards))
+    batch = to_device(collate(split.rows(list(range(12))), "sft", 0, "packed"), torch.device("cuda"))
+    results = []
+    for uniform in (False, True):
+        lm = load_causal_lm(tiny_model, "float32").cuda()
+        packing.use_packed_attention(lm)
+        model = SequenceLogps(lm, chunk_tokens=16, compiled=compiled, uniform_grad=uniform)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logps, _ = model(**model_inputs(batch))
+        (-logps.sum() / 100).backward()
+        results.append((logps.detach(), torch.cat([p.grad.flatten() for p in lm.parameters()])))
+    assert modeling._ADDMM_TO_FLOAT32.get("cuda:0"), "this torch has no float32-accumulating addmm on CUDA"
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-2), (a - b).abs().max()
+    assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.999
+
+
 @pytest.mark.parametrize("groups", [1, 7])
 def test_the_segment_attention_operator_on_cuda_equals_the_exact_one(groups):
     """The flash path of aligntrain::segment_attention (bf16, a bound of 1024 far above the segments, as a run's

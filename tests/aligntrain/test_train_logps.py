@@ -76,3 +76,121 @@ def test_the_cudnn_switch_changes_nothing_on_cpu(tiny_model):
         on, _ = SequenceLogps(lm, cudnn_attention=True)(ids, attention, mask)
         off, _ = SequenceLogps(lm)(ids, attention, mask)
     assert torch.equal(on, off)
+
+
+# -- the head's gradients in the forward (uniform_grad) ------------------------------------------
+
+def _grads(lm, fn, scale=-0.37):
+    lm.zero_grad()
+    got, tokens = fn()
+    (scale * got.sum()).backward()  # one coefficient for every sequence, as SFT's token mean
+    return got.detach(), {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunk,tied", [(1, False), (5, False), (1024, False), (5, True)])
+def test_head_gradients_in_the_forward_equal_the_recomputed_head(tiny_model, chunk, tied):
+    lm = load_causal_lm(tiny_model, "float32")
+    if tied:  # one parameter, the embedding's and the head's gradients summed into it
+        lm.get_output_embeddings().weight = lm.get_input_embeddings().weight
+    ids, attention, mask = batch()
+    seen = []
+    lm.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(out))
+    expected, expected_grads = _grads(lm, lambda: SequenceLogps(lm, chunk_tokens=chunk)(ids, attention, mask))
+    assert seen, "the plain path runs the head module"
+    seen.clear()
+    got, grads = _grads(lm, lambda: SequenceLogps(lm, chunk_tokens=chunk, uniform_grad=True)(ids, attention, mask))
+    assert not seen, "the head's matrix multiplies run inside head_logps_uniform_grad, not through the module"
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert expected_grads.keys() == grads.keys() and len(grads) == len(list(lm.parameters()))
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected_grads[name], atol=1e-5), name
+
+
+def test_head_gradients_in_the_forward_on_a_padding_free_stream(tiny_model):
+    from aligntrain.data import collate
+    from aligntrain.modeling import model_inputs
+    from aligntrain.packing import PACKED, use_packed_attention
+
+    lm = load_causal_lm(tiny_model, "float32")
+    use_packed_attention(lm)
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for n, p in ((9, 3), (14, 5), (6, 2)):
+        ids = torch.randint(7, 300, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "loss_mask": [0] * p + [1] * (n - p), "length": n})
+    batch = collate(rows, "sft", 0, PACKED, 64)
+    expected, expected_grads = _grads(lm, lambda: SequenceLogps(lm, chunk_tokens=4)(**model_inputs(batch)))
+    got, grads = _grads(lm, lambda: SequenceLogps(lm, chunk_tokens=4, uniform_grad=True)(**model_inputs(batch)))
+    assert torch.allclose(got, expected, atol=1e-5)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected_grads[name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_head_logps_uniform_grad_against_autograd(softcap):
+    from aligntrain.modeling import head_logps_uniform_grad
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(11, 8, generator=g, requires_grad=True)
+    weight = torch.randn(29, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 29, (11,), generator=g)
+
+    def naive():
+        logits = hidden @ weight.t()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+    expected = naive()
+    expected_h, expected_w = torch.autograd.grad(2.5 * expected.sum(), (hidden, weight))
+    got = head_logps_uniform_grad(hidden, weight, targets, 4, softcap)
+    got_h, got_w = torch.autograd.grad(2.5 * got.sum(), (hidden, weight))
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(got_h, expected_h, atol=1e-5) and torch.allclose(got_w, expected_w, atol=1e-5)
+    # the input's gradient is exact per row for any coefficients, only the weight's needs them equal
+    coeff = torch.linspace(-1, 1, 11)
+    got_h, = torch.autograd.grad((coeff * head_logps_uniform_grad(hidden, weight, targets, 4, softcap)).sum(), hidden)
+    expected_h, = torch.autograd.grad((coeff * naive()).sum(), hidden)
+    assert torch.allclose(got_h, expected_h, atol=1e-5)
+
+
+def test_head_gradients_in_the_forward_not_taken_where_they_do_not_apply(tiny_model):
+    from aligntrain import modeling
+
+    lm = load_causal_lm(tiny_model, "float32")
+    ids, attention, mask = batch()
+    calls = []
+    real = modeling.head_logps_uniform_grad
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    modeling.head_logps_uniform_grad = spy
+    try:
+        model = SequenceLogps(lm, uniform_grad=True)
+        with torch.no_grad():  # evaluation: no gradients to compute
+            model(ids, attention, mask)
+        SequenceLogps(lm)(ids, attention, mask)[0].sum().backward()  # a loss that did not declare itself uniform
+        assert not calls
+        model(ids, attention, mask)[0].sum().backward()
+        assert calls == [1]
+        modeling.HEAD_GRAD_IN_FORWARD = False  # the switch the benchmarks measure it with
+        model(ids, attention, mask)[0].sum().backward()
+        assert calls == [1]
+    finally:
+        modeling.head_logps_uniform_grad = real
+        modeling.HEAD_GRAD_IN_FORWARD = True
+
+
+def test_head_gradients_in_the_forward_under_bf16_autocast(tiny_model):
+    lm = load_causal_lm(tiny_model, "float32")
+    ids, attention, mask = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, expected_grads = _grads(lm, lambda: SequenceLogps(lm, chunk_tokens=5)(ids, attention, mask))
+        got, grads = _grads(lm, lambda: SequenceLogps(lm, chunk_tokens=5, uniform_grad=True)(ids, attention, mask))
+    assert torch.allclose(got, expected, atol=1e-3)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32
+        scale = expected_grads[name].abs().max().item() + 1e-6
+        assert (grad - expected_grads[name]).abs().max().item() <= 0.03 * scale, name

@@ -188,6 +188,29 @@ def test_training_padding_free_equals_padded(tmp_path, tiny_model, sft_shards, d
     assert PACKED_ATTENTION not in saved  # checkpoints load anywhere, without aligntrain's attention
 
 
+def test_sft_training_with_the_heads_gradients_in_the_forward_equals_the_recomputed_head(monkeypatch, tmp_path,
+                                                                                          tiny_model, sft_shards):
+    """SFT's default (modeling.HEAD_GRAD_IN_FORWARD) over several micro-batches a step, both layouts."""
+    from aligntrain import modeling
+
+    calls = []
+    real = modeling.head_logps_uniform_grad
+    monkeypatch.setattr(modeling, "head_logps_uniform_grad", lambda *a: calls.append(1) or real(*a))
+    for padding_free in (False, True):
+        cfg = {"loss": {"name": "sft"}, "tokens_per_batch": 120, "n_examples": 24, "padding_free": padding_free}
+        fused = train(cfg_for(tmp_path, tiny_model, f"fused{padding_free}", **cfg), sft_shards)
+        assert len(calls) >= 2 * len(fused.history)  # every micro-batch of every step (two or more per step)
+        calls.clear()
+        monkeypatch.setattr(modeling, "HEAD_GRAD_IN_FORWARD", False)
+        plain = train(cfg_for(tmp_path, tiny_model, f"plain{padding_free}", **cfg), sft_shards)
+        monkeypatch.setattr(modeling, "HEAD_GRAD_IN_FORWARD", True)
+        assert not calls
+        assert len(plain.history) == len(fused.history) > 1
+        for a, b in zip(plain.history, fused.history):
+            for key in ("loss", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+
+
 def test_mfu_of_a_step_is_its_useful_flops_over_the_cards_peak(tmp_path, tiny_model):
     from types import SimpleNamespace
 
