@@ -370,9 +370,50 @@ def profile_step(step_fn, step, model, objective, optimizer, scheduler, batches,
         if e.key in PHASES:
             device = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1e3
             lines.append(f"  {e.key:18s} host {e.cpu_time_total / 1e3:8.1f} ms  device {device:8.1f} ms  x{e.count}")
-    lines.append(events.table(sort_by=device_attr, row_limit=18, max_name_column_width=70))
+    lines.append(events.table(sort_by=device_attr, row_limit=30, max_name_column_width=70))
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        with open(f"{tmp}/trace.json") as f:
+            trace = json.load(f)
+    lines.append(idle_report(trace.get("traceEvents", [])))
     profile_text.append("\n".join(lines))
     return out
+
+
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # chrome-trace categories of work on the device
+
+
+def idle_report(trace_events: list[dict], top: int = 8, min_gap_us: float = 20.0) -> str:
+    """Where the GPU waited in a profiled step, from its chrome trace: the device's busy time (the union of
+    its kernels and copies) against the span from the first to the last, the idle time split by the phase
+    the host was in when the next kernel came (PHASES' host ranges; "between phases" outside them), and
+    the longest gaps with the kernels on either side."""
+    work = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("name", "?")) for e in trace_events
+                  if e.get("ph") == "X" and e.get("cat") in GPU_WORK)
+    if not work:
+        return "idle: no GPU work in the trace"
+    ranges = [(e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in trace_events
+              if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e.get("name") in PHASES]
+    gaps, busy, end, last = [], 0.0, work[0][0], work[0][2]
+    for start, stop, name in work:
+        if start - end >= min_gap_us:
+            gaps.append((start - end, end, last, name, start))
+        if stop > end:
+            busy += stop - max(start, end)
+            end, last = stop, name
+    span = end - work[0][0]
+    by_phase: dict[str, float] = {}
+    for length, _, _, _, resumed in gaps:
+        phase = next((n for a, b, n in ranges if a <= resumed <= b), "between phases")
+        by_phase[phase] = by_phase.get(phase, 0.0) + length
+    idle = span - busy
+    lines = [f"GPU busy {busy / 1e3:.1f} ms of a {span / 1e3:.1f} ms span ({busy / span:.0%}); idle {idle / 1e3:.1f} ms, "
+             f"{sum(g[0] for g in gaps) / 1e3:.1f} ms of it in {len(gaps)} gaps of {min_gap_us:.0f} us or more, by the "
+             "host's phase when work resumed: " + ", ".join(f"{k} {v / 1e3:.1f} ms" for k, v in
+                                                           sorted(by_phase.items(), key=lambda kv: -kv[1]))]
+    for length, at, before, after, _ in sorted(gaps, reverse=True)[:top]:
+        lines.append(f"  gap {length / 1e3:6.2f} ms at +{(at - work[0][0]) / 1e3:6.1f} ms: after {before[:50]} / before {after[:50]}")
+    return "\n".join(lines)
 
 
 profile_text: list[str] = []  # profile_step's report, handed to the parent in the child's RESULT

@@ -8,7 +8,7 @@
 #   STAGE: tests | profile | profile-compile | dpo-qwen | dpo-qwen-ours | dpo-qwen-compile | dpo-qwen-share | dpo-llama
 #          | dpo-llama-ours | sft | sft-tokens | sft-llama-tokens | suite | suite-dpo | suite-llama | suite-sft | suite-precompute
 #          | profile-steps | lora | host | sft-variants | suite-450 | tests-compile | suite-sft-dpo | sft-llama-head
-#          | sft-llama-lt | suite-sft-both
+#          | sft-llama-lt | suite-sft-both | profile-llama
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
 # back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
@@ -46,6 +46,9 @@ for stage in "$@"; do
     sft-llama-head) bench 240 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl --profile-step 10 \
                       --also aligntrain.modeling.HEAD_GRAD_IN_FORWARD=false ;;
     sft-llama-lt) TORCH_BLAS_PREFER_CUBLASLT=1 bench 120 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl ;;
+    profile-llama) bench 120 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl --profile-step 10
+                   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench 120 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl
+                   bench 120 --mode dpo --shape llama1b --bs 16 --steps 12 --warm 4 --skip-trl --profile-step 10 ;;
     suite-sft-both) bench 300 --suite issue12 --only 4,3 ;;
     suite-dpo) bench 400 --suite issue12 --only 1,2 ;;
     suite-llama) bench 300 --suite issue12 --only 2 ;;

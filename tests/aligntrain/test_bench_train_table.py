@@ -111,3 +111,29 @@ def test_also_settings_name_a_real_module_attribute():
     assert "has no setting 'nope'" in bench_train.setting_problem("inductor.nope=1")
     assert "no such module" in bench_train.setting_problem("aligntrain.nomodule.X=1")
     assert "NAME=VALUE" in bench_train.setting_problem("aligntrain.compiling.FUSE_LINEARS")
+
+
+def test_idle_report_splits_the_gpus_waits_by_the_hosts_phase():
+    def kernel(ts, dur, name):
+        return {"ph": "X", "cat": "kernel", "ts": ts, "dur": dur, "name": name}
+
+    events = [
+        {"ph": "X", "cat": "user_annotation", "ts": 0, "dur": 1000, "name": "policy forward"},
+        {"ph": "X", "cat": "user_annotation", "ts": 1000, "dur": 3000, "name": "backward"},
+        {"ph": "X", "cat": "user_annotation", "ts": 0, "dur": 5000, "name": "an unrelated range"},
+        kernel(100, 400, "fwd_a"), kernel(450, 200, "fwd_b"),  # overlapping: busy 100-650
+        kernel(710, 290, "fwd_c"),  # a 60 us gap resuming in the forward
+        {"ph": "X", "cat": "gpu_memcpy", "ts": 1000, "dur": 100, "name": "Memcpy HtoD"},  # work, no gap before it
+        kernel(2100, 900, "bwd_a"),  # 1000 us waiting, resumed in the backward
+        kernel(4620, 10, "after_all"),  # 1620 us, resumed outside every phase
+        kernel(4631, 5, "close"),  # 1 us: under the gap threshold, still idle
+    ]
+    report = bench_train.idle_report(events, top=2)
+    lines = report.splitlines()
+    assert lines[0].startswith("GPU busy 1.9 ms of a 4.5 ms span (41%)")  # 550 + 290 + 100 + 900 + 10 + 5 us
+    assert "idle 2.7 ms, 2.7 ms of it in 3 gaps" in lines[0]  # 60 + 1000 + 1620 (+ 1) us
+    assert "between phases 1.6 ms, backward 1.0 ms, policy forward 0.1 ms" in lines[0]
+    assert len(lines) == 3 and "after Memcpy HtoD / before bwd_a" not in lines[1]
+    assert "1.62 ms" in lines[1] and "after bwd_a / before after_all" in lines[1]
+    assert "1.00 ms" in lines[2] and "after Memcpy HtoD / before bwd_a" in lines[2]
+    assert bench_train.idle_report([events[0]]) == "idle: no GPU work in the trace"
