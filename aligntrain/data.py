@@ -247,8 +247,14 @@ def collate(rows: list[dict[str, Any]], task: str, pad_id: int, layout: str = PA
     return batch
 
 
-def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
-    """A collated batch on `device` (its tensors and the padding-free Segments; numbers stay as they are)."""
+def to_device(batch: dict[str, Any], device, non_blocking: bool = False) -> dict[str, Any]:
+    """A collated batch on `device` (its tensors and the padding-free Segments; numbers stay as they are).
+    `non_blocking` on CUDA: the tensors go through pinned memory and the copies are queued behind the work
+    already on the stream, without the host waiting for them (the trainer's prefetch of the next step)."""
+    device = torch.device(device)
+    if non_blocking and device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor)
+                else v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 

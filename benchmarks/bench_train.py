@@ -244,6 +244,7 @@ def run_ours(args: argparse.Namespace) -> dict:
 
     def profiled_step(profiler, step, *a, **k):
         nonlocal profiled_secs
+        sync()  # the previous step's last kernels count in its time, not in the profiled one
         started = time.perf_counter()
         out = profiler(step_fn, step, *a, **k)
         sync()
@@ -257,19 +258,25 @@ def run_ours(args: argparse.Namespace) -> dict:
             return profiled_step(profile_step, step, *a, **k)  # not timed: profiling slows it
         if step == args.cprofile_step:
             return profiled_step(host_profile_step, step, *a, **k)
-        out = step_fn(step, *a, **k)  # its float() of the loss and grad norm already waits for the GPU
-        sync()
+        out = step_fn(step, *a, **k)
+        # A step ends with its optimizer update queued, and the next step's host work overlaps it, as in any
+        # run: the clock waits for the GPU only at the ends of the timed span.
+        if step in (args.warm, args.steps):
+            sync()
         if step == args.warm:
             gate.timed()  # before the clock: the timed steps have the host to themselves
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             graphs.append(compiled_graphs())
+            gc_watch.start()
         times.append(time.perf_counter())
         return out
 
     T.train_step = timed_step
+    gc_watch = GcWatch()
     t_start = time.perf_counter()
     T.train(cfg, shards)
+    gc_watch.stop()
     gate.untimed()
     graphs.append(compiled_graphs())
     waited = gate.waited()  # the pipeline's wait for the GPU is in neither part below
@@ -285,7 +292,43 @@ def run_ours(args: argparse.Namespace) -> dict:
             "params": params, "steps_timed": steps_timed,
             "prepare_s": round(t_start - t_process - (waited if args.precompute else 0), 1),
             "first_step_s": round(times[0] - t_start - (0 if args.precompute else waited), 1),
-            "train_s": round(time.perf_counter() - t_start, 1), "graphs_compiled_timed": graphs[-1] - graphs[0], **result}
+            "train_s": round(time.perf_counter() - t_start, 1), "graphs_compiled_timed": graphs[-1] - graphs[0],
+            "gc": gc_watch.summary(), **result}
+
+
+class GcWatch:
+    """Python's garbage collections from start() to stop(): how many of each generation and the time they
+    took (a full collection of a process holding a model and its compiled graphs stalls the host)."""
+
+    def __init__(self):
+        self.on, self.began, self.counts, self.secs = False, 0.0, [0, 0, 0], [0.0, 0.0, 0.0]
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if not self.on:
+            return
+        if phase == "start":
+            self.began = time.perf_counter()
+        else:
+            generation = info.get("generation", 2)
+            self.counts[generation] += 1
+            self.secs[generation] += time.perf_counter() - self.began
+
+    def start(self) -> None:
+        import gc
+
+        self.on = True
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+    def stop(self) -> None:
+        import gc
+
+        self.on = False
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def summary(self) -> str:
+        return ", ".join(f"gen{g} {n} x {1e3 * t:.1f} ms" for g, (n, t) in enumerate(zip(self.counts, self.secs)))
 
 
 SETTING_PREFIXES = ("inductor.", "aligntrain.")  # --also items that set a module attribute, not a config key
@@ -323,10 +366,11 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-PHASES = ("policy forward", "reference forward", "backward", "clip_grad_norm", "optimizer.step")
+PHASES = ("policy forward", "reference forward", "backward", "clip_grad_norm", "optimizer.step",
+          "clipped step (norm + optimizer.step)")
 
 
-def profile_step(step_fn, step, model, objective, optimizer, scheduler, batches, cfg, accelerator):
+def profile_step(step_fn, step, model, objective, optimizer, scheduler, batches, cfg, accelerator, **kw):
     """One training step under torch.profiler, each phase a named range: prints the wall clock and device
     time of every phase, the step's total kernel time against its wall clock, and the top kernels."""
     import torch
@@ -338,8 +382,11 @@ def profile_step(step_fn, step, model, objective, optimizer, scheduler, batches,
                 return fn(*a, **k)
         return run
 
-    saved = {"forward": model.forward, "backward": accelerator.backward,
+    import aligntrain.trainer as T
+
+    saved = {"forward": model.forward, "backward": accelerator.backward, "clipped": T.clipped_step,
              "clip": accelerator.clip_grad_norm_, "step": optimizer.step, "reference": objective.reference}
+    T.clipped_step = ranged(saved["clipped"], PHASES[5])
     model.forward = ranged(saved["forward"], PHASES[0])
     if objective.reference is not None:
         objective.reference = ranged(saved["reference"], PHASES[1])
@@ -351,11 +398,12 @@ def profile_step(step_fn, step, model, objective, optimizer, scheduler, batches,
         torch.cuda.synchronize() if torch.cuda.is_available() else None
         started = time.perf_counter()
         with profile(activities=activities) as prof:
-            out = step_fn(step, model, objective, optimizer, scheduler, batches, cfg, accelerator)
+            out = step_fn(step, model, objective, optimizer, scheduler, batches, cfg, accelerator, **kw)
             torch.cuda.synchronize() if torch.cuda.is_available() else None
         wall = time.perf_counter() - started
     finally:
         model.forward, accelerator.backward, accelerator.clip_grad_norm_ = saved["forward"], saved["backward"], saved["clip"]
+        T.clipped_step = saved["clipped"]
         optimizer.step, objective.reference = saved["step"], saved["reference"]
     events = prof.key_averages()
     device_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
@@ -419,7 +467,7 @@ def idle_report(trace_events: list[dict], top: int = 8, min_gap_us: float = 20.0
 profile_text: list[str] = []  # profile_step's report, handed to the parent in the child's RESULT
 
 
-def host_profile_step(step_fn, step, *args):
+def host_profile_step(step_fn, step, *args, **kw):
     """One training step under cProfile: where the host's (Python's) time goes, the functions that spend the
     most in their own code, then the most including what they call."""
     import cProfile
@@ -432,7 +480,7 @@ def host_profile_step(step_fn, step, *args):
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     started = time.perf_counter()
     profiler.enable()
-    out = step_fn(step, *args)
+    out = step_fn(step, *args, **kw)
     profiler.disable()
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     text = io.StringIO()
@@ -603,8 +651,10 @@ def report(outcome: Outcome, result: dict | None) -> None:
         f"; model and shards {result['prepare_s']} s, load + compile + first step {result['first_step_s']} s"
     compiled = "" if not result.get("graphs_compiled_timed") else \
         f"; {result['graphs_compiled_timed']} graph(s) compiled during the timed steps"
+    collections = f"; garbage collections in the timed steps: {result['gc']}" if result.get("gc") else ""
     print(f"{outcome.job.label}: {outcome.seconds:.1f} s in all ({before}{parts}); {result['items_per_s']} items/s, "
-          f"{result['tokens_per_s']:,.0f} tokens/s, peak {result.get('peak_gib')} GiB{compiled}", file=sys.stderr, flush=True)
+          f"{result['tokens_per_s']:,.0f} tokens/s, peak {result.get('peak_gib')} GiB{compiled}{collections}",
+          file=sys.stderr, flush=True)
 
 
 def mfu_cell(result: dict | None, device: str) -> str:

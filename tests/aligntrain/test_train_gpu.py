@@ -280,3 +280,20 @@ def test_training_compiled_on_cuda_follows_eager(tmp_path, tiny_model, dpo_shard
     assert len(compiled.history) == len(eager.history) > 1
     for a, b in zip(eager.history, compiled.history):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-2, abs=2e-2)
+
+
+def test_the_step_on_cuda_with_its_clip_folded_in_and_the_next_batch_prefetched(monkeypatch, tmp_path, tiny_model,
+                                                                                sft_shards):
+    """One GPU's step: the next step's batches copied from pinned memory during the backward, the gradient
+    clip folded into the fused AdamW update (one host sync a step); the same losses and gradient norms as
+    clip_grad_norm_ and a separate optimizer step, on the same batches."""
+    import aligntrain.trainer as trainer_module
+
+    common = dict(n_examples=32, total_batch_size=8, max_grad_norm=0.5, compile=False)
+    folded = train(cfg_for(tmp_path, tiny_model, "folded", **common)[0], sft_shards)
+    monkeypatch.setattr(trainer_module, "CLIP_IN_STEP", False)
+    separate = train(cfg_for(tmp_path, tiny_model, "separate", **common)[0], sft_shards)
+    assert len(folded.history) == len(separate.history) == 4
+    for a, b in zip(separate.history, folded.history):
+        for key in ("loss", "grad_norm", "input_tokens"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
