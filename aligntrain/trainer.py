@@ -11,7 +11,6 @@ gradient average, is exactly the gradient of the mean over the whole accumulated
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import os
 import time
@@ -171,19 +170,13 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
         upcoming: dict[int, list[dict[str, Any]]] = {}
 
         def prefetch(step: int) -> None:  # called by train_step once the GPU has a backward to work through
-            if step < steps:
+            if step < steps and PREFETCH:
                 upcoming[step] = step_batches(step, accelerator.device)
 
         for step in range(start, steps):
             batches = upcoming.pop(step, None) or step_batches(step)
             metrics = train_step(step + 1, model, objective, optimizer, scheduler, batches, cfg, accelerator,
                                  prefetch=lambda nxt=step + 1: prefetch(nxt))
-            if step == start and GC_FREEZE:
-                # What exists after a first step (models, optimizer state, compiled graphs) lives as long as
-                # the run: out of the collector's sight, a full collection no longer walks it, which stalled
-                # the host for tens to hundreds of milliseconds mid-step.
-                gc.collect()
-                gc.freeze()
             result.train_metrics = metrics
             result.history.append(metrics)
             log.log(step + 1, "train", metrics, show=(step + 1) % cfg.log_every_steps == 0 or step + 1 == steps)
@@ -207,6 +200,9 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
     return result
 
 
+PREFETCH = True  # the next step's batches prepared during this step's backward (benchmarks turn it off to measure it)
+
+
 def train_step(step: int, model, objective: "Objective", optimizer, scheduler, batches: list[dict[str, torch.Tensor]],
                cfg: Config, accelerator, prefetch=None) -> dict[str, float]:
     """One optimizer step over this process's micro-batches; returns the step's global metrics.
@@ -226,29 +222,15 @@ def train_step(step: int, model, objective: "Objective", optimizer, scheduler, b
         prefetch()
     for key in ("useful_tokens", "attention_pairs"):
         sums[key] = float(sum(b[key] for b in batches))
-    names = sorted(sums)
-    stacked = accelerator.reduce(torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=accelerator.device)
-                                              for k in names]), "sum")
+    totals = _all_reduce(sums, accelerator)
+    metrics = objective.finish(totals)
+    if not math.isfinite(metrics["loss"]):
+        raise NonFiniteLossError(f"loss is {metrics['loss']} at step {step}; stopped before the optimizer step")
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf")))
+    if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":  # fp16's scaler skips such steps
+        raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step}; stopped before the optimizer step")
     lr = scheduler.get_last_lr()[0]
-    if _steps_with_clipping(optimizer, accelerator):
-        # the clip factor and the finite check go into the fused update, and one transfer brings back the
-        # metrics and the norm after it is queued; a non-finite step leaves the parameters untouched
-        norm = clipped_step(optimizer, model.parameters(), cfg.max_grad_norm, stacked[names.index(objective.loss_sum)])
-        *values, grad_norm = torch.cat([stacked, norm.reshape(1)]).tolist()
-        totals = dict(zip(names, values))
-        metrics = objective.finish(totals)
-        for what, value in (("loss", metrics["loss"]), ("gradient norm", grad_norm)):
-            if not math.isfinite(value):
-                raise NonFiniteLossError(f"{what} is {value} at step {step}; stopped, the optimizer step skipped")
-    else:
-        totals = dict(zip(names, stacked.tolist()))
-        metrics = objective.finish(totals)
-        if not math.isfinite(metrics["loss"]):
-            raise NonFiniteLossError(f"loss is {metrics['loss']} at step {step}; stopped before the optimizer step")
-        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf")))
-        if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":  # fp16's scaler skips such steps
-            raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step}; stopped before the optimizer step")
-        optimizer.step()
+    optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
@@ -292,11 +274,6 @@ class Objective:
         self.reference = reference
         self.accelerator = accelerator
         self.loss_fn = PREFERENCE_LOSSES.get(cfg.loss.name)
-
-    @property
-    def loss_sum(self) -> str:
-        """The key of the summed loss among a batch's sums (finish divides it into "loss")."""
-        return "nll" if self.task == "sft" else "loss"
 
     def global_count(self, batches: list[dict[str, torch.Tensor]]) -> float:
         """The step's normaliser over all processes: trained tokens (SFT) or pairs (preference)."""
@@ -502,37 +479,6 @@ def _prepare_run_dir(run_dir: Path, cfg: Config, start: int, changed: dict[str, 
         (run_dir / "config.yaml").write_text(text, encoding="utf-8")
     accelerator.wait_for_everyone()
     return notes
-
-
-def _steps_with_clipping(optimizer, accelerator) -> bool:
-    """Whether clipped_step can run this step: a fused Adam(W) on one CUDA device or data-parallel (its
-    gradients whole on every process after the backward), no fp16 loss scaler, no FSDP."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return (CLIP_IN_STEP and accelerator.scaler is None and getattr(accelerator.state, "fsdp_plugin", None) is None
-            and isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and bool(inner.defaults.get("fused")))
-
-
-CLIP_IN_STEP = True  # clipped_step where it applies (benchmarks turn it off to measure it)
-GC_FREEZE = True  # gc.freeze() after a run's first step (benchmarks turn it off to measure it)
-
-
-def clipped_step(optimizer, parameters, max_norm: float | None, loss_sum: torch.Tensor) -> torch.Tensor:
-    """Gradient clipping folded into a fused Adam(W) step: the total L2 norm of the gradients (returned, a
-    0-dim float32 tensor), and the step run with the gradients divided by max(1, (norm + 1e-6) / max_norm),
-    which is clip_grad_norm_'s factor, through the update's own `grad_scale` input (no separate pass over the
-    gradients). The update is skipped on the device (`found_inf`) when the norm or `loss_sum` is not finite,
-    so no host sync is needed before it."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, 2.0).float()
-    scale = ((norm + 1e-6) / max_norm).clamp(min=1.0) if max_norm else torch.ones_like(norm)
-    inner.grad_scale = scale
-    inner.found_inf = (~(torch.isfinite(norm) & torch.isfinite(loss_sum))).float()
-    try:
-        optimizer.step()
-    finally:
-        del inner.grad_scale, inner.found_inf
-    return norm
 
 
 def _all_reduce(sums: dict[str, torch.Tensor], accelerator) -> dict[str, float]:

@@ -366,8 +366,7 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-PHASES = ("policy forward", "reference forward", "backward", "clip_grad_norm", "optimizer.step",
-          "clipped step (norm + optimizer.step)")
+PHASES = ("policy forward", "reference forward", "backward", "clip_grad_norm", "optimizer.step")
 
 
 def profile_step(step_fn, step, model, objective, optimizer, scheduler, batches, cfg, accelerator, **kw):
@@ -382,11 +381,8 @@ def profile_step(step_fn, step, model, objective, optimizer, scheduler, batches,
                 return fn(*a, **k)
         return run
 
-    import aligntrain.trainer as T
-
-    saved = {"forward": model.forward, "backward": accelerator.backward, "clipped": T.clipped_step,
+    saved = {"forward": model.forward, "backward": accelerator.backward,
              "clip": accelerator.clip_grad_norm_, "step": optimizer.step, "reference": objective.reference}
-    T.clipped_step = ranged(saved["clipped"], PHASES[5])
     model.forward = ranged(saved["forward"], PHASES[0])
     if objective.reference is not None:
         objective.reference = ranged(saved["reference"], PHASES[1])
@@ -403,7 +399,6 @@ def profile_step(step_fn, step, model, objective, optimizer, scheduler, batches,
         wall = time.perf_counter() - started
     finally:
         model.forward, accelerator.backward, accelerator.clip_grad_norm_ = saved["forward"], saved["backward"], saved["clip"]
-        T.clipped_step = saved["clipped"]
         optimizer.step, objective.reference = saved["step"], saved["reference"]
     events = prof.key_averages()
     device_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"

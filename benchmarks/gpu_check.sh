@@ -8,7 +8,7 @@
 #   STAGE: tests | profile | profile-compile | dpo-qwen | dpo-qwen-ours | dpo-qwen-compile | dpo-qwen-share | dpo-llama
 #          | dpo-llama-ours | sft | sft-tokens | sft-llama-tokens | suite | suite-dpo | suite-llama | suite-sft | suite-precompute
 #          | profile-steps | lora | host | sft-variants | suite-450 | tests-compile | suite-sft-dpo | sft-llama-head
-#          | sft-llama-lt | suite-sft-both | profile-llama | sft-llama-steps
+#          | sft-llama-lt | suite-sft-both | profile-llama | sft-llama-prefetch
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
 # back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
@@ -19,7 +19,7 @@ if [ -n "${OUT:-}" ]; then exec > >(tee -a "$OUT/gpu_check.log") 2>&1; fi
 python3 -m pip install -q --no-index --no-deps --target /tmp/site "$wheels"/*.whl 2>&1 | tail -1
 export PYTHONPATH="$PWD:$PWD/tests:/tmp/site" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_mode --format=csv,noheader
-nproc
+nproc; lscpu | grep -m1 "Model name" || true
 python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 bench() { timeout "$1" python3 benchmarks/bench_train.py --anchor "$anchor" "${@:2}"; echo "[exit $?]"; }
 for stage in "$@"; do
@@ -40,7 +40,7 @@ for stage in "$@"; do
     suite) bench 570 --suite issue12 ;;
     suite-450) bench 450 --suite issue12 ;;
     suite-sft-dpo) bench 330 --suite issue12 --only 3,4,1 ;;
-    tests-compile) timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "compiled or flash or segment or head_gradients or folded" ;;
+    tests-compile) timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "compiled or flash or segment or head_gradients or prefetched" ;;
     host) timeout 60 python3 benchmarks/host_overhead.py; TORCH_BLAS_PREFER_CUBLASLT=1 timeout 60 python3 benchmarks/host_overhead.py ;;
     sft-variants) bench 200 --mode sft --shape qwen0.5b --bs 18 --steps 12 --warm 4 --skip-trl --also aligntrain.compiling.FUSE_LINEARS=false --also inductor.combo_kernels=true ;;
     sft-llama-head) bench 240 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl --profile-step 10 \
@@ -49,8 +49,8 @@ for stage in "$@"; do
     profile-llama) bench 120 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl --profile-step 10
                    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench 120 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl
                    bench 120 --mode dpo --shape llama1b --bs 16 --steps 12 --warm 4 --skip-trl --profile-step 10 ;;
-    sft-llama-steps) bench 200 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl --profile-step 10 \
-                       --also aligntrain.trainer.CLIP_IN_STEP=false --also aligntrain.trainer.GC_FREEZE=false ;;
+    sft-llama-prefetch) bench 150 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl \
+                          --also aligntrain.trainer.PREFETCH=false ;;
     suite-sft-both) bench 300 --suite issue12 --only 4,3 ;;
     suite-dpo) bench 400 --suite issue12 --only 1,2 ;;
     suite-llama) bench 300 --suite issue12 --only 2 ;;

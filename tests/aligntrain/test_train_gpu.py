@@ -282,18 +282,17 @@ def test_training_compiled_on_cuda_follows_eager(tmp_path, tiny_model, dpo_shard
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-2, abs=2e-2)
 
 
-def test_the_step_on_cuda_with_its_clip_folded_in_and_the_next_batch_prefetched(monkeypatch, tmp_path, tiny_model,
-                                                                                sft_shards):
-    """One GPU's step: the next step's batches copied from pinned memory during the backward, the gradient
-    clip folded into the fused AdamW update (one host sync a step); the same losses and gradient norms as
-    clip_grad_norm_ and a separate optimizer step, on the same batches."""
+
+def test_the_next_steps_batches_prefetched_on_cuda_change_nothing(monkeypatch, tmp_path, tiny_model, sft_shards):
+    """The next step's batches go to the GPU from pinned memory without the host waiting, during the backward:
+    the same losses and gradient norms as batches collated and copied at the start of their step."""
     import aligntrain.trainer as trainer_module
 
     common = dict(n_examples=32, total_batch_size=8, max_grad_norm=0.5, compile=False)
-    folded = train(cfg_for(tmp_path, tiny_model, "folded", **common)[0], sft_shards)
-    monkeypatch.setattr(trainer_module, "CLIP_IN_STEP", False)
-    separate = train(cfg_for(tmp_path, tiny_model, "separate", **common)[0], sft_shards)
-    assert len(folded.history) == len(separate.history) == 4
-    for a, b in zip(separate.history, folded.history):
+    prefetched = train(cfg_for(tmp_path, tiny_model, "prefetched", **common)[0], sft_shards)
+    monkeypatch.setattr(trainer_module, "PREFETCH", False)
+    in_turn = train(cfg_for(tmp_path, tiny_model, "in-turn", **common)[0], sft_shards)
+    assert len(prefetched.history) == len(in_turn.history) == 4
+    for a, b in zip(in_turn.history, prefetched.history):
         for key in ("loss", "grad_norm", "input_tokens"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key

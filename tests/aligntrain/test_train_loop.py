@@ -209,88 +209,15 @@ def test_lr_schedule_warms_up_like_the_seed_then_decays():
     assert lr_factor(4, 0, 4, "cosine", 0.1) == pytest.approx(0.1)
 
 
-# -- gradient clipping folded into the fused optimizer step (trainer.clipped_step) ---------------
 
-def _fused_on_cpu(monkeypatch):
-    """The trainer's fused Adam(W), as on one GPU, here on the CPU (torch has fused Adam there too)."""
+def test_the_next_steps_batches_prepared_during_the_backward_change_nothing(monkeypatch, tmp_path, tiny_model,
+                                                                            sft_shards):
     import aligntrain.trainer as trainer_module
 
-    real = trainer_module.build_optimizer
-    monkeypatch.setattr(trainer_module, "build_optimizer", lambda cfg, model, fused=False: real(cfg, model, fused=True))
-
-
-@pytest.mark.parametrize("max_norm", [0.05, 100.0, None])
-def test_clipped_step_equals_clip_grad_norm_then_step(max_norm):
-    from aligntrain.trainer import clipped_step
-
-    def setup():
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4))]
-        for p in params:
-            p.grad = torch.randn_like(p)
-        return params, torch.optim.AdamW(params, lr=0.1, fused=True)
-
-    params, opt = setup()
-    expected_norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
-    opt.step()
-    got_params, got_opt = setup()
-    norm = clipped_step(got_opt, got_params, max_norm, torch.tensor(1.0))
-    assert torch.allclose(norm, expected_norm)
-    for a, b in zip(params, got_params):
-        assert torch.allclose(a, b, atol=1e-6)
-    assert not hasattr(got_opt, "grad_scale") and not hasattr(got_opt, "found_inf")
-
-
-@pytest.mark.parametrize("bad", ["gradient", "loss"])
-def test_clipped_step_leaves_the_parameters_alone_when_not_finite(bad):
-    from aligntrain.trainer import clipped_step
-
-    params = [torch.nn.Parameter(torch.randn(5, 3))]
-    params[0].grad = torch.randn(5, 3)
-    if bad == "gradient":
-        params[0].grad[1, 2] = float("nan")
-    opt = torch.optim.AdamW(params, lr=0.1, fused=True)
-    before = params[0].detach().clone()
-    norm = clipped_step(opt, params, 1.0, torch.tensor(float("inf") if bad == "loss" else 2.0))
-    assert torch.equal(params[0], before) and opt.state[params[0]]["step"].item() == 0
-    assert math.isfinite(norm.item()) == (bad == "loss")
-
-
-def test_training_with_the_clip_in_the_fused_step_equals_clip_then_step(monkeypatch, tmp_path, tiny_model, sft_shards):
-    import aligntrain.trainer as trainer_module
-
-    _fused_on_cpu(monkeypatch)
-    calls = []
-    real = trainer_module.clipped_step
-    monkeypatch.setattr(trainer_module, "clipped_step", lambda *a: calls.append(1) or real(*a))
-    folded = train(cfg_for(tmp_path, tiny_model, "folded", max_grad_norm=0.5), sft_shards)
-    assert len(calls) == len(folded.history) > 1
-    monkeypatch.setattr(trainer_module, "CLIP_IN_STEP", False)
-    separate = train(cfg_for(tmp_path, tiny_model, "separate", max_grad_norm=0.5), sft_shards)
-    assert len(calls) == len(folded.history)
-    for a, b in zip(separate.history, folded.history):
-        for key in ("loss", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), key
-    assert any(h["grad_norm"] > 0.5 for h in folded.history)  # the clip did act
-
-
-def test_a_non_finite_step_with_the_clip_in_the_fused_step_stops_with_the_parameters_untouched(
-        monkeypatch, tmp_path, tiny_model, sft_shards):
-    import aligntrain.trainer as trainer_module
-
-    _fused_on_cpu(monkeypatch)
-    seen = {}
-
-    def poison(model):
-        with torch.no_grad():
-            next(model.parameters()).fill_(float("inf"))
-        seen["params"] = list(model.parameters())
-        seen["before"] = [p.detach().clone() for p in seen["params"]]
-
-    trainer_calls_at(monkeypatch, 3, poison)
-    with pytest.raises(NonFiniteLossError) as e:
-        train(cfg_for(tmp_path, tiny_model, save_every_steps=1), sft_shards)
-    assert str(e.value).startswith("loss is ") and str(e.value).endswith(" at step 3; stopped, the optimizer step skipped")
-    assert latest_checkpoint(tmp_path / "run-cfg" / CHECKPOINTS).name == "step-0000002"
-    assert all(torch.equal(p, b) for p, b in zip(seen["params"], seen["before"]))  # the update was skipped
-    assert trainer_module.CLIP_IN_STEP
+    prefetched = train(cfg_for(tmp_path, tiny_model, "prefetched", eval_every_steps=2, n_eval_examples=8), sft_shards)
+    monkeypatch.setattr(trainer_module, "PREFETCH", False)
+    in_turn = train(cfg_for(tmp_path, tiny_model, "in-turn", eval_every_steps=2, n_eval_examples=8), sft_shards)
+    assert len(prefetched.history) == len(in_turn.history) > 2
+    assert prefetched.history == [{**h, **{k: p[k] for k in ("examples_per_s", "tokens_per_s")}}
+                                  for h, p in zip(in_turn.history, prefetched.history)]  # bit-identical on CPU
+    assert prefetched.eval_metrics == in_turn.eval_metrics
