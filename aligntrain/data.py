@@ -220,7 +220,8 @@ def collate(rows: list[dict[str, Any]], task: str, pad_id: int, layout: str = PA
     """One micro-batch. SFT: one sequence per row. DPO: 2B sequences, the B chosen ones (prompt + chosen)
     first, then the B rejected ones; only completion tokens are trained. PADDED: right-padded [S, T]
     tensors; PACKED / SHARED: packing.pack's stream (SHARED forwards each prompt once). Every layout adds
-    `lengths` [S], the tokens of each sequence, and the batch's useful_tokens and attention_pairs (ints).
+    `lengths` [S], the tokens of each sequence, and the batch's useful_tokens, attention_pairs and
+    trained_tokens (ints, counted on the host).
     `max_length`: the run's, which bounds the segments of a padding-free stream (packing.segment_bound)."""
     if task == "sft":
         sequences = [r["input_ids"] for r in rows]
@@ -241,6 +242,7 @@ def collate(rows: list[dict[str, Any]], task: str, pad_id: int, layout: str = PA
                           (len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"]))) for r in rows]
     batch["useful_tokens"] = sum(c[0] for c in counts)  # for the FLOPs of a step (flops.py): a prompt once
     batch["attention_pairs"] = sum(c[1] for c in counts)
+    batch["trained_tokens"] = trained_tokens(batch)  # before the batch goes to a device: no sync to count it
     if task != "sft" and all(c in rows[0] for c in REF_COLUMNS):
         batch["ref_chosen"] = torch.tensor([r["ref_chosen_logp"] for r in rows], dtype=torch.float32)
         batch["ref_rejected"] = torch.tensor([r["ref_rejected_logp"] for r in rows], dtype=torch.float32)

@@ -128,7 +128,6 @@ class SequenceLogps(nn.Module):
         per_slot = torch.zeros(slots.shape, dtype=torch.float32, device=input_ids.device).masked_scatter(slots, token_logps)
         return per_slot.sum(dim=1), slots.sum(dim=1)
 
-
     def _token_logps(self, hidden: torch.Tensor, targets: torch.Tensor, lm: nn.Module) -> torch.Tensor:
         """[N] float32 log-probs of targets from the final hidden states [N, H], through the LM head."""
         head = lm.get_output_embeddings()

@@ -27,7 +27,7 @@ from .checkpoint import CHECKPOINTS, latest_checkpoint, load_training_state, sav
 from .compiling import compile_wanted
 from .config import MIXED_PRECISION, Config, ConfigError, defaults_note
 from .data import (ShardSplit, check_shards, collate, eval_batches, micro_batches, pad_token_id, process_share,
-                   shards_chat_template, step_indices, to_device, total_steps, trained_tokens)
+                   shards_chat_template, step_indices, to_device, total_steps)
 from .flops import mfu, training_flops
 from .lora import AdapterOffReference, fsdp_wrap_policy, lora_policy
 from .losses import PREFERENCE_LOSSES, PairLogps, preference_rewards, sft_loss
@@ -160,12 +160,9 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
             rows = process_share(step_indices(step, len(train_split), cfg.total_batch_size, cfg.seed), rank, world)
             parts = micro_batches(rows, train_split.widths, cfg.gradient_accumulation_steps, cfg.tokens_per_batch,
                                   sequences_per_row=1 if cfg.task == "sft" else 2, sizes=train_split.stream_tokens(layout))
-            batches = []
-            for part in parts:
-                batch = collate(train_split.rows(part), cfg.task, pad_token_id(tokenizer), layout, cfg.max_length)
-                batch["trained_tokens"] = trained_tokens(batch)  # counted here, on the host
-                batches.append(batch if device is None else to_device(batch, device, non_blocking=True))
-            return batches
+            batches = [collate(train_split.rows(p), cfg.task, pad_token_id(tokenizer), layout, cfg.max_length)
+                       for p in parts]
+            return batches if device is None else [to_device(b, device, non_blocking=True) for b in batches]
 
         upcoming: dict[int, list[dict[str, Any]]] = {}
 
@@ -279,7 +276,7 @@ class Objective:
         """The step's normaliser over all processes: trained tokens (SFT) or pairs (preference)."""
         if self.task == "dpo":
             return float(self.cfg.total_batch_size)
-        local = sum(b["trained_tokens"] if "trained_tokens" in b else trained_tokens(b) for b in batches)
+        local = sum(b["trained_tokens"] for b in batches)
         if self.accelerator.num_processes == 1:
             return max(float(local), 1.0)
         total = self.accelerator.reduce(torch.tensor(float(local), device=self.accelerator.device), "sum")
