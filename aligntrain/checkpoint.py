@@ -5,6 +5,10 @@
           (model.lora: adapter_config.json, adapter_model.safetensors instead, peft's layout)
         tokenizer files                                          the directory is self-contained
         optimizer.pt, scheduler.pt                               (optimizer.pt unless save_optimizer: false)
+        sharded/                                                 FSDPTrainer (FSDP2): each process's shards of the
+                                                                 weights and optimizer state (torch.distributed.
+                                                                 checkpoint) instead of optimizer.pt, and instead of
+                                                                 model.safetensors but in the last checkpoint
         rng_state_<rank>.pt                                      python, numpy, torch (and CUDA) RNGs
         config.yaml                                              the run config (${oc.env:...} values as written)
         trainer_state.json                                       step, position, last metrics: written last
@@ -36,6 +40,7 @@ from aligndata.write.atomic import atomic_write_text, fsync_dir
 
 from .config import Config, ConfigError, to_yaml
 from .modeling import first_line
+from .sharding import SHARDED, full_weights, has_optimizer_state, is_sharded, load_sharded, save_sharded
 
 CHECKPOINTS = "checkpoints"
 STATE = "trainer_state.json"
@@ -67,14 +72,26 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
-    full_state = accelerator.get_state_dict(model)
-    fsdp = _is_fsdp(accelerator)
+    sharded = is_sharded(model)
+    if sharded:  # each process writes its shards; the whole model only at the end (and a LoRA run's small adapters)
+        with _naming(tmp / SHARDED):
+            save_sharded(tmp / SHARDED, model, getattr(optimizer, "optimizer", optimizer) if cfg.save_optimizer else None)
+        whole = step == state.get("total_steps") or cfg.model.lora is not None
+        full_state = full_weights(model) if whole else None
+    else:
+        full_state = accelerator.get_state_dict(model)
+    fsdp = _is_fsdp(accelerator) or sharded
     if accelerator.is_main_process:
         lm = accelerator.unwrap_model(model).lm
-        weights = {k[len("lm."):]: v for k, v in full_state.items() if k.startswith("lm.")}
         try:
             with _naming(tmp):
-                lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+                if full_state is not None:
+                    weights = {k[len("lm."):]: v for k, v in full_state.items() if k.startswith("lm.")}
+                    lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+                else:  # the model's config files without its weights (sharded/ has them)
+                    lm.config.save_pretrained(tmp)
+                    if getattr(lm, "generation_config", None) is not None:
+                        lm.generation_config.save_pretrained(tmp)
         except SafetensorError as e:  # a full disk, reported by the Rust writer
             raise OSError(errno.EIO, f"write failed, disk full? ({e})", str(tmp / "model.safetensors")) from None
         with _naming(tmp):
@@ -84,7 +101,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         if cfg.save_optimizer and not fsdp:
             _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if cfg.save_optimizer and fsdp:
+    if cfg.save_optimizer and fsdp and not sharded:
         from accelerate.utils import save_fsdp_optimizer
 
         save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(tmp))
@@ -115,7 +132,18 @@ def _torch_save(obj: Any, path: Path) -> None:
 def load_training_state(checkpoint: Path, accelerator, model, optimizer, scheduler) -> dict[str, Any]:
     """Restore optimizer, scheduler and this process's RNGs (the weights were loaded with the model).
     A missing or unreadable file is an InputError naming it."""
-    if _is_fsdp(accelerator):
+    if (checkpoint / SHARDED).is_dir():  # saved by sharding.py: read into this run's sharding (or none)
+        if not has_optimizer_state(checkpoint / SHARDED):
+            raise _no_optimizer_state(checkpoint, checkpoint / SHARDED)
+        try:
+            load_sharded(checkpoint / SHARDED, model if is_sharded(model) else accelerator.unwrap_model(model),
+                         getattr(optimizer, "optimizer", optimizer))
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            raise damaged_checkpoint(checkpoint, checkpoint / SHARDED, f"cannot be read ({first_line(e)})") from None
+    elif is_sharded(model):
+        raise ConfigError(f"{checkpoint}: saved by an unsharded run (optimizer.pt); resume it with trainer: "
+                          "BasicTrainer, or start the FSDPTrainer run from its weights (model.name_or_path) anew")
+    elif _is_fsdp(accelerator):
         if not any(checkpoint.glob("optimizer*.bin")):
             raise _no_optimizer_state(checkpoint, checkpoint / "optimizer*.bin")
         from accelerate.utils import load_fsdp_optimizer

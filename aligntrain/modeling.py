@@ -16,6 +16,7 @@ unscaled, and the backward only multiplies them by c (head_logps_uniform_grad; `
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,16 @@ def compute_autocast(policy_dtype: str, device: torch.device):
     if policy_dtype == "float32" or (policy_dtype == "float16" and device.type == "cpu"):
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=torch_dtype(policy_dtype))
+
+
+def autocast_forward(forward, policy_dtype: str, device: torch.device):
+    """`forward` run under compute_autocast: what Accelerate's prepare does to a model it is given, for
+    a model it is not (FSDP2 sharded by sharding.py)."""
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        with compute_autocast(policy_dtype, device):
+            return forward(*args, **kwargs)
+    return run
 
 
 def trained_positions(loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -281,6 +292,7 @@ def load_causal_lm(path: str | Path, dtype: str, attn_implementation: str = "sdp
     naming the checkpoint: a damaged checkpoint is not a config mistake."""
     from transformers import AutoModelForCausalLM
 
+    refuse_sharded(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype),
                                                      attn_implementation=attn_implementation)
@@ -356,6 +368,16 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise ConfigError(f"{path}: not a model directory (no config.json) and no checkpoint of ours in it")
 
 
+def refuse_sharded(path: str | Path) -> None:
+    """A checkpoint whose weights exist only as the shards of the processes that wrote them is not a model
+    directory yet: say how to make one."""
+    from .sharding import weights_only_sharded
+
+    if weights_only_sharded(Path(path)):
+        raise ConfigError(f"{path}: its weights are sharded over the processes that trained it (sharded/, "
+                          f"trainer: FSDPTrainer); make a model directory of it with `aligntrain export {path} OUT`")
+
+
 def load_archive(model: nn.Module, archive: str | Path) -> None:
     """Load archive weights into `model`: the seed's `policy.pt` ({"state": state_dict, ...}, read with
     weights_only=True), a bare state-dict `.pt`, or a model/checkpoint/run directory of ours (a LoRA
@@ -370,6 +392,7 @@ def load_archive(model: nn.Module, archive: str | Path) -> None:
         if is_adapter_dir(model_dir):  # a LoRA run: its base is model.name_or_path, its update the adapter
             merge_adapter_into(model, model_dir)
             return
+        refuse_sharded(model_dir)
         state = _read_safetensors_dir(model_dir)
     else:
         try:

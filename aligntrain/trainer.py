@@ -32,12 +32,14 @@ from .flops import mfu, training_flops
 from .lora import AdapterOffReference, fsdp_wrap_policy, lora_policy
 from .losses import PREFERENCE_LOSSES, PairLogps, preference_rewards, sft_loss
 from .metrics import MetricsLogger
-from .modeling import Reference, SequenceLogps, load_archive, load_causal_lm, load_tokenizer, model_inputs, torch_dtype
+from .modeling import (Reference, SequenceLogps, autocast_forward, load_archive, load_causal_lm, load_tokenizer,
+                       model_inputs, torch_dtype)
 from .packing import PADDED, choose_layout, use_packed_attention
 from .precompute import reference_identity
 from .resume import config_text, record_changes, resume_changes, shards_identity, take_current_hyperparameters, trim_metrics
 from .runlock import hold_run_lock
 from .signals import Interrupted, StopRequest, terminated
+from . import sharding
 
 PREFERENCE_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                    "logps/chosen", "logps/rejected", "pairs", "input_tokens")
@@ -91,9 +93,9 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
     if cfg.model.lora is not None:
         policy = lora_policy(cfg, resume_from)  # frozen base (+ archive) in reference_dtype, float32 adapters
     else:
-        if resume_from is not None:
+        if resume_from is not None and not sharding.weights_only_sharded(resume_from):
             policy = load_causal_lm(resume_from, "float32", cfg.model.attn_implementation, from_checkpoint=True)
-        else:
+        else:  # a fresh run, or resuming from sharded weights (load_training_state reads them in)
             policy = load_causal_lm(cfg.model.name_or_path, "float32", cfg.model.attn_implementation)
         if cfg.model.archive and resume_from is None:
             load_archive(policy, cfg.model.archive)
@@ -107,20 +109,31 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
     accelerator = make_accelerator(cfg, policy)
     world, rank = accelerator.num_processes, accelerator.process_index
     check_batch_geometry(cfg, world)
-    fsdp = getattr(accelerator.state, "fsdp_plugin", None) is not None
+    sharded = shards_itself(cfg, world)  # FSDP2, applied here (sharding.py)
+    fsdp = sharded or getattr(accelerator.state, "fsdp_plugin", None) is not None
     fused = accelerator.device.type == "cuda" and not fsdp
     if fused:  # fused Adam(W) checks at construction that its parameters are on the GPU
         policy.to(accelerator.device)
-    optimizer = build_optimizer(cfg, policy, fused=fused)
+    # the one-GPU fast path under FSDP2 too (layers compiled before they are sharded); not under FSDP1's flat
+    # parameters. SFT's loss weighs every trained token alike: the head's gradients can come with its forward
+    compiled = compile_wanted(cfg, accelerator.device, fsdp=fsdp and not sharded)
+    model = SequenceLogps(policy, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention, compiled,
+                          uniform_grad=cfg.task == "sft" and (sharded or not fsdp))
+    mp = torch_dtype(cfg.model.fsdp_policy_mp) if cfg.model.fsdp_policy_mp else None
+    if sharded:
+        sharding.shard(model, accelerator.device, mp)
+        model.forward = autocast_forward(model.forward, cfg.model.policy_dtype, accelerator.device)
+    optimizer = build_optimizer(cfg, model, fused=fused)  # over the sharded parameters where sharded
     scheduler = build_scheduler(cfg, optimizer, steps)
-    compiled = compile_wanted(cfg, accelerator.device, fsdp=fsdp)
-    # SFT's loss weighs every trained token alike: the head's gradients can come with its forward (modeling.py)
-    model, optimizer = accelerator.prepare(
-        SequenceLogps(policy, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention, compiled,
-                      uniform_grad=cfg.task == "sft" and not fsdp), optimizer)
+    if sharded:  # Accelerate would wrap the model in DDP: it gets the optimizer alone
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     reference = None
     if cfg.task == "dpo" and not cfg.loss.reference_free and not use_shard_reference:
         reference = AdapterOffReference(model, policy) if cfg.model.lora else Reference(cfg, accelerator.device, compiled)
+        if sharded and not cfg.model.lora:  # sharded like the policy, its gathered weights freed after each forward
+            sharding.shard(reference.model, accelerator.device, mp, reshard_root=True)
     # LoRA computes no weight gradients of the frozen base: the 6N-per-token rule of flops.py does not hold
     objective = Objective(cfg, reference, accelerator, layout, None if cfg.model.lora else policy.config)
 
@@ -211,7 +224,7 @@ def train_step(step: int, model, objective: "Objective", optimizer, scheduler, b
     sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+        with _gradient_sync(model, accelerator, last):
             loss, batch_sums = objective(model, to_device(batch, accelerator.device), count)
             accelerator.backward(loss * world)
         sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}
@@ -223,7 +236,7 @@ def train_step(step: int, model, objective: "Objective", optimizer, scheduler, b
     metrics = objective.finish(totals)
     if not math.isfinite(metrics["loss"]):
         raise NonFiniteLossError(f"loss is {metrics['loss']} at step {step}; stopped before the optimizer step")
-    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf")))
+    grad_norm = _clip_grad_norm(model, accelerator, cfg.max_grad_norm or float("inf"))
     if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":  # fp16's scaler skips such steps
         raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step}; stopped before the optimizer step")
     lr = scheduler.get_last_lr()[0]
@@ -358,11 +371,12 @@ def make_accelerator(cfg: Config, policy):
     if _world_size() == 1:  # a fresh state per run in one Python process (tests, notebooks)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    fsdp = (cfg.trainer == "FSDPTrainer" and _world_size() > 1) or _fsdp_from_launcher()
-    if fsdp and not torch.cuda.is_available():  # Accelerate's FSDP raises a RuntimeError with no device
-        raise ConfigError("trainer: FSDPTrainer shards the model over GPUs and there is none here (Accelerate's FSDP "
-                          "has no CPU path); on CPU, several processes train data-parallel with trainer: BasicTrainer")
-    if cfg.trainer == "FSDPTrainer" and _world_size() > 1 and not _fsdp_from_launcher():
+    plugin = _fsdp_from_launcher() or (cfg.trainer == "FSDPTrainer" and _world_size() > 1 and not sharding.fsdp2_available())
+    if plugin and not torch.cuda.is_available():  # Accelerate's FSDP raises a RuntimeError with no device
+        raise ConfigError("Accelerate's FSDP (an accelerate config with FSDP, or torch older than 2.6) shards the "
+                          "model over GPUs and there is none here; on CPU, trainer: FSDPTrainer shards it without "
+                          "an FSDP accelerate config (torch 2.6 or newer), or trainer: BasicTrainer trains data-parallel")
+    if plugin and not _fsdp_from_launcher():  # FSDPTrainer where torch has no FSDP2: Accelerate's FSDP1
         from accelerate import FullyShardedDataParallelPlugin
 
         mp = cfg.model.fsdp_policy_mp  # the seed's key: dtype of sharded parameters, reductions and buffers
@@ -378,6 +392,26 @@ def make_accelerator(cfg: Config, policy):
     if cfg.model.lora is not None and getattr(accelerator.state, "fsdp_plugin", None) is not None:  # ours or the launcher's
         accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_wrap_policy(policy)
     return accelerator
+
+
+def shards_itself(cfg: Config, world: int) -> bool:
+    """FSDPTrainer over several processes shards with FSDP2 (sharding.py) where torch provides it, unless
+    the launcher brought an FSDP accelerate config (then Accelerate's FSDP, as that config says)."""
+    return cfg.trainer == "FSDPTrainer" and world > 1 and not _fsdp_from_launcher() and sharding.fsdp2_available()
+
+
+def _gradient_sync(model, accelerator, sync: bool):
+    """Where gradients are reduced across processes: after the step's last micro-batch only."""
+    if sharding.is_sharded(model):
+        return sharding.gradient_sync(model, sync)
+    return contextlib.nullcontext() if sync else accelerator.no_sync(model)
+
+
+def _clip_grad_norm(model, accelerator, max_norm: float) -> float:
+    if sharding.is_sharded(model):
+        accelerator.unscale_gradients()  # float16's loss scale (a no-op otherwise)
+        return sharding.clip_grad_norm_(model.parameters(), max_norm)
+    return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
 
 
 def _world_size() -> int:

@@ -238,13 +238,16 @@ def test_missing_model_directory_is_a_config_error(tmp_path, capsys, monkeypatch
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU-only case")
-@pytest.mark.parametrize("env", [{"WORLD_SIZE": "2"}, {"ACCELERATE_USE_FSDP": "true"}])
-def test_fsdp_without_a_gpu_is_a_config_error_not_a_traceback(monkeypatch, tiny_model, tmp_path, env):
+@pytest.mark.parametrize("env,fsdp2", [({"WORLD_SIZE": "2"}, False), ({"ACCELERATE_USE_FSDP": "true"}, True)])
+def test_accelerates_fsdp_without_a_gpu_is_a_config_error_not_a_traceback(monkeypatch, tiny_model, tmp_path, env, fsdp2):
+    """Accelerate's FSDP (an FSDP accelerate config, or FSDPTrainer where torch has no FSDP2) has no CPU path."""
+    from aligntrain import sharding
     from aligntrain.config import ConfigError, load_config
     from aligntrain.trainer import make_accelerator
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sharding, "fsdp2_available", lambda: fsdp2)
     cfg = load_config(write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run", trainer="FSDPTrainer"))
-    with pytest.raises(ConfigError, match="FSDPTrainer shards the model over GPUs and there is none here"):
+    with pytest.raises(ConfigError, match="Accelerate's FSDP .* shards the model over GPUs and there is none here"):
         make_accelerator(cfg, None)

@@ -1,5 +1,6 @@
 """GPU paths: bf16/fp16 mixed precision on CUDA, FSDP over two GPUs, log-prob memory. Skipped without CUDA."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -296,3 +297,48 @@ def test_the_next_steps_batches_prefetched_on_cuda_change_nothing(monkeypatch, t
     for a, b in zip(in_turn.history, prefetched.history):
         for key in ("loss", "grad_norm", "input_tokens"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("mp", [None, torch.bfloat16])
+def test_fsdp2_on_one_gpu_follows_the_unsharded_fast_path(tiny_model, sft_shards, mp):
+    """FSDP2 as trainer: FSDPTrainer applies it (sharding.py), over a one-rank NCCL group: compiled layers,
+    the head's gradients in the forward, a padding-free stream, bf16 autocast (and bf16 gathered weights and
+    reduced gradients, fsdp_policy_mp), two micro-batches accumulated: the unsharded model's log-probs and,
+    within bf16 tolerance, its gradients."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    import torch._dynamo
+    from aligndata.write.shards import read_manifest
+    from aligntrain import packing, sharding
+    from aligntrain.data import ShardSplit, collate, to_device
+    from aligntrain.modeling import load_causal_lm, model_inputs
+
+    torch._dynamo.reset()
+    split = ShardSplit(sft_shards, "train", read_manifest(sft_shards))
+    batches = [to_device(collate(split.rows(list(rows)), "sft", 0, "packed"), torch.device("cuda"))
+               for rows in (range(0, 6), range(6, 12))]
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda:0"))
+    try:
+        results = []
+        for shard in (False, True):
+            lm = load_causal_lm(tiny_model, "float32").cuda()
+            packing.use_packed_attention(lm)
+            model = SequenceLogps(lm, chunk_tokens=16, compiled=True, uniform_grad=True)
+            if shard:
+                sharding.shard(model, torch.device("cuda"), mp)
+            logps = []
+            for i, batch in enumerate(batches):
+                sync = sharding.gradient_sync(model, i == 1) if shard else contextlib.nullcontext()
+                with sync, torch.autocast("cuda", dtype=torch.bfloat16):
+                    got, _ = model(**model_inputs(batch))
+                    (-got.sum() / 100).backward()
+                logps.append(got.detach())
+            grads = [(p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).float().flatten()
+                     for p in model.parameters()]
+            results.append((torch.cat(logps), torch.cat(grads)))
+    finally:
+        dist.destroy_process_group()
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, rtol=1e-2, atol=5e-2), (a - b).abs().max()
+    assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.999
