@@ -141,8 +141,9 @@ def load_training_state(checkpoint: Path, accelerator, model, optimizer, schedul
         except (OSError, RuntimeError, ValueError, KeyError) as e:
             raise damaged_checkpoint(checkpoint, checkpoint / SHARDED, f"cannot be read ({first_line(e)})") from None
     elif is_sharded(model):
-        raise ConfigError(f"{checkpoint}: saved by an unsharded run (optimizer.pt); resume it with trainer: "
-                          "BasicTrainer, or start the FSDPTrainer run from its weights (model.name_or_path) anew")
+        raise ConfigError(f"{checkpoint}: saved unsharded (optimizer.pt, by one process) and this run shards the model "
+                          "over several; resume it in one process, or start a new run from its weights "
+                          "(model.name_or_path)")
     elif _is_fsdp(accelerator):
         if not any(checkpoint.glob("optimizer*.bin")):
             raise _no_optimizer_state(checkpoint, checkpoint / "optimizer*.bin")
