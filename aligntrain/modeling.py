@@ -82,6 +82,7 @@ class SequenceLogps(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.cudnn_attention = cudnn_attention
         self.uniform_grad = uniform_grad
+        self.graphed = None  # a graphs.GraphedStack: the trainer's, for padding-free training forwards
         if compiled:  # the decoder layers (here, once) and the head's log-softmax (compiling.py)
             compile_layers(lm)
         self.logps = compiled_logps_from_logits() if compiled else logps_from_logits
@@ -132,7 +133,11 @@ class SequenceLogps(nn.Module):
             raise RuntimeError("a padding-free batch reached a model without packed attention (packing.use_packed_attention)")
         inputs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False, segments=segments)
         if self.plain_head:
-            token_logps = self._token_logps(lm.base_model(**inputs)[0][0].index_select(0, predict), targets, lm)
+            if self.graphed is not None and self.graphed.applies(input_ids, segments):
+                hidden = self.graphed(input_ids, position_ids, segments)  # graphs.py
+            else:
+                hidden = lm.base_model(**inputs)[0]
+            token_logps = self._token_logps(hidden[0].index_select(0, predict), targets, lm)
         else:
             logits = self.lm(**inputs).logits[0].index_select(0, predict)
             token_logps = gathered_token_logps(logits, targets, self.chunk_tokens, self.logps)

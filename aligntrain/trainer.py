@@ -32,9 +32,9 @@ from .flops import mfu, training_flops
 from .lora import AdapterOffReference, fsdp_wrap_policy, lora_policy
 from .losses import PREFERENCE_LOSSES, PairLogps, preference_rewards, sft_loss
 from .metrics import MetricsLogger
-from .modeling import (Reference, SequenceLogps, autocast_forward, load_archive, load_causal_lm, load_tokenizer,
-                       model_inputs, torch_dtype)
-from .packing import PADDED, choose_layout, use_packed_attention
+from .modeling import (Reference, SequenceLogps, autocast_forward, compute_autocast, load_archive, load_causal_lm,
+                       load_tokenizer, model_inputs, torch_dtype)
+from .packing import PACKED, PADDED, choose_layout, use_packed_attention
 from .precompute import reference_identity
 from .resume import config_text, record_changes, resume_changes, shards_identity, take_current_hyperparameters, trim_metrics
 from .runlock import hold_run_lock
@@ -129,6 +129,8 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
         optimizer = accelerator.prepare(optimizer)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
+    graphed = cfg.cuda_graphs and _graph_stack(cfg, accelerator, model, policy, layout, steps, train_split, world,
+                                               pad_token_id(tokenizer))
     reference = None
     if cfg.task == "dpo" and not cfg.loss.reference_free and not use_shard_reference:
         reference = AdapterOffReference(model, policy) if cfg.model.lora else Reference(cfg, accelerator.device, compiled)
@@ -186,7 +188,7 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
         for step in range(start, steps):
             batches = upcoming.pop(step, None) or step_batches(step)
             metrics = train_step(step + 1, model, objective, optimizer, scheduler, batches, cfg, accelerator,
-                                 prefetch=lambda nxt=step + 1: prefetch(nxt))
+                                 prefetch=lambda nxt=step + 1: prefetch(nxt), keep_grads=bool(graphed))
             result.train_metrics = metrics
             result.history.append(metrics)
             log.log(step + 1, "train", metrics, show=(step + 1) % cfg.log_every_steps == 0 or step + 1 == steps)
@@ -214,9 +216,10 @@ PREFETCH = True  # the next step's batches prepared during this step's backward 
 
 
 def train_step(step: int, model, objective: "Objective", optimizer, scheduler, batches: list[dict[str, torch.Tensor]],
-               cfg: Config, accelerator, prefetch=None) -> dict[str, float]:
+               cfg: Config, accelerator, prefetch=None, keep_grads: bool = False) -> dict[str, float]:
     """One optimizer step over this process's micro-batches; returns the step's global metrics.
-    `prefetch()` runs once every backward is queued: the host prepares the next step while the GPU works."""
+    `prefetch()` runs once every backward is queued: the host prepares the next step while the GPU works.
+    `keep_grads`: gradients are zeroed in place, never freed (graphs.py: CUDA graphs in the backward)."""
     started = time.perf_counter()
     model.train()
     count = objective.global_count(batches)
@@ -242,7 +245,7 @@ def train_step(step: int, model, objective: "Objective", optimizer, scheduler, b
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keep_grads)
     seconds = time.perf_counter() - started
     metrics.update({"grad_norm": grad_norm, "lr": lr, "examples_per_s": cfg.total_batch_size / seconds,
                     "tokens_per_s": totals["input_tokens"] / seconds})
@@ -392,6 +395,35 @@ def make_accelerator(cfg: Config, policy):
     if cfg.model.lora is not None and getattr(accelerator.state, "fsdp_plugin", None) is not None:  # ours or the launcher's
         accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_wrap_policy(policy)
     return accelerator
+
+
+def _graph_stack(cfg: Config, accelerator, model, policy, layout: str, steps: int, split: ShardSplit, world: int,
+                 pad_id: int) -> bool:
+    """Give the policy's log-prob module a graphs.GraphedStack over buckets planned from every micro-batch of
+    the run (cuda_graphs: true); False, with a note, where graphs do not apply."""
+    from .graphs import GraphedStack, keep_gradients, plan_buckets
+
+    why = ("padding-free batches without a shared prompt" if layout != PACKED else
+           "one process without sharding" if world > 1 else
+           "full-weight training" if cfg.model.lora is not None else
+           "a CUDA device" if accelerator.device.type != "cuda" else None)
+    if why is not None:
+        raise ConfigError(f"cuda_graphs: true needs {why}; set cuda_graphs: false")
+    sizes = split.stream_tokens(layout)
+    lengths = []
+    for step in range(steps):
+        rows = step_indices(step, len(split), cfg.total_batch_size, cfg.seed)
+        for part in micro_batches(rows, split.widths, cfg.gradient_accumulation_steps, cfg.tokens_per_batch, 1, sizes):
+            lengths.append(int(sizes[part].sum()))
+    inner = accelerator.unwrap_model(model)
+    inner.graphed = GraphedStack(policy.base_model, plan_buckets(lengths, cfg.cuda_graph_buckets), pad_id)
+    keep_gradients(inner.parameters())
+    if cfg.tokens_per_batch is None:  # every stream holds this many sequences: record the graphs up front
+        rows = cfg.total_batch_size // (world * cfg.gradient_accumulation_steps)
+        inner.train()
+        with torch.enable_grad(), compute_autocast(cfg.model.policy_dtype, accelerator.device):
+            inner.graphed.record(rows, cfg.max_length, accelerator.device)
+    return True
 
 
 def shards_itself(cfg: Config, world: int) -> bool:

@@ -8,7 +8,7 @@
 #   STAGE: tests | profile | profile-compile | dpo-qwen | dpo-qwen-ours | dpo-qwen-compile | dpo-qwen-share | dpo-llama
 #          | dpo-llama-ours | sft | sft-tokens | sft-llama-tokens | suite | suite-dpo | suite-llama | suite-sft | suite-precompute
 #          | profile-steps | lora | host | sft-variants | suite-450 | tests-compile | suite-sft-dpo | sft-llama-head
-#          | sft-llama-lt | suite-sft-both | profile-llama | sft-llama-prefetch | profile-qwen
+#          | sft-llama-lt | suite-sft-both | profile-llama | sft-llama-prefetch | profile-qwen | graphs
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
 # back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
@@ -40,7 +40,7 @@ for stage in "$@"; do
     suite) bench 570 --suite issue12 ;;
     suite-450) bench 450 --suite issue12 ;;
     suite-sft-dpo) bench 330 --suite issue12 --only 3,4,1 ;;
-    tests-compile) timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "compiled or flash or segment or head_gradients or prefetched or fsdp2" ;;
+    tests-compile) timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "compiled or flash or segment or head_gradients or prefetched or fsdp2 or graphs" ;;
     host) timeout 60 python3 benchmarks/host_overhead.py; TORCH_BLAS_PREFER_CUBLASLT=1 timeout 60 python3 benchmarks/host_overhead.py ;;
     sft-variants) bench 200 --mode sft --shape qwen0.5b --bs 18 --steps 12 --warm 4 --skip-trl --also aligntrain.compiling.FUSE_LINEARS=false --also inductor.combo_kernels=true ;;
     sft-llama-head) bench 240 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl --profile-step 10 \
@@ -50,6 +50,9 @@ for stage in "$@"; do
                    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench 120 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl
                    bench 120 --mode dpo --shape llama1b --bs 16 --steps 12 --warm 4 --skip-trl --profile-step 10 ;;
     profile-qwen) bench 150 --mode sft --shape qwen0.5b --bs 18 --steps 12 --warm 4 --skip-trl --profile-step 10 --cprofile-step 11 ;;
+    graphs) bench 240 --mode sft --shape qwen0.5b --bs 18 --steps 12 --warm 4 --skip-trl --also cuda_graphs=true \
+              --also cuda_graphs=true,cuda_graph_buckets=8
+            bench 200 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl --also cuda_graphs=true ;;
     sft-llama-prefetch) bench 150 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl \
                           --also aligntrain.trainer.PREFETCH=false ;;
     suite-sft-both) bench 300 --suite issue12 --only 4,3 ;;
