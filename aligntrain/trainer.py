@@ -419,10 +419,10 @@ def _graph_stack(cfg: Config, accelerator, model, policy, layout: str, steps: in
     inner.graphed = GraphedStack(policy.base_model, plan_buckets(lengths, cfg.cuda_graph_buckets), pad_id)
     keep_gradients(inner.parameters())
     if cfg.tokens_per_batch is None:  # every stream holds this many sequences: record the graphs up front
-        rows = cfg.total_batch_size // (world * cfg.gradient_accumulation_steps)
+        sequences = cfg.total_batch_size // (world * cfg.gradient_accumulation_steps) * (2 if cfg.task == "dpo" else 1)
         inner.train()
         with torch.enable_grad(), compute_autocast(cfg.model.policy_dtype, accelerator.device):
-            inner.graphed.record(rows, cfg.max_length, accelerator.device)
+            inner.graphed.record(sequences, cfg.max_length, accelerator.device)
     return True
 
 
