@@ -110,29 +110,30 @@ def _options(full: bool):
     return StateDictOptions(full_state_dict=full, cpu_offload=full)
 
 
-def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Every process writes its shards of the weights (and of the optimizer state) under `directory`."""
-    import torch.distributed.checkpoint as dcp
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """{"model": ..., "optimizer": ...}: this process's shards (DTensors), as torch.distributed.checkpoint
+    writes and reads them."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, [optimizer] if optimizer is not None else [],
                                                options=_options(False))
-    state = {"model": model_state}
-    if optimizer is not None:
-        state["optimizer"] = optim_state
-    dcp.save(state, checkpoint_id=str(directory))
+    return {"model": model_state, **({"optimizer": optim_state} if optimizer is not None else {})}
+
+
+def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Every process writes its shards of the weights (and of the optimizer state) under `directory`."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_state(model, optimizer), checkpoint_id=str(directory))
 
 
 def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Read a save_sharded directory back into `model` (and `optimizer`), sharded as they are now."""
+    """Read a save_sharded directory back into `model` (and `optimizer`), sharded as they are now (or not
+    sharded: one process reads every shard)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    model_state, optim_state = get_state_dict(model, [optimizer] if optimizer is not None else [],
-                                               options=_options(False))
-    state = {"model": model_state}
-    if optimizer is not None:
-        state["optimizer"] = optim_state
+    state = _state(model, optimizer)
     dcp.load(state, checkpoint_id=str(directory), no_dist=not _distributed())
     set_state_dict(model, [optimizer] if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optimizer", {}), options=_options(False))
