@@ -4,6 +4,7 @@ processes (torchrun, gloo) stand in for two GPUs: the same code runs on CUDA wit
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -73,9 +74,14 @@ def test_two_sharded_processes_train_as_one_and_resume_from_their_shards(tmp_pat
     # stopped after step 2 (16 examples), resumed to step 3 from the shards: the straight run's losses
     first, _ = launch(tmp_path, "sft", shards, cfg, "resumed", 2, "n_examples=16")
     assert first == pytest.approx(two[:2], abs=1e-6)
+    shutil.copytree(tmp_path / "resumed", tmp_path / "resumed-alone")
     launch(tmp_path, "sft", shards, cfg, "resumed", 2, resume=True)
     records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in records if r["split"] == "train"] == pytest.approx(two, abs=1e-6)
+    # the same shards resumed by one process (FSDPTrainer on one device does not shard): it reads them all
+    launch(tmp_path, "sft", shards, cfg, "resumed-alone", 1, "trainer=FSDPTrainer", resume=True)
+    records = [json.loads(line) for line in (tmp_path / "resumed-alone" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records if r["split"] == "train"] == pytest.approx(two, abs=1e-5)
 
 
 @pytest.mark.slow
