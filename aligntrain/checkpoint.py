@@ -133,13 +133,15 @@ def load_training_state(checkpoint: Path, accelerator, model, optimizer, schedul
     """Restore optimizer, scheduler and this process's RNGs (the weights were loaded with the model).
     A missing or unreadable file is an InputError naming it."""
     if (checkpoint / SHARDED).is_dir():  # saved by sharding.py: read into this run's sharding (or none)
-        if not has_optimizer_state(checkpoint / SHARDED):
-            raise _no_optimizer_state(checkpoint, checkpoint / SHARDED)
         try:
-            load_sharded(checkpoint / SHARDED, model if is_sharded(model) else accelerator.unwrap_model(model),
-                         getattr(optimizer, "optimizer", optimizer))
+            with_optimizer = has_optimizer_state(checkpoint / SHARDED)
+            if with_optimizer:
+                load_sharded(checkpoint / SHARDED, model if is_sharded(model) else accelerator.unwrap_model(model),
+                             getattr(optimizer, "optimizer", optimizer))
         except (OSError, RuntimeError, ValueError, KeyError) as e:
             raise damaged_checkpoint(checkpoint, checkpoint / SHARDED, f"cannot be read ({first_line(e)})") from None
+        if not with_optimizer:
+            raise _no_optimizer_state(checkpoint, checkpoint / SHARDED)
     elif is_sharded(model):
         raise ConfigError(f"{checkpoint}: saved unsharded (optimizer.pt, by one process) and this run shards the model "
                           "over several; resume it in one process, or start a new run from its weights "

@@ -23,6 +23,7 @@ reshards). The checkpoint at the end of training also holds the consolidated Hug
 from __future__ import annotations
 
 import contextlib
+import errno
 import warnings
 from pathlib import Path
 from typing import Any
@@ -123,8 +124,12 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[st
 def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Every process writes its shards of the weights (and of the optimizer state) under `directory`."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.save(_state(model, optimizer), checkpoint_id=str(directory))
+    try:
+        dcp.save(_state(model, optimizer), checkpoint_id=str(directory))
+    except CheckpointException as e:  # a BaseException that holds each process's error (a full disk, ...)
+        raise OSError(errno.EIO, f"write failed, disk full? ({_failure(e)})", str(directory)) from None
 
 
 def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
@@ -134,9 +139,31 @@ def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = _state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(directory), no_dist=not _distributed())
+    _load(state, directory, no_dist=not _distributed())
     set_state_dict(model, [optimizer] if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optimizer", {}), options=_options(False))
+
+
+def _load(state: dict[str, Any], directory: Path, no_dist: bool) -> None:
+    """dcp.load; a missing, truncated or foreign file is a ValueError saying what the reader found."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():  # that no process group is up, when none is meant to be
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(directory), no_dist=no_dist)
+    except CheckpointException as e:
+        raise ValueError(_failure(e)) from None
+
+
+def _failure(e: BaseException) -> str:
+    """The first process's error of a CheckpointException (rank -> (exception, traceback)), on one line."""
+    failures = getattr(e, "failures", None) or {}
+    first = next(iter(failures.values()), e)
+    error = first[0] if isinstance(first, tuple) and first else first
+    text = str(error).strip().splitlines()
+    return type(error).__name__ + (f": {text[-1]}" if text else "")
 
 
 def _distributed() -> bool:
@@ -161,12 +188,8 @@ def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def consolidate(directory: Path, lm: nn.Module, prefix: str = "lm.") -> nn.Module:
     """Load the weights of a save_sharded directory into `lm`, an unsharded model of the same architecture,
     in one process (no process group): the checkpoint's `prefix` keys are lm's."""
-    import torch.distributed.checkpoint as dcp
-
     weights = lm.state_dict()
     state: dict[str, Any] = {"model": {prefix + k: v for k, v in weights.items()}}
-    with warnings.catch_warnings():  # that no process group is up: none is meant to be
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    _load(state, directory, no_dist=True)
     lm.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items()})
     return lm

@@ -40,7 +40,7 @@ def weights(directory):
 
 
 @pytest.mark.slow
-def test_two_sharded_processes_train_as_one_and_resume_from_their_shards(tmp_path, tiny_model):
+def test_two_sharded_processes_train_as_one_and_resume_from_their_shards(tmp_path, tiny_model, capsys):
     """SFT, 3 steps of 8 rows in 2 micro-batches: two FSDP2 processes give one process's losses and weights;
     the checkpoints before the last hold shards only (no whole-model file); a run stopped after step 2
     resumes from them to the same step 3; `aligntrain export` makes a model directory of a sharded one."""
@@ -68,6 +68,17 @@ def test_two_sharded_processes_train_as_one_and_resume_from_their_shards(tmp_pat
     AutoModelForCausalLM.from_pretrained(exported)
     got, want = weights(exported), weights(tmp_path / "one" / "checkpoints" / "step-0000002")
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-6) for k in got)
+    # a damaged shard: export and resume say which checkpoint and what to do, no traceback (exit 2)
+    broken = tmp_path / "broken" / "checkpoints" / "step-0000002"
+    shutil.copytree(step2, broken)
+    next(broken.glob("sharded/*.distcp")).write_bytes(b"truncated")
+    assert main(["export", str(broken), str(tmp_path / "nothing")]) == 2
+    assert f"{broken / 'sharded'}: cannot be read" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
+    code = main(["sft", str(shards), str(cfg), "--resume", "--overrides", f"output_dir={tmp_path / 'broken'}",
+                 "trainer=FSDPTrainer"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{broken / 'sharded'}: cannot be read" in err and "the checkpoint is damaged" in err
     # where a model directory is expected, a sharded checkpoint is refused with the way out
     with pytest.raises(ConfigError, match=r"sharded over the processes that trained it .* `aligntrain export "):
         load_causal_lm(step2, "float32")
@@ -86,9 +97,10 @@ def test_two_sharded_processes_train_as_one_and_resume_from_their_shards(tmp_pat
 
 @pytest.mark.slow
 def test_two_sharded_processes_train_dpo_as_one_with_the_reference_sharded_too(tmp_path, tiny_model):
+    """DPO with activation checkpointing and two micro-batches a step; eval metrics gathered over both."""
     shards = make_shards("dpo", tmp_path / "shards", tiny_model)
     cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "unused", n_examples=16, loss={"name": "dpo"},
-                       do_first_eval=True, eval_every_steps=2)
+                       do_first_eval=True, eval_every_steps=2, activation_checkpointing=True)
     one, _ = launch(tmp_path, "dpo", shards, cfg, "one", 1)
     two, _ = launch(tmp_path, "dpo", shards, cfg, "two", 2)
     assert len(two) == 2 and two == pytest.approx(one, abs=1e-5)
