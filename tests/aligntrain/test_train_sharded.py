@@ -192,3 +192,15 @@ def test_the_fast_path_under_fsdp2_gives_the_unsharded_logps_and_gradients(tiny_
     assert sharded_grads.keys() == plain_grads.keys()
     for name, grad in sharded_grads.items():
         assert torch.allclose(grad, plain_grads[name], atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_lora_dpo_under_two_sharded_processes_uses_the_sharded_base_as_reference(tmp_path, tiny_model):
+    """LoRA DPO: the reference is the policy with its adapters off, a forward of the same sharded model."""
+    shards = make_shards("dpo", tmp_path / "shards", tiny_model)
+    cfg = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "unused", n_examples=16, lr=1e-2,
+                       loss={"name": "dpo"}, model={"lora": {"r": 4}})
+    one, _ = launch(tmp_path, "dpo", shards, cfg, "one", 1)
+    two, _ = launch(tmp_path, "dpo", shards, cfg, "two", 2)
+    assert two == pytest.approx(one, abs=1e-5)
+    assert two[0] == pytest.approx(0.6931, abs=1e-4)  # adapters start at zero: policy == reference
