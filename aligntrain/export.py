@@ -21,7 +21,7 @@ from aligndata.errors import InputError
 
 from .config import ConfigError
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_base, is_adapter_dir, load_adapter_model
-from .modeling import resolve_model_dir
+from .modeling import first_line, resolve_model_dir
 from .sharding import SHARDED, consolidate, weights_only_sharded
 
 # What a checkpoint holds only to continue training (checkpoint.py writes them), and what only an
@@ -62,7 +62,6 @@ def export_model(source: str | Path, out: str | Path, merge: bool = False) -> di
     return {"source": str(checkpoint), "out": str(out), "kind": kind}
 
 
-
 def consolidated_model(checkpoint: Path):
     """The model of a sharded checkpoint, built from its config.json and its shards read in one process."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -70,10 +69,9 @@ def consolidated_model(checkpoint: Path):
     try:
         config = AutoConfig.from_pretrained(checkpoint)
     except (OSError, ValueError) as e:
-        raise InputError(f"{checkpoint / 'config.json'}: cannot be read ({e}); the checkpoint is damaged") from None
+        raise InputError(f"{checkpoint / 'config.json'}: cannot be read ({first_line(e)}); the checkpoint is damaged") from None
     lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     try:
         return consolidate(checkpoint / SHARDED, lm)
     except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise InputError(f"{checkpoint / SHARDED}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                         "the checkpoint is damaged") from None
+        raise InputError(f"{checkpoint / SHARDED}: cannot be read ({first_line(e)}); the checkpoint is damaged") from None

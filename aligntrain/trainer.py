@@ -400,7 +400,8 @@ def make_accelerator(cfg: Config, policy):
 def _graph_stack(cfg: Config, accelerator, model, policy, layout: str, steps: int, split: ShardSplit, world: int,
                  pad_id: int) -> bool:
     """Give the policy's log-prob module a graphs.GraphedStack over buckets planned from every micro-batch of
-    the run (cuda_graphs: true); False, with a note, where graphs do not apply."""
+    the run (cuda_graphs: true), its graphs recorded now where every stream holds the same number of
+    sequences; a ConfigError where graphs do not apply."""
     from .graphs import GraphedStack, keep_gradients, plan_buckets
 
     why = ("padding-free batches without a shared prompt" if layout != PACKED else
