@@ -9,7 +9,7 @@
 #          | dpo-llama-ours | sft | sft-tokens | sft-llama-tokens | suite | suite-dpo | suite-llama | suite-sft | suite-precompute
 #          | profile-steps | lora | host | sft-variants | suite-450 | tests-compile | suite-sft-dpo | sft-llama-head
 #          | sft-llama-lt | suite-sft-both | profile-llama | sft-llama-prefetch | profile-qwen | graphs
-#          | suite-qwen-graphs | fsdp-scaling | fsdp-dpo | fsdp-8b
+#          | suite-qwen-graphs | tests-multi | fsdp-scaling | fsdp-dpo | fsdp-8b
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
 # back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
@@ -55,6 +55,7 @@ for stage in "$@"; do
               --also cuda_graphs=true,cuda_graph_buckets=8
             bench 200 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl --also cuda_graphs=true ;;
     suite-qwen-graphs) bench 320 --suite issue12 --only 3 --also cuda_graphs=true,cuda_graph_buckets=8 ;;
+    tests-multi) timeout 500 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "fsdp or two" ;;
     fsdp-scaling) timeout 590 python3 benchmarks/bench_fsdp.py --shape llama1b --mode sft --per-gpu 36 --gpus 1,2,4,8 --timeout 240 ;;
     fsdp-dpo) timeout 590 python3 benchmarks/bench_fsdp.py --shape llama1b --mode dpo --per-gpu 16 --gpus 1,2,4,8 --timeout 240 ;;
     fsdp-8b) timeout 590 python3 benchmarks/bench_fsdp.py --shape llama8b --mode sft --per-gpu 8 --gpus 4,8 --gc 1 --timeout 500 ;;
