@@ -11,6 +11,7 @@ gradient average, is exactly the gradient of the mean over the whole accumulated
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import time
@@ -208,6 +209,11 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
         raise Interrupted(latest_checkpoint(run_dir / CHECKPOINTS)) from None
     finally:
         log.close()
+    if sharded:  # every process done with collectives, the sharded state freed, then the process group ended
+        accelerator.wait_for_everyone()
+        del model, policy, optimizer, reference, objective
+        gc.collect()
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
 

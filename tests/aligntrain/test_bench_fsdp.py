@@ -27,9 +27,14 @@ def test_the_table_compares_each_row_with_the_one_process_row():
 
 @pytest.mark.slow
 def test_the_scaling_bench_runs_on_the_cpu(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_fsdp.py"), "--shape", "tiny", "--per-gpu", "4",
-                           "--gpus", "1,2", "--steps", "3", "--warm", "1", "--cache", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    from test_train_sharded import TEARDOWN_ABORT
+
+    for attempt in (1, 2):  # the rare gloo teardown abort (test_train_sharded.py): once more, then it fails
+        done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_fsdp.py"), "--shape", "tiny",
+                               "--per-gpu", "4", "--gpus", "1,2", "--steps", "3", "--warm", "1", "--cache", str(tmp_path)],
+                              capture_output=True, text=True, timeout=600)
+        rows = [line for line in done.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+        if len(rows) == 2 or TEARDOWN_ABORT not in done.stderr:
+            break
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
-    assert len(rows) == 2 and "| 100% |" in rows[0]
+    assert len(rows) == 2 and "| 100% |" in rows[0], done.stderr[-3000:]

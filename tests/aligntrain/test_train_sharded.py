@@ -21,17 +21,33 @@ from aligntrain.sharding import fsdp2_available
 pytestmark = pytest.mark.skipif(not fsdp2_available(), reason="needs torch's FSDP2 (2.6+)")
 
 
+# Once in about seventy two-process CPU runs seen here, a gloo process died with this at the very end of a
+# run that had completed (its metrics and checkpoints written): a teardown race in the C++ runtime. Such a
+# run is repeated once from the same starting state; any other failure, or the same one twice, fails.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def launch(tmp_path, task, shards, cfg, out, processes, *overrides, resume=False):
     """`aligntrain TASK` in `processes` CPU processes; (train losses, the JSON summary)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "ACCELERATE_USE_CPU": "true"}
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
                                    if processes > 1 else [])
-    done = subprocess.run([*launcher, "-m", "aligntrain", task, str(shards), str(cfg), "--json"]
-                          + (["--resume"] if resume else []) + ["--overrides", f"output_dir={tmp_path / out}", *overrides]
-                          + (["trainer=FSDPTrainer"] if processes > 1 else []),
-                          capture_output=True, text=True, env=env)
+    command = ([*launcher, "-m", "aligntrain", task, str(shards), str(cfg), "--json"]
+               + (["--resume"] if resume else []) + ["--overrides", f"output_dir={tmp_path / out}", *overrides]
+               + (["trainer=FSDPTrainer"] if processes > 1 else []))
+    run_dir, before = tmp_path / out, tmp_path / f"{out}.before"
+    if run_dir.exists():
+        shutil.copytree(run_dir, before)
+    for attempt in (1, 2):
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode == 0 or attempt == 2 or TEARDOWN_ABORT not in done.stderr:
+            break
+        shutil.rmtree(run_dir)
+        if before.exists():
+            shutil.copytree(before, run_dir)
+    shutil.rmtree(before, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if r["split"] == "train"], json.loads(done.stdout)
 
 
