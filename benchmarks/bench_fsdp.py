@@ -13,7 +13,7 @@ useful FLOPs over N cards' peak) and each GPU's peak memory (the largest over th
 
 The clock: every process waits for its GPU after the last warm step and after the last step (a barrier
 between the processes at both ends); the timed span is between. The model and shards are built once, before
-any row, in --cache.
+any row, in --cache (bench_train.build_inputs).
 """
 
 from __future__ import annotations
@@ -29,29 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import SHAPES, build_model_dir, data_counts, item_lengths, model_config, write_rows  # noqa: E402
+from bench_train import SHAPES, build_inputs, data_counts, item_lengths, model_config  # noqa: E402
 from childrun import result_line  # noqa: E402
-
-
-def prepare(args: argparse.Namespace, n_rows: int) -> tuple[Path, Path, Path]:
-    """(model dir, tokenizer dir, shards) of the shape, built once in args.cache."""
-    from aligndata.write.convert import convert
-    from aligndata.write.shards import MANIFEST
-
-    base = Path(args.cache)
-    base.mkdir(parents=True, exist_ok=True)
-    model_dir, tokenizer_dir, count = (base / f"model-{args.shape}", base / f"tokenizer-{args.shape}",
-                                       base / f"model-{args.shape}.params")
-    if not count.exists():
-        count.write_text(str(build_model_dir(args.shape, model_dir, tokenizer_dir)))
-    shards = base / f"shards-{args.shape}-{args.mode}-{n_rows}-{args.max_length}"
-    if not (shards / MANIFEST).exists():
-        rows = base / f"rows-{args.mode}-{n_rows}.jsonl"
-        write_rows(rows, n_rows, SHAPES[args.shape][1]["vocab_size"], args.mode)
-        convert([str(rows)], shards, args.mode, str(tokenizer_dir), max_length=args.max_length,
-                max_prompt_length=args.max_length // 2 if args.mode == "dpo" else None, length_policy="truncate",
-                overwrite=True)
-    return model_dir, tokenizer_dir, shards
 
 
 def child(args: argparse.Namespace) -> None:
@@ -158,12 +137,24 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def process_counts(text: str) -> list[int]:
+    """--gpus: comma-separated positive integers, ascending and without repeats."""
+    try:
+        counts = sorted({int(n) for n in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected process counts like 1,2,4") from None
+    if counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: process counts must be at least 1")
+    return counts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama1b")
     ap.add_argument("--mode", choices=("sft", "dpo"), default="sft")
     ap.add_argument("--per-gpu", type=int, default=36, help="items (rows or pairs) per GPU per step")
-    ap.add_argument("--gpus", default="1,2,4", help="process counts, one row each (those over the visible GPUs are skipped)")
+    ap.add_argument("--gpus", type=process_counts, default="1,2,4",
+                    help="process counts, one row each (those over the visible GPUs are skipped)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warm", type=int, default=4, help="steps before the clock starts")
     ap.add_argument("--gc", type=int, default=0, help="activation checkpointing (1: on)")
@@ -182,7 +173,7 @@ def main() -> None:
         return
     import torch
 
-    counts = sorted({int(n) for n in args.gpus.split(",")})
+    counts = args.gpus
     visible = torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
     skipped = [n for n in counts if n > visible]
     if skipped:
@@ -190,7 +181,10 @@ def main() -> None:
               f"{'GPUs' if torch.cuda.is_available() else 'cores'} here)", file=sys.stderr)
     counts = [n for n in counts if n <= visible]
     started = time.perf_counter()
-    model, tokenizer, shards = prepare(args, args.per_gpu * max(counts or [1]) * (args.steps + 2))
+    Path(args.cache).mkdir(parents=True, exist_ok=True)
+    model, tokenizer, shards, _ = build_inputs(Path(args.cache), args.shape, args.mode,
+                                               args.per_gpu * max(counts or [1]) * (args.steps + 2), args.max_length,
+                                               Path(tempfile.mkdtemp(prefix="bench-fsdp-rows-")))
     rows = []
     for n in counts:
         result = run_row(args, n, model, tokenizer, shards)

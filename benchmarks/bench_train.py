@@ -179,12 +179,31 @@ def trl_flops_per_token(args: argparse.Namespace, row: "Row", mode: str, reporte
     return flops / counted
 
 
+def build_inputs(base: Path, shape: str, mode: str, n: int, max_length: int, scratch: Path,
+                 shards: Path | None = None) -> tuple[Path, Path, Path, int]:
+    """(model dir, tokenizer dir, shards, parameter count) of `shape` and `n` rows of `mode`, each built in
+    `base` unless already there (the shards in `shards` instead when given); the raw rows are written in
+    `scratch`, this process's own folder."""
+    from aligndata.write.convert import convert
+    from aligndata.write.shards import MANIFEST
+
+    model_dir, tokenizer_dir, count = base / f"model-{shape}", base / f"tokenizer-{shape}", base / f"model-{shape}.params"
+    if not count.exists():
+        count.write_text(str(build_model_dir(shape, model_dir, tokenizer_dir)))  # last: the model is complete
+    shards = shards or base / f"shards-{shape}-{mode}-{n}-{max_length}"
+    if not (shards / MANIFEST).exists():
+        rows = scratch / "rows.jsonl"
+        write_rows(rows, n, SHAPES[shape][1]["vocab_size"], mode)
+        convert([str(rows)], shards, mode, str(tokenizer_dir), max_length=max_length,
+                max_prompt_length=max_length // 2 if mode == "dpo" else None, length_policy="truncate", overwrite=True)
+    return model_dir, tokenizer_dir, shards, int(count.read_text())
+
+
 def run_ours(args: argparse.Namespace) -> dict:
     import torch
 
     import aligntrain.trainer as T
-    from aligndata.write.convert import convert
-    from aligndata.write.shards import MANIFEST, open_split
+    from aligndata.write.shards import open_split
     from aligntrain.config import load_config
 
     t_process = time.perf_counter()
@@ -192,18 +211,9 @@ def run_ours(args: argparse.Namespace) -> dict:
     # the model of a shape and the shards of a (shape, mode, size) are built once per suite (--cache), except
     # the shards a precompute run writes reference log-probs into
     base = Path(args.cache) if args.cache else work
-    model_dir, tokenizer_dir, count = (base / f"model-{args.shape}", base / f"tokenizer-{args.shape}",
-                                       base / f"model-{args.shape}.params")
-    if not count.exists():
-        count.write_text(str(build_model_dir(args.shape, model_dir, tokenizer_dir)))  # last: the model is complete
-    params = int(count.read_text())
     n = args.bs * (args.steps + 2)
-    shards = work / "shards" if args.precompute else base / f"shards-{args.shape}-{args.mode}-{n}-{args.max_length}"
-    if not (shards / MANIFEST).exists():
-        write_rows(work / "rows.jsonl", n, SHAPES[args.shape][1]["vocab_size"], args.mode)
-        convert([str(work / "rows.jsonl")], shards, args.mode, str(tokenizer_dir), max_length=args.max_length,
-                max_prompt_length=args.max_length // 2 if args.mode == "dpo" else None, length_policy="truncate",
-                overwrite=True)
+    model_dir, tokenizer_dir, shards, params = build_inputs(base, args.shape, args.mode, n, args.max_length, work,
+                                                            work / "shards" if args.precompute else None)
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     cfg_path = work / "config.yml"
     cfg_path.write_text(json.dumps({  # JSON is YAML
