@@ -80,7 +80,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
         full_state = full_weights(model) if whole else None
     else:
         full_state = accelerator.get_state_dict(model)
-    fsdp = _is_fsdp(accelerator) or sharded
+    plugin = _is_fsdp(accelerator)  # Accelerate's FSDP (never together with sharding.py's)
     if accelerator.is_main_process:
         lm = accelerator.unwrap_model(model).lm
         try:
@@ -99,9 +99,9 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
         with _naming(tmp / "config.yaml"):
             (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if cfg.save_optimizer and not fsdp:
+        if cfg.save_optimizer and not (plugin or sharded):
             _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if cfg.save_optimizer and fsdp and not sharded:
+    if cfg.save_optimizer and plugin:
         from accelerate.utils import save_fsdp_optimizer
 
         save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(tmp))

@@ -10,8 +10,9 @@ A graph has fixed shapes, and a padding-free stream has a new length every batch
 to one of a few bucket lengths chosen for the run (`plan_buckets`: the lengths its micro-batches will have
 are known before it starts, from the shards' row lengths), the padding being a segment of its own that no
 other token attends to and no trained token reads: the real tokens' outputs and gradients do not change.
-One graph pair (forward, backward) is recorded per bucket the first time a batch needs it, all of them in
-one memory pool; a stream longer than every bucket runs without a graph.
+One graph pair (forward, backward) is recorded per bucket, all of them in one memory pool: up front
+(`record`, which the trainer calls before the first step) or the first time a batch needs it; a stream
+longer than every bucket, or one that would need a graph beyond `limit`, runs without a graph.
 
 The recorded backward writes the parameters' gradients into buffers of its own, which autograd then adds
 into `.grad`. Autograd would instead adopt such a buffer as `.grad` when `.grad` is None, and the next replay
@@ -100,7 +101,6 @@ class GraphedStack:
         self.capture = capture
         self.limit = len(self.buckets) if limit is None else limit
         self.graphs: dict[tuple, Any] = {}
-        self.eager = 0  # forwards that found no graph (the limit reached)
         self.pool = None
         self.dtype: torch.dtype | None = None  # the autocast dtype the graphs were recorded under
 
@@ -116,27 +116,25 @@ class GraphedStack:
         length = input_ids.shape[1]
         size = self.bucket(length)
         extra = size - length
+        max_q, max_k = max(segments.max_q, extra), max(segments.max_k, extra)
+        # one segment more: the padding's, or an empty one (the number of segments is part of the shapes)
+        key = (size, segments.cu_q.shape[0] + 1, max_q, max_k)
+        if self.capture and key not in self.graphs and len(self.graphs) >= self.limit:
+            return self.base_model(input_ids=input_ids, position_ids=position_ids, segments=segments, use_cache=False)[0]
         device = input_ids.device
         if extra:
             input_ids = torch.cat([input_ids, torch.full((1, extra), self.pad_id, dtype=input_ids.dtype, device=device)], 1)
             position_ids = torch.cat([position_ids, torch.arange(extra, dtype=position_ids.dtype, device=device)[None]], 1)
             end = torch.tensor([size], dtype=segments.cu_q.dtype, device=device)
             cu_q, cu_k = torch.cat([segments.cu_q, end]), torch.cat([segments.cu_k, end])
-        else:  # an empty segment keeps the number of segments (part of the graph's shapes) the same
+        else:
             cu_q, cu_k = torch.cat([segments.cu_q, segments.cu_q[-1:]]), torch.cat([segments.cu_k, segments.cu_k[-1:]])
-        max_q, max_k = max(segments.max_q, extra), max(segments.max_k, extra)
         args = (input_ids, position_ids, cu_q, cu_k)
         if not self.capture:
             return _Stack(self.base_model, max_q, max_k)(*args)[:, :length]
-        key = (size, cu_q.shape[0], max_q, max_k)
-        graphed = self.graphs.get(key)
-        if graphed is None:
-            if len(self.graphs) >= self.limit:
-                self.eager += 1
-                return self.base_model(input_ids=args[0][:, :length], position_ids=args[1][:, :length],
-                                       segments=segments, use_cache=False)[0]
-            graphed = self.graphs[key] = self._record(args, max_q, max_k)
-        return graphed(*args)[:, :length]
+        if key not in self.graphs:
+            self.graphs[key] = self._record(args, max_q, max_k)
+        return self.graphs[key](*args)[:, :length]
 
     def record(self, segments_per_stream: int, bound: int, device: torch.device) -> None:
         """Record every bucket's graphs now, for streams of `segments_per_stream` sequences under the run's
