@@ -423,7 +423,7 @@ def profile_step(step_fn, step, model, objective, optimizer, scheduler, batches,
         if e.key in PHASES:
             device = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1e3
             lines.append(f"  {e.key:18s} host {e.cpu_time_total / 1e3:8.1f} ms  device {device:8.1f} ms  x{e.count}")
-    lines.append(events.table(sort_by=device_attr, row_limit=30, max_name_column_width=70))
+    lines.append(events.table(sort_by=device_attr, row_limit=45, max_name_column_width=90))
     with tempfile.TemporaryDirectory() as tmp:
         prof.export_chrome_trace(f"{tmp}/trace.json")
         with open(f"{tmp}/trace.json") as f:

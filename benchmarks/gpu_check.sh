@@ -9,7 +9,7 @@
 #          | dpo-llama-ours | sft | sft-tokens | sft-llama-tokens | suite | suite-dpo | suite-llama | suite-sft | suite-precompute
 #          | profile-steps | lora | host | sft-variants | suite-450 | tests-compile | suite-sft-dpo | sft-llama-head
 #          | sft-llama-lt | suite-sft-both | profile-llama | sft-llama-prefetch | profile-qwen | graphs
-#          | suite-qwen-graphs | tests-multi | fsdp-scaling | fsdp-dpo | fsdp-8b
+#          | suite-qwen-graphs | tests-multi | fsdp-scaling | fsdp-dpo | fsdp-8b | varlen | profile-sft-llama
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
 # back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
@@ -61,6 +61,9 @@ for stage in "$@"; do
     fsdp-8b) timeout 590 python3 benchmarks/bench_fsdp.py --shape llama8b --mode sft --per-gpu 8 --gpus 4,8 --gc 1 --timeout 500 ;;
     sft-llama-prefetch) bench 150 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl \
                           --also aligntrain.trainer.PREFETCH=false ;;
+    varlen) timeout 120 python3 benchmarks/varlen_kernels.py --shape llama1b --rows 36
+            timeout 90 python3 benchmarks/varlen_kernels.py --shape qwen0.5b --rows 18 ;;
+    profile-sft-llama) bench 150 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl --profile-step 10 ;;
     suite-sft-both) bench 300 --suite issue12 --only 4,3 ;;
     suite-dpo) bench 400 --suite issue12 --only 1,2 ;;
     suite-llama) bench 300 --suite issue12 --only 2 ;;
