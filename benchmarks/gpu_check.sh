@@ -10,6 +10,7 @@
 #          | profile-steps | lora | host | sft-variants | suite-450 | tests-compile | suite-sft-dpo | sft-llama-head
 #          | sft-llama-lt | suite-sft-both | profile-llama | sft-llama-prefetch | profile-qwen | graphs
 #          | suite-qwen-graphs | tests-multi | fsdp-scaling | fsdp-dpo | fsdp-8b | varlen | profile-sft-llama
+#          | sft-llama-knobs
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
 # back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
@@ -64,6 +65,8 @@ for stage in "$@"; do
     varlen) timeout 120 python3 benchmarks/varlen_kernels.py --shape llama1b --rows 36
             timeout 90 python3 benchmarks/varlen_kernels.py --shape qwen0.5b --rows 18 ;;
     profile-sft-llama) bench 150 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl --profile-step 10 ;;
+    sft-llama-knobs) bench 300 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl --also logprob_chunk_tokens=4096 \
+                       --also logprob_chunk_tokens=8192 --also inductor.coordinate_descent_tuning=true ;;
     suite-sft-both) bench 300 --suite issue12 --only 4,3 ;;
     suite-dpo) bench 400 --suite issue12 --only 1,2 ;;
     suite-llama) bench 300 --suite issue12 --only 2 ;;

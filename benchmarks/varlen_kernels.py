@@ -49,20 +49,14 @@ def flash(b, max_len):
 
 
 def cudnn(b, max_len, repeat: bool):
+    """cuDNN's ragged attention through its autograd formula (the backward takes an undefined bias, which
+    only autograd can pass)."""
     q, k, v = b["q"], b["k"], b["v"]
     groups = q.shape[1] // k.shape[1]
-    if repeat and groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    res = torch.ops.aten._cudnn_attention_forward(q, k, v, None, b["cu"], b["cu"], max_len, max_len, True, 0.0, True,
-                                                  False)
-    out, lse, seed, offset = res[0], res[1], res[6], res[7]
-    dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-        b["grad"], q, k, v, out, lse, seed, offset, torch.empty(0, device=q.device), b["cu"], b["cu"], max_len,
-        max_len, 0.0, True)
-    if repeat and groups > 1:
-        dk = dk.unflatten(1, (-1, groups)).sum(2)
-        dv = dv.unflatten(1, (-1, groups)).sum(2)
-    return out, (dq, dk, dv)
+    kk, vv = (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)) if repeat and groups > 1 else (k, v)
+    out = torch.ops.aten._cudnn_attention_forward(q, kk, vv, None, b["cu"], b["cu"], max_len, max_len, True, 0.0, True,
+                                                  False)[0]
+    return out, torch.autograd.grad(out, (q, k, v), b["grad"])
 
 
 def timed(fn, batches, max_len) -> tuple[float, float]:
@@ -95,6 +89,7 @@ def main() -> int:
     dev = torch.device("cuda")
     batches = [batch(row_lengths(a.rows, a.max_length, rng), hq, hk, d, dev) for _ in range(a.batches)]
     tokens = sum(b["q"].shape[0] for b in batches) / len(batches)
+    print(f"cuDNN {torch.backends.cudnn.version()}")
     print(f"{a.shape}: {hq} query heads, {hk} key/value heads, head dim {d}; {a.rows} rows a batch, "
           f"{tokens:,.0f} tokens on average, {a.batches} batches; per layer, forward + backward")
     variants = {"flash (FA2, aten varlen)": flash,
