@@ -33,6 +33,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from . import kernels
+
 BACKEND = "inductor"  # the tests swap in "aot_eager" (the same graphs, no code generation)
 RECOMPILE_LIMIT = 32  # graphs per code object: grad and no-grad, float32 policy and bf16 reference, ...
 FUSE_LINEARS = True  # FuseSiblingLinears in inductor's graphs (benchmarks turn it off to measure it)
@@ -103,12 +105,20 @@ _compiled_logps_and_grad = None
 
 def compiled_logps_and_grad():
     """logps_and_grad compiled once per process, dynamic in the number of rows: a reduction and a pointwise
-    pass over the bf16 logits, no float32 copy of them in memory."""
+    pass over the bf16 logits, no float32 copy of them in memory. On CUDA without a softcap, the Triton
+    kernel of kernels.py instead (two reads of the logits, the gradient written over them: the caller must
+    pass logits it no longer needs)."""
     global _compiled_logps_and_grad
     if _compiled_logps_and_grad is None:
         _configure()
         _compiled_logps_and_grad = torch.compile(logps_and_grad, backend=BACKEND, dynamic=True)
-    return _compiled_logps_and_grad
+    return _fastest_logps_and_grad
+
+
+def _fastest_logps_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None = None):
+    if kernels.applies(logits, softcap):
+        return kernels.logps_and_grad_(logits, targets)
+    return _compiled_logps_and_grad(logits, targets, softcap)
 
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)

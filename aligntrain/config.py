@@ -145,7 +145,7 @@ class Config:
     compile: bool | None = None  # torch.compile each decoder layer and the head's log-softmax; null: on CUDA without LoRA
     cuda_graphs: bool = False  # padding-free training forwards replay CUDA graphs of the decoder stack (graphs.py)
     cuda_graph_buckets: int = 4  # stream lengths recorded (one graph pair and one set of gradient buffers each)
-    logprob_chunk_tokens: int = 1024  # completion tokens per lm-head chunk when computing log-probs
+    logprob_chunk_tokens: int | None = None  # completion tokens per lm-head chunk when computing log-probs; null: 1024, or on CUDA for SFT's head 2 GiB of logits
     keep_checkpoints: int | None = None  # keep only the newest N checkpoints
     eval_fraction: float = 0.0  # `aligntrain train`: share of records converted into the eval split
     chat_template: str | None = None  # `aligntrain train`: template for conversion (default: the tokenizer's)
@@ -342,8 +342,8 @@ def validate(cfg: Config, where: str = "config") -> None:
     if Path(cfg.exp_name).is_absolute() or ".." in Path(cfg.exp_name).parts:
         raise bad("exp_name", f"{cfg.exp_name!r} must stay inside the runs directory (no absolute path, no '..')")
     positive = ["total_batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every_steps",
-                "logprob_chunk_tokens", "cuda_graph_buckets"]
-    optional_positive = ["max_length", "max_prompt_length", "n_epochs", "n_examples", "eval_every_steps",
+                "cuda_graph_buckets"]
+    optional_positive = ["logprob_chunk_tokens", "max_length", "max_prompt_length", "n_epochs", "n_examples", "eval_every_steps",
                          "n_eval_examples", "save_every_steps", "tokens_per_batch", "keep_checkpoints"]
     for key in positive + optional_positive:
         value = getattr(cfg, key)

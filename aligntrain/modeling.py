@@ -33,6 +33,20 @@ from .config import Config, ConfigError
 from .packing import PACKED_ATTENTION, PADDED, choose_layout, use_packed_attention
 
 HEAD_GRAD_IN_FORWARD = True  # uniform_grad's head gradients in the forward (benchmarks turn it off to measure it)
+CHUNK_TOKENS = 1024  # rows per head chunk when logprob_chunk_tokens is null, except as below
+HEAD_GRAD_CHUNK_BYTES = 2 << 30  # logits per chunk on CUDA when the head's gradients are taken in the forward
+
+
+def head_chunk_rows(chunk_tokens: int | None, vocab: int, itemsize: int, on_cuda: bool, grad_in_forward: bool) -> int:
+    """Rows per chunk of the LM head: `chunk_tokens` when set. Unset: CHUNK_TOKENS, or, on CUDA where the
+    head's gradients are taken in the forward (no chunk is recomputed, and the Triton kernel writes the
+    gradient over the logits), as many rows as fill HEAD_GRAD_CHUNK_BYTES of logits: fewer, larger matrix
+    multiplies, and fewer passes of the float32 weight gradient accumulator (a [V, H] read and write each)."""
+    if chunk_tokens:
+        return chunk_tokens
+    if on_cuda and grad_in_forward:
+        return max(CHUNK_TOKENS, HEAD_GRAD_CHUNK_BYTES // (vocab * itemsize))
+    return CHUNK_TOKENS
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -72,9 +86,10 @@ class SequenceLogps(nn.Module):
     Accelerate wraps this module (not the bare LM), so autocast and FSDP see one root forward.
     """
 
-    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, cudnn_attention: bool = False, compiled: bool = False,
-                 uniform_grad: bool = False):
-        """`uniform_grad`: the caller's loss is c * (sum of the returned log-probs), one c for every sequence
+    def __init__(self, lm: nn.Module, chunk_tokens: int | None = None, cudnn_attention: bool = False,
+                 compiled: bool = False, uniform_grad: bool = False):
+        """`chunk_tokens`: rows per chunk of the LM head (None: head_chunk_rows decides).
+        `uniform_grad`: the caller's loss is c * (sum of the returned log-probs), one c for every sequence
         (SFT with every example weighted 1); the head then computes its gradients in the forward
         (module docstring). A loss that weighs sequences differently must leave it False."""
         super().__init__()
@@ -118,7 +133,8 @@ class SequenceLogps(nn.Module):
             token_logps = self._token_logps(hidden[:, :-1][predict], targets, lm)  # hidden [N, H]
         else:
             logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            token_logps = gathered_token_logps(logits[:, :-1][predict], targets, self.chunk_tokens, self.logps)
+            token_logps = gathered_token_logps(logits[:, :-1][predict], targets, self.chunk_tokens or CHUNK_TOKENS,
+                                               self.logps)
         # scatter into [B, T-1] and reduce per row: deterministic on GPU, unlike an atomic index_add
         per_position = torch.zeros(predict.shape, dtype=torch.float32, device=input_ids.device)
         per_position = per_position.masked_scatter(predict, token_logps)
@@ -140,7 +156,7 @@ class SequenceLogps(nn.Module):
             token_logps = self._token_logps(hidden[0].index_select(0, predict), targets, lm)
         else:
             logits = self.lm(**inputs).logits[0].index_select(0, predict)
-            token_logps = gathered_token_logps(logits, targets, self.chunk_tokens, self.logps)
+            token_logps = gathered_token_logps(logits, targets, self.chunk_tokens or CHUNK_TOKENS, self.logps)
         per_slot = torch.zeros(slots.shape, dtype=torch.float32, device=input_ids.device).masked_scatter(slots, token_logps)
         return per_slot.sum(dim=1), slots.sum(dim=1)
 
@@ -148,9 +164,11 @@ class SequenceLogps(nn.Module):
         """[N] float32 log-probs of targets from the final hidden states [N, H], through the LM head."""
         head = lm.get_output_embeddings()
         if self._gradient_in_forward(hidden, head):
-            return head_logps_uniform_grad(hidden, head.weight, targets, self.chunk_tokens, self.softcap,
-                                           self.logps_and_grad)
-        return chunked_token_logps(hidden, targets, head, self.chunk_tokens, self.softcap, self.logps)
+            itemsize = torch.get_autocast_dtype(hidden.device.type).itemsize \
+                if torch.is_autocast_enabled(hidden.device.type) else head.weight.element_size()
+            chunk = head_chunk_rows(self.chunk_tokens, head.weight.shape[0], itemsize, hidden.is_cuda, True)
+            return head_logps_uniform_grad(hidden, head.weight, targets, chunk, self.softcap, self.logps_and_grad)
+        return chunked_token_logps(hidden, targets, head, self.chunk_tokens or CHUNK_TOKENS, self.softcap, self.logps)
 
     def _gradient_in_forward(self, hidden: torch.Tensor, head: nn.Module) -> bool:
         """A training forward of a uniform-gradient loss through a plain bias-free linear head whose weight is

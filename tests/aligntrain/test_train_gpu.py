@@ -249,6 +249,52 @@ def test_head_gradients_in_the_forward_on_cuda_follow_the_recomputed_head(tiny_m
     assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.999
 
 
+@pytest.mark.parametrize("vocab,rows", [(50_000, 37), (128_256, 300), (7, 5)])
+def test_the_triton_head_kernel_equals_the_log_softmax_and_its_gradient(vocab, rows):
+    """kernels.logps_and_grad_ against compiling.logps_and_grad in float32: log-probs to 1e-4, the bf16
+    gradient to one bf16 step, written over the logits (the returned gradient is the logits tensor); a
+    vocabulary that is no multiple of the kernel's block and one smaller than it."""
+    from aligntrain import compiling, kernels
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(rows, vocab, device="cuda", generator=gen) * 4).to(torch.bfloat16)
+    logits[0, :vocab // 2] = -60.0  # a row whose mass sits in its second half
+    targets = torch.randint(0, vocab, (rows,), device="cuda", generator=gen)
+    expected_logps, expected_grad = compiling.logps_and_grad(logits.float(), targets)
+    assert kernels.applies(logits, None) and not kernels.applies(logits, 30.0) and not kernels.applies(logits.float(), None)
+    buffer = logits.clone()
+    logps, grad = kernels.logps_and_grad_(buffer, targets)
+    assert grad.data_ptr() == buffer.data_ptr() and grad.dtype == torch.bfloat16
+    assert torch.allclose(logps, expected_logps, atol=1e-4, rtol=1e-5), (logps - expected_logps).abs().max()
+    assert torch.allclose(grad.float(), expected_grad, atol=4e-3, rtol=1e-2), (grad.float() - expected_grad).abs().max()
+    assert torch.allclose(grad.float().sum(-1), torch.zeros(rows, device="cuda"), atol=0.05)
+
+
+def test_sfts_head_in_chunks_of_two_gib_equals_chunks_of_16_rows_on_cuda(tiny_model, sft_shards):
+    """logprob_chunk_tokens unset: SFT's head on CUDA runs its rows in one chunk (2 GiB of logits holds
+    them all), through the Triton kernel; the same log-probs and gradients as 16-row chunks."""
+    from aligndata.write.shards import read_manifest
+    from aligntrain import packing
+    from aligntrain.data import ShardSplit, collate, to_device
+    from aligntrain.modeling import head_chunk_rows, load_causal_lm, model_inputs
+
+    split = ShardSplit(sft_shards, "train", read_manifest(sft_shards))
+    batch = to_device(collate(split.rows(list(range(12))), "sft", 0, "packed"), torch.device("cuda"))
+    results = []
+    for chunk in (16, None):
+        lm = load_causal_lm(tiny_model, "float32").cuda()
+        packing.use_packed_attention(lm)
+        model = SequenceLogps(lm, chunk_tokens=chunk, compiled=True, uniform_grad=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logps, _ = model(**model_inputs(batch))
+        (-logps.sum() / 100).backward()
+        results.append((logps.detach(), torch.cat([p.grad.flatten() for p in lm.parameters()])))
+    assert head_chunk_rows(None, lm.config.vocab_size, 2, True, True) > len(batch["targets"])
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-2), (a - b).abs().max()
+    assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.999
+
+
 @pytest.mark.parametrize("groups", [1, 7])
 def test_the_segment_attention_operator_on_cuda_equals_the_exact_one(groups):
     """The flash path of aligntrain::segment_attention (bf16, a bound of 1024 far above the segments, as a run's

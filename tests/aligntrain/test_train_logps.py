@@ -194,3 +194,37 @@ def test_head_gradients_in_the_forward_under_bf16_autocast(tiny_model):
         assert grad.dtype == torch.float32
         scale = expected_grads[name].abs().max().item() + 1e-6
         assert (grad - expected_grads[name]).abs().max().item() <= 0.03 * scale, name
+
+
+def test_the_head_chunk_left_unset_is_1024_rows_or_two_gib_of_sfts_logits_on_cuda():
+    from aligntrain.modeling import CHUNK_TOKENS, HEAD_GRAD_CHUNK_BYTES, head_chunk_rows
+
+    assert CHUNK_TOKENS == 1024 and HEAD_GRAD_CHUNK_BYTES == 2 << 30
+    assert head_chunk_rows(None, 128_256, 2, True, True) == (2 << 30) // (128_256 * 2) == 8371  # llama's vocabulary, bf16
+    assert head_chunk_rows(None, 128_256, 2, True, False) == 1024  # chunks recomputed in the backward (DPO)
+    assert head_chunk_rows(None, 128_256, 4, False, True) == 1024  # not on CUDA: no Triton kernel, a gradient buffer
+    assert head_chunk_rows(None, 4_000_000, 2, True, True) == 1024  # never fewer rows than the fixed chunk
+    assert head_chunk_rows(7, 128_256, 2, True, True) == 7 and head_chunk_rows(7, 128_256, 2, False, False) == 7
+
+
+def test_an_unset_chunk_on_the_cpu_keeps_logits_to_1024_rows_at_a_time(tiny_model, monkeypatch):
+    """Where the head's gradients are taken in the forward too: the unset chunk is 1024 rows off CUDA
+    (the chunk a head call sees is at most that)."""
+    from aligntrain import modeling
+
+    lm = load_causal_lm(tiny_model, "float32")
+    seen = []
+    real = modeling.logps_and_grad
+
+    def spy(logits, targets, softcap=None):
+        seen.append(logits.shape[0])
+        return real(logits, targets, softcap)
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(7, 300, (3, 900), generator=g)
+    attention, mask = torch.ones_like(ids), torch.ones_like(ids)
+    model = SequenceLogps(lm, uniform_grad=True)
+    model.logps_and_grad = spy
+    logps, tokens = model(ids, attention, mask)
+    logps.sum().backward()
+    assert int(tokens.sum()) == 3 * 899 and max(seen) <= 1024 and sum(seen) == 3 * 899 and len(seen) == 3
