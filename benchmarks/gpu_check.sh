@@ -10,7 +10,7 @@
 #          | profile-steps | lora | host | sft-variants | suite-450 | tests-compile | suite-sft-dpo | sft-llama-head
 #          | sft-llama-lt | suite-sft-both | profile-llama | sft-llama-prefetch | profile-qwen | graphs
 #          | suite-qwen-graphs | tests-multi | fsdp-scaling | fsdp-dpo | fsdp-8b | varlen | profile-sft-llama
-#          | sft-llama-knobs | sft-kernels | sft-qwen-kernel
+#          | sft-llama-knobs | sft-kernels | sft-qwen-kernel | sft-qwen-kernel-long
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
 # back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
@@ -72,6 +72,8 @@ for stage in "$@"; do
                  bench 150 --mode sft --shape qwen0.5b --bs 18 --steps 12 --warm 4 --skip-trl --also aligntrain.kernels.ENABLED=false ;;
     sft-qwen-kernel) bench 240 --mode sft --shape qwen0.5b --bs 18 --steps 12 --warm 4 --skip-trl --profile-step 10 \
                        --also aligntrain.kernels.ENABLED=false --also aligntrain.kernels.ENABLED=true --also aligntrain.kernels.ENABLED=false ;;
+    sft-qwen-kernel-long) bench 225 --mode sft --shape qwen0.5b --bs 18 --steps 40 --warm 4 --skip-trl --also aligntrain.kernels.ENABLED=false \
+                            --also aligntrain.kernels.BLOCK=4096 --also aligntrain.kernels.ENABLED=false --also aligntrain.kernels.BLOCK=4096 ;;
     suite-sft-both) bench 300 --suite issue12 --only 4,3 ;;
     suite-dpo) bench 400 --suite issue12 --only 1,2 ;;
     suite-llama) bench 300 --suite issue12 --only 2 ;;
