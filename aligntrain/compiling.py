@@ -117,7 +117,9 @@ def compiled_logps_and_grad():
 
 def _fastest_logps_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None = None):
     if kernels.applies(logits, softcap):
-        return kernels.logps_and_grad_(logits, targets)
+        out = kernels.try_logps_and_grad_(logits, targets)
+        if out is not None:
+            return out
     return _compiled_logps_and_grad(logits, targets, softcap)
 
 

@@ -13,6 +13,8 @@ CUDA only, no softcap; everything else takes compiling.logps_and_grad (the tests
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 ENABLED = True  # benchmarks turn it off to measure it
@@ -60,6 +62,27 @@ if triton is not None:
             x = tl.load(base + idx, mask=inside, other=0.0).to(tl.float32)
             grad = tl.where(idx == target, 1.0, 0.0) - tl.exp(x - lse)
             tl.store(base + idx, grad.to(logits_ptr.dtype.element_ty), mask=inside)
+
+
+_built = False  # the kernel has run once in this process
+
+
+def try_logps_and_grad_(logits: torch.Tensor, targets: torch.Tensor):
+    """logps_and_grad_, or None where the kernel cannot be built here (its first call failed, e.g. Triton
+    finds no C compiler for its launcher): the kernel is then off for the process, with a warning, as
+    inductor's own failures leave a graph eager."""
+    global ENABLED, _built
+    if _built:
+        return logps_and_grad_(logits, targets)
+    try:
+        out = logps_and_grad_(logits, targets)
+    except Exception as e:  # noqa: BLE001 - anything Triton raises while building; nothing has run yet
+        ENABLED = False
+        warnings.warn(f"aligntrain: the head's Triton kernel is off ({type(e).__name__}: {str(e)[:200]}); "
+                      "using the compiled log-softmax instead", RuntimeWarning, stacklevel=2)
+        return None
+    _built = True
+    return out
 
 
 def logps_and_grad_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

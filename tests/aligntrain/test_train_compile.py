@@ -180,3 +180,30 @@ def test_the_fusion_leaves_linears_of_different_inputs_or_bias_alone():
     inputs = torch.randn(3, 8), torch.randn(4, 8), torch.randn(6, 8)
     a, c = module(*inputs)
     assert torch.allclose(a, inputs[0] @ inputs[1].T) and torch.allclose(c, inputs[0] @ inputs[2].T)
+
+
+def test_a_head_kernel_that_cannot_be_built_falls_back_to_the_compiled_function(monkeypatch):
+    """Where Triton cannot build the kernel (its first call raises), the head warns once, turns the kernel
+    off and takes the compiled log-softmax; nothing else changes."""
+    from aligntrain import kernels
+
+    calls = []
+
+    def fails(logits, targets):
+        calls.append(1)
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    monkeypatch.setattr(kernels, "_built", False)
+    monkeypatch.setattr(kernels, "applies", lambda logits, softcap: kernels.ENABLED)
+    monkeypatch.setattr(kernels, "logps_and_grad_", fails)
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 50, dtype=torch.bfloat16), torch.randint(0, 50, (6,))
+    fast = compiling.compiled_logps_and_grad()
+    with pytest.warns(RuntimeWarning, match="Triton kernel is off .*C compiler"):
+        first = fast(logits, targets)
+    second = fast(logits, targets)
+    eager = compiling.logps_and_grad(logits, targets)
+    assert calls == [1] and not kernels.ENABLED
+    for got in (first, second):
+        assert torch.allclose(got[0], eager[0], atol=1e-6) and torch.equal(got[1], eager[1])
