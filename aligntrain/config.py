@@ -145,7 +145,7 @@ class Config:
     compile: bool | None = None  # torch.compile each decoder layer and the head's log-softmax; null: on CUDA without LoRA
     cuda_graphs: bool = False  # padding-free training forwards replay CUDA graphs of the decoder stack (graphs.py)
     cuda_graph_buckets: int = 4  # stream lengths recorded (one graph pair and one set of gradient buffers each)
-    logprob_chunk_tokens: int | None = None  # completion tokens per lm-head chunk when computing log-probs; null: 1024, or on CUDA for SFT's head 2 GiB of logits
+    logprob_chunk_tokens: int | None = None  # rows per lm-head chunk; null: 1024, or 2 GiB of logits for SFT's head on CUDA
     keep_checkpoints: int | None = None  # keep only the newest N checkpoints
     eval_fraction: float = 0.0  # `aligntrain train`: share of records converted into the eval split
     chat_template: str | None = None  # `aligntrain train`: template for conversion (default: the tokenizer's)

@@ -2,8 +2,9 @@
 
 Log-probs are computed on completion tokens only. The decoder runs once; the hidden states of the
 positions that predict a trained token are gathered ([N, H]) and pushed through the LM head in
-chunks of `chunk_tokens` rows. Each chunk is checkpointed, so neither the forward nor the backward
-ever holds more than [chunk, vocab] logits, and no [batch, seq, vocab] float32 tensor exists:
+chunks of `chunk_tokens` rows (head_chunk_rows: 1024 unless set, more for SFT's head on CUDA).
+Each chunk is checkpointed, so neither the forward nor the backward ever holds more than
+[chunk, vocab] logits, and no [batch, seq, vocab] float32 tensor exists:
 
     log p(y_t) = logit[y_t] - logsumexp(logits)      (logits in the model's dtype, lse in float32)
 
