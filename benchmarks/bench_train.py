@@ -575,8 +575,9 @@ TRL_LABEL = {"dpo": "DPO", "sft": "SFT padded", "sft_packed": "SFT packed (bfd)"
 
 
 def row_jobs(row: Row, args: argparse.Namespace) -> list[tuple[str, str, Job]]:
-    """The processes of `row`: ("ours", spec, job) for our run with the repository's defaults (spec "") and
-    each --also, then ("trl", mode, job) for each TRL run (none with --skip-trl or without the anchor)."""
+    """The processes of `row`: ("ours", name, job) for our run with the repository's defaults (name "") and
+    each --also (run_names), then ("trl", mode, job) for each TRL run (none with --skip-trl or without the
+    anchor)."""
     shared = ["--shape", row.shape, "--steps", str(args.steps), "--warm", str(args.warm), "--gc", str(args.gc)]
     profiling = (["--profile-step", str(args.profile_step)] if args.profile_step else []) + \
         (["--cprofile-step", str(args.cprofile_step)] if args.cprofile_step else [])
@@ -585,9 +586,9 @@ def row_jobs(row: Row, args: argparse.Namespace) -> list[tuple[str, str, Job]]:
                 "--bs", str(row.bs), "--cache", args.cache] + shared + lora + profiling + \
         (["--precompute"] if row.precompute else [])
     jobs = []
-    for spec in ["", *args.also]:
-        jobs.append(("ours", spec, Job(ours_cmd + (["--overrides", *spec.split(",")] if spec else []),
-                                       f"aligntrain {row.name}" + (f" ({spec})" if spec else ""), f"ours {row.shape}")))
+    for spec, name in zip(["", *args.also], run_names(["", *args.also])):
+        jobs.append(("ours", name, Job(ours_cmd + (["--overrides", *spec.split(",")] if spec else []),
+                                       f"aligntrain {row.name}" + (f" ({name})" if name else ""), f"ours {row.shape}")))
     if args.skip_trl:
         return jobs
     if not Path(args.anchor).is_file():
@@ -601,6 +602,17 @@ def row_jobs(row: Row, args: argparse.Namespace) -> list[tuple[str, str, Job]]:
         # every anchor process of a shape writes the same model directory (/tmp/anchor_model_<shape>)
         jobs.append(("trl", mode, Job(command, f"TRL {row.name} ({mode})", f"trl {row.shape}")))
     return jobs
+
+
+def run_names(specs: list[str]) -> list[str]:
+    """The name of each of our runs in the tables: its --also text, and where that text repeats (runs
+    interleaved to compare a setting with itself over time), its occurrence: "x=1", "x=1 #2"."""
+    seen: dict[str, int] = {}
+    names = []
+    for spec in specs:
+        seen[spec] = seen.get(spec, 0) + 1
+        names.append(spec if seen[spec] == 1 else f"{spec} #{seen[spec]}".strip())
+    return names
 
 
 def measure_rows(rows: list[Row], args: argparse.Namespace, row_done=None) -> list[tuple[dict[str, dict], dict[str, dict]]]:

@@ -137,3 +137,20 @@ def test_idle_report_splits_the_gpus_waits_by_the_hosts_phase():
     assert "1.62 ms" in lines[1] and "after bwd_a / before after_all" in lines[1]
     assert "1.00 ms" in lines[2] and "after Memcpy HtoD / before bwd_a" in lines[2]
     assert bench_train.idle_report([events[0]]) == "idle: no GPU work in the trace"
+
+
+def test_a_repeated_also_is_a_run_of_its_own_in_the_table():
+    """--also x --also y --also x (a setting interleaved with another to see drift between processes): three
+    runs with three names, the repeat numbered, each run given its own overrides."""
+    import argparse
+
+    assert bench_train.run_names(["", "a=1", "b=2", "a=1", "a=1"]) == ["", "a=1", "b=2", "a=1 #2", "a=1 #3"]
+    args = argparse.Namespace(steps=3, warm=1, gc=0, profile_step=None, cprofile_step=None, lora=None, max_length=64,
+                              cache="/tmp/c", also=["k=1", "k=2", "k=1"], skip_trl=True)
+    row = Row("SFT tiny", "sft", "tiny", 4, ("sft",), False)
+    jobs = bench_train.row_jobs(row, args)
+    assert [name for _, name, _ in jobs] == ["", "k=1", "k=2", "k=1 #2"]
+    overrides = [job.command[job.command.index("--overrides") + 1:] if "--overrides" in job.command else []
+                 for _, _, job in jobs]
+    assert overrides == [[], ["k=1"], ["k=2"], ["k=1"]]
+    assert jobs[3][2].label == "aligntrain SFT tiny (k=1 #2)"
