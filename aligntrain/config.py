@@ -145,7 +145,7 @@ class Config:
     compile: bool | None = None  # torch.compile each decoder layer and the head's log-softmax; null: on CUDA without LoRA
     cuda_graphs: bool = False  # padding-free training forwards replay CUDA graphs of the decoder stack (graphs.py)
     cuda_graph_buckets: int = 4  # stream lengths recorded (one graph pair and one set of gradient buffers each)
-    logprob_chunk_tokens: int | None = None  # rows per lm-head chunk; null: 1024, or 2 GiB of logits for SFT's head on CUDA
+    logprob_chunk_tokens: int | None = None  # rows per lm-head chunk; null: 1024, or 2 GiB of logits for SFT's Triton head
     keep_checkpoints: int | None = None  # keep only the newest N checkpoints
     eval_fraction: float = 0.0  # `aligntrain train`: share of records converted into the eval split
     chat_template: str | None = None  # `aligntrain train`: template for conversion (default: the tokenizer's)

@@ -28,10 +28,16 @@ except ImportError:  # pragma: no cover - depends on the install
 BLOCK = 4096  # vocabulary entries per iteration of a row's program
 
 
+def serves(device: torch.device, dtype: torch.dtype, softcap: float | None) -> bool:
+    """Whether logps_and_grad_ takes logits of this device and dtype: CUDA, a 16-bit float, no softcap."""
+    return (ENABLED and triton is not None and softcap is None and device.type == "cuda"
+            and dtype in (torch.bfloat16, torch.float16))
+
+
 def applies(logits: torch.Tensor, softcap: float | None) -> bool:
-    """Whether logps_and_grad_ takes these logits: a contiguous 2D CUDA tensor of a 16-bit float, no softcap."""
-    return (ENABLED and triton is not None and softcap is None and logits.is_cuda and logits.dim() == 2
-            and logits.dtype in (torch.bfloat16, torch.float16) and logits.is_contiguous() and logits.shape[0] > 0)
+    """Whether logps_and_grad_ takes these logits: serves() them, and they are a contiguous non-empty 2D tensor."""
+    return (serves(logits.device, logits.dtype, softcap) and logits.dim() == 2 and logits.is_contiguous()
+            and logits.shape[0] > 0)
 
 
 if triton is not None:

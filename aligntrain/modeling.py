@@ -2,7 +2,7 @@
 
 Log-probs are computed on completion tokens only. The decoder runs once; the hidden states of the
 positions that predict a trained token are gathered ([N, H]) and pushed through the LM head in
-chunks of `chunk_tokens` rows (head_chunk_rows: 1024 unless set, more for SFT's head on CUDA).
+chunks of `chunk_tokens` rows (head_chunk_rows: 1024 unless set, more for SFT's head in Triton).
 Each chunk is checkpointed, so neither the forward nor the backward ever holds more than
 [chunk, vocab] logits, and no [batch, seq, vocab] float32 tensor exists:
 
@@ -30,22 +30,24 @@ from torch.utils.checkpoint import checkpoint
 
 from .compiling import (compile_layers, compile_wanted, compiled_logps_and_grad, compiled_logps_from_logits,
                         logps_and_grad, logps_from_logits)
+from . import kernels
 from .config import Config, ConfigError
 from .packing import PACKED_ATTENTION, PADDED, choose_layout, use_packed_attention
 
 HEAD_GRAD_IN_FORWARD = True  # uniform_grad's head gradients in the forward (benchmarks turn it off to measure it)
 CHUNK_TOKENS = 1024  # rows per head chunk when logprob_chunk_tokens is null, except as below
-HEAD_GRAD_CHUNK_BYTES = 2 << 30  # logits per chunk on CUDA when the head's gradients are taken in the forward
+HEAD_GRAD_CHUNK_BYTES = 2 << 30  # logits per chunk where the head's gradients come from the Triton kernel
 
 
-def head_chunk_rows(chunk_tokens: int | None, vocab: int, itemsize: int, on_cuda: bool, grad_in_forward: bool) -> int:
-    """Rows per chunk of the LM head: `chunk_tokens` when set. Unset: CHUNK_TOKENS, or, on CUDA where the
-    head's gradients are taken in the forward (no chunk is recomputed, and the Triton kernel writes the
-    gradient over the logits), as many rows as fill HEAD_GRAD_CHUNK_BYTES of logits: fewer, larger matrix
-    multiplies, and fewer passes of the float32 weight gradient accumulator (a [V, H] read and write each)."""
+def head_chunk_rows(chunk_tokens: int | None, vocab: int, itemsize: int, in_place: bool) -> int:
+    """Rows per chunk of the LM head: `chunk_tokens` when set. Unset: CHUNK_TOKENS, or, where the head's
+    gradients are taken in the forward by the Triton kernel (`in_place`: no chunk is recomputed, and the
+    gradient is written over the logits, so a chunk holds one [rows, V] tensor and no float32 copy), as
+    many rows as fill HEAD_GRAD_CHUNK_BYTES of logits: fewer, larger matrix multiplies, and fewer passes
+    of the float32 weight-gradient accumulator (a [V, H] read and write each)."""
     if chunk_tokens:
         return chunk_tokens
-    if on_cuda and grad_in_forward:
+    if in_place:
         return max(CHUNK_TOKENS, HEAD_GRAD_CHUNK_BYTES // (vocab * itemsize))
     return CHUNK_TOKENS
 
@@ -165,9 +167,10 @@ class SequenceLogps(nn.Module):
         """[N] float32 log-probs of targets from the final hidden states [N, H], through the LM head."""
         head = lm.get_output_embeddings()
         if self._gradient_in_forward(hidden, head):
-            itemsize = torch.get_autocast_dtype(hidden.device.type).itemsize \
-                if torch.is_autocast_enabled(hidden.device.type) else head.weight.element_size()
-            chunk = head_chunk_rows(self.chunk_tokens, head.weight.shape[0], itemsize, hidden.is_cuda, True)
+            device = hidden.device
+            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else head.weight.dtype
+            in_place = self.logps_and_grad is not logps_and_grad and kernels.serves(device, dtype, self.softcap)
+            chunk = head_chunk_rows(self.chunk_tokens, head.weight.shape[0], dtype.itemsize, in_place)
             return head_logps_uniform_grad(hidden, head.weight, targets, chunk, self.softcap, self.logps_and_grad)
         return chunked_token_logps(hidden, targets, head, self.chunk_tokens or CHUNK_TOKENS, self.softcap, self.logps)
 

@@ -196,15 +196,14 @@ def test_head_gradients_in_the_forward_under_bf16_autocast(tiny_model):
         assert (grad - expected_grads[name]).abs().max().item() <= 0.03 * scale, name
 
 
-def test_the_head_chunk_left_unset_is_1024_rows_or_two_gib_of_sfts_logits_on_cuda():
+def test_the_head_chunk_left_unset_is_1024_rows_or_two_gib_of_logits_for_the_triton_kernel():
     from aligntrain.modeling import CHUNK_TOKENS, HEAD_GRAD_CHUNK_BYTES, head_chunk_rows
 
     assert CHUNK_TOKENS == 1024 and HEAD_GRAD_CHUNK_BYTES == 2 << 30
-    assert head_chunk_rows(None, 128_256, 2, True, True) == (2 << 30) // (128_256 * 2) == 8371  # llama's vocabulary, bf16
-    assert head_chunk_rows(None, 128_256, 2, True, False) == 1024  # chunks recomputed in the backward (DPO)
-    assert head_chunk_rows(None, 128_256, 4, False, True) == 1024  # not on CUDA: no Triton kernel, a gradient buffer
-    assert head_chunk_rows(None, 4_000_000, 2, True, True) == 1024  # never fewer rows than the fixed chunk
-    assert head_chunk_rows(7, 128_256, 2, True, True) == 7 and head_chunk_rows(7, 128_256, 2, False, False) == 7
+    assert head_chunk_rows(None, 128_256, 2, True) == (2 << 30) // (128_256 * 2) == 8371  # llama's vocabulary, bf16
+    assert head_chunk_rows(None, 128_256, 2, False) == 1024  # no Triton kernel: DPO's recomputed chunks, eager, CPU
+    assert head_chunk_rows(None, 4_000_000, 2, True) == 1024  # never fewer rows than the fixed chunk
+    assert head_chunk_rows(7, 128_256, 2, True) == 7 and head_chunk_rows(7, 128_256, 2, False) == 7
 
 
 def test_an_unset_chunk_on_the_cpu_keeps_logits_to_1024_rows_at_a_time(tiny_model, monkeypatch):
