@@ -22,7 +22,6 @@ A whole model by layout, through the trainer's own code: benchmarks/profile_logp
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import time
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aligntrain.packing import Segments, segment_attention  # noqa: E402
+from bench_train import draw_length  # noqa: E402  (this folder: the benchmarks' length distribution)
 
 SHAPES = {  # query heads, key/value heads, head dim (Qwen2.5-0.5B, Llama-3.2-1B)
     "qwen0.5b": (14, 2, 64),
@@ -43,13 +43,9 @@ SHAPES = {  # query heads, key/value heads, head dim (Qwen2.5-0.5B, Llama-3.2-1B
 
 def pair_lengths(n: int, max_length: int, seed: int) -> list[tuple[int, int, int]]:
     rng = random.Random(seed)
-
-    def length(median, sigma, lo, hi):
-        return min(hi, max(lo, int(median * math.exp(rng.gauss(0, sigma)))))
-
     out = []
     for _ in range(n):
-        p, c, r = length(120, 0.8, 8, 600), length(220, 0.7, 4, 800), length(220, 0.7, 4, 800)
+        p, c, r = draw_length(rng, 120, 0.8, 8, 600), draw_length(rng, 220, 0.7, 4, 800), draw_length(rng, 220, 0.7, 4, 800)
         p = min(p, max_length // 2)  # as a prompt budget would
         c, r = min(c, max_length - p), min(r, max_length - p)
         out.append((p, c, r))

@@ -122,19 +122,22 @@ def parse_lora(spec: str) -> dict:
             "target_modules": targets if targets == "all-linear" else targets.split("+")}
 
 
+def draw_length(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
+    """A log-normal length (the median times e^N(0, sigma)) clipped to [lo, hi]: the benchmarks' prompts
+    (median 120, sigma 0.8, 8-600) and replies (220, 0.7, 4-800)."""
+    return min(hi, max(lo, int(median * math.exp(rng.gauss(0, sigma)))))
+
+
 def write_rows(path: Path, n: int, vocab_size: int, mode: str, seed: int = 1) -> None:
     rng = random.Random(seed)
-
-    def length(median: float, sigma: float, lo: int, hi: int) -> int:
-        return min(hi, max(lo, int(median * math.exp(rng.gauss(0, sigma)))))
 
     def text(k: int) -> str:
         return " ".join(f"w{rng.randrange(vocab_size - 3)}" for _ in range(k))
 
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(n):
-            prompt, chosen, rejected = text(length(120, 0.8, 8, 600)), text(length(220, 0.7, 4, 800)), \
-                text(length(220, 0.7, 4, 800))
+            prompt, chosen, rejected = text(draw_length(rng, 120, 0.8, 8, 600)), \
+                text(draw_length(rng, 220, 0.7, 4, 800)), text(draw_length(rng, 220, 0.7, 4, 800))
             if mode == "dpo":
                 row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
             else:
