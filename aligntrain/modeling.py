@@ -28,9 +28,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from . import kernels
 from .compiling import (compile_layers, compile_wanted, compiled_logps_and_grad, compiled_logps_from_logits,
                         logps_and_grad, logps_from_logits)
-from . import kernels
 from .config import Config, ConfigError
 from .packing import PACKED_ATTENTION, PADDED, choose_layout, use_packed_attention
 
@@ -167,9 +167,8 @@ class SequenceLogps(nn.Module):
         """[N] float32 log-probs of targets from the final hidden states [N, H], through the LM head."""
         head = lm.get_output_embeddings()
         if self._gradient_in_forward(hidden, head):
-            device = hidden.device
-            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else head.weight.dtype
-            in_place = self.logps_and_grad is not logps_and_grad and kernels.serves(device, dtype, self.softcap)
+            dtype = head_compute_dtype(hidden.device.type, head.weight)
+            in_place = self.logps_and_grad is not logps_and_grad and kernels.serves(hidden.device, dtype, self.softcap)
             chunk = head_chunk_rows(self.chunk_tokens, head.weight.shape[0], dtype.itemsize, in_place)
             return head_logps_uniform_grad(hidden, head.weight, targets, chunk, self.softcap, self.logps_and_grad)
         return chunked_token_logps(hidden, targets, head, self.chunk_tokens or CHUNK_TOKENS, self.softcap, self.logps)
@@ -182,6 +181,11 @@ class SequenceLogps(nn.Module):
         if type(head) is not nn.Linear or head.bias is not None or type(head.weight) is not nn.Parameter:
             return False
         return hidden.requires_grad or head.weight.requires_grad
+
+
+def head_compute_dtype(device_type: str, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matrix multiplies run in: autocast's where it is on, else the weight's."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
 
 
 def head_logps_uniform_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
@@ -204,7 +208,7 @@ class _HeadLogpsUniformGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, softcap, logps_and_grad):
         device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        dtype = head_compute_dtype(device, weight)
         with torch.autocast(device, enabled=False):
             w, h = weight.to(dtype), hidden.to(dtype)
             unit_dh = torch.empty_like(h)
