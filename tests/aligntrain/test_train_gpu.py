@@ -219,32 +219,44 @@ def test_compiled_layers_and_head_equal_eager_on_cuda(tiny_model, sft_shards, dp
         assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.999
 
 
+def _sft_batch(shards, device: str = "cuda") -> dict:
+    """One padding-free SFT batch of the shards' first 12 rows, on `device`."""
+    from aligndata.write.shards import read_manifest
+    from aligntrain.data import ShardSplit, collate, to_device
+
+    split = ShardSplit(shards, "train", read_manifest(shards))
+    return to_device(collate(split.rows(list(range(12))), "sft", 0, "packed"), torch.device(device))
+
+
+def _sft_head_run(model_dir, batch: dict, device: str = "cuda", **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, every parameter's gradient flattened) of `batch` through a fresh SequenceLogps(**options)
+    of the model, in bf16 autocast, for the loss -sum(logps) / 100."""
+    from aligntrain import packing
+    from aligntrain.modeling import load_causal_lm, model_inputs
+
+    lm = load_causal_lm(model_dir, "float32").to(device)
+    packing.use_packed_attention(lm)
+    model = SequenceLogps(lm, **options)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        logps, _ = model(**model_inputs(batch))
+    (-logps.sum() / 100).backward()
+    return logps.detach(), torch.cat([p.grad.flatten() for p in lm.parameters()])
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_head_gradients_in_the_forward_on_cuda_follow_the_recomputed_head(tiny_model, sft_shards, compiled):
     """SFT's head (uniform_grad: gradients in the forward, accumulated into float32 by cuBLAS) against the
     checkpointed head, in bf16 autocast on a padding-free stream: the same log-probs and, within bf16
     tolerance, the same gradients."""
-    from aligndata.write.shards import read_manifest
-    from aligntrain import modeling, packing
-    from aligntrain.data import ShardSplit, collate, to_device
-    from aligntrain.modeling import load_causal_lm, model_inputs
+    from aligntrain import modeling
 
     import torch._dynamo
 
     torch._dynamo.reset()
-    split = ShardSplit(sft_shards, "train", read_manifest(sft_shards))
-    batch = to_device(collate(split.rows(list(range(12))), "sft", 0, "packed"), torch.device("cuda"))
-    results = []
-    for uniform in (False, True):
-        lm = load_causal_lm(tiny_model, "float32").cuda()
-        packing.use_packed_attention(lm)
-        model = SequenceLogps(lm, chunk_tokens=16, compiled=compiled, uniform_grad=uniform)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logps, _ = model(**model_inputs(batch))
-        (-logps.sum() / 100).backward()
-        results.append((logps.detach(), torch.cat([p.grad.flatten() for p in lm.parameters()])))
+    batch = _sft_batch(sft_shards)
+    (a, ga), (b, gb) = (_sft_head_run(tiny_model, batch, chunk_tokens=16, compiled=compiled, uniform_grad=uniform)
+                        for uniform in (False, True))
     assert modeling._ADDMM_TO_FLOAT32.get("cuda:0"), "this torch has no float32-accumulating addmm on CUDA"
-    (a, ga), (b, gb) = results
     assert torch.allclose(a, b, rtol=1e-3, atol=1e-2), (a - b).abs().max()
     assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.999
 
@@ -273,24 +285,14 @@ def test_the_triton_head_kernel_equals_the_log_softmax_and_its_gradient(vocab, r
 def test_sfts_head_in_chunks_of_two_gib_equals_chunks_of_16_rows_on_cuda(tiny_model, sft_shards):
     """logprob_chunk_tokens unset: SFT's head on CUDA runs its rows in one chunk (2 GiB of logits holds
     them all), through the Triton kernel; the same log-probs and gradients as 16-row chunks."""
-    from aligndata.write.shards import read_manifest
-    from aligntrain import packing
-    from aligntrain.data import ShardSplit, collate, to_device
-    from aligntrain.modeling import head_chunk_rows, load_causal_lm, model_inputs
+    from transformers import AutoConfig
 
-    split = ShardSplit(sft_shards, "train", read_manifest(sft_shards))
-    batch = to_device(collate(split.rows(list(range(12))), "sft", 0, "packed"), torch.device("cuda"))
-    results = []
-    for chunk in (16, None):
-        lm = load_causal_lm(tiny_model, "float32").cuda()
-        packing.use_packed_attention(lm)
-        model = SequenceLogps(lm, chunk_tokens=chunk, compiled=True, uniform_grad=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logps, _ = model(**model_inputs(batch))
-        (-logps.sum() / 100).backward()
-        results.append((logps.detach(), torch.cat([p.grad.flatten() for p in lm.parameters()])))
-    assert head_chunk_rows(None, lm.config.vocab_size, 2, True) > len(batch["targets"])
-    (a, ga), (b, gb) = results
+    from aligntrain.modeling import head_chunk_rows
+
+    batch = _sft_batch(sft_shards)
+    (a, ga), (b, gb) = (_sft_head_run(tiny_model, batch, chunk_tokens=chunk, compiled=True, uniform_grad=True)
+                        for chunk in (16, None))
+    assert head_chunk_rows(None, AutoConfig.from_pretrained(tiny_model).vocab_size, 2, True) > len(batch["targets"])
     assert torch.allclose(a, b, rtol=1e-3, atol=1e-2), (a - b).abs().max()
     assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.999
 
