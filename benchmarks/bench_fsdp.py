@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import SHAPES, build_inputs, data_counts, item_lengths, model_config  # noqa: E402
+from bench_train import SHAPES, bench_config, build_inputs, data_counts, item_lengths, model_config  # noqa: E402
 from childrun import result_line  # noqa: E402
 
 
@@ -48,15 +48,8 @@ def child(args: argparse.Namespace) -> None:
     dtype = "bfloat16" if cuda else "float32"
     work = Path(tempfile.mkdtemp(prefix=f"bench-fsdp-{rank}-"))
     cfg_path = work / "config.yml"
-    cfg_path.write_text(json.dumps({
-        "exp_name": "bench", "seed": 0, "debug": True, "lr": 1e-6, "trainer": "FSDPTrainer",
-        "total_batch_size": args.per_gpu * world, "gradient_accumulation_steps": 1, "max_length": args.max_length,
-        "max_prompt_length": args.max_length // 2 if args.mode == "dpo" else None,
-        "n_examples": args.per_gpu * world * args.steps, "activation_checkpointing": bool(args.gc),
-        "model": {"name_or_path": args.model, "tokenizer_name_or_path": args.tokenizer, "policy_dtype": dtype,
-                  "reference_dtype": dtype},
-        "loss": {"name": args.mode, "beta": 0.1}, "output_dir": str(work / "run"), "log_every_steps": 10 ** 6,
-    }))
+    cfg_path.write_text(json.dumps(bench_config(args.mode, args.per_gpu * world, args.steps, args.max_length, args.gc,
+                                                args.model, args.tokenizer, dtype, work / "run", trainer="FSDPTrainer")))
     cfg = load_config(cfg_path, overrides=args.overrides or None)
     marks: list[float] = []
     step_fn = T.train_step

@@ -202,6 +202,21 @@ def build_inputs(base: Path, shape: str, mode: str, n: int, max_length: int, scr
     return model_dir, tokenizer_dir, shards, int(count.read_text())
 
 
+def bench_config(mode: str, batch: int, steps: int, max_length: int, gc: int, model_dir: Path, tokenizer_dir: Path,
+                 dtype: str, output_dir: Path, lora: dict | None = None, **top) -> dict:
+    """The config of one benchmark run (JSON, which is YAML): `batch` items a step for `steps` steps, one
+    micro-batch a step, no logging on the way; `top`: more top-level keys (bench_fsdp.py's trainer)."""
+    return {
+        "exp_name": "bench", "seed": 0, "debug": True, "lr": 1e-6, **top, "total_batch_size": batch,
+        "gradient_accumulation_steps": 1, "max_length": max_length,
+        "max_prompt_length": max_length // 2 if mode == "dpo" else None,
+        "n_examples": batch * steps, "activation_checkpointing": bool(gc),
+        "model": {"name_or_path": str(model_dir), "tokenizer_name_or_path": str(tokenizer_dir),
+                  "policy_dtype": dtype, "reference_dtype": dtype, **({"lora": lora} if lora else {})},
+        "loss": {"name": mode, "beta": 0.1}, "output_dir": str(output_dir), "log_every_steps": 10 ** 6,
+    }
+
+
 def run_ours(args: argparse.Namespace) -> dict:
     import torch
 
@@ -219,16 +234,9 @@ def run_ours(args: argparse.Namespace) -> dict:
                                                             work / "shards" if args.precompute else None)
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     cfg_path = work / "config.yml"
-    cfg_path.write_text(json.dumps({  # JSON is YAML
-        "exp_name": "bench", "seed": 0, "debug": True, "lr": 1e-6, "total_batch_size": args.bs,
-        "gradient_accumulation_steps": 1, "max_length": args.max_length,
-        "max_prompt_length": args.max_length // 2 if args.mode == "dpo" else None,
-        "n_examples": args.bs * args.steps, "activation_checkpointing": bool(args.gc),
-        "model": {"name_or_path": str(model_dir), "tokenizer_name_or_path": str(tokenizer_dir),
-                  "policy_dtype": dtype, "reference_dtype": dtype,
-                  **({"lora": parse_lora(args.lora)} if args.lora else {})},
-        "loss": {"name": args.mode, "beta": 0.1}, "output_dir": str(work / "run"), "log_every_steps": 10 ** 6,
-    }))
+    cfg_path.write_text(json.dumps(bench_config(args.mode, args.bs, args.steps, args.max_length, args.gc, model_dir,
+                                                tokenizer_dir, dtype, work / "run",
+                                                lora=parse_lora(args.lora) if args.lora else None)))
     settings = [o for o in args.overrides if o.startswith(SETTING_PREFIXES)]
     for item in settings:  # --also inductor.combo_kernels=true or aligntrain.compiling.FUSE_LINEARS=false
         import yaml
