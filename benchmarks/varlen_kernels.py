@@ -85,6 +85,9 @@ def main() -> int:
     ap.add_argument("--batches", type=int, default=20, help="distinct batches timed (each its own token count)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
+    for name in ("rows", "max_length", "batches"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     if not torch.cuda.is_available():
         print("varlen_kernels.py times CUDA kernels: no GPU here")
         return 2
