@@ -16,6 +16,9 @@ one matrix multiply over their weights concatenated, its output split (FuseSibli
 of inductor): in a step of a small model the host's cost per launch, not the GPU, sets the pace, and this
 takes 3 of 7 projections forward and more backward (one weight gradient, one input gradient instead of a
 sum of several). The weights stay the model's own parameters; only the compiled graph changes.
+In the same pass, the MLP's silu(gate) * up over the joined gate/up output becomes aligntrain::swiglu
+(fuse_swiglu) where its Triton kernels serve (CUDA, 16-bit): inductor's backward of that product reads
+its inputs about twice over; the kernel's reads each once.
 
 The head's log-softmax (`logps_from_logits`) compiles into one reduction over the vocabulary that reads
 the bf16 logits once, instead of a float32 copy of them and a logsumexp over it.
@@ -38,6 +41,7 @@ from . import kernels
 BACKEND = "inductor"  # the tests swap in "aot_eager" (the same graphs, no code generation)
 RECOMPILE_LIMIT = 32  # graphs per code object: grad and no-grad, float32 policy and bf16 reference, ...
 FUSE_LINEARS = True  # FuseSiblingLinears in inductor's graphs (benchmarks turn it off to measure it)
+FUSE_SWIGLU = True  # and in that pass, fuse_swiglu (the same)
 
 
 def compile_wanted(cfg, device: torch.device, fsdp: bool = False) -> bool:
@@ -161,15 +165,73 @@ def fuse_sibling_linears(graph: torch.fx.Graph) -> int:
     return removed
 
 
+_SILU = (torch.nn.functional.silu, torch.ops.aten.silu.default)
+_MUL = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
+
+
+def fuse_swiglu(graph: torch.fx.Graph, serves=None) -> int:
+    """In a dynamo graph where fuse_sibling_linears has joined an MLP's gate and up projections, every
+    silu(gate) * up whose gate and up are the first and second halves of one split becomes
+    aligntrain::swiglu of the unsplit output (kernels.py: its backward reads each input once), where
+    `serves(device, dtype)` of that output holds (default kernels.swiglu_serves); the number of products
+    replaced."""
+    serves = serves or kernels.swiglu_serves
+    replaced = 0
+    for mul in list(graph.nodes):
+        if mul.op != "call_function" or mul.target not in _MUL or mul.kwargs or len(mul.args) != 2:
+            continue
+        silu, up = mul.args
+        if not _is_silu(silu):
+            silu, up = up, silu
+        if not _is_silu(silu) or len(silu.users) != 1:
+            continue
+        gate = silu.args[0]
+        if not (_is_half(gate, 0) and _is_half(up, 1) and gate.args[0] is up.args[0]):
+            continue
+        split = gate.args[0]
+        value = silu.meta.get("example_value")
+        if value is None or not serves(value.device, value.dtype):
+            continue
+        with graph.inserting_before(mul):
+            fused = graph.call_function(torch.ops.aligntrain.swiglu.default, (split.args[0],))
+        fused.meta.update(mul.meta)
+        mul.replace_all_uses_with(fused)
+        for node in (mul, silu, gate, up, split):
+            if not node.users:
+                graph.erase_node(node)
+        replaced += 1
+    return replaced
+
+
+def _is_silu(node) -> bool:
+    return (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _SILU
+            and len(node.args) == 1 and not node.kwargs.get("inplace", False))
+
+
+def _is_half(node, index: int) -> bool:
+    """`node` is getitem(torch.split(x, [w, w], dim=-1), index): half `index` of x's last dimension."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is operator.getitem
+            and node.args[1] == index):
+        return False
+    split = node.args[0]
+    if not (isinstance(split, torch.fx.Node) and split.op == "call_function" and split.target is torch.split):
+        return False
+    widths = split.args[1] if len(split.args) > 1 else split.kwargs.get("split_size_or_sections")
+    return (isinstance(widths, (list, tuple)) and len(widths) == 2 and widths[0] == widths[1]
+            and split.kwargs.get("dim") == -1 and len(split.args) == 2)
+
+
 def _fuse_pass():
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     class FuseSiblingLinears(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
             fuse_sibling_linears(graph)
+            if FUSE_SWIGLU:
+                fuse_swiglu(graph)
 
         def uuid(self):  # inductor's graph cache keys on it
-            return "aligntrain.FuseSiblingLinears.1"
+            return f"aligntrain.FuseSiblingLinears.2.swiglu={FUSE_SWIGLU and kernels.SWIGLU_ENABLED}"
 
     return FuseSiblingLinears()
 

@@ -3,6 +3,7 @@ log-probs, gradients and training as eager. On CPU the graphs run through the ao
 traced and partitioned graphs without code generation, seconds instead of minutes); inductor itself is
 checked on the GPU (tests/aligntrain/test_train_gpu.py)."""
 
+import operator
 from types import SimpleNamespace
 
 import pytest
@@ -207,3 +208,104 @@ def test_a_head_kernel_that_cannot_be_built_falls_back_to_the_compiled_function(
     assert calls == [1] and not kernels.ENABLED
     for got in (first, second):
         assert torch.allclose(got[0], eager[0], atol=1e-6) and torch.equal(got[1], eager[1])
+
+
+def test_the_swiglu_operator_and_its_backward_are_silu_times_up():
+    """aligntrain::swiglu off the Triton path (the CPU): silu(gate) * up of the two halves, its gradient by
+    gradcheck in float64, 16-bit inputs computed in float32 and rounded once, and torch.library's checks of
+    both operators (fake tensors, autograd registration)."""
+    from aligntrain import kernels
+
+    x = torch.randn(3, 5, 14, dtype=torch.float64, requires_grad=True)
+    gate, up = x.detach().chunk(2, dim=-1)
+    assert torch.allclose(kernels.swiglu(x), torch.nn.functional.silu(gate) * up)
+    assert torch.autograd.gradcheck(kernels.swiglu, (x,))
+    half = torch.randn(4, 6, 16).to(torch.bfloat16)
+    expected = (torch.nn.functional.silu(half[..., :8].float()) * half[..., 8:].float()).to(torch.bfloat16)
+    assert kernels.swiglu(half).dtype == torch.bfloat16 and torch.equal(kernels.swiglu(half), expected)
+    torch.library.opcheck(kernels.swiglu, (torch.randn(4, 8, requires_grad=True),))
+    torch.library.opcheck(kernels.swiglu_backward, (torch.randn(4, 4), torch.randn(4, 8)))
+
+
+def _mlp_graph(order=("gate", "up"), widths=(4, 4), silu_users=1):
+    """A pre-grad graph of an MLP whose gate/up linears fuse_sibling_linears has joined: split halves of
+    `widths`, silu of the half named first in `order` times the other (plus `silu_users` - 1 more uses)."""
+    graph = torch.fx.Graph()
+    x, w = graph.placeholder("x"), graph.placeholder("w")
+    fused = graph.call_function(torch._C._nn.linear, (x, w, None))
+    parts = graph.call_function(torch.split, (fused, list(widths)), {"dim": -1})
+    halves = {"gate": graph.call_function(operator.getitem, (parts, 0)),
+              "up": graph.call_function(operator.getitem, (parts, 1))}
+    silu = graph.call_function(torch.nn.functional.silu, (halves[order[0]],))
+    silu.meta["example_value"] = torch.empty(3, widths[0])
+    out = graph.call_function(operator.mul, (silu, halves[order[1]]))
+    extra = [graph.call_function(operator.add, (silu, 1.0)) for _ in range(silu_users - 1)]
+    graph.output((out, *extra))
+    return graph
+
+
+def test_fuse_swiglu_takes_only_silu_of_the_first_half_times_the_second_where_the_kernel_serves():
+    serves = lambda device, dtype: True  # noqa: E731 - the CPU has no kernel; the rewrite is what is tested
+    graph = _mlp_graph()
+    assert compiling.fuse_swiglu(graph, serves) == 1
+    module = torch.fx.GraphModule(torch.nn.Module(), graph)
+    assert [n.target for n in graph.nodes if n.op == "call_function"] == [torch._C._nn.linear,
+                                                                          torch.ops.aligntrain.swiglu.default]
+    x, w = torch.randn(3, 5), torch.randn(8, 5)
+    gate_up = x @ w.T
+    assert torch.allclose(module(x, w)[0], torch.nn.functional.silu(gate_up[:, :4]) * gate_up[:, 4:], atol=1e-6)
+    assert compiling.fuse_swiglu(_mlp_graph(), lambda device, dtype: False) == 0  # no kernel for it here
+    assert compiling.fuse_swiglu(_mlp_graph(order=("up", "gate")), serves) == 0  # silu of the second half
+    assert compiling.fuse_swiglu(_mlp_graph(widths=(4, 6)), serves) == 0  # not two halves
+    assert compiling.fuse_swiglu(_mlp_graph(silu_users=2), serves) == 0  # silu(gate) used elsewhere too
+
+
+def test_swiglu_fused_into_the_compiled_layers_gives_the_same_log_probs_and_gradients(monkeypatch, tiny_model,
+                                                                                        sft_shards):
+    """The whole pre-grad pass (linears joined, then silu(gate) * up as aligntrain::swiglu, forced here where
+    no kernel serves) in each layer's graph, run by aot_eager: the eager model's log-probs and gradients."""
+    from torch._dynamo.backends.registry import lookup_backend
+    from transformers import LlamaForCausalLM
+
+    replaced = []
+
+    def fusing_backend(gm, example_inputs):
+        compiling.fuse_sibling_linears(gm.graph)
+        replaced.append(compiling.fuse_swiglu(gm.graph, lambda device, dtype: True))
+        gm.recompile()
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    monkeypatch.setattr(compiling, "BACKEND", fusing_backend)
+    batch = batches(sft_shards, "sft", [PACKED], rows=6)[PACKED]
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        lm = LlamaForCausalLM.from_pretrained(tiny_model)
+        use_packed_attention(lm)
+        logps, _ = SequenceLogps(lm, chunk_tokens=7, compiled=compiled)(**model_inputs(batch))
+        (logps * torch.linspace(0.5, 1.5, len(logps))).sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}))
+    assert 1 in replaced and set(replaced) <= {0, 1}, replaced  # one product a layer graph; none in the head's
+    (eager, eager_grads), (fused, fused_grads) = results
+    assert torch.allclose(fused, eager, atol=1e-5), (fused - eager).abs().max()
+    for name, grad in eager_grads.items():
+        assert torch.allclose(fused_grads[name], grad, atol=1e-5), name
+
+
+def test_swiglu_kernels_that_cannot_be_built_fall_back_to_torch(monkeypatch):
+    """Where Triton cannot build the SwiGLU kernels (the first call raises), the operator warns once, turns
+    them off and computes with torch's operators: the same values."""
+    from aligntrain import kernels
+
+    def fails(gate_up, grad=None):
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(kernels, "SWIGLU_ENABLED", True)
+    monkeypatch.setattr(kernels, "_swiglu_built", False)
+    monkeypatch.setattr(kernels, "swiglu_serves", lambda device, dtype: kernels.SWIGLU_ENABLED)
+    monkeypatch.setattr(kernels, "_swiglu_triton", fails)
+    x = torch.randn(5, 12)
+    with pytest.warns(RuntimeWarning, match="SwiGLU Triton kernels are off"):
+        out = kernels.swiglu(x)
+    assert not kernels.SWIGLU_ENABLED and torch.equal(out, kernels.swiglu_reference(x))
+    assert torch.equal(kernels.swiglu_backward(torch.ones(5, 6), x), kernels.swiglu_backward_reference(torch.ones(5, 6), x))

@@ -297,6 +297,45 @@ def test_sfts_head_in_chunks_of_two_gib_equals_chunks_of_16_rows_on_cuda(tiny_mo
     assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.999
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,width", [(300, 8192), (37, 4864), (1, 100)])
+def test_the_swiglu_kernels_equal_torchs_silu_times_up(dtype, rows, width):
+    """kernels.swiglu / swiglu_backward on CUDA (the Triton kernels) against the float32 reference rounded
+    once: the same values up to the last bit of the 16-bit result; widths that are no multiple of the block."""
+    from aligntrain import kernels
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    gate_up = (torch.randn(rows, 2 * width, device="cuda", generator=gen) * 3).to(dtype)
+    grad = torch.randn(rows, width, device="cuda", generator=gen).to(dtype)
+    assert kernels.swiglu_serves(gate_up.device, dtype) and not kernels.swiglu_serves(gate_up.device, torch.float32)
+    out, back = kernels.swiglu(gate_up), kernels.swiglu_backward(grad, gate_up)
+    assert kernels._swiglu_built and out.shape == (rows, width) and back.shape == gate_up.shape
+    torch.testing.assert_close(out, kernels.swiglu_reference(gate_up))
+    torch.testing.assert_close(back, kernels.swiglu_backward_reference(grad, gate_up))
+
+
+def test_swiglu_in_the_compiled_layers_on_cuda_follows_inductors_own_product(monkeypatch, tiny_model, sft_shards):
+    """Inductor's layers with the MLP's silu(gate) * up as aligntrain::swiglu (fuse_swiglu, the default on
+    CUDA) against the same layers without it: the same log-probs and gradients within bf16 tolerance."""
+    from aligntrain import compiling
+
+    import torch._dynamo
+
+    replaced = []
+    fuse = compiling.fuse_swiglu
+    monkeypatch.setattr(compiling, "fuse_swiglu", lambda graph: replaced.append(fuse(graph)) or replaced[-1])
+    batch = _sft_batch(sft_shards)
+    runs = []
+    for on in (False, True):
+        torch._dynamo.reset()
+        monkeypatch.setattr(compiling, "FUSE_SWIGLU", on)
+        runs.append(_sft_head_run(tiny_model, batch, chunk_tokens=16, compiled=True, uniform_grad=True))
+    assert replaced and 1 in replaced, replaced
+    (a, ga), (b, gb) = runs
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-2), (a - b).abs().max()
+    assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.999
+
+
 @pytest.mark.parametrize("groups", [1, 7])
 def test_the_segment_attention_operator_on_cuda_equals_the_exact_one(groups):
     """The flash path of aligntrain::segment_attention (bf16, a bound of 1024 far above the segments, as a run's
