@@ -16,9 +16,9 @@ def child_result(cmd: list[str], what: str, env: dict | None = None) -> dict | N
     return result
 
 
-def result_line(stdout: str) -> dict | None:
-    """The `RESULT {json}` line of a child's output, as a dict (None: it printed none)."""
+def result_line(stdout: str, tag: str = "RESULT") -> dict | None:
+    """The `RESULT {json}` line (`tag`: another word) of a child's output, as a dict (None: it printed none)."""
     for line in stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
+        if line.startswith(tag + " "):
+            return json.loads(line[len(tag) + 1:])
     return None

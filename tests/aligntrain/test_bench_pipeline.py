@@ -211,3 +211,129 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+class FakePipeline:
+    """gate.py's pipe in this process: what it says is read back, and each of its questions is answered."""
+
+    def __init__(self, monkeypatch, answers: int):
+        self.said, said_w = os.pipe()
+        answer_r, answer_w = os.pipe()
+        os.write(answer_w, b"g" * answers)
+        cores = " ".join(map(str, sorted(os.sched_getaffinity(0)))) if hasattr(os, "sched_getaffinity") else "0"
+        monkeypatch.setenv(gate.ENV, f"{said_w},{answer_r},{cores}")
+        monkeypatch.setitem(gate._state, "gone", False)
+        monkeypatch.setitem(gate._state, "waited", 0.0)
+        self.fds = [said_w, answer_r, answer_w]
+
+    def messages(self) -> list[str]:
+        for fd in self.fds:
+            os.close(fd)
+        with os.fdopen(self.said) as said:
+            return said.read().split()
+
+
+def test_the_timed_pass_waits_for_its_turn_and_counts_tokens_as_the_anchor(monkeypatch):
+    pipeline = FakePipeline(monkeypatch, answers=2)  # ready, timed
+    dataset = {"prompt_ids": [[1] * 5, [1] * 2], "chosen_ids": [[2] * 4, [2] * 3], "rejected_ids": [[3] * 7, [3]]}
+    ran = []
+
+    def run():
+        ran.append(gate._state["gone"])
+        time.sleep(0.05)
+        return "cached"
+
+    out, result = gated_trl.timed_pass(run, dataset, max_length=10)
+    gate.ready()  # Trainer.train's own: the turn was had, it returns at once
+    assert pipeline.messages() == ["ready", "timed", "untimed"]
+    assert out == "cached" and ran == [True]  # the pass ran on its turn
+    tokens = min(10, 9) + min(10, 12) + (2 + 3) + (2 + 1)  # prompt+chosen, prompt+rejected, each cut to 10
+    assert result["pairs"] == 2 and result["mean_tokens_per_item"] == tokens / 2 == 13.5
+    assert result["tokens_per_s"] == pytest.approx(tokens / result["secs"], rel=0.05)
+    assert result["items_per_s"] == pytest.approx(2 / result["secs"], rel=0.05) and result["peak_gib"] is None
+
+
+def test_pass_counts_without_max_length_cuts_nothing():
+    dataset = {"prompt_ids": [[1] * 600], "chosen_ids": [[2] * 500], "rejected_ids": [[3] * 4]}
+    assert gated_trl.pass_counts(dataset, None) == (1, 1100 + 604)
+    assert gated_trl.pass_counts(dataset, 1024) == (1, 1024 + 604)
+
+
+def fake_trl(monkeypatch, method: bool = True):
+    """A stand-in for trl.trainer.dpo_trainer: DPOTrainer whose precompute pass returns the dataset named."""
+    import types
+
+    class DPOTrainer:
+        args = types.SimpleNamespace(max_length=3)
+
+    if method:
+        DPOTrainer._precompute_ref_logps = lambda self, dataset, name, batch_size: (name, batch_size)
+    module = types.ModuleType("trl.trainer.dpo_trainer")
+    module.DPOTrainer = DPOTrainer
+    monkeypatch.setitem(sys.modules, "trl.trainer.dpo_trainer", module)
+    return DPOTrainer
+
+
+def test_gated_trl_times_dpo_trainers_train_pass_only(monkeypatch, capsys):
+    monkeypatch.delenv(gate.ENV, raising=False)
+    trainer = fake_trl(monkeypatch)
+    original = trainer._precompute_ref_logps
+    gated_trl.install_precompute()
+    assert trainer._precompute_ref_logps is not original
+    dataset = {"prompt_ids": [[1, 1], [1]], "chosen_ids": [[2, 2], [2]], "rejected_ids": [[3], [3]]}
+    assert trainer()._precompute_ref_logps(dataset, "eval", 4) == ("eval", 4)
+    assert capsys.readouterr().out == ""  # an eval pass (train may run one in its timed steps): as it is
+    assert trainer()._precompute_ref_logps(dataset, "train", 4) == ("train", 4)
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith(gated_trl.PASS_LINE + " ")
+    result = json.loads(line.split(" ", 1)[1])
+    assert result["pairs"] == 2 and result["mean_tokens_per_item"] == (3 + 3 + 2 + 2) / 2  # max_length 3
+
+
+def test_gated_trl_without_trl_or_its_precompute_method_patches_nothing(monkeypatch):
+    trainer = fake_trl(monkeypatch, method=False)
+    gated_trl.install_precompute()
+    assert not hasattr(trainer, "_precompute_ref_logps")
+    monkeypatch.setitem(sys.modules, "trl.trainer.dpo_trainer", None)  # `import` raises ImportError
+    gated_trl.install_precompute()
+
+
+DPO_SCRIPT = textwrap.dedent("""
+    import torch
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import DPOConfig, DPOTrainer
+
+    vocab = {{f"w{{i}}": i for i in range(29)}}
+    vocab.update({{"<pad>": 29, "<eos>": 30, "<unk>": 31}})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=32, pad_token_id=29, eos_token_id=30)
+    rows = [{{"prompt": "w1 w2 w3 ", "chosen": "w4 w5", "rejected": "w6"}}] * 4
+    args = DPOConfig(output_dir={out!r}, max_steps=2, per_device_train_batch_size=2, report_to="none",
+                     save_strategy="no", use_cpu=True, max_length=5, precompute_ref_log_probs=True)
+    DPOTrainer(model=LlamaForCausalLM(config), ref_model=LlamaForCausalLM(config), args=args,
+               train_dataset=Dataset.from_list(rows), processing_class=tok).train()
+    print("RESULT {{}}")
+""")
+
+
+@pytest.mark.slow
+def test_gated_trl_times_trls_precompute_pass(tmp_path):
+    """With TRL installed: DPOTrainer's precompute pass is a timed part of its own, on the job's turn, and
+    prints its PRECOMPUTE line; Trainer.train's ready() then returns at once."""
+    pytest.importorskip("trl")
+    script = tmp_path / "script.py"
+    script.write_text(DPO_SCRIPT.format(out=str(tmp_path / "out")))
+    command = [sys.executable, str(REPO / "benchmarks" / "gated_trl.py"), str(script), "--warm", "1"]
+    [outcome] = run_jobs([Job(command, "dpo", "k")])
+    assert outcome.returncode == 0, outcome.stderr[-2000:]
+    assert outcome.messages == ["ready", "timed", "untimed", "timed", "untimed"]
+    [line] = [x for x in outcome.stdout.splitlines() if x.startswith(gated_trl.PASS_LINE + " ")]
+    result = json.loads(line.split(" ", 1)[1])
+    # prompt 3 words, completions 2 and 1 plus EOS: min(5, 3 + 3) + min(5, 3 + 2)
+    assert result["pairs"] == 4 and result["mean_tokens_per_item"] == 10
