@@ -2,6 +2,7 @@
 
 import sys
 
+import pytest
 from transformers import LlamaConfig
 
 from paths import REPO
@@ -154,3 +155,21 @@ def test_a_repeated_also_is_a_run_of_its_own_in_the_table():
                  for _, _, job in jobs]
     assert overrides == [[], ["k=1"], ["k=2"], ["k=1"]]
     assert jobs[3][2].label == "aligntrain SFT tiny (k=1 #2)"
+
+
+def test_our_precompute_pass_waits_for_its_turn_on_the_gpu_before_its_timed_part(monkeypatch):
+    calls = []
+    for name in ("ready", "timed", "untimed"):
+        monkeypatch.setattr(bench_train.gate, name, lambda name=name: calls.append(name))
+    monkeypatch.setattr(bench_train, "timed_precompute", lambda *a: calls.append("pass") or {"secs": 1.0})
+    assert bench_train.gated_precompute(None, None, None, []) == {"secs": 1.0}
+    assert calls == ["ready", "timed", "pass", "untimed"]
+
+    def fails(*a):
+        raise RuntimeError("out of memory")
+
+    calls.clear()
+    monkeypatch.setattr(bench_train, "timed_precompute", fails)
+    with pytest.raises(RuntimeError):
+        bench_train.gated_precompute(None, None, None, [])
+    assert calls == ["ready", "timed", "untimed"]  # the processes preparing go on
