@@ -521,25 +521,61 @@ def gated_precompute(shards: Path, cfg, config, lengths: list[tuple[int, ...]]) 
 
 
 def timed_precompute(shards: Path, cfg, config, lengths: list[tuple[int, ...]]) -> dict:
-    """`precompute_reference` over every pair of the shards, timed as a whole (loading the reference
-    included): what `aligntrain precompute-ref` costs before training."""
+    """`precompute_reference` over every pair of the shards, timed as a whole: what `aligntrain precompute-ref`
+    costs before training. `load_s` is its part before the reference is loaded and on the device (the
+    tokenizer, the shards' check, the hash of the weights, loading the reference), `after_load` the rates of
+    the rest: TRL's timed pass starts there (the anchor loads its reference before DPOTrainer, which hashes
+    it in __init__ before the pass). Compiling the reference, on its first batches, is in `after_load`;
+    `first_batch_s` is the first batch's forward (compiling included)."""
     import torch
 
-    from aligntrain.precompute import precompute_reference
+    import aligntrain.precompute as precompute
 
     cuda = torch.cuda.is_available()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    marks: dict[str, float] = {}
+    reference = precompute.Reference
+
+    class Marked(reference):  # the pass's reference, marking when it is loaded and its first batch is done
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sync()
+            marks["loaded"] = time.perf_counter()
+
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            if "first" not in marks:
+                sync()
+                marks["first"] = time.perf_counter()
+            return out
+
+    sync()
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    precompute_reference(shards, cfg)
-    if cuda:
-        torch.cuda.synchronize()
-    secs = time.perf_counter() - t0
+    precompute.Reference = Marked
+    try:
+        t0 = time.perf_counter()
+        precompute.precompute_reference(shards, cfg)
+        sync()
+        t1 = time.perf_counter()
+    finally:
+        precompute.Reference = reference
     counted, flops = data_counts(config, "dpo", lengths, policy=False, reference=True)
-    return {"secs": round(secs, 3), "items_per_s": round(len(lengths) / secs, 2), "tokens_per_s": round(counted / secs, 1),
-            "mean_tokens_per_item": round(counted / len(lengths), 1), "flops_per_token": flops / counted,
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None}
+
+    def rates(secs: float) -> dict:
+        return {"secs": round(secs, 3), "items_per_s": round(len(lengths) / secs, 2),
+                "tokens_per_s": round(counted / secs, 1)}
+
+    loaded = marks.get("loaded")  # none where the shards had this reference's log-probs already
+    return {**rates(t1 - t0), "mean_tokens_per_item": round(counted / len(lengths), 1), "flops_per_token": flops / counted,
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None,
+            "load_s": None if loaded is None else round(loaded - t0, 3),
+            "first_batch_s": round(marks["first"] - loaded, 3) if "first" in marks else None,
+            "after_load": None if loaded is None else rates(t1 - loaded)}
 
 
 def item_lengths(table, mode: str) -> list[tuple[int, ...]]:
@@ -690,7 +726,9 @@ def report(outcome: Outcome, result: dict | None) -> None:
     parts = "" if "prepare_s" not in result else \
         f"; model and shards {result['prepare_s']} s, load + compile + first step {result['first_step_s']} s"
     if result.get("precompute"):
-        parts += f"; precompute pass {result['precompute']['secs']} s"
+        pass_ = result["precompute"]
+        parts += f"; precompute pass {pass_['secs']} s (loading the reference {pass_.get('load_s')} s, " \
+            f"first batch {pass_.get('first_batch_s')} s)"
     compiled = "" if not result.get("graphs_compiled_timed") else \
         f"; {result['graphs_compiled_timed']} graph(s) compiled during the timed steps"
     collections = f"; garbage collections in the timed steps: {result['gc']}" if result.get("gc") else ""

@@ -173,3 +173,38 @@ def test_our_precompute_pass_waits_for_its_turn_on_the_gpu_before_its_timed_part
     with pytest.raises(RuntimeError):
         bench_train.gated_precompute(None, None, None, [])
     assert calls == ["ready", "timed", "untimed"]  # the processes preparing go on
+
+
+def test_our_pass_is_timed_whole_and_from_its_reference_loaded(monkeypatch):
+    """TRL's timed pass starts with its reference loaded: ours is timed whole and from the moment
+    precompute_reference's Reference is constructed (aligntrain itself unchanged, its class put back)."""
+    import time
+
+    import aligntrain.precompute as precompute
+
+    class Reference:  # loads in 0.2 s; a forward takes none
+        def __init__(self, cfg, device):
+            time.sleep(0.2)
+
+        def __call__(self, batch):
+            return batch
+
+    def precompute_reference(shards, cfg):  # as the real one: some set-up, the reference, its batches
+        time.sleep(0.05)
+        reference = precompute.Reference(cfg, "cpu")
+        for batch in range(3):
+            reference(batch)
+        time.sleep(0.1)
+
+    monkeypatch.setattr(precompute, "Reference", Reference)
+    monkeypatch.setattr(precompute, "precompute_reference", precompute_reference)
+    lengths = [(4, 2, 3), (1, 1, 1)]
+    result = bench_train.timed_precompute(None, None, CONFIG, lengths)
+    assert precompute.Reference is Reference
+    counted, flops = data_counts(CONFIG, "dpo", lengths, policy=False, reference=True)
+    assert result["mean_tokens_per_item"] == counted / 2 and result["flops_per_token"] == flops / counted
+    after = result["after_load"]
+    assert result["load_s"] >= 0.25 and after["secs"] >= 0.1 and result["first_batch_s"] < 0.15
+    assert after["secs"] == pytest.approx(result["secs"] - result["load_s"], abs=2e-3)
+    assert after["tokens_per_s"] == pytest.approx(counted / after["secs"], rel=0.02)
+    assert after["items_per_s"] == pytest.approx(2 / after["secs"], rel=0.02) and result["peak_gib"] is None
