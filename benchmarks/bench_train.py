@@ -46,6 +46,7 @@ from pathlib import Path
 
 import gate
 from childrun import result_line
+from gated_trl import PASS_LINE
 from pipeline import Job, Outcome, run_jobs
 
 from aligntrain.flops import item_counts, mfu, training_flops
@@ -54,6 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 ANCHOR = REPO.parent / "shared" / "bench" / "trl_anchor.py"
 TRL_LORA = Path(__file__).resolve().parent / "trl_lora.py"
 GATED_TRL = Path(__file__).resolve().parent / "gated_trl.py"
+PASS = "precompute_pass"  # a result's precompute pass, ours and TRL's (the anchor's "precompute" is its flag)
 
 # Model shapes by their published configurations (Qwen2.5-0.5B, Llama-3.2-1B, Llama-3.1-8B) and a toy
 # one for CPU; the embeddings are tied unless the shape says otherwise (Llama-3.1-8B's are not).
@@ -168,18 +170,41 @@ def anchor_lengths(anchor, mode: str, n: int, vocab_size: int, max_length: int) 
     return lengths
 
 
-def trl_flops_per_token(args: argparse.Namespace, row: "Row", mode: str, reported: dict) -> float | None:
-    """Useful FLOPs per counted token of the anchor's own data for `row`, by data_counts' rule (as ours);
-    checked against the mean tokens per item the anchor reported (None, with a note, where they differ)."""
+def trl_flops_per_token(args: argparse.Namespace, row: Row, mode: str, reported: dict,
+                        pass_: bool = False) -> float | None:
+    """Useful FLOPs per counted token of the anchor's own data for `row`, by data_counts' rule (as ours): of
+    its training run, or (`pass_`) of its precompute pass over `reported`'s pairs (the reference's forward
+    alone, as our pass); checked against the mean tokens per item reported (None, with a note, where they
+    differ)."""
     config = model_config(row.shape)
-    lengths = anchor_lengths(load_anchor(args.anchor), "dpo" if mode == "dpo" else "sft",
-                             row.bs_of(mode) * (args.steps + 2), config.vocab_size, args.max_length)
-    counted, flops = data_counts(config, row.mode, lengths, policy=True, reference=mode == "dpo" and not row.precompute)
+    n = reported["pairs"] if pass_ else row.bs_of(mode) * (args.steps + 2)
+    lengths = anchor_lengths(load_anchor(args.anchor), "dpo" if mode == "dpo" else "sft", n, config.vocab_size,
+                             args.max_length)
+    if pass_:
+        counted, flops = data_counts(config, "dpo", lengths, policy=False, reference=True)
+    else:
+        counted, flops = data_counts(config, row.mode, lengths, policy=True,
+                                     reference=mode == "dpo" and not row.precompute)
     if mode != "sft_packed" and abs(counted / len(lengths) - reported["mean_tokens_per_item"]) > 0.1:
-        print(f"TRL {row.name} ({mode}): the anchor forwarded {reported['mean_tokens_per_item']} tokens per item, "
-              f"its data as read here {counted / len(lengths):.1f}: no MFU", file=sys.stderr)
+        print(f"TRL {row.name} ({mode}{', precompute pass' if pass_ else ''}): the anchor forwarded "
+              f"{reported['mean_tokens_per_item']} tokens per item, its data as read here "
+              f"{counted / len(lengths):.1f}: no MFU", file=sys.stderr)
         return None
     return flops / counted
+
+
+def trl_result(args: argparse.Namespace, row: Row, mode: str, stdout: str) -> dict | None:
+    """A TRL process's RESULT with its FLOPs per token (None with --lora), and its precompute pass where
+    gated_trl.py timed one (its PASS_LINE) as PASS, with the pass's own FLOPs per token."""
+    result = result_line(stdout)
+    if result is None:
+        return None
+    result["flops_per_token"] = None if args.lora else trl_flops_per_token(args, row, mode, result)
+    pass_ = result_line(stdout, PASS_LINE)
+    if pass_ is not None:
+        result[PASS] = {**pass_, "flops_per_token": None if args.lora else
+                        trl_flops_per_token(args, row, mode, pass_, pass_=True)}
+    return result
 
 
 def build_inputs(base: Path, shape: str, mode: str, n: int, max_length: int, scratch: Path,
@@ -252,7 +277,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     passing = 0.0  # our precompute pass and the pipeline's wait for the GPU before it: in neither part below
     if args.precompute:
         began = time.perf_counter()
-        result["precompute"] = gated_precompute(shards, cfg, config, lengths)
+        result[PASS] = gated_precompute(shards, cfg, config, lengths)
         passing = time.perf_counter() - began
 
     def sync() -> None:
@@ -529,7 +554,7 @@ def timed_precompute(shards: Path, cfg, config, lengths: list[tuple[int, ...]]) 
     `first_batch_s` is the first batch's forward (compiling included)."""
     import torch
 
-    import aligntrain.precompute as precompute
+    from aligntrain import precompute
 
     cuda = torch.cuda.is_available()
 
@@ -571,7 +596,8 @@ def timed_precompute(shards: Path, cfg, config, lengths: list[tuple[int, ...]]) 
                 "tokens_per_s": round(counted / secs, 1)}
 
     loaded = marks.get("loaded")  # none where the shards had this reference's log-probs already
-    return {**rates(t1 - t0), "mean_tokens_per_item": round(counted / len(lengths), 1), "flops_per_token": flops / counted,
+    return {**rates(t1 - t0), "mean_tokens_per_item": round(counted / len(lengths), 1),
+            "flops_per_token": flops / counted,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None,
             "load_s": None if loaded is None else round(loaded - t0, 3),
             "first_batch_s": round(marks["first"] - loaded, 3) if "first" in marks else None,
@@ -684,16 +710,12 @@ def measure_rows(rows: list[Row], args: argparse.Namespace, row_done=None) -> li
     ended = iter(range(len(planned)))
 
     def done(outcome: Outcome) -> None:
-        result = result_line(outcome.stdout)
-        report(outcome, result)
         position = next(ended)  # outcomes come in the jobs' order
         number, side, name, _ = planned[position]
+        result = result_line(outcome.stdout) if side == "ours" else trl_result(args, rows[number], name, outcome.stdout)
+        report(outcome, result)
         if result is not None:
-            if side == "ours":
-                measured[number][0][name] = result
-            else:
-                measured[number][1][name] = {**result, "flops_per_token": None if args.lora else
-                                             trl_flops_per_token(args, rows[number], name, result)}
+            measured[number][0 if side == "ours" else 1][name] = result
         if row_done is not None and all(later[0] != number for later in planned[position + 1:]):
             row_done(number, *measured[number])
 
@@ -725,10 +747,11 @@ def report(outcome: Outcome, result: dict | None) -> None:
         f"prepared {outcome.prepare_s:.1f} s, waited for the GPU {outcome.wait_s:.1f} s"
     parts = "" if "prepare_s" not in result else \
         f"; model and shards {result['prepare_s']} s, load + compile + first step {result['first_step_s']} s"
-    if result.get("precompute"):
-        pass_ = result["precompute"]
-        parts += f"; precompute pass {pass_['secs']} s (loading the reference {pass_.get('load_s')} s, " \
-            f"first batch {pass_.get('first_batch_s')} s)"
+    pass_ = result.get(PASS)
+    if pass_:
+        parts += f"; precompute pass {pass_['secs']} s" + ("" if "load_s" not in pass_ else
+                                                            f" (loading the reference {pass_['load_s']} s, "
+                                                            f"first batch {pass_['first_batch_s']} s)")
     compiled = "" if not result.get("graphs_compiled_timed") else \
         f"; {result['graphs_compiled_timed']} graph(s) compiled during the timed steps"
     collections = f"; garbage collections in the timed steps: {result['gc']}" if result.get("gc") else ""
@@ -747,7 +770,7 @@ def mfu_cell(result: dict | None, device: str) -> str:
 
 def suite_lines(row: Row, ours: dict[str, dict], trl: dict[str, dict]) -> list[dict]:
     """The table lines of one row: each of our runs against each TRL run, TRL's best (most tokens/s) marked
-    where there are several, then our precompute pass on its own (TRL's is not timed by the anchor)."""
+    where there are several, then the precompute passes (precompute_lines)."""
     best = max(trl, key=lambda m: trl[m]["tokens_per_s"]) if trl else None
     lines = []
     for spec, result in (ours or {"": None}).items():
@@ -756,10 +779,24 @@ def suite_lines(row: Row, ours: dict[str, dict], trl: dict[str, dict]) -> list[d
             if mode is not None and len(row.trl) > 1:
                 name += f", vs TRL {TRL_LABEL[mode]}" + (" (TRL's best)" if mode == best else "")
             lines.append({"run": name, "ours": result, "trl": trl.get(mode), "trl_items": mode != "sft_packed"})
-    pass_ = (ours.get("") or {}).get("precompute")
-    if pass_:
-        lines.append({"run": f"{row.name}: the precompute pass (ours; TRL's pass is not timed)", "ours": pass_,
-                      "trl": None, "trl_items": False})
+    return lines + precompute_lines(row, (ours.get("") or {}).get(PASS),
+                                    next((r[PASS] for r in trl.values() if r.get(PASS)), None))
+
+
+def precompute_lines(row: Row, ours: dict | None, trl: dict | None) -> list[dict]:
+    """The precompute passes of `row` (ours with the repository's defaults, TRL's), where either was timed:
+    ours from its reference loaded against TRL's, which loads its reference before its pass (like with
+    like), then ours whole, loading the reference included."""
+    if not ours and not trl:
+        return []
+    loaded = {**ours, **ours["after_load"]} if ours and ours.get("after_load") else None
+    against = "as TRL, which loads it before its pass" if trl else "ours; TRL's pass is not timed"
+    lines = [{"run": f"{row.name}: the precompute pass, loading the reference left out ({against})",
+              "ours": loaded, "trl": trl, "trl_items": True}]
+    if ours:
+        load = "" if ours.get("load_s") is None else f": {ours['load_s']:.1f} s of {ours['secs']:.1f} s"
+        lines.append({"run": f"{row.name}: our precompute pass whole, loading the reference included{load}",
+                      "ours": ours, "trl": None, "trl_items": False})
     return lines
 
 
@@ -795,7 +832,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--gc", type=int, default=0, help="activation checkpointing, both sides")
     ap.add_argument("--precompute", action="store_true",
-                    help="DPO with reference log-probs precomputed, both sides (ours times its pass separately)")
+                    help="DPO with reference log-probs precomputed, both sides (each side's pass timed on its own)")
     ap.add_argument("--lora", default=None, metavar="SPEC",
                     help="LoRA on both sides, e.g. r=16,alpha=32,targets=all-linear (targets: q_proj+v_proj, ...)")
     ap.add_argument("--also", action="append", default=[], metavar="K=V[,K=V]",
@@ -878,8 +915,16 @@ def run_single(args: argparse.Namespace, device: str) -> None:
     row = Row(what, args.mode, args.shape, args.bs, (args.mode,), args.precompute)
     [(ours, trl)] = measure_rows([row], args)
     results = {f"aligntrain {what}" + (f" ({spec})" if spec else ""): r for spec, r in ours.items()}
-    if (ours.get("") or {}).get("precompute"):
-        results["aligntrain precompute pass"] = ours[""]["precompute"]
+    passes = {}  # the precompute passes, compared like with like: ours from its reference loaded, TRL's
+    pass_ = (ours.get("") or {}).get(PASS)
+    if pass_ and pass_.get("after_load"):
+        passes["aligntrain precompute pass, loading the reference left out"] = {**pass_, **pass_["after_load"]}
+    if pass_:
+        passes["aligntrain precompute pass whole (loading the reference included)"] = pass_
+    for r in trl.values():
+        if r.get(PASS):
+            passes["TRL 1.16 precompute pass (its reference loaded before)"] = r[PASS]
+    results.update(passes)
     results.update({f"TRL 1.16 {what}": r for r in trl.values()})
     print(f"\n{what}, shape {args.shape}, {args.bs} per step, {args.steps} steps ({args.warm} not timed), "
           f"max_length {args.max_length}, activation checkpointing {'on' if args.gc else 'off'}, {device}\n")
@@ -891,9 +936,14 @@ def run_single(args: argparse.Namespace, device: str) -> None:
               f"{r.get('peak_gib') if r.get('peak_gib') is not None else '-'} | {r['secs']:.2f} |")
     for r in trl.values():
         for name, mine in results.items():
-            if name.startswith("aligntrain") and "precompute pass" not in name:
+            if name.startswith("aligntrain") and name not in passes:
                 print(f"{name} / TRL: {mine['tokens_per_s'] / r['tokens_per_s']:.2f}x tokens/s, "
                       f"{mine['items_per_s'] / r['items_per_s']:.2f}x items/s")
+        mine = passes.get("aligntrain precompute pass, loading the reference left out")
+        if mine and r.get(PASS):
+            print(f"aligntrain precompute pass, loading the reference left out / TRL's pass: "
+                  f"{mine['tokens_per_s'] / r[PASS]['tokens_per_s']:.2f}x tokens/s, "
+                  f"{mine['items_per_s'] / r[PASS]['items_per_s']:.2f}x items/s")
 
 
 if __name__ == "__main__":

@@ -53,17 +53,50 @@ def test_sft_row_compares_with_each_trl_run_and_marks_the_best():
                         "0.9% | 0.5% | 20.5/18.0 |")
 
 
-def test_without_trl_or_gpu_the_cells_are_dashes_and_the_precompute_pass_has_its_line():
+def test_without_trl_or_gpu_the_cells_are_dashes_and_the_precompute_pass_has_its_lines():
     row = Row("DPO tiny, precomputed", "dpo", "tiny", 4, ("dpo",), precompute=True)
-    ours = {**OURS, "peak_gib": None, "precompute": {"items_per_s": 5.0, "tokens_per_s": 4000.0,
-                                                      "flops_per_token": 2e8, "peak_gib": None}}
+    ours = {**OURS, "peak_gib": None, "precompute_pass": {**OUR_PASS, "peak_gib": None}}
     table = suite_table(suite_lines(row, {"": ours, "padding_free=true": OURS}, {}), "cpu").splitlines()
     assert table[2:] == [
         "| DPO tiny, precomputed | 10.00 | - | - | 9,000 | - | - | - | -/- |",
         "| DPO tiny, precomputed (padding_free=true) | 10.00 | - | - | 9,000 | - | - | - | 20.5/- |",
-        "| DPO tiny, precomputed: the precompute pass (ours; TRL's pass is not timed) | 5.00 | - | - | 4,000 | - | "
-        "- | - | -/- |",
+        ("| DPO tiny, precomputed: the precompute pass, loading the reference left out (ours; TRL's pass is not "
+         "timed) | 8.00 | - | - | 6,400 | - | - | - | -/- |"),
+        ("| DPO tiny, precomputed: our precompute pass whole, loading the reference included: 3.0 s of 5.0 s | 5.00 | "
+         "- | - | 4,000 | - | - | - | -/- |"),
     ]
+
+
+# our pass: 5 s in all, 3 s of it before the reference was loaded; 2 s with the reference loaded
+OUR_PASS = {"secs": 5.0, "items_per_s": 5.0, "tokens_per_s": 4000.0, "flops_per_token": 2e8, "peak_gib": 12.0,
+            "load_s": 3.0, "first_batch_s": 0.5,
+            "after_load": {"secs": 2.0, "items_per_s": 8.0, "tokens_per_s": 6400.0}}
+TRL_PASS = {"pairs": 16, "secs": 8.0, "items_per_s": 2.0, "tokens_per_s": 1600.0, "mean_tokens_per_item": 800.0,
+            "flops_per_token": 2.5e8, "peak_gib": 9.5}
+
+
+def test_the_precompute_passes_compare_ours_from_its_reference_loaded_with_trls():
+    row = Row("DPO tiny, precomputed", "dpo", "tiny", 4, ("dpo",), precompute=True)
+    trl = {"dpo": {**PADDED, "precompute": 1, "precompute_pass": TRL_PASS}}  # the anchor's own "precompute": its flag
+    table = suite_table(suite_lines(row, {"": {**OURS, "precompute_pass": OUR_PASS}}, trl), "NVIDIA H200").splitlines()
+    assert table[2] == "| DPO tiny, precomputed | 10.00 | 8.00 | 3.00x | 9,000 | 3,000 | 0.9% | 0.3% | 20.5/15.3 |"
+    # like with like: 6,400 tokens/s with the reference loaded against TRL's 1,600; MFU 6400 x 2e8 and 1600 x 2.5e8
+    assert table[3] == ("| DPO tiny, precomputed: the precompute pass, loading the reference left out (as TRL, which "
+                        "loads it before its pass) | 8.00 | 2.00 | 4.00x | 6,400 | 1,600 | 0.1% | 0.0% | 12.0/9.5 |")
+    assert table[4] == ("| DPO tiny, precomputed: our precompute pass whole, loading the reference included: 3.0 s of "
+                        "5.0 s | 5.00 | - | - | 4,000 | - | 0.1% | - | 12.0/- |")
+    assert len(table) == 5
+
+
+def test_trls_pass_shows_when_ours_failed_and_its_mfu_is_a_dash_without_flops():
+    row = Row("DPO tiny, precomputed", "dpo", "tiny", 4, ("dpo",), precompute=True)
+    trl = {"dpo": {**PADDED, "precompute_pass": {**TRL_PASS, "flops_per_token": None}}}
+    table = suite_table(suite_lines(row, {}, trl), "NVIDIA H200").splitlines()
+    assert table[3] == ("| DPO tiny, precomputed: the precompute pass, loading the reference left out (as TRL, which "
+                        "loads it before its pass) | - | 2.00 | - | - | 1,600 | - | - | -/9.5 |")
+    assert len(table) == 4
+    # no pass on either side (a row without precompute): no pass line
+    assert len(suite_lines(Row("DPO tiny", "dpo", "tiny", 4, ("dpo",)), {"": OURS}, {"dpo": PADDED})) == 1
 
 
 def test_a_failed_run_of_ours_still_shows_trl():
@@ -180,7 +213,7 @@ def test_our_pass_is_timed_whole_and_from_its_reference_loaded(monkeypatch):
     precompute_reference's Reference is constructed (aligntrain itself unchanged, its class put back)."""
     import time
 
-    import aligntrain.precompute as precompute
+    from aligntrain import precompute
 
     class Reference:  # loads in 0.2 s; a forward takes none
         def __init__(self, cfg, device):
@@ -208,3 +241,36 @@ def test_our_pass_is_timed_whole_and_from_its_reference_loaded(monkeypatch):
     assert after["secs"] == pytest.approx(result["secs"] - result["load_s"], abs=2e-3)
     assert after["tokens_per_s"] == pytest.approx(counted / after["secs"], rel=0.02)
     assert after["items_per_s"] == pytest.approx(2 / after["secs"], rel=0.02) and result["peak_gib"] is None
+
+
+def test_a_trl_process_s_precompute_line_is_kept_with_its_flops(tmp_path, capsys):
+    """gated_trl.py's PRECOMPUTE line goes into TRL's result, with the FLOPs of the anchor's data for the
+    reference's forward alone (checked against the pass's mean tokens per item, as the training run's)."""
+    import argparse
+    import json
+
+    anchor = tmp_path / "anchor.py"  # every pair: prompt 4 words, chosen 2 (+ EOS), rejected 3 (+ EOS)
+    anchor.write_text("def make_rows(n, v):\n"
+                      "    return [{'prompt': 'w1 ' * 4, 'chosen': 'w2 ' * 2, 'rejected': 'w3 ' * 3}] * n\n")
+    args = argparse.Namespace(anchor=str(anchor), steps=2, max_length=1024, lora=None)
+    row = Row("DPO tiny, precomputed", "dpo", "tiny", 2, ("dpo",), precompute=True)
+    config = bench_train.model_config("tiny")
+    per_item = 2 * 4 + 3 + 4  # prompt+chosen, prompt+rejected
+    trained = {"items_per_s": 3.0, "tokens_per_s": 45.0, "mean_tokens_per_item": per_item, "precompute": 1}
+    pass_ = {"pairs": 6, "secs": 2.0, "items_per_s": 3.0, "tokens_per_s": 45.0, "mean_tokens_per_item": per_item,
+             "peak_gib": None}
+    stdout = f"loading\nPRECOMPUTE {json.dumps(pass_)}\nRESULT {json.dumps(trained)}\n"
+    result = bench_train.trl_result(args, row, "dpo", stdout)
+    counted, flops = data_counts(config, "dpo", [(4, 3, 4)] * 6, policy=False, reference=True)
+    assert result["precompute"] == 1 and result["precompute_pass"] == {**pass_, "flops_per_token": flops / counted}
+    _, trained_flops = data_counts(config, "dpo", [(4, 3, 4)] * 6, policy=True, reference=False)
+    assert result["flops_per_token"] == trained_flops / counted
+
+    off = {**pass_, "mean_tokens_per_item": per_item + 1}  # not the anchor's data as read here: no MFU, a note
+    stdout_off = f"PRECOMPUTE {json.dumps(off)}\nRESULT {json.dumps(trained)}\n"
+    assert bench_train.trl_result(args, row, "dpo", stdout_off)["precompute_pass"]["flops_per_token"] is None
+    assert "precompute pass" in capsys.readouterr().err
+    assert "precompute_pass" not in bench_train.trl_result(args, row, "dpo", f"RESULT {json.dumps(trained)}\n")
+    assert bench_train.trl_result(args, row, "dpo", "PRECOMPUTE {}\n") is None  # no RESULT: the run failed
+    lora = argparse.Namespace(**{**vars(args), "lora": "r=8"})
+    assert bench_train.trl_result(lora, row, "dpo", stdout)["precompute_pass"]["flops_per_token"] is None
