@@ -13,6 +13,7 @@ CUDA only, no softcap; everything else takes compiling.logps_and_grad (the tests
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -171,64 +172,59 @@ if triton is not None:
 
 
 def _swiglu_triton(gate_up: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
-    """The forward (grad None) or the backward of swiglu by the Triton kernels; gate_up is contiguous."""
+    """The forward (grad None) or the backward of swiglu by the Triton kernels; gate_up is contiguous. Run
+    through torch.library.wrap_triton, so that inductor, tracing the operator, launches the kernels from its
+    own generated code (no Python operator call a layer and step) and, run eagerly, it launches them."""
+    from torch.library import wrap_triton
+
     width = gate_up.shape[-1] // 2
-    rows = gate_up.numel() // max(1, 2 * width)
+    rows = gate_up.numel() // (2 * width)
+    grid = (rows, triton.cdiv(width, SWIGLU_BLOCK))
     if grad is None:
         out = gate_up.new_empty(*gate_up.shape[:-1], width)
-        if rows and width:
-            _swiglu_kernel[(rows, triton.cdiv(width, SWIGLU_BLOCK))](gate_up, out, width, BLOCK=SWIGLU_BLOCK, num_warps=4)
+        wrap_triton(_swiglu_kernel)[grid](gate_up, out, width, BLOCK=SWIGLU_BLOCK, num_warps=4)
         return out
     out = torch.empty_like(gate_up)
-    if rows and width:
-        _swiglu_backward_kernel[(rows, triton.cdiv(width, SWIGLU_BLOCK))](grad.contiguous(), gate_up, out, width,
-                                                                         BLOCK=SWIGLU_BLOCK, num_warps=4)
+    wrap_triton(_swiglu_backward_kernel)[grid](grad.contiguous(), gate_up, out, width, BLOCK=SWIGLU_BLOCK, num_warps=4)
     return out
 
 
-_swiglu_built = False  # the kernels have run once in this process
-
-
 def _swiglu_dispatch(gate_up: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton kernels where they serve (the first failure to build them turns them off, with a
+    """The Triton kernels where they serve (a failure to build them turns them off for the process, with a
     warning), else the reference."""
-    global SWIGLU_ENABLED, _swiglu_built
+    global SWIGLU_ENABLED
     if swiglu_serves(gate_up.device, gate_up.dtype) and gate_up.is_contiguous() and gate_up.shape[-1] % 2 == 0 \
-            and (grad is None or grad.dtype == gate_up.dtype):
-        if _swiglu_built:
-            return _swiglu_triton(gate_up, grad)
+            and gate_up.numel() > 0 and (grad is None or grad.dtype == gate_up.dtype):
         try:
-            out = _swiglu_triton(gate_up, grad)
+            return _swiglu_triton(gate_up, grad)
         except Exception as e:  # noqa: BLE001 - anything Triton raises while building; nothing has run yet
             SWIGLU_ENABLED = False
             warnings.warn(f"aligntrain: the SwiGLU Triton kernels are off ({type(e).__name__}: {str(e)[:200]}); "
                           "computing it with torch's operators instead", RuntimeWarning, stacklevel=2)
-        else:
-            _swiglu_built = True
-            return out
     return swiglu_reference(gate_up) if grad is None else swiglu_backward_reference(grad, gate_up)
 
 
-@torch.library.custom_op("aligntrain::swiglu", mutates_args=())
+# With Triton, triton_op: inductor traces the operator's body, Triton launches included; without, an opaque
+# operator (torch derives no fake tensors from it: they are registered).
+_define = functools.partial(torch.library.triton_op if triton is not None else torch.library.custom_op,
+                            mutates_args=())
+
+
+@_define("aligntrain::swiglu")
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of gate_up [..., 2I] (gate the first half) -> [..., I]."""
     return _swiglu_dispatch(gate_up)
 
 
-@swiglu.register_fake
-def _swiglu_fake(gate_up):
-    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
-
-
-@torch.library.custom_op("aligntrain::swiglu_backward", mutates_args=())
+@_define("aligntrain::swiglu_backward")
 def swiglu_backward(grad: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """The gradient of swiglu with respect to gate_up [..., 2I], given the output's gradient grad [..., I]."""
     return _swiglu_dispatch(gate_up, grad)
 
 
-@swiglu_backward.register_fake
-def _swiglu_backward_fake(grad, gate_up):
-    return torch.empty_like(gate_up)
+if triton is None:
+    swiglu.register_fake(lambda gate_up: gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+    swiglu_backward.register_fake(lambda grad, gate_up: torch.empty_like(gate_up))
 
 
 def _swiglu_setup(ctx, inputs, output):

@@ -301,7 +301,6 @@ def test_swiglu_kernels_that_cannot_be_built_fall_back_to_torch(monkeypatch):
         raise RuntimeError("Failed to find C compiler")
 
     monkeypatch.setattr(kernels, "SWIGLU_ENABLED", True)
-    monkeypatch.setattr(kernels, "_swiglu_built", False)
     monkeypatch.setattr(kernels, "swiglu_serves", lambda device, dtype: kernels.SWIGLU_ENABLED)
     monkeypatch.setattr(kernels, "_swiglu_triton", fails)
     x = torch.randn(5, 12)
