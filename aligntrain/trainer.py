@@ -186,18 +186,33 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
             if step < steps and PREFETCH:
                 upcoming[step] = step_batches(step, accelerator.device)
 
-        for step in range(start, steps):
-            batches = upcoming.pop(step, None) or step_batches(step)
-            metrics = train_step(step + 1, model, objective, optimizer, scheduler, batches, cfg, accelerator,
-                                 prefetch=lambda nxt=step + 1: prefetch(nxt), keep_grads=bool(graphed))
+        clock = StepClock()
+
+        def finish(queued: QueuedStep) -> dict[str, float]:
+            """A step's metrics, read (waiting for the GPU as far as they are computed), checked and logged."""
+            metrics = queued.metrics(clock)
             result.train_metrics = metrics
             result.history.append(metrics)
-            log.log(step + 1, "train", metrics, show=(step + 1) % cfg.log_every_steps == 0 or step + 1 == steps)
-            if _due(step + 1, cfg.eval_every_steps, steps):
+            log.log(queued.step, "train", metrics, show=queued.step % cfg.log_every_steps == 0 or queued.step == steps)
+            return metrics
+
+        pending = None  # a queued step whose metrics are read once the next step is queued
+        for step in range(start, steps):
+            batches = upcoming.pop(step, None) or step_batches(step)
+            queued = train_step(step + 1, model, objective, optimizer, scheduler, batches, cfg, accelerator,
+                                prefetch=lambda nxt=step + 1: prefetch(nxt), keep_grads=bool(graphed))
+            if pending is not None:
+                finish(pending)
+            pending = queued
+            evaluating = _due(step + 1, cfg.eval_every_steps, steps)
+            stopping = step + 1 < steps and stop.requested(accelerator)
+            saving = not cfg.debug and (step + 1 == steps or _due(step + 1, cfg.save_every_steps, steps) or stopping)
+            if evaluating or saving or stopping or step + 1 == steps or not queued.deferred:
+                metrics, pending = finish(queued), None
+            if evaluating:
                 result.eval_metrics = evaluate(model, objective, eval_split, cfg, accelerator, pad_token_id(tokenizer))
                 log.log(step + 1, "eval", result.eval_metrics)
-            stopping = step + 1 < steps and stop.requested(accelerator)
-            if not cfg.debug and (step + 1 == steps or _due(step + 1, cfg.save_every_steps, steps) or stopping):
+            if saving:
                 state = {"total_steps": steps, "examples_seen": (step + 1) * cfg.total_batch_size,
                          "world_size": world, "train_metrics": metrics, "eval_metrics": result.eval_metrics,
                          "shards": shards_identity(manifest)}
@@ -241,24 +256,126 @@ def train_step(step: int, model, objective: "Objective", optimizer, scheduler, b
         prefetch()
     for key in ("useful_tokens", "attention_pairs"):
         sums[key] = float(sum(b[key] for b in batches))
+    max_norm = cfg.max_grad_norm or float("inf")
+    if _skips_on_device(optimizer, accelerator, model):
+        names = sorted(sums)
+        stacked = _reduce_stacked(sums, names, accelerator)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        _skip_unless_finite(optimizer, stacked[names.index(objective.loss_sum)], grad_norm)
+        values = HostCopy(torch.cat([stacked, grad_norm.detach().reshape(1).float()]))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=not keep_grads)
+        return QueuedStep(step, started, objective, cfg, world, lr, names, values)
     totals = _all_reduce(sums, accelerator)
     metrics = objective.finish(totals)
     if not math.isfinite(metrics["loss"]):
         raise NonFiniteLossError(f"loss is {metrics['loss']} at step {step}; stopped before the optimizer step")
-    grad_norm = _clip_grad_norm(model, accelerator, cfg.max_grad_norm or float("inf"))
+    grad_norm = _clip_grad_norm(model, accelerator, max_norm)
     if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":  # fp16's scaler skips such steps
         raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step}; stopped before the optimizer step")
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=not keep_grads)
-    seconds = time.perf_counter() - started
-    metrics.update({"grad_norm": grad_norm, "lr": lr, "examples_per_s": cfg.total_batch_size / seconds,
-                    "tokens_per_s": totals["input_tokens"] / seconds})
-    utilisation = objective.mfu(totals["useful_tokens"], totals["attention_pairs"], seconds * world)  # GPU-seconds
-    if utilisation is not None:
-        metrics["mfu"] = utilisation
-    return metrics
+    queued = QueuedStep(step, started, objective, cfg, world, lr)
+    queued.known = {**metrics, "grad_norm": grad_norm}, totals
+    return queued
+
+
+ASYNC_METRICS = True  # a step's metrics read while the next step runs, where that is exact (benchmarks turn it off)
+
+
+def _skips_on_device(optimizer, accelerator, model) -> bool:
+    """Whether this step can leave its loss and gradient norm on the GPU until the next step is queued: the
+    optimizer is torch's fused Adam(W), which skips its whole update (and its step count) on the GPU when
+    given a nonzero `found_inf`, so a non-finite step changes nothing before the host sees it. Not under
+    float16's loss scaler (it owns found_inf) nor sharded parameters (their own clipping, sharding.py)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return (ASYNC_METRICS and bool(inner.defaults.get("fused")) and accelerator.mixed_precision != "fp16"
+            and accelerator.scaler is None and not sharding.is_sharded(model))
+
+
+def _skip_unless_finite(optimizer, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """The optimizer's found_inf: 1 once a step's loss or gradient norm is not finite, and from then on (the
+    host stops the run when it reads that step, and the step queued meanwhile must not update either)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    bad = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
+    previous = getattr(inner, "found_inf", None)
+    inner.found_inf = bad if previous is None else torch.maximum(previous, bad)
+
+
+def _reduce_stacked(sums: dict[str, Any], names: list[str], accelerator) -> torch.Tensor:
+    """The step's sums in the order of `names`, summed over processes: one float32 tensor on the device."""
+    stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=accelerator.device) for k in names])
+    return accelerator.reduce(stacked, "sum")
+
+
+class HostCopy:
+    """A small device tensor on its way to the host: copied into pinned memory without waiting, behind an
+    event, so that read() waits for this copy alone and not for whatever the GPU was given after it."""
+
+    def __init__(self, values: torch.Tensor):
+        if values.is_cuda:
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = values.detach().clone(), None
+
+    def read(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+class StepClock:
+    """When the host last saw a step finished: a step's time is from then (or from its start, if later) to
+    when its own metrics arrive, so steps read one behind still add up to the run's time."""
+
+    def __init__(self):
+        self.last = 0.0
+
+    def lap(self, started: float) -> float:
+        now = time.perf_counter()
+        seconds, self.last = max(now - max(started, self.last), 1e-9), now
+        return seconds
+
+
+class QueuedStep:
+    """An optimizer step whose work is queued: metrics(clock) reads its values (ASYNC_METRICS: from the GPU,
+    once the next step is queued), stops the run if they are not finite, and adds rates and MFU."""
+
+    def __init__(self, step: int, started: float, objective: "Objective", cfg: Config, world: int, lr: float,
+                 names: list[str] | None = None, values: HostCopy | None = None):
+        self.step, self.started, self.objective, self.cfg, self.world, self.lr = step, started, objective, cfg, world, lr
+        self.names, self.values = names, values
+        self.known: tuple[dict[str, float], dict[str, float]] | None = None  # (metrics, totals) read already
+
+    @property
+    def deferred(self) -> bool:
+        """Its values come from the device (read when metrics() is first called), not read already."""
+        return self.values is not None
+
+    def metrics(self, clock: StepClock) -> dict[str, float]:
+        if self.known is None:
+            read = self.values.read()
+            totals = dict(zip(self.names, read[:-1]))
+            metrics, grad_norm = self.objective.finish(totals), read[-1]
+            for what, value in (("loss", metrics["loss"]), ("gradient norm", grad_norm)):
+                if not math.isfinite(value):  # the optimizer skipped this step's update and the next (found_inf)
+                    raise NonFiniteLossError(f"{what} is {value} at step {self.step}; stopped before the optimizer step")
+            self.known = {**metrics, "grad_norm": grad_norm}, totals
+        metrics, totals = dict(self.known[0]), self.known[1]
+        seconds = clock.lap(self.started)
+        metrics.update({"lr": self.lr, "examples_per_s": self.cfg.total_batch_size / seconds,
+                        "tokens_per_s": totals["input_tokens"] / seconds})
+        utilisation = self.objective.mfu(totals["useful_tokens"], totals["attention_pairs"], seconds * self.world)
+        if utilisation is not None:  # GPU-seconds
+            metrics["mfu"] = utilisation
+        return metrics
 
 
 @torch.no_grad()
@@ -349,6 +466,11 @@ class Objective:
         flops = training_flops(self.model_config, int(tokens), int(pairs), int(tokens) if live else 0,
                                int(pairs) if live else 0)
         return mfu(flops, gpu_seconds, self.device_name)
+
+    @property
+    def loss_sum(self) -> str:
+        """The sum whose total the step's loss divides by a count: not finite exactly when the loss is not."""
+        return "nll" if self.task == "sft" else "loss"
 
     def finish(self, totals: dict[str, float]) -> dict[str, float]:
         if self.task == "sft":
@@ -553,6 +675,4 @@ def _prepare_run_dir(run_dir: Path, cfg: Config, start: int, changed: dict[str, 
 
 def _all_reduce(sums: dict[str, torch.Tensor], accelerator) -> dict[str, float]:
     names = sorted(sums)
-    stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=accelerator.device) for k in names])
-    stacked = accelerator.reduce(stacked, "sum")
-    return dict(zip(names, stacked.tolist()))
+    return dict(zip(names, _reduce_stacked(sums, names, accelerator).tolist()))

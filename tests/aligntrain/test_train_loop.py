@@ -221,3 +221,77 @@ def test_the_next_steps_batches_prepared_during_the_backward_change_nothing(monk
     assert prefetched.history == [{**h, **{k: p[k] for k in ("examples_per_s", "tokens_per_s")}}
                                   for h, p in zip(in_turn.history, prefetched.history)]  # bit-identical on CPU
     assert prefetched.eval_metrics == in_turn.eval_metrics
+
+
+def fused_on_cpu(monkeypatch):
+    """Build torch's fused AdamW on the CPU too (the trainer asks for it on CUDA only), so a CPU run takes the
+    path that reads a step's metrics once the next step is queued (trainer._skips_on_device)."""
+    import aligntrain.trainer as T
+
+    built = []
+    build = T.build_optimizer
+
+    def fused(cfg, model, fused=False):
+        built.append(build(cfg, model, fused=True))
+        return built[-1]
+
+    monkeypatch.setattr(T, "build_optimizer", fused)
+    return built
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_metrics_read_a_step_late_are_the_metrics_read_at_once(tmp_path, tiny_model, sft_shards, dpo_shards,
+                                                               monkeypatch, task):
+    """With the fused optimizer each step's loss and gradient norm stay on the device until the next step is
+    queued (ASYNC_METRICS); the history, the log and the checkpoint are those of reading them at once."""
+    import aligntrain.trainer as T
+
+    fused_on_cpu(monkeypatch)
+    shards = sft_shards if task == "sft" else dpo_shards
+    runs = {}
+    real_step = T.train_step
+    for late in (False, True):
+        monkeypatch.setattr(T, "ASYNC_METRICS", late)
+        queued = []
+        monkeypatch.setattr(T, "train_step", lambda *a, **k: queued.append(real_step(*a, **k)) or queued[-1])
+        cfg = cfg_for(tmp_path, tiny_model, f"{task}-{late}", save_every_steps=3, loss={"name": task, "beta": 0.1})
+        runs[late] = train(cfg, shards), [q.deferred for q in queued]
+    (at_once, _), (late, deferred) = runs[False], runs[True]
+    assert any(deferred), "no step was read late"
+    assert len(late.history) == len(at_once.history) == 4
+    for key in ("loss", "grad_norm", "input_tokens", "lr"):
+        assert [h[key] for h in late.history] == [h[key] for h in at_once.history], key
+    records = [json.loads(line) for line in (late.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+    assert all(h["tokens_per_s"] > 0 for h in late.history)
+    state = json.loads((late.checkpoint / "trainer_state.json").read_text())
+    assert state["train_metrics"]["loss"] == late.history[-1]["loss"]
+
+
+def test_a_non_finite_step_read_late_stops_the_run_with_no_update_after_the_last_good_step(tmp_path, tiny_model,
+                                                                                          sft_shards, monkeypatch):
+    """Step 3's loss is NaN; the host reads it after step 4 is queued. The fused optimizer skipped the updates
+    of steps 3 and 4 (found_inf), so the weights and the optimizer's step count are those after step 2."""
+    import aligntrain.trainer as T
+
+    built = fused_on_cpu(monkeypatch)
+    after = {}
+    real_step = T.train_step
+
+    def step(at, model, *args, **kwargs):
+        out = real_step(at, model, *args, **kwargs)
+        if at == 2:  # the CPU has run step 2's update by now
+            after["model"], after["weights"] = model, [p.detach().clone() for p in model.parameters()]
+        return out
+
+    monkeypatch.setattr(T, "train_step", step)
+    poison_parameters_at(monkeypatch, 3, float("nan"))  # wraps the step above: the first weight is NaN from step 3
+    cfg = cfg_for(tmp_path, tiny_model, n_examples=48, debug=True)  # 6 steps, no checkpoints
+    with pytest.raises(NonFiniteLossError) as e:
+        train(cfg, sft_shards)
+    assert str(e.value) == "loss is nan at step 3; stopped before the optimizer step"
+    optimizer = built[0]
+    assert all(optimizer.state[p]["step"].item() == 2 for group in optimizer.param_groups for p in group["params"])
+    now = [p.detach() for p in after["model"].parameters()]
+    assert torch.isnan(now[0]).all()  # the weight the test filled with NaN
+    assert all(torch.equal(a, b) for a, b in zip(now[1:], after["weights"][1:]))
