@@ -11,7 +11,7 @@
 #          | sft-llama-lt | suite-sft-both | profile-llama | sft-llama-prefetch | profile-qwen | graphs
 #          | suite-qwen-graphs | tests-multi | fsdp-scaling | fsdp-dpo | fsdp-8b | varlen | profile-sft-llama
 #          | sft-llama-knobs | sft-kernels | sft-qwen-kernel | sft-qwen-kernel-long | sft-swiglu
-#          | sft-async | tests-step
+#          | sft-async | tests-step | async-llama | precompute-eager
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
 # back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
@@ -84,6 +84,9 @@ for stage in "$@"; do
                  --also aligntrain.compiling.FUSE_SWIGLU=false --also aligntrain.kernels.BLOCK=4096 --also aligntrain.trainer.ASYNC_METRICS=false
                bench 170 --mode sft --shape qwen0.5b --bs 18 --steps 24 --warm 4 --skip-trl --also aligntrain.trainer.ASYNC_METRICS=false \
                  --also aligntrain.kernels.BLOCK=4096 --also aligntrain.trainer.ASYNC_METRICS=false ;;
+    async-llama) bench 170 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl --also aligntrain.trainer.ASYNC_METRICS=false \
+                   --also aligntrain.kernels.BLOCK=4096 --also aligntrain.trainer.ASYNC_METRICS=false ;;
+    precompute-eager) bench 150 --mode dpo --shape qwen0.5b --bs 16 --steps 12 --warm 4 --precompute --skip-trl --also compile=false ;;
     suite-sft-both) bench 300 --suite issue12 --only 4,3 ;;
     suite-dpo) bench 400 --suite issue12 --only 1,2 ;;
     suite-llama) bench 300 --suite issue12 --only 2 ;;
