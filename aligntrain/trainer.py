@@ -237,8 +237,10 @@ PREFETCH = True  # the next step's batches prepared during this step's backward 
 
 
 def train_step(step: int, model, objective: "Objective", optimizer, scheduler, batches: list[dict[str, torch.Tensor]],
-               cfg: Config, accelerator, prefetch=None, keep_grads: bool = False) -> dict[str, float]:
-    """One optimizer step over this process's micro-batches; returns the step's global metrics.
+               cfg: Config, accelerator, prefetch=None, keep_grads: bool = False) -> "QueuedStep":
+    """One optimizer step over this process's micro-batches, queued; returns a QueuedStep whose metrics() are
+    the step's global metrics (read from the GPU then, where _skips_on_device; else read here already, and a
+    non-finite loss or gradient norm raised here, before the update).
     `prefetch()` runs once every backward is queued: the host prepares the next step while the GPU works.
     `keep_grads`: gradients are zeroed in place, never freed (graphs.py: CUDA graphs in the backward)."""
     started = time.perf_counter()
