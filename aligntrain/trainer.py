@@ -269,21 +269,24 @@ def train_step(step: int, model, objective: "Objective", optimizer, scheduler, b
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=not keep_grads)
-        return QueuedStep(step, started, objective, cfg, world, lr, names, values)
+        return QueuedStep(step, started, objective, cfg, world, lr, names=names, values=values)
     totals = _all_reduce(sums, accelerator)
     metrics = objective.finish(totals)
-    if not math.isfinite(metrics["loss"]):
-        raise NonFiniteLossError(f"loss is {metrics['loss']} at step {step}; stopped before the optimizer step")
+    _stop_unless_finite("loss", metrics["loss"], step)
     grad_norm = _clip_grad_norm(model, accelerator, max_norm)
-    if not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16":  # fp16's scaler skips such steps
-        raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step}; stopped before the optimizer step")
+    if accelerator.mixed_precision != "fp16":  # fp16's scaler skips such steps
+        _stop_unless_finite("gradient norm", grad_norm, step)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=not keep_grads)
-    queued = QueuedStep(step, started, objective, cfg, world, lr)
-    queued.known = {**metrics, "grad_norm": grad_norm}, totals
-    return queued
+    return QueuedStep(step, started, objective, cfg, world, lr, known=({**metrics, "grad_norm": grad_norm}, totals))
+
+
+def _stop_unless_finite(what: str, value: float, step: int) -> None:
+    """NonFiniteLossError naming `what` and the step where `value` is NaN or infinite."""
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"{what} is {value} at step {step}; stopped before the optimizer step")
 
 
 ASYNC_METRICS = True  # a step's metrics read while the next step runs, where that is exact (benchmarks turn it off)
@@ -350,11 +353,13 @@ class QueuedStep:
     """An optimizer step whose work is queued: metrics(clock) reads its values (ASYNC_METRICS: from the GPU,
     once the next step is queued), stops the run if they are not finite, and adds rates and MFU."""
 
-    def __init__(self, step: int, started: float, objective: "Objective", cfg: Config, world: int, lr: float,
-                 names: list[str] | None = None, values: HostCopy | None = None):
+    def __init__(self, step: int, started: float, objective: "Objective", cfg: Config, world: int, lr: float, *,
+                 names: list[str] | None = None, values: HostCopy | None = None,
+                 known: tuple[dict[str, float], dict[str, float]] | None = None):
+        """Either `names` and `values` (the sums in that order, then the gradient norm, still on their way
+        from the GPU) or `known`: (metrics, totals) read already."""
         self.step, self.started, self.objective, self.cfg, self.world, self.lr = step, started, objective, cfg, world, lr
-        self.names, self.values = names, values
-        self.known: tuple[dict[str, float], dict[str, float]] | None = None  # (metrics, totals) read already
+        self.names, self.values, self.known = names, values, known
 
     @property
     def deferred(self) -> bool:
@@ -366,9 +371,9 @@ class QueuedStep:
             read = self.values.read()
             totals = dict(zip(self.names, read[:-1]))
             metrics, grad_norm = self.objective.finish(totals), read[-1]
-            for what, value in (("loss", metrics["loss"]), ("gradient norm", grad_norm)):
-                if not math.isfinite(value):  # the optimizer skipped this step's update and the next (found_inf)
-                    raise NonFiniteLossError(f"{what} is {value} at step {self.step}; stopped before the optimizer step")
+            # the optimizer skipped this step's update and the next one's (found_inf)
+            _stop_unless_finite("loss", metrics["loss"], self.step)
+            _stop_unless_finite("gradient norm", grad_norm, self.step)
             self.known = {**metrics, "grad_norm": grad_norm}, totals
         metrics, totals = dict(self.known[0]), self.known[1]
         seconds = clock.lap(self.started)
