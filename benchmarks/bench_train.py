@@ -537,12 +537,8 @@ def host_profile_step(step_fn, step, *args, **kw):
 def gated_precompute(shards: Path, cfg, config, lengths: list[tuple[int, ...]]) -> dict:
     """timed_precompute on this process's turn on the GPU (gate.ready: the pass runs on the GPU, as training
     does), as a timed part of its own: nothing else prepares on the host meanwhile."""
-    gate.ready()
-    gate.timed()
-    try:
+    with gate.timed_turn():
         return timed_precompute(shards, cfg, config, lengths)
-    finally:
-        gate.untimed()
 
 
 def timed_precompute(shards: Path, cfg, config, lengths: list[tuple[int, ...]]) -> dict:

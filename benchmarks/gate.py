@@ -13,6 +13,7 @@ Without BENCH_GATE (a run on its own) the three do nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -67,3 +68,15 @@ def timed() -> None:
 def untimed() -> None:
     """The timed part is over."""
     _say("untimed", wait=False)
+
+
+@contextlib.contextmanager
+def timed_turn():
+    """A block run on this process's turn on the GPU (ready) as a timed part of its own (timed), which ends
+    with the block however it ends (untimed), so the processes stopped meanwhile go on."""
+    ready()
+    timed()
+    try:
+        yield
+    finally:
+        untimed()

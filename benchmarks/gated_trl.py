@@ -109,9 +109,7 @@ def timed_pass(run, dataset, max_length: int | None):
         cuda = torch.cuda.is_available()
     except ImportError:
         cuda = False
-    gate.ready()
-    gate.timed()
-    try:
+    with gate.timed_turn():
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -121,8 +119,6 @@ def timed_pass(run, dataset, max_length: int | None):
             torch.cuda.synchronize()
         secs = time.perf_counter() - started
         peak = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None
-    finally:
-        gate.untimed()
     pairs, tokens = pass_counts(dataset, max_length)
     return out, {"pairs": pairs, "secs": round(secs, 3), "items_per_s": round(pairs / secs, 2),
                  "tokens_per_s": round(tokens / secs, 1), "mean_tokens_per_item": round(tokens / pairs, 1),
