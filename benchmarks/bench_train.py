@@ -779,13 +779,19 @@ def suite_lines(row: Row, ours: dict[str, dict], trl: dict[str, dict]) -> list[d
                                     next((r[PASS] for r in trl.values() if r.get(PASS)), None))
 
 
+def after_load(pass_: dict | None) -> dict | None:
+    """Our precompute pass's result with the rates from its reference loaded in place of the whole pass's
+    (timed_precompute's `after_load`); None where it has none."""
+    return {**pass_, **pass_["after_load"]} if pass_ and pass_.get("after_load") else None
+
+
 def precompute_lines(row: Row, ours: dict | None, trl: dict | None) -> list[dict]:
     """The precompute passes of `row` (ours with the repository's defaults, TRL's), where either was timed:
     ours from its reference loaded against TRL's, which loads its reference before its pass (like with
     like), then ours whole, loading the reference included."""
     if not ours and not trl:
         return []
-    loaded = {**ours, **ours["after_load"]} if ours and ours.get("after_load") else None
+    loaded = after_load(ours)
     against = "as TRL, which loads it before its pass" if trl else "ours; TRL's pass is not timed"
     lines = [{"run": f"{row.name}: the precompute pass, loading the reference left out ({against})",
               "ours": loaded, "trl": trl, "trl_items": True}]
@@ -913,8 +919,8 @@ def run_single(args: argparse.Namespace, device: str) -> None:
     results = {f"aligntrain {what}" + (f" ({spec})" if spec else ""): r for spec, r in ours.items()}
     passes = {}  # the precompute passes, compared like with like: ours from its reference loaded, TRL's
     pass_ = (ours.get("") or {}).get(PASS)
-    if pass_ and pass_.get("after_load"):
-        passes["aligntrain precompute pass, loading the reference left out"] = {**pass_, **pass_["after_load"]}
+    if after_load(pass_):
+        passes["aligntrain precompute pass, loading the reference left out"] = after_load(pass_)
     if pass_:
         passes["aligntrain precompute pass whole (loading the reference included)"] = pass_
     for r in trl.values():
