@@ -143,6 +143,7 @@ class Config:
     padding_free: bool | None = None  # one stream of real tokens per micro-batch, attention per sequence; null: wherever the model allows
     share_prompt: bool = True  # padding-free DPO: forward each prompt once, both completions attending to it
     compile: bool | None = None  # torch.compile each decoder layer and the head's log-softmax; null: on CUDA without LoRA
+    working_weights: bool | None = None  # bf16 working copies of the decoder layers' linear weights beside their float32 masters (masters.py); null: on one GPU, compiled, bfloat16 Adam(W)
     cuda_graphs: bool = False  # padding-free training forwards replay CUDA graphs of the decoder stack (graphs.py)
     cuda_graph_buckets: int = 4  # stream lengths recorded (one graph pair and one set of gradient buffers each)
     logprob_chunk_tokens: int | None = None  # rows per lm-head chunk; null: 1024, or 2 GiB of logits for SFT's Triton head
@@ -388,8 +389,28 @@ def validate(cfg: Config, where: str = "config") -> None:
     for i, ds in enumerate(cfg.datasets):
         if ds.type == "custom_dataset" and not ds.path:
             raise ConfigError(f"{where}: key 'datasets[{i}].path' is required for type custom_dataset")
+    if cfg.working_weights:
+        why = working_weights_conflict(cfg)
+        if why:
+            raise bad("working_weights", f"is true, and working copies need {why}; set working_weights: null")
     if cfg.model.lora is not None:
         _validate_lora(cfg.model.lora, bad, where)
+
+
+def working_weights_conflict(cfg: Config) -> str | None:
+    """What in the config rules out working copies (masters.py), or None: they take full-weight training of
+    one process's unsharded model in bfloat16 with Adam or AdamW (not float16's loss scaler, not CUDA graphs)."""
+    if cfg.model.policy_dtype != "bfloat16":
+        return f"model.policy_dtype: bfloat16 (not {cfg.model.policy_dtype})"
+    if cfg.optimizer not in ("Adam", "AdamW"):
+        return f"optimizer: Adam or AdamW (not {cfg.optimizer})"
+    if cfg.model.lora is not None:
+        return "full-weight training (not model.lora)"
+    if cfg.trainer == "FSDPTrainer":
+        return "trainer: BasicTrainer (not FSDPTrainer)"
+    if cfg.cuda_graphs:
+        return "cuda_graphs: false"
+    return None
 
 
 def _validate_lora(lora: LoraConfig, bad, where: str) -> None:

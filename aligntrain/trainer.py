@@ -25,12 +25,13 @@ from aligndata.errors import InputError, RunStopped
 from aligndata.write.shards import ShardMismatch
 
 from .checkpoint import CHECKPOINTS, latest_checkpoint, load_training_state, save_checkpoint
-from .compiling import compile_wanted
-from .config import MIXED_PRECISION, Config, ConfigError, defaults_note
+from .compiling import compile_wanted, decoder_layers
+from .config import MIXED_PRECISION, Config, ConfigError, defaults_note, working_weights_conflict
 from .data import (ShardSplit, check_shards, collate, eval_batches, micro_batches, pad_token_id, process_share,
                    shards_chat_template, step_indices, to_device, total_steps)
 from .flops import mfu, training_flops
 from .lora import AdapterOffReference, fsdp_wrap_policy, lora_policy
+from .masters import MasterAdam, attach_working_copies
 from .losses import PREFERENCE_LOSSES, PairLogps, preference_rewards, sft_loss
 from .metrics import MetricsLogger
 from .modeling import (Reference, SequenceLogps, autocast_forward, compute_autocast, load_archive, load_causal_lm,
@@ -118,13 +119,16 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
     # the one-GPU fast path under FSDP2 too (layers compiled before they are sharded); not under FSDP1's flat
     # parameters. SFT's loss weighs every trained token alike: the head's gradients can come with its forward
     compiled = compile_wanted(cfg, accelerator.device, fsdp=fsdp and not sharded)
+    working = {}  # float32 master -> its bf16 working copy (masters.py)
+    if _working_weights(cfg, accelerator.device, compiled, fsdp, world):
+        working = attach_working_copies(decoder_layers(policy), torch_dtype(cfg.model.policy_dtype))
     model = SequenceLogps(policy, cfg.logprob_chunk_tokens, cfg.model.cudnn_attention, compiled,
                           uniform_grad=cfg.task == "sft" and (sharded or not fsdp))
     mp = torch_dtype(cfg.model.fsdp_policy_mp) if cfg.model.fsdp_policy_mp else None
     if sharded:
         sharding.shard(model, accelerator.device, mp)
         model.forward = autocast_forward(model.forward, cfg.model.policy_dtype, accelerator.device)
-    optimizer = build_optimizer(cfg, model, fused=fused)  # over the sharded parameters where sharded
+    optimizer = build_optimizer(cfg, model, fused=fused, working=working)  # over the sharded parameters where sharded
     scheduler = build_scheduler(cfg, optimizer, steps)
     if sharded:  # Accelerate would wrap the model in DDP: it gets the optimizer alone
         optimizer = accelerator.prepare(optimizer)
@@ -144,6 +148,8 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
     if resume_from is not None:
         weight_decays = [g["weight_decay"] for g in optimizer.param_groups]  # the current config's
         start = load_training_state(resume_from, accelerator, model, optimizer, scheduler)["step"]
+        if working:
+            _inner(optimizer).sync_working_copies()
         take_current_hyperparameters(cfg, optimizer, scheduler, weight_decays)
     notes = _prepare_run_dir(run_dir, cfg, start, changed, accelerator)
     log = MetricsLogger(cfg, run_dir, steps, start, enabled=accelerator.is_main_process, console=console)
@@ -253,6 +259,8 @@ def train_step(step: int, model, objective: "Objective", optimizer, scheduler, b
         with _gradient_sync(model, accelerator, last):
             loss, batch_sums = objective(model, to_device(batch, accelerator.device), count)
             accelerator.backward(loss * world)
+        if not last and isinstance(_inner(optimizer), MasterAdam):
+            _inner(optimizer).fold()  # bf16 working-copy gradients summed in float32
         sums = {k: sums.get(k, 0) + v for k, v in batch_sums.items()}
     if prefetch is not None:
         prefetch()
@@ -262,7 +270,7 @@ def train_step(step: int, model, objective: "Objective", optimizer, scheduler, b
     if _skips_on_device(optimizer, accelerator, model):
         names = sorted(sums)
         stacked = _reduce_stacked(sums, names, accelerator)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        grad_norm = _clip_grad_norm(model, optimizer, accelerator, max_norm)
         _skip_unless_finite(optimizer, stacked[names.index(objective.loss_sum)], grad_norm)
         values = HostCopy(torch.cat([stacked, grad_norm.detach().reshape(1).float()]))
         lr = scheduler.get_last_lr()[0]
@@ -273,7 +281,7 @@ def train_step(step: int, model, objective: "Objective", optimizer, scheduler, b
     totals = _all_reduce(sums, accelerator)
     metrics = objective.finish(totals)
     _stop_unless_finite("loss", metrics["loss"], step)
-    grad_norm = _clip_grad_norm(model, accelerator, max_norm)
+    grad_norm = float(_clip_grad_norm(model, optimizer, accelerator, max_norm))
     if accelerator.mixed_precision != "fp16":  # fp16's scaler skips such steps
         _stop_unless_finite("gradient norm", grad_norm, step)
     lr = scheduler.get_last_lr()[0]
@@ -297,15 +305,16 @@ def _skips_on_device(optimizer, accelerator, model) -> bool:
     optimizer is torch's fused Adam(W), which skips its whole update (and its step count) on the GPU when
     given a nonzero `found_inf`, so a non-finite step changes nothing before the host sees it. Not under
     float16's loss scaler (it owns found_inf) nor sharded parameters (their own clipping, sharding.py)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return (ASYNC_METRICS and bool(inner.defaults.get("fused")) and accelerator.mixed_precision != "fp16"
+    inner = _inner(optimizer)
+    fused = bool(inner.defaults.get("fused")) or isinstance(inner, MasterAdam)
+    return (ASYNC_METRICS and fused and accelerator.mixed_precision != "fp16"
             and accelerator.scaler is None and not sharding.is_sharded(model))
 
 
 def _skip_unless_finite(optimizer, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> None:
     """The optimizer's found_inf: 1 once a step's loss or gradient norm is not finite, and from then on (the
     host stops the run when it reads that step, and the step queued meanwhile must not update either)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = _inner(optimizer)
     bad = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
     previous = getattr(inner, "found_inf", None)
     inner.found_inf = bad if previous is None else torch.maximum(previous, bad)
@@ -575,11 +584,35 @@ def _gradient_sync(model, accelerator, sync: bool):
     return contextlib.nullcontext() if sync else accelerator.no_sync(model)
 
 
-def _clip_grad_norm(model, accelerator, max_norm: float) -> float:
+def _clip_grad_norm(model, optimizer, accelerator, max_norm: float) -> torch.Tensor | float:
+    """The gradients' total norm, the gradients clipped to max_norm (MasterAdam: as its update reads them)."""
+    if isinstance(_inner(optimizer), MasterAdam):
+        return _inner(optimizer).clip_grad_norm_(max_norm)
     if sharding.is_sharded(model):
         accelerator.unscale_gradients()  # float16's loss scale (a no-op otherwise)
         return sharding.clip_grad_norm_(model.parameters(), max_norm)
-    return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+    return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def _inner(optimizer):
+    """The optimizer under Accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _working_weights(cfg: Config, device: torch.device, compiled: bool, fsdp: bool, world: int) -> bool:
+    """Whether the policy's linear layers get bf16 working copies (masters.py). working_weights: null -> where
+    the config allows them (working_weights_conflict), one unsharded process, on CUDA with compiled layers
+    (the fast path they are for); true -> wherever the config allows them (CPU too: the tests' path)."""
+    if cfg.working_weights is False:
+        return False
+    fits = working_weights_conflict(cfg) is None
+    one = world == 1 and not fsdp
+    if cfg.working_weights is None:
+        return fits and one and device.type == "cuda" and compiled
+    if not one:
+        raise ConfigError("working_weights: true needs one process training an unsharded model (the working "
+                          "copies' gradients are not all-reduced); set working_weights: null")
+    return True
 
 
 def _world_size() -> int:
@@ -619,12 +652,17 @@ OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "RMSprop": t
               "SGD": torch.optim.SGD}
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: torch.nn.Module, fused: bool = False,
+                    working: dict | None = None) -> torch.optim.Optimizer:
     """Weight decay on matrices only: norms, biases and other vectors are not decayed. `fused`: Adam(W)'s
-    one-kernel update (parameters on one CUDA device), instead of a loop of kernels per tensor group."""
+    one-kernel update (parameters on one CUDA device), instead of a loop of kernels per tensor group.
+    `working`: float32 masters with bf16 working copies (masters.py): MasterAdam updates both."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if working:
+        return MasterAdam([g for g in groups if g["params"]], lr=cfg.lr, decoupled=cfg.optimizer == "AdamW",
+                          working=working)
     extra = {"fused": True} if fused and cfg.optimizer in ("Adam", "AdamW") else {}
     return OPTIMIZERS[cfg.optimizer]([g for g in groups if g["params"]], lr=cfg.lr, **extra)
 

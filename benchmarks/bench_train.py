@@ -436,6 +436,10 @@ def profile_step(step_fn, step, model, objective, optimizer, scheduler, batches,
     accelerator.backward = ranged(saved["backward"], PHASES[2])
     accelerator.clip_grad_norm_ = ranged(saved["clip"], PHASES[3])
     optimizer.step = ranged(saved["step"], PHASES[4])
+    inner = getattr(optimizer, "optimizer", optimizer)
+    own_clip = hasattr(inner, "clip_grad_norm_")  # masters.MasterAdam clips as its update reads the gradients
+    if own_clip:
+        inner.clip_grad_norm_ = ranged(inner.clip_grad_norm_, PHASES[3])
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     try:
         torch.cuda.synchronize() if torch.cuda.is_available() else None
@@ -447,6 +451,8 @@ def profile_step(step_fn, step, model, objective, optimizer, scheduler, batches,
     finally:
         model.forward, accelerator.backward, accelerator.clip_grad_norm_ = saved["forward"], saved["backward"], saved["clip"]
         optimizer.step, objective.reference = saved["step"], saved["reference"]
+        if own_clip:
+            del inner.clip_grad_norm_  # the method again
     events = prof.key_averages()
     device_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
     from torch.autograd import DeviceType

@@ -308,3 +308,26 @@ def test_swiglu_kernels_that_cannot_be_built_fall_back_to_torch(monkeypatch):
         out = kernels.swiglu(x)
     assert not kernels.SWIGLU_ENABLED and torch.equal(out, kernels.swiglu_reference(x))
     assert torch.equal(kernels.swiglu_backward(torch.ones(5, 6), x), kernels.swiglu_backward_reference(torch.ones(5, 6), x))
+
+
+def test_working_copies_in_compiled_layers_train_as_in_eager_layers(monkeypatch, tmp_path, tiny_model, sft_shards):
+    """bf16 working copies (masters.py) are buffers of the compiled layers: the sibling-linear fusion still
+    joins q/k/v and gate/up over them, their gradients arrive, and training follows the eager run."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    removed = []
+
+    def fusing_backend(gm, example_inputs):
+        removed.append(compiling.fuse_sibling_linears(gm.graph))
+        gm.recompile()
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    monkeypatch.setattr(compiling, "BACKEND", fusing_backend)
+    changes = {"tokens_per_batch": 200, "n_examples": 24, "working_weights": True, "model": {"policy_dtype": "bfloat16"}}
+    eager = train(cfg_for(tmp_path, tiny_model, "eager", compile=False, **changes), sft_shards)
+    compiled = train(cfg_for(tmp_path, tiny_model, "compiled", compile=True, **changes), sft_shards)
+    assert 3 in removed, removed
+    assert len(compiled.history) == len(eager.history) == 3
+    for a, b in zip(eager.history, compiled.history):
+        for key in ("loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-2), key

@@ -478,3 +478,66 @@ def test_training_with_cuda_graphs_follows_training_without(tmp_path, tiny_model
     want, got = [h["loss"] for h in plain.history], [h["loss"] for h in graphed.history]
     assert got == pytest.approx(want, rel=3e-2)
     assert got[-1] < got[0]
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_the_master_adam_kernel_equals_its_reference(decoupled):
+    """masters.MasterAdam on CUDA (one Triton launch a bucket) against the same optimizer on the CPU (torch
+    operations): bf16 gradients with working copies, float32 gradients without, sizes across the kernel's
+    chunks, weight decay, clipping, then a step with found_inf that writes nothing."""
+    from torch import nn
+
+    from aligntrain import kernels
+    from aligntrain.masters import MasterAdam
+
+    assert kernels.triton is not None
+    shapes = [(4096 + 5, 3), (1000,), (2, 8192), (7,)]
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=g) for s in shapes]
+
+    def build(device):
+        params = [nn.Parameter(b.clone().to(device)) for b in base]
+        working = {params[0]: params[0].detach().bfloat16(), params[1]: params[1].detach().bfloat16()}
+        for copy in working.values():
+            copy.requires_grad_(True)
+        groups = [{"params": [params[0], params[2]], "weight_decay": 0.1}, {"params": params[1::2], "weight_decay": 0.0}]
+        return params, working, MasterAdam(groups, lr=3e-3, decoupled=decoupled, working=working)
+
+    runs = {d: build(d) for d in ("cuda", "cpu")}
+    for step in range(4):
+        grads = [torch.randn(s, generator=g) * (20.0 if step == 0 else 1.0) for s in shapes]
+        for device, (params, working, opt) in runs.items():
+            for p, grad in zip(params, grads):
+                target = working.get(p)
+                if target is not None:
+                    target.grad = grad.bfloat16().to(device)
+                else:
+                    p.grad = grad.to(device)
+            opt.clip_grad_norm_(5.0)
+            if step == 3:
+                opt.found_inf = torch.ones((), device=device)
+            opt.step()
+            opt.zero_grad()
+        (cuda_params, cuda_working, cuda_opt), (cpu_params, _, cpu_opt) = runs["cuda"], runs["cpu"]
+        for a, b in zip(cuda_params, cpu_params):
+            torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(cuda_opt.state[a]["exp_avg_sq"].cpu(), cpu_opt.state[b]["exp_avg_sq"],
+                                       rtol=1e-5, atol=1e-9)
+        for master, copy in cuda_working.items():
+            assert torch.equal(copy, master.detach().bfloat16())
+    assert cuda_opt.state[cuda_params[0]]["step"].item() == 3
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_training_with_working_copies_on_cuda_follows_autocast(tmp_path, tiny_model, sft_shards, dpo_shards, task):
+    """Compiled bf16 training on CUDA: working copies (the default there) against autocast's float32
+    weights cast on use (working_weights: false)."""
+    shards = sft_shards if task == "sft" else dpo_shards
+    common = dict(loss={"name": task}, n_examples=32, total_batch_size=8, tokens_per_batch=400,
+                  model={"policy_dtype": "bfloat16", "reference_dtype": "bfloat16"})
+    autocast = train(cfg_for(tmp_path, tiny_model, "autocast", working_weights=False, **common)[0], shards)
+    working = train(cfg_for(tmp_path, tiny_model, "working", **common)[0], shards)
+    assert len(working.history) == len(autocast.history) == 4
+    for a, b in zip(autocast.history, working.history):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2, abs=1e-2)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=3e-2)

@@ -231,8 +231,8 @@ def fused_on_cpu(monkeypatch):
     built = []
     build = T.build_optimizer
 
-    def fused(cfg, model, fused=False):
-        built.append(build(cfg, model, fused=True))
+    def fused(cfg, model, fused=False, **kwargs):
+        built.append(build(cfg, model, fused=True, **kwargs))
         return built[-1]
 
     monkeypatch.setattr(T, "build_optimizer", fused)
