@@ -306,3 +306,31 @@ def master_adam_(table: torch.Tensor, sizes: torch.Tensor, prog_tensor: torch.Te
         float(weight_decay), GRAD_TYPE=_triton_dtype(grad_dtype),
         WORKING_TYPE=_triton_dtype(working_dtype or torch.float32), DECOUPLED=decoupled,
         WORKING=working_dtype is not None, CHUNK=ADAM_CHUNK, BLOCK=ADAM_BLOCK, num_warps=4)
+
+
+if triton is not None:
+    @triton.jit
+    def _sum_squares_kernel(grads_ptr, sizes_ptr, prog_tensor_ptr, prog_start_ptr, out_ptr, GRAD_TYPE: tl.constexpr,
+                            CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        i = tl.load(prog_tensor_ptr + pid).to(tl.int64)
+        start = tl.load(prog_start_ptr + pid)
+        n = tl.load(sizes_ptr + i)
+        grad_ptr = tl.load(grads_ptr + i).to(tl.pointer_type(GRAD_TYPE))
+        acc = tl.zeros([BLOCK], tl.float32)
+        for off in range(0, CHUNK, BLOCK):
+            offs = start + off + tl.arange(0, BLOCK)
+            g = tl.load(grad_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+            acc += g * g
+        tl.store(out_ptr + pid, tl.sum(acc, axis=0))
+
+
+def sum_squares(grads: torch.Tensor, sizes: torch.Tensor, prog_tensor: torch.Tensor, prog_start: torch.Tensor,
+                grad_dtype: torch.dtype) -> torch.Tensor:
+    """The sum of squares, in float32, of a bucket of gradients of one dtype (grads [k] int64 addresses; the
+    program tables of master_adam_): one launch, a partial sum a program, added up in a fixed order."""
+    partials = torch.empty(prog_tensor.numel(), dtype=torch.float32, device=prog_tensor.device)
+    _sum_squares_kernel[(prog_tensor.numel(),)](grads, sizes, prog_tensor, prog_start, partials,
+                                                GRAD_TYPE=_triton_dtype(grad_dtype), CHUNK=ADAM_CHUNK,
+                                                BLOCK=ADAM_BLOCK, num_warps=4)
+    return partials.sum()

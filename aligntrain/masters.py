@@ -123,14 +123,48 @@ class MasterAdam(torch.optim.Optimizer):
         if not grads:
             self.clip_coef = None
             return torch.zeros(())
-        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-        for g in grads:
-            by_device[g.device].append(g)
-        first = grads[0].device
-        norms = [n.to(first) for gs in by_device.values() for n in torch._foreach_norm(gs, 2.0, dtype=torch.float32)]
-        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        total = self._kernel_norm() if grads[0].is_cuda else None
+        if total is None:
+            by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+            for g in grads:
+                by_device[g.device].append(g)
+            first = grads[0].device
+            norms = [n.to(first) for gs in by_device.values()
+                     for n in torch._foreach_norm(gs, 2.0, dtype=torch.float32)]
+            total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
         self.clip_coef = torch.clamp(max_norm / (total + 1e-6), max=1.0) if math.isfinite(max_norm) else None
         return total
+
+    def _kernel_norm(self) -> torch.Tensor | None:
+        """The gradients' 2-norm by kernels.sum_squares, a launch per gradient dtype (torch's per-tensor norms
+        of bf16 gradients in float32 take a launch per tensor); None where the kernel does not serve."""
+        if not (self._kernel and kernels.triton is not None):
+            return None
+        buckets: dict[torch.dtype, list[nn.Parameter]] = defaultdict(list)
+        for param in self._params():
+            grad = self.gradient(param)
+            if grad is not None:
+                buckets[grad.dtype].append(param)
+        try:
+            squares = []
+            for dtype, members in buckets.items():
+                grads = [self.gradient(p).contiguous() for p in members]
+                device = grads[0].device
+                addresses = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64, pin_memory=True)
+                sizes, prog_tensor, prog_start = self._programs(members, device)
+                squares.append(kernels.sum_squares(addresses.to(device, non_blocking=True), sizes, prog_tensor,
+                                                   prog_start, dtype))
+        except Exception as e:  # noqa: BLE001 - anything Triton raises while building: nothing has run yet
+            self._disable_kernel(e)
+            return None
+        return torch.sqrt(torch.stack(squares).sum())
+
+    def _disable_kernel(self, e: BaseException) -> None:
+        import warnings
+
+        self._kernel = False
+        warnings.warn(f"aligntrain: the optimizer's Triton kernels are off ({type(e).__name__}: {str(e)[:200]}); "
+                      "using torch's operators instead", RuntimeWarning, stacklevel=3)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -227,11 +261,7 @@ class MasterAdam(torch.optim.Optimizer):
         try:
             self._launch(group, members, scalars, grad_dtype, working_dtype)
         except Exception as e:  # noqa: BLE001 - anything Triton raises while building: nothing has run yet
-            self._kernel = False
-            import warnings
-
-            warnings.warn(f"aligntrain: the optimizer's Triton kernel is off ({type(e).__name__}: {str(e)[:200]}); "
-                          "updating with torch's operators instead", RuntimeWarning, stacklevel=3)
+            self._disable_kernel(e)
             return False
         return True
 

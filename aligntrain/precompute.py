@@ -23,11 +23,16 @@ import torch
 from aligndata.write.shards import (REF_COLUMNS, ShardWriter, write_datasets_sidecars, finish_output,
                               open_split, sha256_file, shard_path)
 
+from .compiling import compile_wanted
 from .config import Config
 from .data import check_shards, collate, pad_token_id, to_device
 from .modeling import Reference, load_tokenizer, resolve_model_dir
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+# compile: null compiles the reference of a pass over at least this many pairs. Compiling costs a fixed ~7-8 s;
+# on an H200 (Qwen2.5-0.5B shape, benchmarks/RESULTS.md) the compiled pass then ran ~300 pairs/s and the eager
+# one ~170: the cost is earned back after about 3,000 pairs.
+COMPILE_FROM_PAIRS = 4096
 
 
 def reference_identity(cfg: Config) -> dict[str, Any]:
@@ -52,6 +57,13 @@ def _weight_files(cfg: Config) -> list[tuple[str, Path]]:
     return files
 
 
+def compile_reference(cfg: Config, device: torch.device, pairs: int) -> bool:
+    """Whether the pass compiles its reference: `compile` as set, or with compile: null where a run would
+    compile (compiling.compile_wanted) and the pass is long enough to earn back the compile time."""
+    wanted = compile_wanted(cfg, device)
+    return wanted if cfg.compile is not None else wanted and pairs >= COMPILE_FROM_PAIRS
+
+
 @torch.no_grad()
 def precompute_reference(shards: str | Path, cfg: Config, batch_size: int | None = None, progress=None) -> dict[str, Any]:
     """Add `ref_chosen_logp` / `ref_rejected_logp` to every split; return the new manifest.
@@ -64,7 +76,8 @@ def precompute_reference(shards: str | Path, cfg: Config, batch_size: int | None
         return manifest
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reference = Reference(cfg, device)
+    pairs = sum(f["rows"] for info in manifest["splits"].values() for f in info["files"])
+    reference = Reference(cfg, device, compile_reference(cfg, device, pairs))
     batch_size = batch_size or cfg.eval_batch_size
     tag = identity["sha256"][:12]
 

@@ -504,6 +504,7 @@ def test_the_master_adam_kernel_equals_its_reference(decoupled):
         return params, working, MasterAdam(groups, lr=3e-3, decoupled=decoupled, working=working)
 
     runs = {d: build(d) for d in ("cuda", "cpu")}
+    norms = {}
     for step in range(4):
         grads = [torch.randn(s, generator=g) * (20.0 if step == 0 else 1.0) for s in shapes]
         for device, (params, working, opt) in runs.items():
@@ -513,12 +514,13 @@ def test_the_master_adam_kernel_equals_its_reference(decoupled):
                     target.grad = grad.bfloat16().to(device)
                 else:
                     p.grad = grad.to(device)
-            opt.clip_grad_norm_(5.0)
+            norms[device] = opt.clip_grad_norm_(5.0).item()  # kernels.sum_squares on CUDA
             if step == 3:
                 opt.found_inf = torch.ones((), device=device)
             opt.step()
             opt.zero_grad()
         (cuda_params, cuda_working, cuda_opt), (cpu_params, _, cpu_opt) = runs["cuda"], runs["cpu"]
+        assert norms["cuda"] == pytest.approx(norms["cpu"], rel=1e-5)
         for a, b in zip(cuda_params, cpu_params):
             torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(cuda_opt.state[a]["exp_avg_sq"].cpu(), cpu_opt.state[b]["exp_avg_sq"],

@@ -82,3 +82,20 @@ def test_precompute_refuses_sft_shards(tmp_path, tiny_model):
     shards = make_sft_shards(tmp_path / "sft", tiny_model)
     with pytest.raises(ShardError, match="converted for task 'sft'"):
         precompute_reference(shards, cfg_for(tmp_path, tiny_model))
+
+
+def test_the_pass_compiles_its_reference_only_where_the_set_earns_the_compile_time_back(tmp_path, tiny_model,
+                                                                                       monkeypatch):
+    """compile: null compiles where a run would (compile_wanted) and the pass has COMPILE_FROM_PAIRS pairs or
+    more; compile: true or false is taken as set."""
+    import torch
+
+    from aligntrain import precompute
+
+    monkeypatch.setattr(precompute, "compile_wanted", lambda cfg, device: cfg.compile is not False)
+    cuda = torch.device("cuda")
+    auto = cfg_for(tmp_path, tiny_model, "auto")
+    assert not precompute.compile_reference(auto, cuda, 224)
+    assert precompute.compile_reference(auto, cuda, precompute.COMPILE_FROM_PAIRS)
+    assert precompute.compile_reference(cfg_for(tmp_path, tiny_model, "on", compile=True), cuda, 224)
+    assert not precompute.compile_reference(cfg_for(tmp_path, tiny_model, "off", compile=False), cuda, 10**6)
