@@ -242,8 +242,8 @@ swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 # -- Adam(W) over float32 masters with 16-bit working copies --------------------------------------------
 #
 # masters.MasterAdam's update: every tensor of a bucket (one parameter group, one gradient dtype, with or
-# without working copies) in one launch. A table holds each tensor's addresses (master, gradient, the two
-# moments, working copy); every program takes ADAM_CHUNK elements of one tensor, which the per-program tables
+# without working copies) in one launch. A table holds each tensor's addresses (master, the two moments,
+# working copy: the same every step) and another its gradient's; every program takes ADAM_CHUNK elements of one tensor, which the per-program tables
 # name. Per element: the gradient times the clip coefficient, Adam(W) in float32 as torch's fused kernel
 # computes it, the master and moments written, and the working copy written rounded once from the new
 # master. A nonzero found_inf (scalars[3]) leaves everything as it was.
@@ -253,18 +253,18 @@ ADAM_BLOCK = 1024  # of which one iteration handles this many
 
 if triton is not None:
     @triton.jit
-    def _master_adam_kernel(table_ptr, sizes_ptr, prog_tensor_ptr, prog_start_ptr, scalars_ptr, lr, beta1, beta2, eps,
-                            weight_decay, GRAD_TYPE: tl.constexpr, WORKING_TYPE: tl.constexpr,
+    def _master_adam_kernel(table_ptr, grads_ptr, sizes_ptr, prog_tensor_ptr, prog_start_ptr, scalars_ptr, lr, beta1,
+                            beta2, eps, weight_decay, GRAD_TYPE: tl.constexpr, WORKING_TYPE: tl.constexpr,
                             DECOUPLED: tl.constexpr, WORKING: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         i = tl.load(prog_tensor_ptr + pid).to(tl.int64)
         start = tl.load(prog_start_ptr + pid)
         n = tl.load(sizes_ptr + i)
-        row = table_ptr + i * 5
+        row = table_ptr + i * 4
         master_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
-        grad_ptr = tl.load(row + 1).to(tl.pointer_type(GRAD_TYPE))
-        exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-        exp_avg_sq_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        grad_ptr = tl.load(grads_ptr + i).to(tl.pointer_type(GRAD_TYPE))
+        exp_avg_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+        exp_avg_sq_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
         coef = tl.load(scalars_ptr)
         inv_bias1 = tl.load(scalars_ptr + 1)
         bias2_sqrt = tl.load(scalars_ptr + 2)
@@ -287,7 +287,7 @@ if triton is not None:
             tl.store(exp_avg_ptr + offs, m, mask=inside)
             tl.store(exp_avg_sq_ptr + offs, v, mask=inside)
             if WORKING:
-                working_ptr = tl.load(row + 4).to(tl.pointer_type(WORKING_TYPE))
+                working_ptr = tl.load(row + 3).to(tl.pointer_type(WORKING_TYPE))
                 tl.store(working_ptr + offs, p.to(WORKING_TYPE), mask=inside)
 
 
@@ -295,14 +295,14 @@ def _triton_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def master_adam_(table: torch.Tensor, sizes: torch.Tensor, prog_tensor: torch.Tensor, prog_start: torch.Tensor,
-                 scalars: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+def master_adam_(table: torch.Tensor, grads: torch.Tensor, sizes: torch.Tensor, prog_tensor: torch.Tensor,
+                 prog_start: torch.Tensor, scalars: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                  grad_dtype: torch.dtype, working_dtype: torch.dtype | None, decoupled: bool) -> None:
-    """One launch of the update over a bucket (masters.MasterAdam builds the tables: table [k, 5] int64
-    addresses, sizes [k], prog_tensor / prog_start [programs]; scalars [4] float32: clip coefficient,
+    """One launch of the update over a bucket (masters.MasterAdam builds the tables: table [k, 4] int64
+    addresses of master, moments and working copy, grads [k] the gradients' addresses, sizes [k], prog_tensor / prog_start [programs]; scalars [4] float32: clip coefficient,
     1 / (1 - beta1^t), sqrt(1 - beta2^t), found_inf)."""
     _master_adam_kernel[(prog_tensor.numel(),)](
-        table, sizes, prog_tensor, prog_start, scalars, float(lr), float(beta1), float(beta2), float(eps),
+        table, grads, sizes, prog_tensor, prog_start, scalars, float(lr), float(beta1), float(beta2), float(eps),
         float(weight_decay), GRAD_TYPE=_triton_dtype(grad_dtype),
         WORKING_TYPE=_triton_dtype(working_dtype or torch.float32), DECOUPLED=decoupled,
         WORKING=working_dtype is not None, CHUNK=ADAM_CHUNK, BLOCK=ADAM_BLOCK, num_warps=4)

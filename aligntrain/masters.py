@@ -267,20 +267,32 @@ class MasterAdam(torch.optim.Optimizer):
 
     def _launch(self, group: dict, members: list[nn.Parameter], scalars: torch.Tensor, grad_dtype: torch.dtype,
                 working_dtype: torch.dtype | None) -> None:
-        grads = [self.gradient(p).contiguous() for p in members]
-        rows = []
-        for param, grad in zip(members, grads):
-            state = self.state[param]
-            copy = self.working.get(param)
-            rows.append([param.data_ptr(), grad.data_ptr(), state["exp_avg"].data_ptr(),
-                         state["exp_avg_sq"].data_ptr(), copy.data_ptr() if copy is not None else 0])
         device = members[0].device
-        table = torch.tensor(rows, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+        grads = [self.gradient(p).contiguous() for p in members]
+        addresses = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64, pin_memory=True)
         sizes, prog_tensor, prog_start = self._programs(members, device)
-        kernels.master_adam_(table, sizes, prog_tensor, prog_start, scalars, lr=group["lr"], beta1=group["betas"][0],
+        kernels.master_adam_(self._addresses(members, device), addresses.to(device, non_blocking=True), sizes,
+                             prog_tensor, prog_start, scalars, lr=group["lr"], beta1=group["betas"][0],
                              beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"],
                              grad_dtype=grad_dtype, working_dtype=working_dtype,
                              decoupled=group["decoupled_weight_decay"])
+
+    def _addresses(self, members: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+        """[k, 4] int64 on the device: each member's master, moments and working copy (0: none). Built once;
+        load_state_dict, which replaces the moments, drops it."""
+        key = ("addresses",) + tuple(id(p) for p in members)
+        if key not in self._tables:
+            rows = []
+            for param in members:
+                state, copy = self.state[param], self.working.get(param)
+                rows.append([param.data_ptr(), state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr(),
+                             copy.data_ptr() if copy is not None else 0])
+            self._tables[key] = (torch.tensor(rows, dtype=torch.int64).to(device),)
+        return self._tables[key][0]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._tables.clear()  # the moments are new tensors
 
     def _programs(self, members: list[nn.Parameter], device: torch.device) -> tuple[torch.Tensor, ...]:
         """(sizes [k], the tensor of each program, the first element of each program) for a bucket: the same
