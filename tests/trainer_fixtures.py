@@ -172,6 +172,25 @@ def interrupt(_model=None) -> None:
     raise KeyboardInterrupt
 
 
+def killed_then_resumed(monkeypatch, make_cfg, shards, kill_at: int):
+    """(the run of make_cfg("straight") uninterrupted, the run of make_cfg("killed") killed at the start of
+    step `kill_at` and then resumed from its latest checkpoint): the pair a resume test compares."""
+    from aligntrain.trainer import train
+
+    straight = train(make_cfg("straight"), shards)
+    cfg = make_cfg("killed")
+    trainer_calls_at(monkeypatch, kill_at, interrupt)
+    try:
+        train(cfg, shards)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError(f"the run was not interrupted at step {kill_at}")
+    finally:
+        monkeypatch.undo()
+    return straight, train(cfg, shards, resume=True)
+
+
 def poison_parameters_at(monkeypatch, step: int, value: float) -> None:
     """Make aligntrain's train_step fill the first parameter with `value` (nan, inf) at `step`."""
 

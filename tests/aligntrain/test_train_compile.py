@@ -129,13 +129,10 @@ def test_a_graph_that_fails_to_compile_runs_eagerly(monkeypatch, tiny_model, sft
     assert torch.equal(results[0], results[1])
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_sibling_linears_fused_in_the_graph_give_the_same_log_probs_and_gradients(monkeypatch, tiny_model,
-                                                                                     sft_shards, bias):
-    """FuseSiblingLinears (inductor's pre-grad pass) applied to the dynamo graph of each layer, run by
-    aot_eager: q/k/v become one linear and gate/up another, with biases (Qwen2's q/k/v) or without."""
+def fuse_linears_then_aot_eager(monkeypatch) -> list[int]:
+    """Compile with FuseSiblingLinears applied to each dynamo graph, then aot_eager; the list it returns
+    gets the number of linear calls each graph lost."""
     from torch._dynamo.backends.registry import lookup_backend
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     removed = []
 
@@ -145,6 +142,17 @@ def test_sibling_linears_fused_in_the_graph_give_the_same_log_probs_and_gradient
         return lookup_backend("aot_eager")(gm, example_inputs)
 
     monkeypatch.setattr(compiling, "BACKEND", fusing_backend)
+    return removed
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_sibling_linears_fused_in_the_graph_give_the_same_log_probs_and_gradients(monkeypatch, tiny_model,
+                                                                                     sft_shards, bias):
+    """FuseSiblingLinears (inductor's pre-grad pass) applied to the dynamo graph of each layer, run by
+    aot_eager: q/k/v become one linear and gate/up another, with biases (Qwen2's q/k/v) or without."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    removed = fuse_linears_then_aot_eager(monkeypatch)
     batch = batches(sft_shards, "sft", [PACKED], rows=6)[PACKED]
     config = LlamaConfig.from_pretrained(tiny_model, attention_bias=bias)
     results = []
@@ -313,16 +321,7 @@ def test_swiglu_kernels_that_cannot_be_built_fall_back_to_torch(monkeypatch):
 def test_working_copies_in_compiled_layers_train_as_in_eager_layers(monkeypatch, tmp_path, tiny_model, sft_shards):
     """bf16 working copies (masters.py) are buffers of the compiled layers: the sibling-linear fusion still
     joins q/k/v and gate/up over them, their gradients arrive, and training follows the eager run."""
-    from torch._dynamo.backends.registry import lookup_backend
-
-    removed = []
-
-    def fusing_backend(gm, example_inputs):
-        removed.append(compiling.fuse_sibling_linears(gm.graph))
-        gm.recompile()
-        return lookup_backend("aot_eager")(gm, example_inputs)
-
-    monkeypatch.setattr(compiling, "BACKEND", fusing_backend)
+    removed = fuse_linears_then_aot_eager(monkeypatch)
     changes = {"tokens_per_batch": 200, "n_examples": 24, "working_weights": True, "model": {"policy_dtype": "bfloat16"}}
     eager = train(cfg_for(tmp_path, tiny_model, "eager", compile=False, **changes), sft_shards)
     compiled = train(cfg_for(tmp_path, tiny_model, "compiled", compile=True, **changes), sft_shards)

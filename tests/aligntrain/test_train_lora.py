@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-from trainer_fixtures import base_config, interrupt, make_dpo_shards, trainer_calls_at, write_config
+from trainer_fixtures import base_config, killed_then_resumed, make_dpo_shards, write_config
 
 import aligntrain.trainer as trainer_module
 from aligntrain.cli import main
@@ -154,13 +154,8 @@ def test_adapter_with_a_missing_base_model_is_a_one_line_error(lora_run, tmp_pat
 @pytest.mark.slow
 def test_killed_and_resumed_lora_run_equals_uninterrupted(tmp_path, tiny_model, dpo_shards, monkeypatch):
     changes = dict(n_examples=40, save_every_steps=2)
-    straight = train(cfg_for(tmp_path, tiny_model, "straight", **changes), dpo_shards)
-    cfg = cfg_for(tmp_path, tiny_model, "killed", **changes)
-    trainer_calls_at(monkeypatch, 4, interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, dpo_shards)
-    monkeypatch.undo()
-    resumed = train(cfg, dpo_shards, resume=True)
+    straight, resumed = killed_then_resumed(monkeypatch, lambda name: cfg_for(tmp_path, tiny_model, name, **changes),
+                                            dpo_shards, kill_at=4)
     assert len(straight.history) == 5 and len(resumed.history) == 3
     assert losses(resumed) == losses(straight)[2:]  # bit-identical on CPU: adapter, optimizer, RNG restored
     assert [h["grad_norm"] for h in resumed.history] == [h["grad_norm"] for h in straight.history[2:]]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from torch import nn
-from trainer_fixtures import base_config, interrupt, trainer_calls_at
+from trainer_fixtures import base_config, killed_then_resumed
 
 from aligntrain.checkpoint import CHECKPOINTS
 from aligntrain.config import ConfigError, load_config
@@ -195,13 +195,8 @@ def test_a_run_with_working_copies_is_the_autocast_run(tmp_path, tiny_model, sft
 
 def test_killed_and_resumed_with_working_copies_equals_uninterrupted(tmp_path, tiny_model, sft_shards, monkeypatch):
     changes = dict(n_epochs=2, save_every_steps=3, working_weights=True, model={"policy_dtype": "bfloat16"})
-    straight = train(cfg_for(tmp_path, tiny_model, "straight", **changes), sft_shards)
-    cfg = cfg_for(tmp_path, tiny_model, "killed", **changes)
-    trainer_calls_at(monkeypatch, 5, interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, sft_shards)
-    monkeypatch.undo()
-    resumed = train(cfg, sft_shards, resume=True)
+    straight, resumed = killed_then_resumed(monkeypatch, lambda name: cfg_for(tmp_path, tiny_model, name, **changes),
+                                            sft_shards, kill_at=5)
     assert _losses(resumed) == _losses(straight)[3:]  # bit-identical on CPU
     assert [h["grad_norm"] for h in resumed.history] == [h["grad_norm"] for h in straight.history[3:]]
     records = [json.loads(line) for line in (tmp_path / "run-killed" / "metrics.jsonl").read_text().splitlines()]
