@@ -85,6 +85,8 @@ class MasterAdam(torch.optim.Optimizer):
         self.found_inf: torch.Tensor | None = None
         self.clip_coef: torch.Tensor | None = None  # set by clip_grad_norm_, used by the next step()
         self._tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._pair_cache: list[list[tuple[nn.Parameter, torch.Tensor | None]]] | None = None
+        self._shared_step: torch.Tensor | None = None
 
     # -- gradients ---------------------------------------------------------------------------------
     def gradient(self, param: nn.Parameter) -> torch.Tensor | None:
@@ -112,6 +114,24 @@ class MasterAdam(torch.optim.Optimizer):
     def _params(self) -> list[nn.Parameter]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    def _gradients(self) -> list[list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor]]]:
+        """Per parameter group, (master, working copy or None, gradient) of the parameters that have one:
+        gradient() for all, without a dictionary lookup a parameter (the host's time counts in a step)."""
+        if self._pair_cache is None or len(self._pair_cache) != len(self.param_groups):
+            self._pair_cache = [[(p, self.working.get(p)) for p in g["params"]] for g in self.param_groups]
+        sums = self.sums
+        out = []
+        for pairs in self._pair_cache:
+            found = []
+            for param, copy in pairs:
+                grad = sums.get(param) if sums else None
+                if grad is None:
+                    grad = copy.grad if copy is not None else param.grad
+                if grad is not None:
+                    found.append((param, copy, grad))
+            out.append(found)
+        return out
+
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """The total 2-norm of the gradients, computed in float32 (a device scalar), as
@@ -119,11 +139,12 @@ class MasterAdam(torch.optim.Optimizer):
         min(1, max_norm / (norm + 1e-6)) as it reads them, instead of a pass rescaling them now."""
         if self.sums:
             self.fold()
-        grads = [g for g in map(self.gradient, self._params()) if g is not None]
+        entries = [entry for group in self._gradients() for entry in group]
+        grads = [grad for _, _, grad in entries]
         if not grads:
             self.clip_coef = None
             return torch.zeros(())
-        total = self._kernel_norm() if grads[0].is_cuda else None
+        total = self._kernel_norm(entries) if grads[0].is_cuda else None
         if total is None:
             by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
             for g in grads:
@@ -135,20 +156,19 @@ class MasterAdam(torch.optim.Optimizer):
         self.clip_coef = torch.clamp(max_norm / (total + 1e-6), max=1.0) if math.isfinite(max_norm) else None
         return total
 
-    def _kernel_norm(self) -> torch.Tensor | None:
+    def _kernel_norm(self, entries) -> torch.Tensor | None:
         """The gradients' 2-norm by kernels.sum_squares, a launch per gradient dtype (torch's per-tensor norms
         of bf16 gradients in float32 take a launch per tensor); None where the kernel does not serve."""
         if not (self._kernel and kernels.triton is not None):
             return None
-        buckets: dict[torch.dtype, list[nn.Parameter]] = defaultdict(list)
-        for param in self._params():
-            grad = self.gradient(param)
-            if grad is not None:
-                buckets[grad.dtype].append(param)
+        buckets: dict[torch.dtype, list[tuple]] = defaultdict(list)
+        for entry in entries:
+            buckets[entry[2].dtype].append(entry)
         try:
             squares = []
-            for dtype, members in buckets.items():
-                grads = [self.gradient(p).contiguous() for p in members]
+            for dtype, bucket in buckets.items():
+                members = [param for param, _, _ in bucket]
+                grads = [grad.contiguous() for _, _, grad in bucket]
                 device = grads[0].device
                 addresses = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64, pin_memory=True)
                 sizes, prog_tensor, prog_start = self._programs(members, device)
@@ -195,6 +215,8 @@ class MasterAdam(torch.optim.Optimizer):
     def _step_tensor(self, device: torch.device) -> torch.Tensor:
         """The step count every parameter's state shares (a float32 device scalar, as torch's fused Adam keeps
         one per parameter): loaded state holds one copy per parameter, all equal; one is kept for all."""
+        if self._shared_step is not None and self._shared_step.device == device:
+            return self._shared_step
         shared = None
         for param in self._params():
             state = self.state.get(param)
@@ -208,6 +230,7 @@ class MasterAdam(torch.optim.Optimizer):
             state = self.state[param]
             if "step" not in state or state["step"] is not shared:
                 state["step"] = shared
+        self._shared_step = shared
         return shared
 
     @torch.no_grad()
@@ -225,50 +248,47 @@ class MasterAdam(torch.optim.Optimizer):
                  if self.found_inf is not None else torch.zeros((), device=device))
         coef = self.clip_coef.to(device).reshape(()) if self.clip_coef is not None else torch.ones((), device=device)
         counted = step + (1.0 - found)  # a skipped update leaves the count as it is
-        for group in self.param_groups:
+        t = torch.where(found > 0, torch.ones_like(counted), counted)  # any finite count: nothing is written
+        for group, entries in zip(self.param_groups, self._gradients()):
             beta1, beta2 = group["betas"]
-            t = torch.where(found > 0, torch.ones_like(counted), counted)  # any finite count: nothing is written
             scalars = torch.stack([coef, 1.0 / (1.0 - beta1 ** t), torch.sqrt(1.0 - beta2 ** t), found]).float()
-            buckets: dict[tuple, list[nn.Parameter]] = defaultdict(list)
-            for param in group["params"]:
-                grad = self.gradient(param)
-                if grad is None:
-                    continue
+            buckets: dict[tuple, list[tuple]] = defaultdict(list)
+            for entry in entries:
+                param, copy, grad = entry
                 state = self.state[param]
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                copy = self.working.get(param)
-                buckets[(grad.dtype, None if copy is None else copy.dtype)].append(param)
-            for (grad_dtype, working_dtype), members in buckets.items():
-                if device.type == "cuda" and self._kernel_serves(group, members, scalars, grad_dtype, working_dtype):
+                buckets[(grad.dtype, None if copy is None else copy.dtype)].append(entry)
+            for (grad_dtype, working_dtype), bucket in buckets.items():
+                if device.type == "cuda" and self._kernel_serves(group, bucket, scalars, grad_dtype, working_dtype):
                     continue
-                else:
-                    for param in members:
-                        _reference_update(param, self.gradient(param), self.state[param], self.working.get(param),
-                                          scalars, group)
+                for param, copy, grad in bucket:
+                    _reference_update(param, grad, self.state[param], copy, scalars, group)
         step.copy_(counted)
         self.clip_coef = None
         return None
 
     _kernel = True  # this optimizer's Triton kernel has not failed to build
 
-    def _kernel_serves(self, group, members, scalars, grad_dtype, working_dtype) -> bool:
+    def _kernel_serves(self, group, bucket, scalars, grad_dtype, working_dtype) -> bool:
         """Update `members` with the Triton kernel; False (nothing written) where it cannot be built here: then
         the torch operations serve, with a warning, for the rest of the run."""
         if not (self._kernel and kernels.triton is not None):
             return False
         try:
-            self._launch(group, members, scalars, grad_dtype, working_dtype)
+            self._launch(group, bucket, scalars, grad_dtype, working_dtype)
         except Exception as e:  # noqa: BLE001 - anything Triton raises while building: nothing has run yet
             self._disable_kernel(e)
             return False
         return True
 
-    def _launch(self, group: dict, members: list[nn.Parameter], scalars: torch.Tensor, grad_dtype: torch.dtype,
+    def _launch(self, group: dict, bucket: list[tuple], scalars: torch.Tensor, grad_dtype: torch.dtype,
                 working_dtype: torch.dtype | None) -> None:
+        """One kernels.master_adam_ launch over `bucket`: (master, working copy or None, gradient) tuples."""
+        members = [param for param, _, _ in bucket]
         device = members[0].device
-        grads = [self.gradient(p).contiguous() for p in members]
+        grads = [grad.contiguous() for _, _, grad in bucket]
         addresses = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64, pin_memory=True)
         sizes, prog_tensor, prog_start = self._programs(members, device)
         kernels.master_adam_(self._addresses(members, device), addresses.to(device, non_blocking=True), sizes,
@@ -293,6 +313,7 @@ class MasterAdam(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._tables.clear()  # the moments are new tensors
+        self._shared_step = None
 
     def _programs(self, members: list[nn.Parameter], device: torch.device) -> tuple[torch.Tensor, ...]:
         """(sizes [k], the tensor of each program, the first element of each program) for a bucket: the same
