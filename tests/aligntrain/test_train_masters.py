@@ -202,3 +202,43 @@ def test_killed_and_resumed_with_working_copies_equals_uninterrupted(tmp_path, t
     records = [json.loads(line) for line in (tmp_path / "run-killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 9))
     assert (tmp_path / "run-killed" / CHECKPOINTS).is_dir()
+
+
+def test_kernels_that_cannot_be_built_leave_the_update_to_torch_operations(monkeypatch):
+    """Where Triton cannot build the update or the norm (e.g. no C compiler for its launcher), the optimizer
+    says so once and updates with the torch operations: the same result as a run that never tried."""
+    from aligntrain import kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(kernels, "triton", object())
+    monkeypatch.setattr(kernels, "master_adam_", broken)
+    monkeypatch.setattr(kernels, "sum_squares", broken)
+    model = _linear_stack()
+    working = attach_working_copies([model], torch.bfloat16)
+    opt = MasterAdam(list(model.parameters()), lr=1e-2, working=working)
+    model(torch.randn(6, 8).bfloat16()).float().sum().backward()
+    entries = [entry for group in opt._gradients() for entry in group]
+    with pytest.warns(RuntimeWarning, match="Triton kernels are off"):
+        assert opt._kernel_norm(entries) is None  # torch's norms serve
+    assert not opt._kernel
+    scalars = torch.tensor([1.0, 10.0, 0.03, 0.0])
+    assert not opt._kernel_serves(opt.param_groups[0], entries, scalars, torch.bfloat16, torch.bfloat16)  # off now
+    opt._kernel = True  # as if the norm had built: the update's own failure turns the kernels off the same way
+    with pytest.warns(RuntimeWarning, match="Triton kernels are off"):
+        assert not opt._kernel_serves(opt.param_groups[0], entries, scalars, torch.bfloat16, torch.bfloat16)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()  # on the CPU: the torch operations
+    assert not any(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+
+
+def test_working_weights_null_leaves_a_cpu_run_on_torchs_optimizer(tmp_path, tiny_model, sft_shards, monkeypatch):
+    """null turns working copies on only for compiled runs on CUDA; a CPU run keeps torch's AdamW."""
+    import aligntrain.trainer as T
+
+    built = []
+    build = T.build_optimizer
+    monkeypatch.setattr(T, "build_optimizer", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    train(cfg_for(tmp_path, tiny_model, n_examples=8, model={"policy_dtype": "bfloat16"}), sft_shards)
+    assert type(built[0]) is torch.optim.AdamW
