@@ -162,6 +162,10 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
     if compiled:
         notes.append("compile: decoder layers and the head's log-softmax are compiled (torch.compile); the first step "
                      "includes compiling them (compile: false turns it off)")
+    if working:
+        notes.append(f"working_weights: {len(working)} linear weights and biases of the decoder layers train through "
+                     f"{cfg.model.policy_dtype} working copies, their float32 masters updated by MasterAdam "
+                     "(working_weights: false keeps autocast's casts)")
     for note in notes + ([layout_note] if layout_note else []):
         log.note(note)
     if eval_split is train_split and (cfg.do_first_eval or cfg.eval_every_steps):

@@ -242,3 +242,11 @@ def test_working_weights_null_leaves_a_cpu_run_on_torchs_optimizer(tmp_path, tin
     monkeypatch.setattr(T, "build_optimizer", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
     train(cfg_for(tmp_path, tiny_model, n_examples=8, model={"policy_dtype": "bfloat16"}), sft_shards)
     assert type(built[0]) is torch.optim.AdamW
+
+
+def test_a_run_with_working_copies_says_so(tmp_path, tiny_model, sft_shards, capfd):
+    train(cfg_for(tmp_path, tiny_model, n_examples=8, working_weights=True, model={"policy_dtype": "bfloat16"}),
+          sft_shards)
+    captured = capfd.readouterr()
+    out = " ".join((captured.out + captured.err).split())  # the console may wrap the note
+    assert "working_weights: 14 linear weights and biases of the decoder layers train through bfloat16" in out
