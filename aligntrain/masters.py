@@ -50,6 +50,7 @@ def attach_working_copies(layers: Iterable[nn.Module], dtype: torch.dtype) -> di
     """Give every nn.Linear inside `layers` working copies of its weight and bias in `dtype` (the module becomes
     a WorkingLinear); {float32 parameter: its working copy} for the parameters that train."""
     working: dict[nn.Parameter, torch.Tensor] = {}
+    copies: dict[int, torch.Tensor] = {}  # one copy a parameter, also where modules share it
     for layer in layers:
         for module in layer.modules():
             if type(module) is not nn.Linear:
@@ -58,7 +59,9 @@ def attach_working_copies(layers: Iterable[nn.Module], dtype: torch.dtype) -> di
                 param = getattr(module, name)
                 copy = None
                 if param is not None:
-                    copy = param.detach().to(dtype).requires_grad_(param.requires_grad)
+                    copy = copies.get(id(param))
+                    if copy is None:
+                        copy = copies[id(param)] = param.detach().to(dtype).requires_grad_(param.requires_grad)
                     if param.requires_grad:
                         working[param] = copy
                 module.register_buffer(f"working_{name}", copy, persistent=False)

@@ -250,3 +250,26 @@ def test_a_run_with_working_copies_says_so(tmp_path, tiny_model, sft_shards, cap
     captured = capfd.readouterr()
     out = " ".join((captured.out + captured.err).split())  # the console may wrap the note
     assert "working_weights: 14 linear weights and biases of the decoder layers train through bfloat16" in out
+
+
+def test_linears_that_share_a_weight_share_its_working_copy():
+    """Two layers tied to one parameter multiply by one copy, whose gradient is the sum of both uses."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.Tanh(), second)
+    working = attach_working_copies([model], torch.bfloat16)
+    assert len(working) == 1 and first.working_weight is second.working_weight
+    model(torch.randn(3, 4).bfloat16()).float().sum().backward()
+    copy = working[first.weight]
+    assert copy.grad is not None and copy.grad.shape == (4, 4)
+
+
+def test_working_copies_under_activation_checkpointing_get_the_same_gradients(tmp_path, tiny_model, sft_shards):
+    """The recomputed layers multiply by the same copies and hand them the same gradients."""
+    changes = dict(n_examples=16, working_weights=True, model={"policy_dtype": "bfloat16"})
+    plain = train(cfg_for(tmp_path, tiny_model, "plain", **changes), sft_shards)
+    recomputed = train(cfg_for(tmp_path, tiny_model, "recomputed", activation_checkpointing=True, **changes), sft_shards)
+    assert _losses(recomputed) == pytest.approx(_losses(plain), rel=1e-5)
+    assert [h["grad_norm"] for h in recomputed.history] == pytest.approx([h["grad_norm"] for h in plain.history],
+                                                                          rel=1e-4)
