@@ -12,7 +12,7 @@
 #          | suite-qwen-graphs | tests-multi | fsdp-scaling | fsdp-dpo | fsdp-8b | varlen | profile-sft-llama
 #          | sft-llama-knobs | sft-kernels | sft-qwen-kernel | sft-qwen-kernel-long | sft-swiglu
 #          | sft-async | tests-step | async-llama | precompute-eager | working-llama | working-qwen | working-dpo
-#          | tests-working | tests-adam
+#          | tests-working | tests-adam | cpp-wrapper
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
 # back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
@@ -94,6 +94,8 @@ for stage in "$@"; do
     working-qwen) bench 150 --mode sft --shape qwen0.5b --bs 18 --steps 24 --warm 4 --skip-trl --also working_weights=false \
                     --also aligntrain.kernels.BLOCK=4096 --also working_weights=false ;;
     working-dpo) bench 150 --mode dpo --shape llama1b --bs 16 --steps 12 --warm 4 --skip-trl --also working_weights=false ;;
+    cpp-wrapper) bench 240 --mode sft --shape qwen0.5b --bs 18 --steps 24 --warm 4 --skip-trl --also inductor.cpp_wrapper=true \
+                   --also aligntrain.kernels.BLOCK=4096 --also inductor.cpp_wrapper=true ;;
     precompute-eager) bench 150 --mode dpo --shape qwen0.5b --bs 16 --steps 12 --warm 4 --precompute --skip-trl --also compile=false ;;
     suite-sft-both) bench 300 --suite issue12 --only 4,3 ;;
     suite-dpo) bench 400 --suite issue12 --only 1,2 ;;
