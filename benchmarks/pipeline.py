@@ -90,10 +90,13 @@ def run_jobs(jobs: list[Job], preparing: int = 2, alive: int = 4, on_done: Calla
     head = 0
     timed_since: float | None = None
     previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _terminate)  # `timeout` stopping the suite ends its jobs too (finally below)
+    stop: list[int] = []  # `timeout` stopping the suite ends its jobs too (finally below), from a point where
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))  # every job started is in procs
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         try:
             while head < len(jobs):
+                if stop:
+                    raise SystemExit(128 + stop[0])
                 _start_what_may(jobs, procs, head, preparing, alive, Path(tmp), cores, prep_cores, selector)
                 turn = procs.get(head)
                 if turn is not None and turn.state == READY:
@@ -128,11 +131,10 @@ def run_jobs(jobs: list[Job], preparing: int = 2, alive: int = 4, on_done: Calla
                     proc.popen.wait()
             selector.close()
             signal.signal(signal.SIGTERM, previous)
+    if stop:  # asked to stop after the last job ended
+        raise SystemExit(128 + stop[0])
     return outcomes  # type: ignore[return-value]
 
-
-def _terminate(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 def _start_what_may(jobs, procs, head, preparing, alive, tmp, cores, prep_cores, selector) -> None:
