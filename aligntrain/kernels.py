@@ -243,8 +243,8 @@ swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 #
 # masters.MasterAdam's update: every tensor of a bucket (one parameter group, one gradient dtype, with or
 # without working copies) in one launch. A table holds each tensor's addresses (master, the two moments,
-# working copy: the same every step) and another its gradient's; every program takes ADAM_CHUNK elements of one tensor, which the per-program tables
-# name. Per element: the gradient times the clip coefficient, Adam(W) in float32 as torch's fused kernel
+# working copy: the same every step) and another its gradient's; every program takes ADAM_CHUNK elements of
+# one tensor, which the per-program tables name. Per element: the gradient times the clip coefficient, Adam(W) in float32 as torch's fused kernel
 # computes it, the master and moments written, and the working copy written rounded once from the new
 # master. A nonzero found_inf (scalars[3]) leaves everything as it was.
 
@@ -296,11 +296,13 @@ def _triton_dtype(dtype: torch.dtype):
 
 
 def master_adam_(table: torch.Tensor, grads: torch.Tensor, sizes: torch.Tensor, prog_tensor: torch.Tensor,
-                 prog_start: torch.Tensor, scalars: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                 grad_dtype: torch.dtype, working_dtype: torch.dtype | None, decoupled: bool) -> None:
+                 prog_start: torch.Tensor, scalars: torch.Tensor, *, lr: float, beta1: float, beta2: float,
+                 eps: float, weight_decay: float, grad_dtype: torch.dtype, working_dtype: torch.dtype | None,
+                 decoupled: bool) -> None:
     """One launch of the update over a bucket (masters.MasterAdam builds the tables: table [k, 4] int64
-    addresses of master, moments and working copy, grads [k] the gradients' addresses, sizes [k], prog_tensor / prog_start [programs]; scalars [4] float32: clip coefficient,
-    1 / (1 - beta1^t), sqrt(1 - beta2^t), found_inf)."""
+    addresses of master, moments and working copy, grads [k] the gradients' addresses, sizes [k],
+    prog_tensor / prog_start [programs]; scalars [4] float32: clip coefficient, 1 / (1 - beta1^t),
+    sqrt(1 - beta2^t), found_inf)."""
     _master_adam_kernel[(prog_tensor.numel(),)](
         table, grads, sizes, prog_tensor, prog_start, scalars, float(lr), float(beta1), float(beta2), float(eps),
         float(weight_decay), GRAD_TYPE=_triton_dtype(grad_dtype),

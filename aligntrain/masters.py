@@ -28,6 +28,7 @@ and the reference with torch.optim.AdamW everywhere.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from typing import Iterable
 
@@ -95,10 +96,7 @@ class MasterAdam(torch.optim.Optimizer):
     def gradient(self, param: nn.Parameter) -> torch.Tensor | None:
         """The gradient standing for `param`'s: the float32 sum of folded micro-batches, else its working
         copy's gradient, else its own."""
-        if param in self.sums:
-            return self.sums[param]
-        copy = self.working.get(param)
-        return copy.grad if copy is not None else param.grad
+        return _standing_gradient(param, self.working.get(param), self.sums)
 
     @torch.no_grad()
     def fold(self) -> None:
@@ -122,14 +120,11 @@ class MasterAdam(torch.optim.Optimizer):
         gradient() for all, without a dictionary lookup a parameter (the host's time counts in a step)."""
         if self._pair_cache is None or len(self._pair_cache) != len(self.param_groups):
             self._pair_cache = [[(p, self.working.get(p)) for p in g["params"]] for g in self.param_groups]
-        sums = self.sums
         out = []
         for pairs in self._pair_cache:
             found = []
             for param, copy in pairs:
-                grad = sums.get(param) if sums else None
-                if grad is None:
-                    grad = copy.grad if copy is not None else param.grad
+                grad = _standing_gradient(param, copy, self.sums)
                 if grad is not None:
                     found.append((param, copy, grad))
             out.append(found)
@@ -162,32 +157,37 @@ class MasterAdam(torch.optim.Optimizer):
     def _kernel_norm(self, entries) -> torch.Tensor | None:
         """The gradients' 2-norm by kernels.sum_squares, a launch per gradient dtype (torch's per-tensor norms
         of bf16 gradients in float32 take a launch per tensor); None where the kernel does not serve."""
-        if not (self._kernel and kernels.triton is not None):
-            return None
         buckets: dict[torch.dtype, list[tuple]] = defaultdict(list)
         for entry in entries:
             buckets[entry[2].dtype].append(entry)
-        try:
+
+        def launch() -> torch.Tensor:
             squares = []
             for dtype, bucket in buckets.items():
-                members = [param for param, _, _ in bucket]
-                grads = [grad.contiguous() for _, _, grad in bucket]
-                device = grads[0].device
-                addresses = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64, pin_memory=True)
-                sizes, prog_tensor, prog_start = self._programs(members, device)
-                squares.append(kernels.sum_squares(addresses.to(device, non_blocking=True), sizes, prog_tensor,
-                                                   prog_start, dtype))
+                members, grads, addresses = self._gradient_addresses(bucket)
+                squares.append(kernels.sum_squares(addresses, *self._programs(members, addresses.device), dtype))
+                del grads  # kept alive (a contiguous copy included) until the launch that reads them is queued
+            return torch.sqrt(torch.stack(squares).sum())
+
+        return self._try_kernel(launch)
+
+    _kernel = True  # this optimizer's Triton kernels have not failed to build
+
+    def _try_kernel(self, launch):
+        """launch()'s result, or None where the Triton kernels are off or cannot be built here (the first
+        failure turns them off for the rest of the run, with a warning; nothing has run then)."""
+        if not (self._kernel and kernels.triton is not None):
+            return None
+        try:
+            return launch()
         except Exception as e:  # noqa: BLE001 - anything Triton raises while building: nothing has run yet
             self._disable_kernel(e)
             return None
-        return torch.sqrt(torch.stack(squares).sum())
 
     def _disable_kernel(self, e: BaseException) -> None:
-        import warnings
-
         self._kernel = False
         warnings.warn(f"aligntrain: the optimizer's Triton kernels are off ({type(e).__name__}: {str(e)[:200]}); "
-                      "using torch's operators instead", RuntimeWarning, stacklevel=3)
+                      "using torch's operators instead", RuntimeWarning, stacklevel=4)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -272,33 +272,32 @@ class MasterAdam(torch.optim.Optimizer):
         self.clip_coef = None
         return None
 
-    _kernel = True  # this optimizer's Triton kernel has not failed to build
-
     def _kernel_serves(self, group, bucket, scalars, grad_dtype, working_dtype) -> bool:
-        """Update `members` with the Triton kernel; False (nothing written) where it cannot be built here: then
-        the torch operations serve, with a warning, for the rest of the run."""
-        if not (self._kernel and kernels.triton is not None):
-            return False
-        try:
-            self._launch(group, bucket, scalars, grad_dtype, working_dtype)
-        except Exception as e:  # noqa: BLE001 - anything Triton raises while building: nothing has run yet
-            self._disable_kernel(e)
-            return False
-        return True
+        """Update `bucket` with the Triton kernel (_launch); False (nothing written) where it cannot be built
+        here: then the torch operations serve, for the rest of the run."""
+        return self._try_kernel(lambda: self._launch(group, bucket, scalars, grad_dtype, working_dtype)) is not None
 
     def _launch(self, group: dict, bucket: list[tuple], scalars: torch.Tensor, grad_dtype: torch.dtype,
-                working_dtype: torch.dtype | None) -> None:
-        """One kernels.master_adam_ launch over `bucket`: (master, working copy or None, gradient) tuples."""
+                working_dtype: torch.dtype | None) -> bool:
+        """One kernels.master_adam_ launch over `bucket`: (master, working copy or None, gradient) tuples;
+        True once launched."""
+        members, grads, addresses = self._gradient_addresses(bucket)  # grads: alive until the launch is queued
+        kernels.master_adam_(self._addresses(members, addresses.device), addresses,
+                             *self._programs(members, addresses.device), scalars, lr=group["lr"],
+                             beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                             weight_decay=group["weight_decay"], grad_dtype=grad_dtype, working_dtype=working_dtype,
+                             decoupled=group["decoupled_weight_decay"])
+        return True
+
+    @staticmethod
+    def _gradient_addresses(bucket: list[tuple]) -> tuple[list[nn.Parameter], list[torch.Tensor], torch.Tensor]:
+        """(the masters of `bucket`, their gradients made contiguous, those gradients' addresses [k] int64 on the
+        device, sent from pinned memory without waiting): what a launch reads each step. The caller keeps the
+        gradients until the launch is queued (a contiguous copy freed before could be reused under it)."""
         members = [param for param, _, _ in bucket]
-        device = members[0].device
         grads = [grad.contiguous() for _, _, grad in bucket]
         addresses = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64, pin_memory=True)
-        sizes, prog_tensor, prog_start = self._programs(members, device)
-        kernels.master_adam_(self._addresses(members, device), addresses.to(device, non_blocking=True), sizes,
-                             prog_tensor, prog_start, scalars, lr=group["lr"], beta1=group["betas"][0],
-                             beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"],
-                             grad_dtype=grad_dtype, working_dtype=working_dtype,
-                             decoupled=group["decoupled_weight_decay"])
+        return members, grads, addresses.to(grads[0].device, non_blocking=True)
 
     def _addresses(self, members: list[nn.Parameter], device: torch.device) -> torch.Tensor:
         """[k, 4] int64 on the device: each member's master, moments and working copy (0: none). Built once;
@@ -332,6 +331,16 @@ class MasterAdam(torch.optim.Optimizer):
             self._tables[key] = (torch.tensor(sizes, dtype=torch.int64).to(device), prog_tensor.to(device),
                                  firsts.to(device))
         return self._tables[key]
+
+
+def _standing_gradient(param: nn.Parameter, copy: torch.Tensor | None,
+                       sums: dict[nn.Parameter, torch.Tensor]) -> torch.Tensor | None:
+    """The gradient that stands for `param`'s: the float32 sum of folded micro-batches, else its working
+    copy's gradient, else its own."""
+    total = sums.get(param) if sums else None
+    if total is not None:
+        return total
+    return copy.grad if copy is not None else param.grad
 
 
 def _reference_update(param: torch.Tensor, grad: torch.Tensor, state: dict, copy: torch.Tensor | None,
