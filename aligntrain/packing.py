@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import flash4
+
 PACKED_ATTENTION = "aligntrain_packed"
 PADDED, PACKED, SHARED = "padded", "packed", "shared-prompt"  # batch layouts (data.collate builds each)
 
@@ -109,16 +111,27 @@ def segment_attention(q, k, v, segments: Segments, scale=None):
 
 
 class _FlashSegments(torch.autograd.Function):
+    """aten's varlen flash kernels (FA2), or FA4's where flash4.applies (model.flash_attention)."""
+
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale):
-        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed, offset)
+        ctx.fa4 = flash4.applies(q)
+        if ctx.fa4:
+            out, lse = torch.ops.aligntrain.fa4_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+            ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        else:
+            out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+                q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
+            ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed, offset)
         ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.fa4:
+            dq, dk, dv = torch.ops.aligntrain.fa4_backward(grad.contiguous(), *ctx.saved_tensors, ctx.max_q, ctx.max_k,
+                                                           ctx.scale)
+            return dq, dk, dv, None, None, None, None, None
         q, k, v, out, lse, cu_q, cu_k, seed, offset = ctx.saved_tensors
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
             grad.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, 0.0, True, seed, offset,

@@ -23,10 +23,12 @@ import torch
 from aligndata.write.shards import (REF_COLUMNS, ShardWriter, write_datasets_sidecars, finish_output,
                               open_split, sha256_file, shard_path)
 
+from . import flash4
 from .compiling import compile_wanted
 from .config import Config
 from .data import check_shards, collate, pad_token_id, to_device
 from .modeling import Reference, load_tokenizer, resolve_model_dir
+from .packing import PADDED
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 # compile: null compiles the reference of a pass over at least this many pairs. Compiling costs a fixed ~7-8 s;
@@ -78,6 +80,7 @@ def precompute_reference(shards: str | Path, cfg: Config, batch_size: int | None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pairs = sum(f["rows"] for info in manifest["splits"].values() for f in info["files"])
     reference = Reference(cfg, device, compile_reference(cfg, device, pairs))
+    flash4.configure(cfg.model.flash_attention, device, reference.layout != PADDED)
     batch_size = batch_size or cfg.eval_batch_size
     tag = identity["sha256"][:12]
 

@@ -41,7 +41,7 @@ from .precompute import reference_identity
 from .resume import config_text, record_changes, resume_changes, shards_identity, take_current_hyperparameters, trim_metrics
 from .runlock import hold_run_lock
 from .signals import Interrupted, StopRequest, terminated
-from . import sharding
+from . import flash4, sharding
 
 PREFERENCE_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                    "logps/chosen", "logps/rejected", "pairs", "input_tokens")
@@ -119,6 +119,7 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
     # the one-GPU fast path under FSDP2 too (layers compiled before they are sharded); not under FSDP1's flat
     # parameters. SFT's loss weighs every trained token alike: the head's gradients can come with its forward
     compiled = compile_wanted(cfg, accelerator.device, fsdp=fsdp and not sharded)
+    flash_note = flash4.configure(cfg.model.flash_attention, accelerator.device, layout != PADDED)
     working = {}  # float32 master -> its bf16 working copy (masters.py)
     if _working_weights(cfg, accelerator.device, compiled, fsdp, world):
         working = attach_working_copies(decoder_layers(policy), torch_dtype(cfg.model.policy_dtype))
@@ -166,6 +167,8 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
         notes.append(f"working_weights: {len(working)} linear weights and biases of the decoder layers train through "
                      f"{cfg.model.policy_dtype} working copies, their float32 masters updated by MasterAdam "
                      "(working_weights: false keeps autocast's casts)")
+    if flash_note:
+        notes.append(flash_note)
     for note in notes + ([layout_note] if layout_note else []):
         log.note(note)
     if eval_split is train_split and (cfg.do_first_eval or cfg.eval_every_steps):

@@ -12,7 +12,7 @@
 #          | suite-qwen-graphs | tests-multi | fsdp-scaling | fsdp-dpo | fsdp-8b | varlen | profile-sft-llama
 #          | sft-llama-knobs | sft-kernels | sft-qwen-kernel | sft-qwen-kernel-long | sft-swiglu
 #          | sft-async | tests-step | async-llama | precompute-eager | working-llama | working-qwen | working-dpo
-#          | tests-working | tests-adam | cpp-wrapper
+#          | tests-working | tests-adam | cpp-wrapper | fa4 | fa4-more
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
 # back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
@@ -22,6 +22,10 @@ shift 2
 if [ -n "${OUT:-}" ]; then exec > >(tee -a "$OUT/gpu_check.log") 2>&1; fi
 python3 -m pip install -q --no-index --no-deps --target /tmp/site "$wheels"/*.whl 2>&1 | tail -1
 export PYTHONPATH="$PWD:$PWD/tests:/tmp/site" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# flash-attn-4's CuTe DSL installed into /tmp/site: its packages folder, which a .pth adds in a real site dir;
+# its compiled kernels cached on disk, so each run's process does not compile them again
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
+if [ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ]; then PYTHONPATH="$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages"; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_mode --format=csv,noheader
 nproc; lscpu | grep -m1 "Model name" || true
 python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
@@ -67,6 +71,14 @@ for stage in "$@"; do
     fsdp-8b) timeout 590 python3 benchmarks/bench_fsdp.py --shape llama8b --mode sft --per-gpu 8 --gpus 4,8 --gc 1 --timeout 500 ;;
     sft-llama-prefetch) bench 150 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl \
                           --also aligntrain.trainer.PREFETCH=false ;;
+    fa4) timeout 200 python3 benchmarks/varlen_kernels.py --shape llama1b --rows 36
+         timeout 100 python3 benchmarks/varlen_kernels.py --shape qwen0.5b --rows 18
+         timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "fa4"
+         bench 300 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl --also model.flash_attention=fa2 \
+           --also aligntrain.kernels.BLOCK=4096 --also model.flash_attention=fa2 ;;
+    fa4-more) bench 200 --mode sft --shape qwen0.5b --bs 18 --steps 24 --warm 4 --skip-trl --also model.flash_attention=fa2 \
+                --also aligntrain.kernels.BLOCK=4096 --also model.flash_attention=fa2
+              bench 150 --mode dpo --shape llama1b --bs 16 --steps 12 --warm 4 --skip-trl --also model.flash_attention=fa2 ;;
     varlen) timeout 120 python3 benchmarks/varlen_kernels.py --shape llama1b --rows 36
             timeout 90 python3 benchmarks/varlen_kernels.py --shape qwen0.5b --rows 18 ;;
     profile-sft-llama) bench 150 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 --skip-trl --profile-step 10 ;;

@@ -1,8 +1,9 @@
 """The variable-length attention kernels this torch offers, on SFT streams of the training bench's lengths.
 
 The trainer's padding-free attention (aligntrain/packing.py) calls aten's varlen flash kernels (FA2). This
-times them against cuDNN's ragged attention (aten._cudnn_attention_forward with cumulative offsets), forward
-and backward, on a fresh batch of rows every iteration, as training sees them: each batch has its own
+times them against cuDNN's ragged attention (aten._cudnn_attention_forward with cumulative offsets) and,
+where the flash-attn-4 package is installed, FlashAttention 4's CuTe kernels (flash_attn.cute, Hopper and
+Blackwell; compiled on their first call, which is timed apart), forward and backward, on a fresh batch of rows every iteration, as training sees them: each batch has its own
 token count, so a kernel that plans per shape on the host pays for it here. cuDNN is tried with the
 model's grouped key/value heads as they are and with them repeated to the query heads. Each variant is
 checked against flash (outputs and gradients).
@@ -63,6 +64,18 @@ def cudnn(b, max_len, repeat: bool):
     return out, torch.autograd.grad(out, (q, k, v), b["grad"])
 
 
+def fa4(b, max_len):
+    """FlashAttention 4 (flash_attn.cute) on the same cumulative offsets, grouped heads as they are."""
+    from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+
+    q, k, v, cu = b["q"], b["k"], b["v"], b["cu"]
+    out, lse = _flash_attn_fwd(q.detach(), k.detach(), v.detach(), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                               max_seqlen_k=max_len, causal=True, return_lse=True)[:2]
+    grads = _flash_attn_bwd(q.detach(), k.detach(), v.detach(), out, b["grad"], lse, causal=True, cu_seqlens_q=cu,
+                            cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len)
+    return out, tuple(grads[:3])
+
+
 def timed(fn, batches, max_len) -> tuple[float, float]:
     """(GPU ms per call, host ms per call) over `batches`, each a new token count."""
     torch.cuda.synchronize()
@@ -101,13 +114,17 @@ def main() -> int:
           f"{tokens:,.0f} tokens on average, {a.batches} batches; per layer, forward + backward")
     variants = {"flash (FA2, aten varlen)": flash,
                 "cuDNN ragged, grouped heads": lambda b, m: cudnn(b, m, False),
-                "cuDNN ragged, heads repeated": lambda b, m: cudnn(b, m, True)}
+                "cuDNN ragged, heads repeated": lambda b, m: cudnn(b, m, True),
+                "FA4 (flash_attn.cute)": fa4}
     reference = [flash(b, a.max_length) for b in batches[:2]]
     print(f"{'variant':32} {'GPU ms':>8} {'x layers':>9} {'host ms':>8} {'2nd pass':>9} {'max |out-flash|':>16} "
           f"{'max |grad-flash|':>17}")
     for name, fn in variants.items():
         try:
+            t0 = time.perf_counter()
             outs = [fn(b, a.max_length) for b in batches[:2]]
+            torch.cuda.synchronize()
+            print(f"  {name}: first two calls (compiling, if it does) {time.perf_counter() - t0:.1f} s")
             err_out = max((o[0].float() - r[0].float()).abs().max().item() for o, r in zip(outs, reference))
             err_grad = max((g.float() - h.float()).abs().max().item()
                            for o, r in zip(outs, reference) for g, h in zip(o[1], r[1]))

@@ -543,3 +543,63 @@ def test_training_with_working_copies_on_cuda_follows_autocast(tmp_path, tiny_mo
     for a, b in zip(autocast.history, working.history):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-2, abs=1e-2)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=3e-2)
+
+
+def _fa4_or_skip():
+    from aligntrain import flash4
+
+    reason = flash4.unavailable(torch.cuda.current_device())
+    if reason is not None:
+        pytest.skip(f"FA4: {reason}")
+    return flash4
+
+
+@pytest.mark.parametrize("groups", [1, 7])
+def test_fa4_segment_attention_equals_the_exact_one_and_fa2(monkeypatch, groups):
+    """FlashAttention 4 (flash-attn-4) on the segments of test_the_segment_attention_operator_on_cuda_..., forward
+    and gradients, against float64 SDPA per segment and against aten's FA2 on the same inputs."""
+    from test_train_packing import reference_attention
+
+    from aligntrain.packing import Segments, segment_attention
+
+    flash4 = _fa4_or_skip()
+    torch.manual_seed(0)
+    bounds_q, bounds_k = [0, 50, 70, 70, 181], [0, 50, 150, 160, 271]
+    q = torch.randn(181, 2 * groups, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(271, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    cu = [torch.tensor(b, dtype=torch.int32, device="cuda") for b in (bounds_q, bounds_k)]
+    segments = Segments(cu[0], cu[1], None, 1024, 1024)
+    weights = torch.randn(181, 2 * groups, 64, device="cuda", dtype=torch.float64)
+    want = reference_attention(q, k, v, bounds_q, bounds_k, 0.125)
+    exact = torch.autograd.grad((want * weights).sum(), (q, k, v))
+    results = {}
+    for on in (True, False):
+        monkeypatch.setattr(flash4, "ENABLED", on)
+        got = segment_attention(q, k, v, segments, 0.125)
+        results[on] = got, torch.autograd.grad((got.double() * weights).sum(), (q, k, v))
+    fa4, fa2 = results[True], results[False]
+    assert torch.allclose(fa4[0].double(), want, atol=2e-2), (fa4[0].double() - want).abs().max()
+    assert (fa4[0].double() - fa2[0].double()).abs().max() <= 2 * (fa2[0].double() - want).abs().max() + 1e-2
+    for g4, g2, w in zip(fa4[1], fa2[1], exact):
+        assert torch.nn.functional.cosine_similarity(g4.double().flatten(), w.flatten(), dim=0) > 0.995
+        assert torch.nn.functional.cosine_similarity(g4.double().flatten(), g2.double().flatten(), dim=0) > 0.995
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_training_with_fa4_on_cuda_follows_fa2(tmp_path, tiny_model, sft_shards, dpo_shards, task):
+    """Compiled bf16 padding-free training with model.flash_attention: fa4 against fa2."""
+    from aligntrain import flash4
+
+    _fa4_or_skip()
+    shards = sft_shards if task == "sft" else dpo_shards
+    common = dict(loss={"name": task}, n_examples=32, total_batch_size=8, tokens_per_batch=400)
+    try:
+        runs = {choice: train(cfg_for(tmp_path, tiny_model, choice, **common, model={
+            "policy_dtype": "bfloat16", "reference_dtype": "bfloat16", "flash_attention": choice})[0], shards)
+                for choice in ("fa2", "fa4")}
+    finally:
+        flash4.enable(False)
+    assert len(runs["fa4"].history) == len(runs["fa2"].history) == 4
+    for a, b in zip(runs["fa2"].history, runs["fa4"].history):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2, abs=1e-2)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=3e-2)

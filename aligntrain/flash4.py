@@ -1,0 +1,105 @@
+"""FlashAttention 4 (the `flash-attn-4` package, `flash_attn.cute`) as the padding-free attention's kernel.
+
+packing.segment_attention runs aten's varlen flash kernels (FlashAttention 2) on CUDA. Where the optional
+flash-attn-4 package is installed and the GPU is a Hopper or Blackwell one (compute capability 9 or 10),
+`model.flash_attention: fa4` (or null, the default, once this module says it is usable) runs FA4's CuTe
+kernels instead: the same varlen interface (cumulative offsets, causal aligned to the end of each key
+segment, grouped key/value heads read in place), the same logsumexp layout ([heads, tokens] float32).
+
+The kernels are wrapped as two custom operators (aligntrain::fa4_forward / fa4_backward) with fake
+implementations, so a compiled decoder layer calls them as one opaque node each, as it calls aten's flash
+kernels, and dynamo never traces into the package's Python. FA4 compiles each kernel variant on its first
+call (seconds); later calls with other token counts reuse it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+ENABLED = False  # set by enable() (the trainer, from model.flash_attention); read where the flash path is traced
+
+
+@functools.cache
+def unavailable(device_index: int = 0) -> str | None:
+    """Why FA4 cannot run here (None: it can): the package, CUDA, and the GPU's compute capability."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    major, _ = torch.cuda.get_device_capability(device_index)
+    if major not in (9, 10):
+        return f"FA4 runs on compute capability 9.x or 10.x (Hopper, Blackwell); this GPU is {major}.x"
+    try:
+        from flash_attn.cute import interface  # noqa: F401
+    except Exception as e:  # not installed, or its CUDA libraries fail to load
+        return f"flash_attn.cute does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
+def enable(on: bool, device: torch.device | None = None) -> str | None:
+    """Turn FA4 on (where `unavailable` says it can run on `device`) or off; why it stays off, or None."""
+    global ENABLED
+    reason = unavailable(device.index or 0 if device is not None else 0) if on else None
+    ENABLED = on and reason is None
+    return reason
+
+
+def configure(choice: str | None, device: torch.device, padding_free: bool) -> str | None:
+    """Set FA4 on or off for this process's padding-free attention from model.flash_attention (`choice`:
+    "fa2", "fa4" or None); the run's note, if any. An explicit fa4 that cannot run is a ConfigError
+    (null takes FA2 then, silently: the package is optional)."""
+    from .config import ConfigError
+
+    if choice == "fa2" or device.type != "cuda" or not padding_free:
+        enable(False)
+        if choice == "fa4":
+            raise ConfigError("model.flash_attention: fa4 runs the padding-free attention on CUDA, and this run has "
+                              f"{'no CUDA device' if device.type != 'cuda' else 'padded batches'}; set it to null")
+        return None
+    reason = enable(True, device)
+    if reason is not None:
+        if choice == "fa4":
+            raise ConfigError(f"model.flash_attention: fa4, but {reason}; install flash-attn-4 on a Hopper or "
+                              "Blackwell GPU, or set it to null")
+        return None
+    return ("flash_attention: FlashAttention 4 (flash-attn-4) runs the padding-free attention (model.flash_attention: "
+            "fa2 keeps aten's FlashAttention 2)")
+
+
+def applies(q: torch.Tensor) -> bool:
+    """FA4 serves this query tensor: enabled (on a GPU it runs on), CUDA, 16-bit, a head dim it supports.
+    Only attributes of q are read, so tracing this in a compiled layer costs no guard on the package."""
+    return ENABLED and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and 8 <= q.shape[-1] <= 128 \
+        and q.shape[-1] % 8 == 0
+
+
+@torch.library.custom_op("aligntrain::fa4_forward", mutates_args=())
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
+            max_k: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal varlen attention, q [Tq, H, D], k/v [Tk, Hkv, D] -> (out [Tq, H, D], logsumexp [H, Tq] float32)."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+                               softmax_scale=scale, causal=True, return_lse=True)[:2]
+    return out, lse
+
+
+@forward.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("aligntrain::fa4_backward", mutates_args=())
+def backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+             cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
+             scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, grad, lse, softmax_scale=scale, causal=True, cu_seqlens_q=cu_q,
+                                 cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)[:3]
+    return dq, dk, dv
+
+
+@backward.register_fake
+def _(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
