@@ -80,7 +80,8 @@ def precompute_reference(shards: str | Path, cfg: Config, batch_size: int | None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pairs = sum(f["rows"] for info in manifest["splits"].values() for f in info["files"])
     reference = Reference(cfg, device, compile_reference(cfg, device, pairs))
-    flash4.configure(cfg.model.flash_attention, device, reference.layout != PADDED)
+    flash4.configure(cfg.model.flash_attention, device, reference.layout != PADDED,
+                     flash4.attention_width(reference.model.lm.config))
     batch_size = batch_size or cfg.eval_batch_size
     tag = identity["sha256"][:12]
 

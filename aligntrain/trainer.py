@@ -119,7 +119,8 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
     # the one-GPU fast path under FSDP2 too (layers compiled before they are sharded); not under FSDP1's flat
     # parameters. SFT's loss weighs every trained token alike: the head's gradients can come with its forward
     compiled = compile_wanted(cfg, accelerator.device, fsdp=fsdp and not sharded)
-    flash_note = flash4.configure(cfg.model.flash_attention, accelerator.device, layout != PADDED)
+    flash_note = flash4.configure(cfg.model.flash_attention, accelerator.device, layout != PADDED,
+                                  flash4.attention_width(policy.config))
     working = {}  # float32 master -> its bf16 working copy (masters.py)
     if _working_weights(cfg, accelerator.device, compiled, fsdp, world):
         working = attach_working_copies(decoder_layers(policy), torch_dtype(cfg.model.policy_dtype))
@@ -328,8 +329,17 @@ def _skip_unless_finite(optimizer, loss_sum: torch.Tensor, grad_norm: torch.Tens
 
 
 def _reduce_stacked(sums: dict[str, Any], names: list[str], accelerator) -> torch.Tensor:
-    """The step's sums in the order of `names`, summed over processes: one float32 tensor on the device."""
-    stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=accelerator.device) for k in names])
+    """The step's sums in the order of `names`, summed over processes: one float32 tensor on the device.
+    The sums the host holds (token counts) go to the GPU in one copy from pinned memory, queued: a copy from
+    pageable memory makes torch wait for the stream to drain, so the host would queue the clip and the
+    update only once the backward had ended, with the GPU idle meanwhile."""
+    device = accelerator.device
+    on_host = [k for k in names if not isinstance(sums[k], torch.Tensor)]
+    host = torch.tensor([float(sums[k]) for k in on_host], dtype=torch.float32)
+    host = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    column = dict(zip(on_host, host.unbind(0)))
+    stacked = torch.stack([column[k] if k in column else torch.as_tensor(sums[k], dtype=torch.float32, device=device)
+                           for k in names])
     return accelerator.reduce(stacked, "sum")
 
 

@@ -103,14 +103,14 @@ def test_the_config_choice_on_a_machine_without_fa4(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     flash4.unavailable.cache_clear()
     try:
-        assert flash4.configure(None, torch.device("cpu"), True) is None and not flash4.ENABLED
-        assert flash4.configure("fa2", torch.device("cpu"), True) is None and not flash4.ENABLED
+        assert flash4.configure(None, torch.device("cpu"), True, 4096) is None and not flash4.ENABLED
+        assert flash4.configure("fa2", torch.device("cpu"), True, 4096) is None and not flash4.ENABLED
         with pytest.raises(ConfigError, match="model.flash_attention: fa4 .*no CUDA device"):
-            flash4.configure("fa4", torch.device("cpu"), True)
+            flash4.configure("fa4", torch.device("cpu"), True, 4096)
         with pytest.raises(ConfigError, match="padded batches"):
-            flash4.configure("fa4", torch.device("cuda"), False)
+            flash4.configure("fa4", torch.device("cuda"), False, 4096)
         with pytest.raises(ConfigError, match="no CUDA device; install flash-attn-4"):
-            flash4.configure("fa4", torch.device("cuda"), True)
+            flash4.configure("fa4", torch.device("cuda"), True, 4096)
         assert not flash4.ENABLED
     finally:
         flash4.unavailable.cache_clear()
@@ -131,3 +131,27 @@ def test_a_training_run_with_flash_attention_set_trains_on_the_cpu(tmp_path, tin
                                                    model={"flash_attention": choice})))
         runs.append(train(load_config(path), sft_shards))
     assert [h["loss"] for h in runs[0].history] == [h["loss"] for h in runs[1].history]
+
+
+def test_null_takes_fa4_only_for_models_at_least_fa4_from_width_wide(monkeypatch):
+    # where FA4 can run: null picks it from FA4_FROM_WIDTH up and says why not below; fa4 takes it at any width
+    monkeypatch.setattr(flash4, "ENABLED", False)
+    monkeypatch.setattr(flash4, "unavailable", lambda index=0: None)
+    cuda = torch.device("cuda")
+    try:
+        note = flash4.configure(None, cuda, True, flash4.FA4_FROM_WIDTH - 1)
+        assert not flash4.ENABLED and "not FA4" in note and "fa4 takes it anyway" in note
+        assert "FlashAttention 4" in flash4.configure(None, cuda, True, flash4.FA4_FROM_WIDTH) and flash4.ENABLED
+        assert flash4.configure("fa2", cuda, True, 4096) is None and not flash4.ENABLED
+        assert "FlashAttention 4" in flash4.configure("fa4", cuda, True, 64) and flash4.ENABLED
+        assert flash4.configure(None, cuda, False, 4096) is None and not flash4.ENABLED  # padded batches: FA2 (SDPA)
+    finally:
+        flash4.enable(False)
+
+
+def test_attention_width_is_query_heads_times_head_dim():
+    from types import SimpleNamespace
+
+    assert flash4.attention_width(SimpleNamespace(num_attention_heads=32, head_dim=64, hidden_size=2048)) == 2048
+    assert flash4.attention_width(SimpleNamespace(num_attention_heads=8, head_dim=256, hidden_size=1536)) == 2048
+    assert flash4.attention_width(SimpleNamespace(num_attention_heads=14, hidden_size=896)) == 896

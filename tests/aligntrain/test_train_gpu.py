@@ -600,6 +600,25 @@ def test_training_with_fa4_on_cuda_follows_fa2(tmp_path, tiny_model, sft_shards,
     finally:
         flash4.enable(False)
     assert len(runs["fa4"].history) == len(runs["fa2"].history) == 4
-    for a, b in zip(runs["fa2"].history, runs["fa4"].history):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2, abs=1e-2)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=3e-2)
+    pairs = [(a["loss"], b["loss"], a["grad_norm"], b["grad_norm"]) for a, b in zip(runs["fa2"].history, runs["fa4"].history)]
+    for loss2, loss4, norm2, norm4 in pairs:  # bf16 attention gradients differ in their last bits between kernels,
+        assert loss4 == pytest.approx(loss2, rel=1e-2, abs=1e-2), pairs  # and a tiny model's steps amplify it
+        assert norm4 == pytest.approx(norm2, rel=5e-2), pairs
+
+
+def test_the_steps_sums_reach_the_gpu_without_a_wait():
+    """_reduce_stacked queues the host's token counts (pinned memory): no stream synchronisation, which would
+    leave the GPU idle while the host then queues the clip and the update."""
+    from types import SimpleNamespace
+
+    from aligntrain.trainer import _reduce_stacked
+
+    accelerator = SimpleNamespace(device=torch.device("cuda"), reduce=lambda t, op: t)
+    sums = {"loss_sum": torch.tensor(2.5, device="cuda"), "useful_tokens": 1234.0, "attention_pairs": 56789.0}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stacked = _reduce_stacked(sums, sorted(sums), accelerator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stacked.tolist() == [56789.0, 2.5, 1234.0]

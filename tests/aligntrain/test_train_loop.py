@@ -295,3 +295,19 @@ def test_a_non_finite_step_read_late_stops_the_run_with_no_update_after_the_last
     now = [p.detach() for p in after["model"].parameters()]
     assert torch.isnan(now[0]).all()  # the weight the test filled with NaN
     assert all(torch.equal(a, b) for a, b in zip(now[1:], after["weights"][1:]))
+
+
+def test_the_steps_sums_held_by_the_host_and_the_device_stack_in_name_order():
+    # token counts the host holds join the device's sums in one copy (pinned and queued on CUDA)
+    from types import SimpleNamespace
+
+    from aligntrain.trainer import _all_reduce, _reduce_stacked
+
+    accelerator = SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, op: t)
+    sums = {"loss_sum": torch.tensor(2.5), "useful_tokens": 1234.0, "attention_pairs": 56789, "chosen": torch.tensor(-1.0)}
+    names = sorted(sums)
+    stacked = _reduce_stacked(sums, names, accelerator)
+    assert stacked.dtype == torch.float32 and stacked.tolist() == [56789.0, -1.0, 2.5, 1234.0]
+    assert _all_reduce(sums, accelerator) == {"attention_pairs": 56789.0, "chosen": -1.0, "loss_sum": 2.5,
+                                              "useful_tokens": 1234.0}
+    assert _reduce_stacked({"only": torch.tensor(3.0)}, ["only"], accelerator).tolist() == [3.0]
