@@ -12,7 +12,7 @@
 #          | suite-qwen-graphs | tests-multi | fsdp-scaling | fsdp-dpo | fsdp-8b | varlen | profile-sft-llama
 #          | sft-llama-knobs | sft-kernels | sft-qwen-kernel | sft-qwen-kernel-long | sft-swiglu
 #          | sft-async | tests-step | async-llama | precompute-eager | working-llama | working-qwen | working-dpo
-#          | tests-working | tests-adam | cpp-wrapper | fa4 | fa4-more | tests-fa4
+#          | tests-working | tests-adam | cpp-wrapper | fa4 | fa4-more | tests-fa4 | sft-llama-trl
 #
 # Run it unpiped: everything also goes to $OUT/gpu_check.log when the device sets OUT, and that file comes
 # back even from a call cut off at its time limit (a pipe into tail is killed with it and returns nothing).
@@ -51,7 +51,8 @@ for stage in "$@"; do
     tests-compile) timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "compiled or flash or segment or head_gradients or prefetched or fsdp2 or graphs or head_kernel or two_gib or swiglu or mixed_precision or master_adam or working_copies" ;;
     tests-step) timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "swiglu or mixed_precision or training_compiled or prefetched or training_with_cuda_graphs or lora_dpo or master_adam or working_copies" ;;
     tests-working) timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "master_adam or working_copies or training_compiled or mixed_precision or swiglu_in_the_compiled" ;;
-    tests-fa4) timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "fa4 or without_a_wait or master_adam" ;;
+    tests-fa4) timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "fa4 or without_a_wait" ;;
+    sft-llama-trl) bench 200 --mode sft --shape llama1b --bs 36 --steps 12 --warm 4 ;;
     tests-adam) timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/aligntrain/test_train_gpu.py -k "master_adam" ;;
     host) timeout 60 python3 benchmarks/host_overhead.py; TORCH_BLAS_PREFER_CUBLASLT=1 timeout 60 python3 benchmarks/host_overhead.py ;;
     sft-variants) bench 200 --mode sft --shape qwen0.5b --bs 18 --steps 12 --warm 4 --skip-trl --also aligntrain.compiling.FUSE_LINEARS=false --also inductor.combo_kernels=true ;;
