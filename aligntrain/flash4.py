@@ -34,9 +34,12 @@ def unavailable(device_index: int = 0) -> str | None:
     if major not in (9, 10):
         return f"FA4 runs on compute capability 9.x or 10.x (Hopper, Blackwell); this GPU is {major}.x"
     try:
-        from flash_attn.cute import interface  # noqa: F401
+        from flash_attn.cute import interface
     except Exception as e:  # not installed, or its CUDA libraries fail to load
         return f"flash_attn.cute does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    missing = [name for name in ("_flash_attn_fwd", "_flash_attn_bwd") if not hasattr(interface, name)]
+    if missing:  # another version's interface
+        return f"flash_attn.cute.interface has no {' or '.join(missing)} (a flash-attn-4 this code does not know)"
     return None
 
 
@@ -99,8 +102,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tenso
     """Causal varlen attention, q [Tq, H, D], k/v [Tk, Hkv, D] -> (out [Tq, H, D], logsumexp [H, Tq] float32)."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
-    out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
-                               softmax_scale=scale, causal=True, return_lse=True)[:2]
+    try:
+        out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                                   max_seqlen_k=max_k, softmax_scale=scale, causal=True, return_lse=True)[:2]
+    except Exception as e:
+        raise _failed("forward", q, k, e) from e
     return out, lse
 
 
@@ -115,9 +121,20 @@ def backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    dq, dk, dv = _flash_attn_bwd(q, k, v, out, grad, lse, softmax_scale=scale, causal=True, cu_seqlens_q=cu_q,
-                                 cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)[:3]
+    try:
+        dq, dk, dv = _flash_attn_bwd(q, k, v, out, grad, lse, softmax_scale=scale, causal=True, cu_seqlens_q=cu_q,
+                                     cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)[:3]
+    except Exception as e:
+        raise _failed("backward", q, k, e) from e
     return dq, dk, dv
+
+
+def _failed(what: str, q: torch.Tensor, k: torch.Tensor, error: Exception) -> RuntimeError:
+    """The error of a failed FA4 call: what it was given, and the setting that avoids it."""
+    first = str(error).splitlines()[0] if str(error) else ""
+    return RuntimeError(f"FlashAttention 4 (flash-attn-4) failed in its {what} on {q.shape[1]} query and {k.shape[1]} "
+                        f"key/value heads of dim {q.shape[-1]}, {str(q.dtype).removeprefix('torch.')} "
+                        f"({type(error).__name__}: {first}); model.flash_attention: fa2 runs aten's FlashAttention 2")
 
 
 @backward.register_fake

@@ -155,3 +155,27 @@ def test_attention_width_is_query_heads_times_head_dim():
     assert flash4.attention_width(SimpleNamespace(num_attention_heads=32, head_dim=64, hidden_size=2048)) == 2048
     assert flash4.attention_width(SimpleNamespace(num_attention_heads=8, head_dim=256, hidden_size=1536)) == 2048
     assert flash4.attention_width(SimpleNamespace(num_attention_heads=14, hidden_size=896)) == 896
+
+
+def test_a_failing_fa4_call_says_what_it_was_given_and_how_to_avoid_it(monkeypatch, stand_in):
+    def broken(*args, **kwargs):
+        raise ValueError("no kernel for this\nsecond line")
+
+    monkeypatch.setattr(sys.modules["flash_attn.cute.interface"], "_flash_attn_fwd", broken)
+    q, k = torch.randn(9, 4, 8), torch.randn(9, 2, 8)
+    cu = torch.tensor([0, 9], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"FlashAttention 4 \(flash-attn-4\) failed in its forward on 4 query and 2 "
+                                           r"key/value heads of dim 8, float32 \(ValueError: no kernel for this\); "
+                                           r"model.flash_attention: fa2"):
+        torch.ops.aligntrain.fa4_forward(q, k, k, cu, cu, 9, 9, None)
+
+
+def test_an_fa4_package_without_the_entry_points_used_here_is_unavailable(monkeypatch, stand_in):
+    monkeypatch.delattr(sys.modules["flash_attn.cute.interface"], "_flash_attn_bwd")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (9, 0))
+    flash4.unavailable.cache_clear()
+    try:
+        assert "has no _flash_attn_bwd" in flash4.unavailable(0)
+    finally:
+        flash4.unavailable.cache_clear()
