@@ -394,6 +394,9 @@ def validate(cfg: Config, where: str = "config") -> None:
         why = working_weights_conflict(cfg)
         if why:
             raise bad("working_weights", f"is true, and working copies need {why}; set working_weights: null")
+    if cfg.model.flash_attention == "fa4" and cfg.cuda_graphs:
+        raise bad("model.flash_attention", "is fa4, and FA4's kernels have not been run in CUDA graphs of the stack "
+                  "(cuda_graphs: true); set model.flash_attention: null (FA2 under graphs) or cuda_graphs: false")
     if cfg.model.lora is not None:
         _validate_lora(cfg.model.lora, bad, where)
 

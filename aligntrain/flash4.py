@@ -60,12 +60,18 @@ def attention_width(config) -> int:
     return int(getattr(config, "hidden_size", 0) or 0)
 
 
-def configure(choice: str | None, device: torch.device, padding_free: bool, width: int) -> str | None:
+def configure(choice: str | None, device: torch.device, padding_free: bool, width: int,
+              graphs: bool = False) -> str | None:
     """Set FA4 on or off for this process's padding-free attention from model.flash_attention (`choice`:
     "fa2", "fa4" or None) for a model `width` wide (query heads x head dim); the run's note, if any. An
-    explicit fa4 that cannot run is a ConfigError (null takes FA2 then, silently: the package is optional)."""
+    explicit fa4 that cannot run is a ConfigError (null takes FA2 then, silently: the package is optional).
+    `graphs`: the run replays CUDA graphs of the stack, where FA4 has not been run: null takes FA2 (the
+    config refuses an explicit fa4 with them)."""
     from .config import ConfigError
 
+    if choice is None and graphs:
+        enable(False)
+        return None
     if choice is None and width < FA4_FROM_WIDTH and device.type == "cuda" and padding_free:
         enable(False)
         if unavailable(device.index or 0) is None:

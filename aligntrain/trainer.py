@@ -120,7 +120,7 @@ def _train(cfg: Config, shards: str | Path, resume: bool, console, stop: StopReq
     # parameters. SFT's loss weighs every trained token alike: the head's gradients can come with its forward
     compiled = compile_wanted(cfg, accelerator.device, fsdp=fsdp and not sharded)
     flash_note = flash4.configure(cfg.model.flash_attention, accelerator.device, layout != PADDED,
-                                  flash4.attention_width(policy.config))
+                                  flash4.attention_width(policy.config), cfg.cuda_graphs)
     working = {}  # float32 master -> its bf16 working copy (masters.py)
     if _working_weights(cfg, accelerator.device, compiled, fsdp, world):
         working = attach_working_copies(decoder_layers(policy), torch_dtype(cfg.model.policy_dtype))

@@ -145,6 +145,7 @@ def test_null_takes_fa4_only_for_models_at_least_fa4_from_width_wide(monkeypatch
         assert flash4.configure("fa2", cuda, True, 4096) is None and not flash4.ENABLED
         assert "FlashAttention 4" in flash4.configure("fa4", cuda, True, 64) and flash4.ENABLED
         assert flash4.configure(None, cuda, False, 4096) is None and not flash4.ENABLED  # padded batches: FA2 (SDPA)
+        assert flash4.configure(None, cuda, True, 4096, graphs=True) is None and not flash4.ENABLED  # CUDA graphs
     finally:
         flash4.enable(False)
 
@@ -179,3 +180,16 @@ def test_an_fa4_package_without_the_entry_points_used_here_is_unavailable(monkey
         assert "has no _flash_attn_bwd" in flash4.unavailable(0)
     finally:
         flash4.unavailable.cache_clear()
+
+
+def test_fa4_with_cuda_graphs_is_refused_at_load(tmp_path, tiny_model):
+    import yaml
+    from trainer_fixtures import base_config
+
+    from aligntrain.config import ConfigError, load_config
+
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(base_config(tiny_model, tmp_path / "run", cuda_graphs=True,
+                                               model={"flash_attention": "fa4"})))
+    with pytest.raises(ConfigError, match="model.flash_attention.*fa4.*cuda_graphs: false"):
+        load_config(path)

@@ -221,7 +221,7 @@ def test_a_config_without_lora_is_saved_as_before(tmp_path, tiny_model):
     path = write_config(tmp_path / "cfg.yml", tiny_model, tmp_path / "run")
     assert list(yaml.safe_load(to_yaml(load_config(path)))["model"]) == [
         "name_or_path", "tokenizer_name_or_path", "archive", "policy_dtype", "reference_dtype", "fsdp_policy_mp",
-        "attn_implementation", "cudnn_attention"]
+        "attn_implementation", "cudnn_attention", "flash_attention"]
     assert yaml.safe_load(to_yaml(load_config(path, ["model.lora.r=8"])))["model"]["lora"]["r"] == 8
 
 
