@@ -85,7 +85,7 @@ class ModelConfig:
     fsdp_policy_mp: DtypeName | None = None  # seed key: FSDP param dtype
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     cudnn_attention: bool = False  # true lets SDPA pick cuDNN's kernel on CUDA (slower here: a host-side plan per padded shape)
-    flash_attention: Literal["fa2", "fa4"] | None = None  # padding-free attention's kernel on CUDA: aten's FlashAttention 2, or FA4 (flash-attn-4, Hopper/Blackwell); null: fa4 where installed and runnable
+    flash_attention: Literal["fa2", "fa4"] | None = None  # padding-free attention's kernel on CUDA: aten's FlashAttention 2, or FA4 (flash-attn-4, Hopper/Blackwell); null: fa4 where it is installed and runs, for models at least 2048 wide, not under cuda_graphs (flash4.configure)
     lora: LoraConfig | None = None  # train LoRA adapters instead of the full weights (needs peft)
 
 

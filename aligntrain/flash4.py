@@ -46,7 +46,7 @@ def unavailable(device_index: int = 0) -> str | None:
 def enable(on: bool, device: torch.device | None = None) -> str | None:
     """Turn FA4 on (where `unavailable` says it can run on `device`) or off; why it stays off, or None."""
     global ENABLED
-    reason = unavailable(device.index or 0 if device is not None else 0) if on else None
+    reason = unavailable(0 if device is None else device.index or 0) if on else None
     ENABLED = on and reason is None
     return reason
 
@@ -69,21 +69,19 @@ def configure(choice: str | None, device: torch.device, padding_free: bool, widt
     config refuses an explicit fa4 with them)."""
     from .config import ConfigError
 
-    if choice is None and graphs:
+    runs_here = device.type == "cuda" and padding_free
+    if choice == "fa4" and not runs_here:
+        raise ConfigError("model.flash_attention: fa4 runs the padding-free attention on CUDA, and this run has "
+                          f"{'no CUDA device' if device.type != 'cuda' else 'padded batches'}; set it to null")
+    if choice == "fa2" or not runs_here or (choice is None and graphs):
         enable(False)
         return None
-    if choice is None and width < FA4_FROM_WIDTH and device.type == "cuda" and padding_free:
+    if choice is None and width < FA4_FROM_WIDTH:
         enable(False)
         if unavailable(device.index or 0) is None:
             return (f"flash_attention: aten's FlashAttention 2, not FA4: this model is {width} wide, under "
                     f"{FA4_FROM_WIDTH}, where FA4's host time per call outweighs its faster kernels "
                     "(model.flash_attention: fa4 takes it anyway)")
-        return None
-    if choice == "fa2" or device.type != "cuda" or not padding_free:
-        enable(False)
-        if choice == "fa4":
-            raise ConfigError("model.flash_attention: fa4 runs the padding-free attention on CUDA, and this run has "
-                              f"{'no CUDA device' if device.type != 'cuda' else 'padded batches'}; set it to null")
         return None
     reason = enable(True, device)
     if reason is not None:
@@ -135,14 +133,14 @@ def backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return dq, dk, dv
 
 
+@backward.register_fake
+def _(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def _failed(what: str, q: torch.Tensor, k: torch.Tensor, error: Exception) -> RuntimeError:
     """The error of a failed FA4 call: what it was given, and the setting that avoids it."""
     first = str(error).splitlines()[0] if str(error) else ""
     return RuntimeError(f"FlashAttention 4 (flash-attn-4) failed in its {what} on {q.shape[1]} query and {k.shape[1]} "
                         f"key/value heads of dim {q.shape[-1]}, {str(q.dtype).removeprefix('torch.')} "
                         f"({type(error).__name__}: {first}); model.flash_attention: fa2 runs aten's FlashAttention 2")
-
-
-@backward.register_fake
-def _(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
